@@ -1,0 +1,21 @@
+# dcmsort: sort a dump of unorganised DICOM files into a clean tree.
+# Table of contents only; the stages live in workflow/rules, the logic in src/dcmsort.
+from snakemake.utils import min_version
+
+min_version("9.0")
+
+
+configfile: "config/config.yaml"
+
+
+include: "workflow/rules/common.smk"
+include: "workflow/rules/extract.smk"
+include: "workflow/rules/plan.smk"
+include: "workflow/rules/transfer.smk"
+include: "workflow/rules/report.smk"
+
+
+rule all:
+    input:
+        get_final_output(),
+    default_target: True

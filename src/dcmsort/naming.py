@@ -1,0 +1,216 @@
+"""Templates and safe names: turn untrusted header values into portable paths.
+
+Every function here is pure. Header values are untrusted input: whatever a tag holds, a
+rendered path stays inside the output folder and every component is valid on Linux, macOS
+and Windows. A value is kept exactly as it is when it is already safe (so ordinary names
+look like the seed's); when anything has to change, a short hash of the original value is
+appended (``~1a2b3c``) so that two values differing only in unsafe characters never merge.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import string
+import unicodedata
+from collections.abc import Mapping
+from dataclasses import dataclass
+from functools import cache
+
+# Characters Windows forbids in a name, plus both path separators.
+FORBIDDEN_CHARACTERS = frozenset('<>:"/\\|?*')
+REPLACEMENT = "_"
+MARKER = "~"
+# 255 bytes is the limit of ext4, APFS and NTFS (NTFS counts UTF-16 units; 255 UTF-8 bytes
+# are never more than 255 UTF-16 units).
+MAX_COMPONENT_BYTES = 255
+_WINDOWS_RESERVED = frozenset(
+    ["CON", "PRN", "AUX", "NUL"]
+    + [f"{port}{n}" for port in ("COM", "LPT") for n in [*"0123456789", "¹", "²", "³"]]
+)
+# Fields a template may use besides DICOM keywords.
+FILE_FIELDS = {"filename": "the original file name", "input_folder": "the top-level input folder"}
+
+
+@dataclass(frozen=True)
+class Naming:
+    """The settings that decide names; an output folder keeps one set for its lifetime."""
+
+    folder_template: str
+    file_template: str
+    placeholder: str = "UNKNOWN"
+    keep_series_apart: bool = True
+
+
+def short_hash(text: str, length: int = 6) -> str:
+    """A short stable hex digest of text (not a security feature, a disambiguator)."""
+    return hashlib.sha256(text.encode("utf-8", "surrogatepass")).hexdigest()[:length]
+
+
+def _is_control(ch: str) -> bool:
+    return ord(ch) < 32 or 127 <= ord(ch) < 160
+
+
+def _split_extension(name: str) -> tuple[str, str]:
+    """Split a short alphanumeric extension (``.dcm``) off, so edits keep it last."""
+    stem, dot, ext = name.rpartition(".")
+    if dot and stem.strip(".") and 0 < len(ext) <= 8 and ext.isalnum():
+        return stem, dot + ext
+    return name, ""
+
+
+def _truncate_utf8(text: str, max_bytes: int) -> str:
+    return text.encode("utf-8", "surrogatepass")[:max_bytes].decode("utf-8", "ignore")
+
+
+def is_safe_component(name: str) -> bool:
+    """True if name is one valid path component on Linux, macOS and Windows."""
+    return (
+        bool(name)
+        and name == unicodedata.normalize("NFC", name)
+        and not name.startswith(".")
+        and not name.endswith((".", " "))
+        and not _has_unsafe_character(name)
+        and name.split(".")[0].rstrip(" ").upper() not in _WINDOWS_RESERVED
+        and len(name.encode("utf-8", "surrogatepass")) <= MAX_COMPONENT_BYTES
+    )
+
+
+def _has_unsafe_character(text: str) -> bool:
+    return any(
+        ch in FORBIDDEN_CHARACTERS or _is_control(ch) or 0xD800 <= ord(ch) <= 0xDFFF for ch in text
+    )
+
+
+def safe_value(raw: str) -> str:
+    """A header value made safe to embed in a component: separators, characters Windows
+    forbids and control characters become ``_``, marked with a hash of the original.
+    Rules about whole names (dots, device names, length) are left to ``safe_component``."""
+    text = unicodedata.normalize("NFC", raw)
+    if not _has_unsafe_character(text):
+        return text
+    cleaned = "".join(REPLACEMENT if _has_unsafe_character(ch) else ch for ch in text)
+    return cleaned + MARKER + short_hash(text)
+
+
+def safe_component(raw: str, placeholder: str = "UNKNOWN") -> str:
+    """Return raw as one portable path component.
+
+    Unchanged when already safe; otherwise unsafe characters become ``_``, a leading dot,
+    trailing dots and spaces and Windows device names are defused, long names are shortened,
+    and ``~`` plus a hash of the original is added before the extension.
+    """
+    text = unicodedata.normalize("NFC", raw)
+    if not text:
+        text = placeholder
+    if is_safe_component(text):
+        return text
+    stem, ext = _split_extension(text)
+    cleaned = "".join(REPLACEMENT if _has_unsafe_character(ch) else ch for ch in stem)
+    lead = len(cleaned) - len(cleaned.lstrip("."))
+    cleaned = REPLACEMENT * lead + cleaned[lead:]
+    trail = len(cleaned) - len(cleaned.rstrip(". "))
+    cleaned = cleaned[: len(cleaned) - trail] + REPLACEMENT * trail
+    if cleaned.split(".")[0].rstrip(" ").upper() in _WINDOWS_RESERVED:
+        cleaned = REPLACEMENT + cleaned
+    marker = MARKER + short_hash(text)
+    room = MAX_COMPONENT_BYTES - len((marker + ext).encode("utf-8"))
+    return _truncate_utf8(cleaned, room) + marker + ext
+
+
+def with_suffix(name: str, suffix: str) -> str:
+    """Add a disambiguating suffix before the extension, keeping the byte limit."""
+    stem, ext = _split_extension(name)
+    room = MAX_COMPONENT_BYTES - len((suffix + ext).encode("utf-8"))
+    return _truncate_utf8(stem, room) + suffix + ext
+
+
+def render_person_name(value: str) -> str:
+    """Readable PersonName: drop empty trailing ``^`` components and ``=`` groups.
+
+    ``DOE^JOHN^^^`` becomes ``DOE^JOHN``; ``Yamada^Tarou=山田^太郎=`` keeps both groups.
+    Ordinary names (``DOE^JOHN``) stay exactly as pydicom prints them, like the seed.
+    """
+    groups = [group.rstrip("^") for group in value.split("=")]
+    while len(groups) > 1 and not groups[-1]:
+        groups.pop()
+    return "=".join(groups)
+
+
+@cache
+def _person_name_keywords() -> frozenset[str]:
+    from pydicom.datadict import DicomDictionary
+
+    return frozenset(entry[4] for entry in DicomDictionary.values() if entry[0] == "PN")
+
+
+def template_fields(template: str) -> list[tuple[str, str]]:
+    """The (field, format spec) pairs of a template, in order."""
+    return [
+        (field, spec or "")
+        for _, field, spec, _ in string.Formatter().parse(template)
+        if field is not None
+    ]
+
+
+def template_problems(template: str) -> list[str]:
+    """Why a template cannot be used (empty list when it can)."""
+    from pydicom.datadict import tag_for_keyword
+
+    try:
+        fields = template_fields(template)
+    except ValueError as error:
+        return [f"not a valid template ({error})"]
+    problems = []
+    if not fields:
+        problems.append("uses no field in braces, so every file would get the same name")
+    for field, _ in fields:
+        if not field:
+            problems.append("has an empty field '{}'")
+        elif field not in FILE_FIELDS and tag_for_keyword(field) is None:
+            problems.append(
+                f"uses '{{{field}}}', which is not a DICOM keyword "
+                f"(examples: PatientID, SeriesNumber, StudyDate) nor one of {sorted(FILE_FIELDS)}"
+            )
+    if template.startswith("/") or any(part in ("..", ".") for part in template.split("/")):
+        problems.append("must be a relative path without '.' or '..' components")
+    return problems
+
+
+def _format_value(value: str, spec: str) -> str:
+    """Apply a format spec such as ``03d`` to a header string, falling back to the text."""
+    if not spec:
+        return value
+    kind = spec[-1]
+    try:
+        if kind in "dxXobn":
+            return format(int(float(value)), spec)
+        if kind in "eEfFgG%":
+            return format(float(value), spec)
+        return format(value, spec)
+    except (ValueError, TypeError, OverflowError):
+        return value
+
+
+def render_path(template: str, values: Mapping[str, str | None], placeholder: str) -> str:
+    """Render a template into a relative path of safe components, joined by ``/``.
+
+    Only the template's own ``/`` separate folders: a ``/`` inside a header value is made
+    safe with the rest of that value, so no tag can add, remove or escape a folder.
+    """
+    pieces = []
+    for literal, field, spec, _ in string.Formatter().parse(template):
+        pieces.append(literal)
+        if field is None:
+            continue
+        value = values.get(field)
+        if value is None or str(value).strip() == "":
+            pieces.append(safe_component(placeholder))
+            continue
+        text = str(value)
+        if field in _person_name_keywords():
+            text = render_person_name(text)
+        text = _format_value(text, spec)
+        # Values are made safe on their own first, so a separator inside a value stays text.
+        pieces.append(safe_value(text))
+    rendered = "".join(pieces)
+    return "/".join(safe_component(part, placeholder) for part in rendered.split("/"))

@@ -1,0 +1,85 @@
+# Config validation, folder discovery and input functions shared by the rules.
+import shlex
+import sys
+from functools import cache
+from pathlib import Path
+
+from snakemake.exceptions import WorkflowError
+from snakemake.utils import validate
+
+SRC = Path(workflow.basedir) / "src"
+sys.path.insert(0, str(SRC))
+# Jobs run `python -m dcmsort.<stage>`: they must import this checkout's package.
+os.environ["PYTHONPATH"] = os.pathsep.join(
+    p for p in (str(SRC), os.environ.get("PYTHONPATH")) if p
+)
+
+from dcmsort import inventory, settings  # noqa: E402
+
+
+def fail(message):
+    """Stop with one line on stderr, never a traceback."""
+    sys.exit(f"dcmsort: error: {message}")
+
+
+try:
+    validate(config, schema="../schemas/config.schema.yaml")
+except WorkflowError as error:
+    cause = next((a for a in error.args if hasattr(a, "message")), error)
+    where = ".".join(map(str, getattr(cause, "absolute_path", []))) or "config"
+    fail(f"{where}: {getattr(cause, 'message', cause)} (keys and values: config/README.md)")
+try:
+    SETTINGS = settings.resolve(config)
+    settings.check_layout(SETTINGS.state_dir / "layout.json", SETTINGS.naming)
+except settings.ConfigError as error:
+    fail(error)
+
+PYTHON = shlex.quote(sys.executable)
+STATE = str(SETTINGS.state_dir)
+FOLDERS = inventory.list_folders(SETTINGS.input_dir)
+FOLDERS_OF_BATCH = {}
+for _folder in FOLDERS:
+    FOLDERS_OF_BATCH.setdefault(
+        inventory.batch_of(_folder, SETTINGS.batches), []
+    ).append(_folder)
+
+
+@cache
+def batch_fingerprint(batch):
+    """Names, sizes and mtimes of a batch's files: the extract job reruns when it changes."""
+    return inventory.batch_fingerprint(SETTINGS.input_dir, FOLDERS_OF_BATCH[int(batch)])
+
+
+def batch_manifests():
+    return [f"{STATE}/manifests/batch-{b}.parquet" for b in sorted(FOLDERS_OF_BATCH)]
+
+
+def get_final_output():
+    return [f"{STATE}/report.html", f"{STATE}/summary.json"]
+
+
+wildcard_constraints:
+    batch=r"\d+",
+
+
+onstart:
+    if workflow.is_main_process:
+        try:
+            settings.acquire_run_lock(SETTINGS.state_dir)
+        except settings.ConfigError as error:
+            print(f"dcmsort: error: {error}", file=sys.stderr)
+            os._exit(1)
+
+
+onsuccess:
+    from dcmsort.report import summary_line
+
+    print(summary_line(Path(STATE) / "summary.json"), file=sys.stderr)
+
+
+onerror:
+    print(
+        f"dcmsort: the run failed; each failed job's log is named above (all logs: "
+        f"{STATE}/logs/). Inputs are untouched; fix the cause and rerun the same command.",
+        file=sys.stderr,
+    )

@@ -1,0 +1,27 @@
+# Stage 2: one job sees every manifest and decides every destination.
+
+
+rule plan:
+    input:
+        manifests=batch_manifests(),
+    output:
+        plan=f"{STATE}/plan.parquet",
+        csv=f"{STATE}/plan.csv",
+        skipped=f"{STATE}/skipped.csv",
+    params:
+        # A function, so that the braces of the templates are not read as wildcards.
+        naming=lambda wildcards: SETTINGS.naming_json,
+        input_dir=SETTINGS.input_dir,
+        output_dir=SETTINGS.output_dir,
+        state_dir=STATE,
+    log:
+        f"{STATE}/logs/plan.log",
+    resources:
+        mem_mb=2000,
+        runtime=60,
+    shell:
+        "{PYTHON} -m dcmsort.plan --manifests {input.manifests:q}"
+        " --input-dir {params.input_dir:q} --output-dir {params.output_dir:q}"
+        " --state-dir {params.state_dir:q} --naming {params.naming:q}"
+        " --plan {output.plan:q} --plan-csv {output.csv:q} --skipped {output.skipped:q}"
+        " 2> {log:q}"

@@ -52,7 +52,7 @@ class Series:
     series_number: int | None
     description: str | None
     modality: str = "MR"
-    charset: str = "ISO_IR 192"
+    charset: str | list[str] = "ISO_IR 192"
 
 
 def make_instance(series: Series, number: int, sop_uid: str, rows: int = 16,
@@ -137,7 +137,7 @@ def generate(out_dir: str | Path, patients: int = 4, studies: int = 1, series: i
 class Expectation:
     """What must happen to one input file of the messy set."""
 
-    action: str  # "sort", "duplicate", "skip", or "sort-or-skip" (either is correct)
+    action: str  # "sort", "duplicate", "skip", or "a-or-b" (either is correct)
     folder: str | None = None  # exact expected destination folder, when it is known
     reason: str | None = None  # a word the skip reason must contain
     conflict: bool = False
@@ -150,7 +150,8 @@ def generate_messy(out_dir: str | Path, seed: int = 7) -> dict[str, Expectation]
     expect: dict[str, Expectation] = {}
 
     def series(key: object, name: str, pid: str, desc: str | None, number: int | None,
-               study: object = 0, charset: str = "ISO_IR 192", modality: str = "MR") -> Series:
+               study: object = 0, charset: str | list[str] = "ISO_IR 192",
+               modality: str = "MR") -> Series:
         return Series(name, pid, uid(seed, "study", pid, study), "20240102", uid(seed, key),
                       number, desc, modality, charset)
 
@@ -162,8 +163,8 @@ def generate_messy(out_dir: str | Path, seed: int = 7) -> dict[str, Expectation]
 
     # Ordinary: the seed's layout exactly.
     plain = series("plain", "DOE^JOHN", "12345", "T1 MPRAGE", 3)
-    for i in (1, 2):
-        put(f"p_plain/IM{i}.dcm", plain, i, Expectation("sort", "DOE^JOHN_12345/T1 MPRAGE_3"))
+    put("p_plain/IM1.dcm", plain, 1, Expectation("sort-or-duplicate"))  # its copy is below
+    put("p_plain/IM2.dcm", plain, 2, Expectation("sort", "DOE^JOHN_12345/T1 MPRAGE_3"))
     # Hostile values: path traversal, absolute paths, drive letters, control characters.
     evil = series("evil", "../../etc", "/abs/C:\\x", "a/../b", 1)
     put("p_evil/IM1", evil, 1, Expectation("sort", note="traversal stays inside output_dir"))
@@ -179,6 +180,13 @@ def generate_messy(out_dir: str | Path, seed: int = 7) -> dict[str, Expectation]
     utf8 = series("utf8", "山田^太郎=やまだ^たろう", "888", "頭部", 2)
     put("p_charset/utf8.dcm", utf8, 1,
         Expectation("sort", "山田^太郎=やまだ^たろう_888/頭部_2"))
+    jis = series("jis", "Yamada^Tarou=山田^太郎=やまだ^たろう", "889", "MR", 3,
+                 charset=["", "ISO 2022 IR 87"])
+    put("p_charset/jis.dcm", jis, 1,
+        Expectation("sort", "Yamada^Tarou=山田^太郎=やまだ^たろう_889/MR_3"))
+    korean = series("ks", "Hong^Gildong=洪^吉洞=홍^길동", "890", "CT", 4,
+                    charset=["", "ISO 2022 IR 149"])
+    put("p_charset/ks.dcm", korean, 1, Expectation("sort", "Hong^Gildong=洪^吉洞=홍^길동_890/CT_4"))
     # Missing and empty tags: the placeholder, never None and never empty.
     bare = series("bare", "", "999", None, None)
     put("p_missing/IM1", bare, 1, Expectation("sort", "UNKNOWN_999/UNKNOWN_UNKNOWN"))
@@ -199,7 +207,9 @@ def generate_messy(out_dir: str | Path, seed: int = 7) -> dict[str, Expectation]
     original = out / "p_plain/IM1.dcm"
     (out / "p_dups").mkdir(parents=True)
     shutil.copyfile(original, out / "p_dups/copy_of_IM1.dcm")
-    expect["p_dups/copy_of_IM1.dcm"] = Expectation("duplicate")
+    # Which of the two identical files is written is decided by path order; the other is
+    # reported as its duplicate.
+    expect["p_dups/copy_of_IM1.dcm"] = Expectation("sort-or-duplicate")
     sop = uid(seed, "p_plain/IM2.dcm", 2)
     changed = make_instance(plain, 2, sop, rng=np.random.default_rng(99))
     write(changed, out / "p_dups/changed_IM2.dcm")

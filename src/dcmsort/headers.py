@@ -101,6 +101,8 @@ def read_header(path: str, keywords: list[str]) -> dict[str, str | None]:
         return {**result, "skip_reason": f"unreadable: {error.strerror or error}"}
     except Exception as error:  # pydicom raises many types on damaged data
         return {**result, "skip_reason": f"damaged DICOM header: {type(error).__name__}: {error}"}
+    if result.get("MediaStorageSOPClassUID") == DICOMDIR_SOP_CLASS:
+        return {**result, "skip_reason": "DICOMDIR (an index of a DICOM medium, not an image)"}
     if not any(_looks_like_uid(result.get(k)) for k in _IDENTIFYING_UIDS):
         reason = (
             "DICOM without SOP, series or study UID (truncated, or not a stored instance "
@@ -108,8 +110,6 @@ def read_header(path: str, keywords: list[str]) -> dict[str, str | None]:
             else "not DICOM (no DICM preamble and no DICOM identifiers)"
         )
         return {**result, "skip_reason": reason}
-    if result.get("MediaStorageSOPClassUID") == DICOMDIR_SOP_CLASS:
-        return {**result, "skip_reason": "DICOMDIR (an index of a DICOM medium, not an image)"}
     return {**result, "skip_reason": None}
 
 

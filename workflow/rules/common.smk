@@ -25,7 +25,7 @@ def fail(message):
 try:
     validate(config, schema="../schemas/config.schema.yaml")
 except WorkflowError as error:
-    cause = next((a for a in error.args if hasattr(a, "message")), error)
+    cause = error.__context__ or error  # the jsonschema ValidationError, if there is one
     where = ".".join(map(str, getattr(cause, "absolute_path", []))) or "config"
     fail(f"{where}: {getattr(cause, 'message', cause)} (keys and values: config/README.md)")
 try:

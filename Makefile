@@ -1,0 +1,51 @@
+# Two commands do all set-up on a machine with Python 3.11 and pip:
+#   make demo   install, generate the demo data, sort it, say where the result is
+#   make test   install, run the test suite
+PYTHON ?= python3
+VENV := .venv
+BIN := $(VENV)/bin
+INSTALLED := $(VENV)/.installed
+CORES ?= all
+
+.PHONY: install demo test test-slurm lint format bench clean
+
+$(INSTALLED): pyproject.toml
+	$(PYTHON) -m venv $(VENV)
+	$(BIN)/python -m pip install --quiet --upgrade pip
+	$(BIN)/python -m pip install --quiet -e ".[dev,slurm]"
+	touch $@
+
+install: $(INSTALLED)
+
+# The demo data is generated once; run `make demo` again to see an incremental no-op run.
+demo: $(INSTALLED)
+	@test -d demo/Unclassified || $(BIN)/python -m dcmsort.demo demo/Unclassified --messy
+	$(BIN)/snakemake --cores $(CORES) --config input_dir=demo/Unclassified output_dir=demo/Classified
+	@echo
+	@echo "Sorted tree:  demo/Classified/"
+	@echo "Report:       demo/Classified/.dcmsort/report.html  (open it in a browser)"
+	@echo "Plan:         demo/Classified/.dcmsort/plan.csv, skipped files: .../skipped.csv"
+
+test: $(INSTALLED)
+	$(BIN)/python -m pytest
+
+# Needs a running SLURM (tests/slurm/cluster.sh start, as root); .ci/run does that.
+test-slurm: $(INSTALLED)
+	$(BIN)/python -m pytest -m slurm
+
+lint: $(INSTALLED)
+	$(BIN)/ruff check src tests bench
+	$(BIN)/ruff format --check src tests bench
+	$(BIN)/snakefmt --check Snakefile workflow/rules
+	$(BIN)/snakemake --lint --config input_dir=src output_dir=/tmp/dcmsort-lint
+
+format: $(INSTALLED)
+	$(BIN)/ruff format src tests bench
+	$(BIN)/ruff check --fix src tests bench
+	$(BIN)/snakefmt Snakefile workflow/rules
+
+bench: $(INSTALLED)
+	$(BIN)/python bench/run.py
+
+clean:
+	rm -rf demo .snakemake bench/out

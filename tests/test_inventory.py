@@ -1,0 +1,52 @@
+import os
+
+from dcmsort import inventory
+
+
+def test_batches_are_stable_when_folders_are_added():
+    before = {f"patient_{i}": inventory.batch_of(f"patient_{i}", 8) for i in range(200)}
+    after = {f"patient_{i}": inventory.batch_of(f"patient_{i}", 8) for i in range(400)}
+    assert all(after[f] == b for f, b in before.items())
+    assert len(set(before.values())) == 8
+
+
+def test_files_lying_in_input_dir_form_their_own_unit(tmp_path):
+    (tmp_path / "patient_1").mkdir()
+    (tmp_path / "patient_1" / "a").write_bytes(b"x")
+    (tmp_path / "loose.dcm").write_bytes(b"y")
+    assert inventory.list_folders(tmp_path) == ["patient_1", inventory.ROOT_FOLDER]
+    assert [e.relpath for e in inventory.walk_folder(tmp_path, "")] == ["loose.dcm"]
+
+
+def test_walk_finds_nested_files_and_reports_links_without_following(tmp_path):
+    (tmp_path / "p" / "s" / "t").mkdir(parents=True)
+    (tmp_path / "p" / "s" / "t" / "IM1").write_bytes(b"1")
+    os.symlink("..", tmp_path / "p" / "s" / "loop")
+    os.symlink("missing", tmp_path / "p" / "dangling")
+    kinds = {e.relpath: e.kind for e in inventory.walk_folder(tmp_path, "p")}
+    assert kinds == {"p/s/t/IM1": inventory.FILE, "p/s/loop": inventory.DIRECTORY_SYMLINK,
+                     "p/dangling": inventory.BROKEN_SYMLINK}
+
+
+def test_fingerprint_changes_when_a_file_is_added_replaced_or_rewritten(tmp_path):
+    folder = tmp_path / "p"
+    folder.mkdir()
+    (folder / "a").write_bytes(b"1")
+
+    def fp():
+        return inventory.fingerprint(inventory.walk_folder(tmp_path, "p"))
+
+    first = fp()
+    assert fp() == first
+    (folder / "b").write_bytes(b"2")
+    added = fp()
+    os.utime(folder / "a", ns=(1, 10**18))
+    rewritten = fp()
+    (folder / "a").write_bytes(b"longer")
+    replaced = fp()
+    assert len({first, added, rewritten, replaced}) == 4
+
+
+def test_manifest_names_never_collide_with_the_root_unit():
+    names = {inventory.manifest_name(f) for f in ["", "%2F", "a b", "a%20b", ".root"]}
+    assert len(names) == 5

@@ -26,8 +26,12 @@ def tree_snapshot(root: Path) -> dict[str, tuple]:
             snapshot[rel] = ("link", os.readlink(path))
         elif path.is_file():
             info = path.stat()
-            snapshot[rel] = ("file", hashlib.sha256(path.read_bytes()).hexdigest(),
-                             info.st_mtime_ns, info.st_mode)
+            snapshot[rel] = (
+                "file",
+                hashlib.sha256(path.read_bytes()).hexdigest(),
+                info.st_mtime_ns,
+                info.st_mode,
+            )
         else:
             snapshot[rel] = ("dir", path.stat().st_mode)
     return snapshot
@@ -62,23 +66,45 @@ class Sorter:
     def command(self, *extra: str, **config: object) -> list[str]:
         settings = {"input_dir": self.input_dir, "output_dir": self.output_dir, **config}
         return [
-            sys.executable, "-m", "snakemake", "--snakefile", str(REPO / "Snakefile"),
-            "--directory", str(self.workdir), "--cores", "2", *extra,
-            "--config", *(f"{k}={v}" for k, v in settings.items()),
+            sys.executable,
+            "-m",
+            "snakemake",
+            "--snakefile",
+            str(REPO / "Snakefile"),
+            "--directory",
+            str(self.workdir),
+            "--cores",
+            "2",
+            *extra,
+            "--config",
+            *(f"{k}={v}" for k, v in settings.items()),
         ]
 
-    def run(self, *extra: str, count_opens: bool = False, check: bool = True,
-            timeout: float = 600, **config: object) -> Run:
+    def run(
+        self,
+        *extra: str,
+        count_opens: bool = False,
+        check: bool = True,
+        timeout: float = 600,
+        **config: object,
+    ) -> Run:
         env = dict(os.environ)
         log = self.workdir / "opened.log"
         if count_opens:
             log.unlink(missing_ok=True)
-            env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(OPEN_COUNTER),
-                                                              env.get("PYTHONPATH")]))
+            env["PYTHONPATH"] = os.pathsep.join(
+                filter(None, [str(OPEN_COUNTER), env.get("PYTHONPATH")])
+            )
             env["DCMSORT_OPEN_LOG"] = str(log)
             env["DCMSORT_OPEN_ROOT"] = str(self.input_dir)
-        proc = subprocess.run(self.command(*extra, **config), capture_output=True, text=True,
-                              env=env, timeout=timeout, stdin=subprocess.DEVNULL)
+        proc = subprocess.run(
+            self.command(*extra, **config),
+            capture_output=True,
+            text=True,
+            env=env,
+            timeout=timeout,
+            stdin=subprocess.DEVNULL,
+        )
         opened = log.read_text().splitlines() if count_opens and log.exists() else []
         result = Run(proc.returncode, proc.stdout, proc.stderr, opened)
         if check and proc.returncode != 0:
@@ -103,8 +129,11 @@ def assert_every_file_accounted_for(sorter: Sorter) -> pd.DataFrame:
     """The central invariant: every input file is at exactly one destination, byte-identical,
     or is a duplicate of one, or is skipped with a reason. Returns the plan."""
     plan = sorter.plan()
-    inputs = {str(p.relative_to(sorter.input_dir)) for p in sorter.input_dir.rglob("*")
-              if p.is_file() or p.is_symlink()}
+    inputs = {
+        str(p.relative_to(sorter.input_dir))
+        for p in sorter.input_dir.rglob("*")
+        if p.is_file() or p.is_symlink()
+    }
     assert set(plan["relpath"]) == inputs
     assert plan["relpath"].is_unique
     placed = plan[plan["action"] == "sort"]
@@ -116,8 +145,9 @@ def assert_every_file_accounted_for(sorter: Sorter) -> pd.DataFrame:
         # Inside output_dir by its path (a symlink's target is the input, by design).
         assert Path(os.path.normpath(destination)).is_relative_to(sorter.output_dir)
     for row in plan[plan["action"] == "duplicate"].itertuples():
-        assert (sorter.output_dir / row.destination).read_bytes() == \
-            (sorter.input_dir / row.relpath).read_bytes()
+        assert (sorter.output_dir / row.destination).read_bytes() == (
+            sorter.input_dir / row.relpath
+        ).read_bytes()
     skipped = plan[plan["action"] == "skip"]
     assert skipped["reason"].notna().all() and (skipped["reason"].str.len() > 0).all()
     return plan

@@ -43,8 +43,10 @@ def test_dicom_without_preamble_is_sortable(tmp_path):
 def test_junk_empty_and_dicomdir_files_get_a_reason(tmp_path):
     (tmp_path / "Thumbs.db").write_bytes(os.urandom(600))
     (tmp_path / "empty").write_bytes(b"")
-    reasons = {name: headers.read_header(str(tmp_path / name), TAGS)["skip_reason"]
-               for name in ["Thumbs.db", "empty"]}
+    reasons = {
+        name: headers.read_header(str(tmp_path / name), TAGS)["skip_reason"]
+        for name in ["Thumbs.db", "empty"]
+    }
     reasons["DICOMDIR"] = headers.read_header(get_testdata_file("DICOMDIR"), TAGS)["skip_reason"]
     assert "not DICOM" in reasons["Thumbs.db"]
     assert "empty" in reasons["empty"]

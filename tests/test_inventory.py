@@ -24,8 +24,11 @@ def test_walk_finds_nested_files_and_reports_links_without_following(tmp_path):
     os.symlink("..", tmp_path / "p" / "s" / "loop")
     os.symlink("missing", tmp_path / "p" / "dangling")
     kinds = {e.relpath: e.kind for e in inventory.walk_folder(tmp_path, "p")}
-    assert kinds == {"p/s/t/IM1": inventory.FILE, "p/s/loop": inventory.DIRECTORY_SYMLINK,
-                     "p/dangling": inventory.BROKEN_SYMLINK}
+    assert kinds == {
+        "p/s/t/IM1": inventory.FILE,
+        "p/s/loop": inventory.DIRECTORY_SYMLINK,
+        "p/dangling": inventory.BROKEN_SYMLINK,
+    }
 
 
 def test_fingerprint_changes_when_a_file_is_added_replaced_or_rewritten(tmp_path):

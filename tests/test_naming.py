@@ -19,8 +19,9 @@ WINDOWS_FORBIDDEN = set('<>:"/\\|?*')
 def windows_valid(name: str) -> bool:
     """An independent statement of the portability rules, to check the implementation."""
     base = name.split(".")[0].rstrip(" ").upper()
-    reserved = {"CON", "PRN", "AUX", "NUL"} | {f"{p}{n}" for p in ("COM", "LPT")
-                                                for n in "0123456789¹²³"}
+    reserved = {"CON", "PRN", "AUX", "NUL"} | {
+        f"{p}{n}" for p in ("COM", "LPT") for n in "0123456789¹²³"
+    }
     return (
         name not in ("", ".", "..")
         and not (set(name) & WINDOWS_FORBIDDEN)
@@ -36,14 +37,22 @@ def render(values: dict, template: str = SEED_TEMPLATE) -> str:
 
 
 def test_ordinary_values_give_the_seed_layout():
-    values = {"PatientName": "DOE^JOHN", "PatientID": "12345",
-              "SeriesDescription": "T1 MPRAGE", "SeriesNumber": "3"}
+    values = {
+        "PatientName": "DOE^JOHN",
+        "PatientID": "12345",
+        "SeriesDescription": "T1 MPRAGE",
+        "SeriesNumber": "3",
+    }
     assert render(values) == "DOE^JOHN_12345/T1 MPRAGE_3"
 
 
 def test_non_ascii_names_are_kept_not_transliterated():
-    values = {"PatientName": "MÜLLER^HANS", "PatientID": "7", "SeriesDescription": "頭部",
-              "SeriesNumber": "2"}
+    values = {
+        "PatientName": "MÜLLER^HANS",
+        "PatientID": "7",
+        "SeriesDescription": "頭部",
+        "SeriesNumber": "2",
+    }
     assert render(values) == "MÜLLER^HANS_7/頭部_2"
 
 
@@ -58,8 +67,14 @@ def test_format_specs_apply_to_numeric_header_strings():
 
 def test_separators_inside_values_never_add_or_escape_folders():
     for hostile in ["../../etc", "/abs", "C:\\x", "a/../b", "..", "."]:
-        path = render({"PatientName": hostile, "PatientID": hostile,
-                       "SeriesDescription": hostile, "SeriesNumber": "1"})
+        path = render(
+            {
+                "PatientName": hostile,
+                "PatientID": hostile,
+                "SeriesDescription": hostile,
+                "SeriesNumber": "1",
+            }
+        )
         parts = path.split("/")
         assert len(parts) == 2
         assert all(windows_valid(p) and p not in (".", "..") for p in parts), path
@@ -104,19 +119,26 @@ def test_sanitising_is_deterministic_and_keeps_safe_names(text):
     assert safe_component(safe_component(text)) == safe_component(text)
 
 
-@given(st.text(max_size=60), st.sampled_from(sorted(WINDOWS_FORBIDDEN) + ["\x00", "\x1f"]),
-       st.sampled_from(sorted(WINDOWS_FORBIDDEN) + ["\x00", "\x1f"]))
+UNSAFE = [*sorted(WINDOWS_FORBIDDEN), "\x00", "\x1f"]
+
+
+@given(st.text(max_size=60), st.sampled_from(UNSAFE), st.sampled_from(UNSAFE))
 def test_values_differing_only_in_unsafe_characters_do_not_merge(text, one, other):
     """Two series described 'T1/T2' and 'T1:T2' must not end up in one folder."""
     a, b = f"{text}{one}x", f"{text}{other}x"
     if a != b:
         template = "{SeriesDescription}_1"
         assert render({"SeriesDescription": a}, template) != render(
-            {"SeriesDescription": b}, template)
+            {"SeriesDescription": b}, template
+        )
 
 
-@given(st.dictionaries(st.sampled_from(["PatientName", "PatientID", "SeriesDescription",
-                                        "SeriesNumber"]), st.text(max_size=100)))
+@given(
+    st.dictionaries(
+        st.sampled_from(["PatientName", "PatientID", "SeriesDescription", "SeriesNumber"]),
+        st.text(max_size=100),
+    )
+)
 def test_any_header_values_render_inside_the_output_folder(values):
     path = render(values)
     parts = path.split("/")

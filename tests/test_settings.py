@@ -6,9 +6,16 @@ import pytest
 from dcmsort.naming import Naming
 from dcmsort.settings import ConfigError, acquire_run_lock, check_layout, resolve
 
-DEFAULTS = {"folder_template": "{PatientID}/{SeriesNumber}", "file_template": "{filename}",
-            "placeholder": "UNKNOWN", "keep_series_apart": True, "transfer_mode": "copy",
-            "verify": "size", "batches": 8, "state_dir": ""}
+DEFAULTS = {
+    "folder_template": "{PatientID}/{SeriesNumber}",
+    "file_template": "{filename}",
+    "placeholder": "UNKNOWN",
+    "keep_series_apart": True,
+    "transfer_mode": "copy",
+    "verify": "size",
+    "batches": 8,
+    "state_dir": "",
+}
 
 
 @pytest.fixture
@@ -62,10 +69,17 @@ def test_a_changed_layout_is_refused_for_an_existing_output(tmp_path):
 
 def test_a_second_run_on_the_same_output_is_refused_while_the_first_lives(tmp_path):
     holder = subprocess.Popen(
-        [sys.executable, "-c", "import sys, time; from pathlib import Path; "
-         "from dcmsort.settings import acquire_run_lock as a; a(Path(sys.argv[1])); "
-         "print('held', flush=True); time.sleep(60)", str(tmp_path)],
-        stdout=subprocess.PIPE, text=True)
+        [
+            sys.executable,
+            "-c",
+            "import sys, time; from pathlib import Path; "
+            "from dcmsort.settings import acquire_run_lock as a; a(Path(sys.argv[1])); "
+            "print('held', flush=True); time.sleep(60)",
+            str(tmp_path),
+        ],
+        stdout=subprocess.PIPE,
+        text=True,
+    )
     try:
         assert holder.stdout.readline().strip() == "held"
         with pytest.raises(ConfigError, match="another dcmsort run"):

@@ -57,11 +57,17 @@ def test_a_mode_change_recognises_files_placed_the_old_way(tmp_path, source):
 
 
 def test_transfer_plan_reports_each_row_and_errors_without_stopping(tmp_path, source):
-    plan = pd.DataFrame({"relpath": ["IM1", "gone", "IM1"], "size": [500, 1, 500],
-                         "action": ["sort", "sort", "duplicate"],
-                         "destination": ["A/IM1", "A/gone", "A/IM1"]})
+    plan = pd.DataFrame(
+        {
+            "relpath": ["IM1", "gone", "IM1"],
+            "size": [500, 1, 500],
+            "action": ["sort", "sort", "duplicate"],
+            "destination": ["A/IM1", "A/gone", "A/IM1"],
+        }
+    )
     plan.to_parquet(tmp_path / "plan.parquet")
-    results = transfer_plan(tmp_path / "plan.parquet", source.parent, tmp_path / "out",
-                            "copy", "size", workers=2).to_pandas()
+    results = transfer_plan(
+        tmp_path / "plan.parquet", source.parent, tmp_path / "out", "copy", "size", workers=2
+    ).to_pandas()
     assert list(results["status"]) == [COPIED, ERROR]
     assert "source unreadable" in results.loc[1, "detail"]

@@ -19,12 +19,17 @@ def test_demo_data_is_sorted_into_the_seed_layout_and_the_input_is_untouched(sor
     plan = assert_every_file_accounted_for(sorter)
     assert (plan["action"] == "sort").sum() == len(written)
     first = sorter.output_dir / "GARCIA^FATIMA_PID00001" / "T1 MPRAGE_1" / "IM0001.dcm"
-    assert first.read_bytes() == (sorter.input_dir / "patient_1/study_1/series_1/IM0001.dcm"
-                                  ).read_bytes()
+    assert (
+        first.read_bytes()
+        == (sorter.input_dir / "patient_1/study_1/series_1/IM0001.dcm").read_bytes()
+    )
     assert set(plan.loc[plan["action"] == "skip", "reason"]) == {
-        "not DICOM (no DICM preamble and no DICOM identifiers)"}
-    assert "dcmsort: 18 files sorted (18 new this run), 0 duplicates, 0 conflicts, 6 skipped" \
+        "not DICOM (no DICM preamble and no DICOM identifiers)"
+    }
+    assert (
+        "dcmsort: 18 files sorted (18 new this run), 0 duplicates, 0 conflicts, 6 skipped"
         in result.stderr
+    )
 
 
 def test_every_bundled_pydicom_test_file_is_accounted_for(sorter):
@@ -41,7 +46,9 @@ def test_every_bundled_pydicom_test_file_is_accounted_for(sorter):
     counts = plan["action"].value_counts()
     assert counts["sort"] > 100  # the DICOM files among them
     assert set(plan.loc[plan["action"] == "skip", "relpath"].str.rsplit(".", n=1).str[-1]) >= {
-        "json", "txt"}
+        "json",
+        "txt",
+    }
     for destination in plan["destination"].dropna():
         assert all(naming.is_safe_component(part) for part in destination.split("/"))
 
@@ -90,8 +97,10 @@ def test_link_modes_place_every_file(sorter, mode):
 @pytest.mark.parametrize(
     ("config", "message"),
     [
-        ({"input_dir": "/nonexistent/Unclassified"}, "input_dir /nonexistent/Unclassified does "
-                                                      "not exist"),
+        (
+            {"input_dir": "/nonexistent/Unclassified"},
+            "input_dir /nonexistent/Unclassified does not exist",
+        ),
         ({"output_dir": "INPUT/sorted"}, "is inside input_dir"),
         ({"inptu_dir": "x"}, "'inptu_dir' was unexpected"),
         ({"folder_template": "{PatientNmae}"}, "PatientNmae"),

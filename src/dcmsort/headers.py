@@ -106,7 +106,8 @@ def read_header(path: str, keywords: list[str]) -> dict[str, str | None]:
     if not any(_looks_like_uid(result.get(k)) for k in _IDENTIFYING_UIDS):
         reason = (
             "DICOM without SOP, series or study UID (truncated, or not a stored instance "
-            "such as a worklist query)" if preamble
+            "such as a worklist query)"
+            if preamble
             else "not DICOM (no DICM preamble and no DICOM identifiers)"
         )
         return {**result, "skip_reason": reason}
@@ -159,8 +160,12 @@ def extract_folder(
         if entry.kind == inventory.FILE and key in reusable:
             rows.append(reusable[key])
             continue
-        row = {"folder": folder, "relpath": entry.relpath, "size": entry.size,
-               "mtime_ns": entry.mtime_ns}
+        row = {
+            "folder": folder,
+            "relpath": entry.relpath,
+            "size": entry.size,
+            "mtime_ns": entry.mtime_ns,
+        }
         if entry.kind == inventory.FILE:
             header = read_header(str(input_dir / entry.relpath), keywords)
             headers_read += 1
@@ -180,7 +185,9 @@ def extract_batch(
 ) -> dict[str, int]:
     """Update the manifests of every folder in one batch and write the batch manifest."""
     keywords = list(dict.fromkeys(MANIFEST_TAGS + keywords))
-    folders = [f for f in inventory.list_folders(input_dir) if inventory.batch_of(f, batches) == batch]
+    folders = [
+        f for f in inventory.list_folders(input_dir) if inventory.batch_of(f, batches) == batch
+    ]
     manifests.mkdir(parents=True, exist_ok=True)
     tables, stats = [], {"folders": len(folders), "files": 0, "headers_read": 0, "not_sortable": 0}
     for folder in folders:
@@ -191,11 +198,18 @@ def extract_batch(
         stats["files"] += table.num_rows
         stats["headers_read"] += headers_read
         stats["not_sortable"] += table.num_rows - sum(table.column("dicom").to_pylist())
-        log.info("%s: %d files, %d headers read", folder or "(files in input_dir)",
-                 table.num_rows, headers_read)
+        log.info(
+            "%s: %d files, %d headers read",
+            folder or "(files in input_dir)",
+            table.num_rows,
+            headers_read,
+        )
     schema = manifest_schema(keywords)
-    combined = pa.concat_tables([t.replace_schema_metadata(None) for t in tables]) if tables \
+    combined = (
+        pa.concat_tables([t.replace_schema_metadata(None) for t in tables])
+        if tables
         else schema.empty_table()
+    )
     combined = combined.replace_schema_metadata(
         {"extracted_at": str(time.time()), **{k: str(v) for k, v in stats.items()}}
     )
@@ -210,19 +224,29 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--batch", type=int, required=True)
     parser.add_argument("--batches", type=int, required=True)
     parser.add_argument("--keywords", default="", help="extra DICOM keywords, comma-separated")
-    parser.add_argument("--manifests", type=Path, required=True, help="folder of per-folder manifests")
+    parser.add_argument(
+        "--manifests", type=Path, required=True, help="folder of per-folder manifests"
+    )
     parser.add_argument("--output", type=Path, required=True, help="the batch manifest")
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s", stream=sys.stderr)
     started = time.perf_counter()
     stats = extract_batch(
-        args.input_dir, args.batch, args.batches, [k for k in args.keywords.split(",") if k],
-        args.manifests, args.output,
+        args.input_dir,
+        args.batch,
+        args.batches,
+        [k for k in args.keywords.split(",") if k],
+        args.manifests,
+        args.output,
     )
     log.info(
         "batch %d: %d folders, %d files, %d headers read, %d not sortable, %.2f s",
-        args.batch, stats["folders"], stats["files"], stats["headers_read"],
-        stats["not_sortable"], time.perf_counter() - started,
+        args.batch,
+        stats["folders"],
+        stats["files"],
+        stats["headers_read"],
+        stats["not_sortable"],
+        time.perf_counter() - started,
     )
     return 0
 

@@ -101,7 +101,9 @@ def fingerprint(entries: list[Entry]) -> str:
     removed, replaced or rewritten (a rewrite changes the mtime)."""
     digest = hashlib.sha256()
     for e in entries:
-        digest.update(f"{e.relpath}\0{e.size}\0{e.mtime_ns}\0{e.kind}\n".encode("utf-8", "surrogateescape"))
+        digest.update(
+            f"{e.relpath}\0{e.size}\0{e.mtime_ns}\0{e.kind}\n".encode("utf-8", "surrogateescape")
+        )
     return digest.hexdigest()
 
 
@@ -109,5 +111,9 @@ def batch_fingerprint(input_dir: str | Path, folders: list[str]) -> str:
     """One digest over the given folders' fingerprints (the extract job's rerun trigger)."""
     digest = hashlib.sha256()
     for folder in sorted(folders):
-        digest.update(f"{folder}\0{fingerprint(walk_folder(input_dir, folder))}\n".encode("utf-8", "surrogateescape"))
+        digest.update(
+            f"{folder}\0{fingerprint(walk_folder(input_dir, folder))}\n".encode(
+                "utf-8", "surrogateescape"
+            )
+        )
     return digest.hexdigest()[:16]

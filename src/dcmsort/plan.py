@@ -28,24 +28,44 @@ from pathlib import Path
 import pandas as pd
 
 from dcmsort import naming
+from dcmsort.fileops import atomic_path, file_digest
 from dcmsort.naming import Naming
 from dcmsort.settings import ConfigError, check_layout
-from dcmsort.fileops import atomic_path, file_digest
 
 log = logging.getLogger("dcmsort.plan")
 
 SORT, DUPLICATE, SKIP = "sort", "duplicate", "skip"
 SOURCE_KEY = ["relpath", "size", "mtime_ns"]
 REGISTRY_COLUMNS = [
-    *SOURCE_KEY, "action", "destination", "base_folder", "series_uid", "sop_uid", "digest"
+    *SOURCE_KEY,
+    "action",
+    "destination",
+    "base_folder",
+    "series_uid",
+    "sop_uid",
+    "digest",
 ]
 # Tags carried into the plan for the report (and for people reading plan.csv).
 PLAN_TAGS = [
-    "PatientName", "PatientID", "StudyInstanceUID", "StudyDate", "SeriesInstanceUID",
-    "SeriesNumber", "SeriesDescription", "Modality", "SOPInstanceUID",
+    "PatientName",
+    "PatientID",
+    "StudyInstanceUID",
+    "StudyDate",
+    "SeriesInstanceUID",
+    "SeriesNumber",
+    "SeriesDescription",
+    "Modality",
+    "SOPInstanceUID",
 ]
 PLAN_COLUMNS = [
-    "folder", *SOURCE_KEY, "action", "destination", "reason", "conflict", "new", *PLAN_TAGS
+    "folder",
+    *SOURCE_KEY,
+    "action",
+    "destination",
+    "reason",
+    "conflict",
+    "new",
+    *PLAN_TAGS,
 ]
 
 
@@ -76,11 +96,14 @@ def _key_in(frame: pd.DataFrame, keys: set[tuple]) -> pd.Series:
     """For each row of frame: is its (relpath, size, mtime_ns) one of keys?"""
     return pd.Series(
         [k in keys for k in frame[SOURCE_KEY].itertuples(index=False, name=None)],
-        index=frame.index, dtype=bool,
+        index=frame.index,
+        dtype=bool,
     )
 
 
-def duplicate_candidates(files: pd.DataFrame, registry: pd.DataFrame) -> tuple[list[str], list[str]]:
+def duplicate_candidates(
+    files: pd.DataFrame, registry: pd.DataFrame
+) -> tuple[list[str], list[str]]:
     """Which files need a content digest: those sharing SOPInstanceUID and size with another.
 
     Returns (input relpaths, output destinations); the destinations are earlier placements
@@ -91,12 +114,26 @@ def duplicate_candidates(files: pd.DataFrame, registry: pd.DataFrame) -> tuple[l
     placed = registry[registry["action"] == SORT]
     members = pd.concat(
         [
-            pd.DataFrame({"sop": current["SOPInstanceUID"], "size": current["size"],
-                          "relpath": current["relpath"], "destination": None, "digest": None,
-                          "new": True}),
-            pd.DataFrame({"sop": placed["sop_uid"], "size": placed["size"], "relpath": None,
-                          "destination": placed["destination"], "digest": placed["digest"],
-                          "new": False}),
+            pd.DataFrame(
+                {
+                    "sop": current["SOPInstanceUID"],
+                    "size": current["size"],
+                    "relpath": current["relpath"],
+                    "destination": None,
+                    "digest": None,
+                    "new": True,
+                }
+            ),
+            pd.DataFrame(
+                {
+                    "sop": placed["sop_uid"],
+                    "size": placed["size"],
+                    "relpath": None,
+                    "destination": placed["destination"],
+                    "digest": placed["digest"],
+                    "new": False,
+                }
+            ),
         ],
         ignore_index=True,
     )
@@ -122,11 +159,12 @@ def make_plan(
     """
     digests = digests or {}
     registry = registry.copy()
-    by_key = {
-        (r["relpath"], r["size"], r["mtime_ns"]): r for r in registry.to_dict("records")
+    by_key = {(r["relpath"], r["size"], r["mtime_ns"]): r for r in registry.to_dict("records")}
+    folder_of_series = {
+        (r["base_folder"], r["series_uid"] or ""): os.path.dirname(r["destination"])
+        for r in by_key.values()
+        if r["action"] == SORT
     }
-    folder_of_series = {(r["base_folder"], r["series_uid"] or ""): os.path.dirname(r["destination"])
-                        for r in by_key.values() if r["action"] == SORT}
     folder_owner = {folder: key for key, folder in folder_of_series.items()}
     used_names = {r["destination"] for r in by_key.values() if r["action"] == SORT}
     # Content known for each SOPInstanceUID: (size, digest, destination, relpath) of sorted files.
@@ -155,7 +193,9 @@ def make_plan(
             candidate, attempt = base, 1
             while candidate in folder_owner and folder_owner[candidate] != key:
                 attempt += 1
-                suffix = f"_{naming.short_hash(series_uid)}" + (f"_{attempt}" if attempt > 2 else "")
+                suffix = f"_{naming.short_hash(series_uid)}" + (
+                    f"_{attempt}" if attempt > 2 else ""
+                )
                 head, _, leaf = base.rpartition("/")
                 candidate = (head + "/" if head else "") + naming.with_suffix(leaf, suffix)
             folder_of_series[key] = candidate
@@ -173,8 +213,12 @@ def make_plan(
     rows = files.to_dict("records")
     order = sorted(
         range(len(rows)),
-        key=lambda i: (_value(rows[i], "StudyDate"), _value(rows[i], "StudyInstanceUID"),
-                       _value(rows[i], "SeriesInstanceUID"), rows[i]["relpath"]),
+        key=lambda i: (
+            _value(rows[i], "StudyDate"),
+            _value(rows[i], "StudyInstanceUID"),
+            _value(rows[i], "SeriesInstanceUID"),
+            rows[i]["relpath"],
+        ),
     )
     plan_rows: list[dict] = [{}] * len(rows)
     new_registry_rows = []
@@ -196,29 +240,45 @@ def make_plan(
             digest = digests.get(row["relpath"])
             same = [m for m in by_sop.get(sop, []) if m[0] == size and digest and m[1] == digest]
             if sop and same:
-                out.update(action=DUPLICATE, destination=same[0][2],
-                           reason="identical to the file already sorted at this destination")
+                out.update(
+                    action=DUPLICATE,
+                    destination=same[0][2],
+                    reason="identical to the file already sorted at this destination",
+                )
             else:
                 base = base_folder(row)
                 series_uid = _value(row, "SeriesInstanceUID")
                 folder = assign_folder(base, series_uid)
-                name = naming.render_path(settings.file_template, _file_values(row),
-                                          settings.placeholder).replace("/", "_")
+                name = naming.render_path(
+                    settings.file_template, _file_values(row), settings.placeholder
+                ).replace("/", "_")
                 destination = assign_name(folder, name)
                 out.update(action=SORT, destination=destination)
                 if sop:
                     by_sop.setdefault(sop, []).append((size, digest, destination, row["relpath"]))
-                new_registry_rows.append({
-                    **{k: row[k] for k in SOURCE_KEY}, "action": SORT,
-                    "destination": destination, "base_folder": base, "series_uid": series_uid,
-                    "sop_uid": sop or None, "digest": digest,
-                })
+                new_registry_rows.append(
+                    {
+                        **{k: row[k] for k in SOURCE_KEY},
+                        "action": SORT,
+                        "destination": destination,
+                        "base_folder": base,
+                        "series_uid": series_uid,
+                        "sop_uid": sop or None,
+                        "digest": digest,
+                    }
+                )
             if out["action"] == DUPLICATE:
-                new_registry_rows.append({
-                    **{k: row[k] for k in SOURCE_KEY}, "action": DUPLICATE,
-                    "destination": out["destination"], "base_folder": None,
-                    "series_uid": None, "sop_uid": sop or None, "digest": digest,
-                })
+                new_registry_rows.append(
+                    {
+                        **{k: row[k] for k in SOURCE_KEY},
+                        "action": DUPLICATE,
+                        "destination": out["destination"],
+                        "base_folder": None,
+                        "series_uid": None,
+                        "sop_uid": sop or None,
+                        "digest": digest,
+                    }
+                )
         plan_rows[i] = out
 
     # A conflict: one SOPInstanceUID sorted to more than one destination (different bytes).
@@ -248,6 +308,7 @@ def removed_sources(files: pd.DataFrame, registry: pd.DataFrame) -> pd.DataFrame
 
 # --- state kept between runs -------------------------------------------------------------
 
+
 def read_registry(path: Path) -> pd.DataFrame:
     if not path.exists():
         return empty_registry()
@@ -264,6 +325,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--plan", type=Path, required=True)
     parser.add_argument("--plan-csv", type=Path, required=True)
     parser.add_argument("--skipped", type=Path, required=True)
+    parser.add_argument(
+        "--removed", type=Path, required=True, help="CSV of earlier placements whose input is gone"
+    )
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s", stream=sys.stderr)
     settings = Naming(**json.loads(args.naming))
@@ -274,20 +338,32 @@ def main(argv: list[str] | None = None) -> int:
         log.error("dcmsort: error: %s", error)
         return 2
     frames = [pd.read_parquet(m) for m in args.manifests]
-    files = pd.concat(frames, ignore_index=True) if frames else pd.DataFrame(
-        columns=["folder", *SOURCE_KEY, "dicom", "skip_reason", "SOPInstanceUID"])
+    files = (
+        pd.concat(frames, ignore_index=True)
+        if frames
+        else pd.DataFrame(columns=["folder", *SOURCE_KEY, "dicom", "skip_reason", "SOPInstanceUID"])
+    )
     files = files.sort_values("relpath", kind="stable", ignore_index=True)
     registry = read_registry(registry_file)
 
     sources, destinations = duplicate_candidates(files, registry)
     digests = {s: file_digest(args.input_dir / s) for s in sources}
-    digests |= {d: file_digest(args.output_dir / d) for d in destinations
-                if (args.output_dir / d).is_file()}
-    log.info("%d files in %d manifests; %d earlier placements; %d digests for duplicate checks",
-             len(files), len(frames), len(registry), len(digests))
+    digests |= {
+        d: file_digest(args.output_dir / d) for d in destinations if (args.output_dir / d).is_file()
+    }
+    log.info(
+        "%d files in %d manifests; %d earlier placements; %d digests for duplicate checks",
+        len(files),
+        len(frames),
+        len(registry),
+        len(digests),
+    )
 
     plan, registry = make_plan(
-        files, registry, settings, digests,
+        files,
+        registry,
+        settings,
+        digests,
         occupied=lambda destination: os.path.lexists(args.output_dir / destination),
     )
     gone = removed_sources(files, registry)
@@ -303,13 +379,17 @@ def main(argv: list[str] | None = None) -> int:
         plan.to_csv(tmp, index=False)
     with atomic_path(args.skipped) as tmp:
         plan.loc[plan["action"] == SKIP, ["relpath", "size", "reason"]].to_csv(tmp, index=False)
-    with atomic_path(args.state_dir / "removed_sources.csv") as tmp:
+    with atomic_path(args.removed) as tmp:
         gone[["relpath", "destination"]].to_csv(tmp, index=False)
     counts = plan["action"].value_counts().to_dict()
     log.info(
         "plan: %d to sort (%d new), %d duplicates, %d conflicts, %d skipped, %d sources gone",
-        counts.get(SORT, 0), int((plan["new"] & (plan["action"] == SORT)).sum()),
-        counts.get(DUPLICATE, 0), int(plan["conflict"].sum()), counts.get(SKIP, 0), len(gone),
+        counts.get(SORT, 0),
+        int((plan["new"] & (plan["action"] == SORT)).sum()),
+        counts.get(DUPLICATE, 0),
+        int(plan["conflict"].sum()),
+        counts.get(SKIP, 0),
+        len(gone),
     )
     return 0
 

@@ -28,15 +28,24 @@ def summary_line(summary_file: Path) -> str:
         s = json.loads(Path(summary_file).read_text())
     except (OSError, ValueError):
         return f"dcmsort: finished; no summary at {summary_file}"
+    gone = f", {s['sources_gone']:,} sources gone (copies kept)" if s["sources_gone"] else ""
     return (
         f"dcmsort: {s['files_sorted']:,} files sorted ({s['files_new']:,} new this run), "
         f"{s['duplicates']:,} duplicates, {s['conflicts']:,} conflicts, "
-        f"{s['skipped']:,} skipped · report: {s['report']}"
+        f"{s['skipped']:,} skipped{gone} · report: {s['report']}"
     )
 
 
-def summarise(plan, transfers, manifests_meta: list[dict], previous: dict | None,
-              output_dir: str, mode: str, report_path: str) -> dict:
+def summarise(
+    plan,
+    transfers,
+    manifests_meta: list[dict],
+    previous: dict | None,
+    output_dir: str,
+    mode: str,
+    report_path: str,
+    sources_gone: int = 0,
+) -> dict:
     """The run's numbers, from the plan and the transfer results (pandas frames)."""
     sorted_rows = plan[plan["action"] == "sort"]
     status = transfers["status"].value_counts().to_dict() if len(transfers) else {}
@@ -60,12 +69,17 @@ def summarise(plan, transfers, manifests_meta: list[dict], previous: dict | None
         "duplicates": int((plan["action"] == "duplicate").sum()),
         "conflicts": int(plan["conflict"].sum()),
         "skipped": len(skipped),
-        "skipped_by_reason": {str(k): int(v) for k, v in
-                              skipped["reason"].value_counts().items()},
-        "headers_read": sum(int(m.get("headers_read", 0)) for m in manifests_meta
-                            if float(m.get("extracted_at", 0)) > since),
-        "files_per_modality": {str(k): int(v) for k, v in
-                               sorted_rows["Modality"].fillna("(none)").value_counts().items()},
+        "sources_gone": sources_gone,
+        "skipped_by_reason": {str(k): int(v) for k, v in skipped["reason"].value_counts().items()},
+        "headers_read": sum(
+            int(m.get("headers_read", 0))
+            for m in manifests_meta
+            if float(m.get("extracted_at", 0)) > since
+        ),
+        "files_per_modality": {
+            str(k): int(v)
+            for k, v in sorted_rows["Modality"].fillna("(none)").value_counts().items()
+        },
     }
 
 
@@ -88,7 +102,7 @@ def modality_chart_svg(files_per_modality: dict[str, int]) -> str:
     fig.savefig(buffer, format="svg")
     plt.close(fig)
     svg = buffer.getvalue()
-    return svg[svg.index("<svg"):]
+    return svg[svg.index("<svg") :]
 
 
 def _table(frame, caption: str, total: int | None = None) -> str:
@@ -97,17 +111,21 @@ def _table(frame, caption: str, total: int | None = None) -> str:
     shown = frame.head(MAX_LISTED)
     head = "".join(f"<th>{html.escape(str(c))}</th>" for c in shown.columns)
     body = "".join(
-        "<tr>" + "".join(f"<td>{html.escape('' if v is None else str(v))}</td>" for v in row)
+        "<tr>"
+        + "".join(f"<td>{html.escape('' if v is None else str(v))}</td>" for v in row)
         + "</tr>"
         for row in shown.itertuples(index=False)
     )
     more = total if total is not None else len(frame)
-    note = f"<p>{len(shown)} of {more} rows shown; all are in the CSV files.</p>" \
-        if more > len(shown) else ""
+    note = (
+        f"<p>{len(shown)} of {more} rows shown; all are in the CSV files.</p>"
+        if more > len(shown)
+        else ""
+    )
     return f"<h2>{html.escape(caption)}</h2>{note}<table><tr>{head}</tr>{body}</table>"
 
 
-def render_html(summary: dict, plan, transfers) -> str:
+def render_html(summary: dict, plan, transfers, gone=None) -> str:
     """The report page: totals, chart, patients → series, skipped, duplicates, conflicts."""
     import pandas as pd
 
@@ -123,36 +141,47 @@ def render_html(summary: dict, plan, transfers) -> str:
     new = transfers[transfers["status"].isin(["copied", "linked"])] if len(transfers) else None
     added = (
         new.assign(folder=new["destination"].str.rsplit("/", n=1).str[0])
-        .groupby("folder").size().rename("new files").reset_index()
-        if new is not None and len(new) else None
+        .groupby("folder")
+        .size()
+        .rename("new files")
+        .reset_index()
+        if new is not None and len(new)
+        else None
     )
     skipped = plan.loc[plan["action"] == "skip", ["relpath", "size", "reason"]]
-    reasons = pd.DataFrame(
-        list(summary["skipped_by_reason"].items()), columns=["reason", "files"]
-    )
+    reasons = pd.DataFrame(list(summary["skipped_by_reason"].items()), columns=["reason", "files"])
     duplicates = plan.loc[plan["action"] == "duplicate", ["relpath", "destination"]]
     conflicts = plan.loc[plan["conflict"], ["relpath", "destination", "SOPInstanceUID"]]
     errors = transfers[transfers["status"] == "error"] if len(transfers) else None
     totals = [
-        ("Patients", summary["patients"]), ("Studies", summary["studies"]),
-        ("Series", summary["series"]), ("Files sorted", summary["files_sorted"]),
+        ("Patients", summary["patients"]),
+        ("Studies", summary["studies"]),
+        ("Series", summary["series"]),
+        ("Files sorted", summary["files_sorted"]),
         ("Size sorted", f"{summary['bytes_sorted'] / 1e6:,.1f} MB"),
-        ("New this run", summary["files_new"]), ("Duplicates", summary["duplicates"]),
-        ("Conflicts", summary["conflicts"]), ("Skipped", summary["skipped"]),
+        ("New this run", summary["files_new"]),
+        ("Duplicates", summary["duplicates"]),
+        ("Conflicts", summary["conflicts"]),
+        ("Skipped", summary["skipped"]),
+        ("Sources gone", summary["sources_gone"]),
         ("Headers read this run", summary["headers_read"]),
     ]
     cards = "".join(
         f"<div class='card'><div class='n'>{html.escape(f'{v:,}' if isinstance(v, int) else v)}"
-        f"</div><div>{k}</div></div>" for k, v in totals
+        f"</div><div>{k}</div></div>"
+        for k, v in totals
     )
-    chart = modality_chart_svg(summary["files_per_modality"]) \
-        if summary["files_per_modality"] else ""
+    chart = (
+        modality_chart_svg(summary["files_per_modality"]) if summary["files_per_modality"] else ""
+    )
     mode_note = ""
     if summary["previous_transfer_mode"] not in (None, summary["transfer_mode"]):
-        mode_note = (f"<p class='warn'>transfer_mode changed from "
-                     f"{html.escape(summary['previous_transfer_mode'])} to "
-                     f"{html.escape(summary['transfer_mode'])}: files placed earlier stay as "
-                     "they were placed.</p>")
+        mode_note = (
+            f"<p class='warn'>transfer_mode changed from "
+            f"{html.escape(summary['previous_transfer_mode'])} to "
+            f"{html.escape(summary['transfer_mode'])}: files placed earlier stay as "
+            "they were placed.</p>"
+        )
     return f"""<!DOCTYPE html>
 <html lang="en"><head><meta charset="utf-8"><title>dcmsort report</title>
 <style>
@@ -166,9 +195,9 @@ th {{ background: #f2f4f8; }}
 .warn {{ color: #a00; }} .none {{ color: #777; }}
 </style></head><body>
 <h1>dcmsort report</h1>
-<p>Output folder: <code>{html.escape(summary['output_dir'])}</code> · transfer mode:
-{html.escape(summary['transfer_mode'])} · generated
-{time.strftime('%Y-%m-%d %H:%M:%S', time.localtime(summary['generated_at']))}</p>
+<p>Output folder: <code>{html.escape(summary["output_dir"])}</code> · transfer mode:
+{html.escape(summary["transfer_mode"])} · generated
+{time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(summary["generated_at"]))}</p>
 {mode_note}
 <div class="cards">{cards}</div>
 <div class="chart">{chart}</div>
@@ -178,6 +207,7 @@ th {{ background: #f2f4f8; }}
 {_table(duplicates, "Exact duplicates (not written again)")}
 {_table(errors, "Transfer errors")}
 {_table(added, "Added by this run")}
+{_table(gone, "Sources gone since they were sorted (their copies are kept)")}
 {_table(per_series, "Patients and series")}
 </body></html>
 """
@@ -188,7 +218,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--plan", type=Path, required=True)
     parser.add_argument("--transfers", type=Path, required=True)
     parser.add_argument("--manifests", type=Path, nargs="*", default=[])
-    parser.add_argument("--state-dir", type=Path, required=True)
+    parser.add_argument("--removed", type=Path, required=True)
     parser.add_argument("--output-dir", required=True)
     parser.add_argument("--mode", required=True)
     parser.add_argument("--html", type=Path, required=True)
@@ -202,15 +232,22 @@ def main(argv: list[str] | None = None) -> int:
 
     plan = pd.read_parquet(args.plan)
     transfers = pd.read_parquet(args.transfers)
-    meta = [{k.decode(): v.decode() for k, v in (pq.read_schema(m).metadata or {}).items()}
-            for m in args.manifests]
-    history = args.state_dir / HISTORY
-    previous = json.loads(history.read_text().splitlines()[-1]) if history.exists() \
-        and history.read_text().strip() else None
-    summary = summarise(plan, transfers, meta, previous, args.output_dir, args.mode,
-                        str(args.html))
+    meta = [
+        {k.decode(): v.decode() for k, v in (pq.read_schema(m).metadata or {}).items()}
+        for m in args.manifests
+    ]
+    history = args.summary.parent / HISTORY
+    previous = (
+        json.loads(history.read_text().splitlines()[-1])
+        if history.exists() and history.read_text().strip()
+        else None
+    )
+    gone = pd.read_csv(args.removed)
+    summary = summarise(
+        plan, transfers, meta, previous, args.output_dir, args.mode, str(args.html), len(gone)
+    )
     with atomic_path(args.html) as tmp:
-        tmp.write_text(render_html(summary, plan, transfers), encoding="utf-8")
+        tmp.write_text(render_html(summary, plan, transfers, gone), encoding="utf-8")
     with atomic_path(args.summary) as tmp:
         tmp.write_text(json.dumps(summary, indent=2, ensure_ascii=False))
     with history.open("a") as handle:

@@ -62,8 +62,9 @@ def resolve(config: dict, cwd: Path | None = None) -> Settings:
     output_dir = (cwd / os.path.expanduser(str(config["output_dir"]))).resolve()
     if not input_dir.is_dir():
         what = "is not a folder" if input_dir.exists() else "does not exist"
-        raise ConfigError(f"input_dir {input_dir} {what}; set input_dir to the folder of "
-                          "patient folders")
+        raise ConfigError(
+            f"input_dir {input_dir} {what}; set input_dir to the folder of patient folders"
+        )
     try:
         empty = not any(os.scandir(input_dir))
     except OSError as error:
@@ -71,14 +72,19 @@ def resolve(config: dict, cwd: Path | None = None) -> Settings:
     if empty:
         raise ConfigError(f"input_dir {input_dir} is empty; nothing to sort")
     if _inside(output_dir, input_dir):
-        raise ConfigError(f"output_dir {output_dir} is inside input_dir {input_dir}; choose an "
-                          "output_dir outside it (the output would be sorted again next run)")
+        raise ConfigError(
+            f"output_dir {output_dir} is inside input_dir {input_dir}; choose an "
+            "output_dir outside it (the output would be sorted again next run)"
+        )
     if _inside(input_dir, output_dir):
-        raise ConfigError(f"input_dir {input_dir} is inside output_dir {output_dir}; choose "
-                          "folders that do not contain each other")
+        raise ConfigError(
+            f"input_dir {input_dir} is inside output_dir {output_dir}; choose "
+            "folders that do not contain each other"
+        )
     state_dir = (
         (cwd / str(config["state_dir"])).resolve()
-        if config.get("state_dir") else output_dir / STATE_FOLDER
+        if config.get("state_dir")
+        else output_dir / STATE_FOLDER
     )
     if _inside(state_dir, input_dir):
         raise ConfigError(f"state_dir {state_dir} is inside input_dir; choose another state_dir")
@@ -88,14 +94,20 @@ def resolve(config: dict, cwd: Path | None = None) -> Settings:
             raise ConfigError(f"{key} {config[key]!r} {problems[0]}")
     placeholder = config["placeholder"]
     if not naming.is_safe_component(placeholder):
-        raise ConfigError(f"placeholder {placeholder!r} is not a valid file name on every "
-                          "system; use letters, digits, '-' or '_'")
+        raise ConfigError(
+            f"placeholder {placeholder!r} is not a valid file name on every "
+            "system; use letters, digits, '-' or '_'"
+        )
     return Settings(
         input_dir=input_dir,
         output_dir=output_dir,
         state_dir=state_dir,
-        naming=Naming(config["folder_template"], config["file_template"], placeholder,
-                      bool(config["keep_series_apart"])),
+        naming=Naming(
+            config["folder_template"],
+            config["file_template"],
+            placeholder,
+            bool(config["keep_series_apart"]),
+        ),
         transfer_mode=config["transfer_mode"],
         verify=config["verify"],
         batches=int(config["batches"]),

@@ -93,8 +93,11 @@ def put(source: Path, destination: Path, mode: str, verify: str = "size") -> str
             else:
                 os.symlink(source.absolute(), tmp)
     except OSError as error:
-        hint = " (hard links need input and output on one file system: use transfer_mode: copy)" \
-            if mode == "hardlink" and error.errno == 18 else ""
+        hint = (
+            " (hard links need input and output on one file system: use transfer_mode: copy)"
+            if mode == "hardlink" and error.errno == 18
+            else ""
+        )
         raise TransferError(f"{error.strerror or error} writing {tmp.name}{hint}") from error
     return COPIED if mode == "copy" else LINKED
 
@@ -160,14 +163,21 @@ def main(argv: list[str] | None = None) -> int:
     errors = [r for r in results.to_pylist() if r["status"] == ERROR]
     log.info(
         "transfer (%s): %d copied, %d linked, %d already present, %d errors, %.1f MB, %.2f s",
-        args.mode, statuses.count(COPIED), statuses.count(LINKED), statuses.count(PRESENT),
-        len(errors), sum(results["bytes"].to_pylist()) / 1e6, time.perf_counter() - started,
+        args.mode,
+        statuses.count(COPIED),
+        statuses.count(LINKED),
+        statuses.count(PRESENT),
+        len(errors),
+        sum(results["bytes"].to_pylist()) / 1e6,
+        time.perf_counter() - started,
     )
     for row in errors[:50]:
         log.error("could not place %s at %s: %s", row["relpath"], row["destination"], row["detail"])
     if errors:
-        log.error("%d files were not placed (inputs untouched); fix the cause above and rerun",
-                  len(errors))
+        log.error(
+            "%d files were not placed (inputs untouched); fix the cause above and rerun",
+            len(errors),
+        )
         return 1
     return 0
 

@@ -18,6 +18,6 @@ if _log_path and _root:
         if event == "open" and isinstance(args[0], (str, bytes, os.PathLike)):
             path = os.path.realpath(os.fsdecode(args[0]))
             if path.startswith(_prefix):
-                os.write(_fd, (path[len(_prefix):] + "\n").encode("utf-8", "surrogateescape"))
+                os.write(_fd, (path[len(_prefix) :] + "\n").encode("utf-8", "surrogateescape"))
 
     sys.addaudithook(_hook)

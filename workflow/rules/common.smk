@@ -7,12 +7,8 @@ from pathlib import Path
 from snakemake.exceptions import WorkflowError
 from snakemake.utils import validate
 
-SRC = Path(workflow.basedir) / "src"
-sys.path.insert(0, str(SRC))
-# Jobs run `python -m dcmsort.<stage>`: they must import this checkout's package.
-os.environ["PYTHONPATH"] = os.pathsep.join(
-    p for p in (str(SRC), os.environ.get("PYTHONPATH")) if p
-)
+REPO = Path(workflow.basedir)  # the top-level Snakefile's folder
+sys.path.insert(0, str(REPO / "src"))
 
 from dcmsort import inventory, settings  # noqa: E402
 
@@ -25,16 +21,26 @@ def fail(message):
 try:
     validate(config, schema="../schemas/config.schema.yaml")
 except WorkflowError as error:
-    cause = error.__context__ or error  # the jsonschema ValidationError, if there is one
+    cause = (
+        error.__context__ or error
+    )  # the jsonschema ValidationError, if there is one
     where = ".".join(map(str, getattr(cause, "absolute_path", []))) or "config"
-    fail(f"{where}: {getattr(cause, 'message', cause)} (keys and values: config/README.md)")
+    fail(
+        f"{where}: {getattr(cause, 'message', cause)} (keys and values: config/README.md)"
+    )
 try:
     SETTINGS = settings.resolve(config)
     settings.check_layout(SETTINGS.state_dir / "layout.json", SETTINGS.naming)
 except settings.ConfigError as error:
     fail(error)
 
-PYTHON = shlex.quote(sys.executable)
+# Every job runs `<this python> workflow/scripts/dcmsort_stage.py <stage> ...`.
+DCMSORT = " ".join(
+    shlex.quote(str(part))
+    # The checkout's own file (workflow.source_path would give a cached copy without src/).
+    for part in (sys.executable, REPO / "workflow" / "scripts" / "dcmsort_stage.py")
+)
+CONDA_ENV = "../../environment.yml"
 STATE = str(SETTINGS.state_dir)
 FOLDERS = inventory.list_folders(SETTINGS.input_dir)
 FOLDERS_OF_BATCH = {}

@@ -4,20 +4,23 @@
 rule extract:
     output:
         manifest=f"{STATE}/manifests/batch-{{batch}}.parquet",
+    log:
+        f"{STATE}/logs/extract/batch-{{batch}}.log",
+    conda:
+        CONDA_ENV
+    resources:
+        mem_mb=1000,
+        runtime=60,
     params:
+        dcmsort=DCMSORT,
         # Not used by the command: a change makes Snakemake rerun this batch (params trigger).
         fingerprint=lambda wildcards: batch_fingerprint(wildcards.batch),
         input_dir=SETTINGS.input_dir,
         batches=SETTINGS.batches,
         keywords=",".join(SETTINGS.keywords),
         manifests=f"{STATE}/manifests/folders",
-    log:
-        f"{STATE}/logs/extract/batch-{{batch}}.log",
-    resources:
-        mem_mb=1000,
-        runtime=60,
     shell:
-        "{PYTHON} -m dcmsort.headers --input-dir {params.input_dir:q}"
+        "{params.dcmsort} headers --input-dir {params.input_dir:q}"
         " --batch {wildcards.batch} --batches {params.batches}"
         " --keywords {params.keywords:q} --manifests {params.manifests:q}"
         " --output {output.manifest:q} 2> {log:q}"

@@ -6,19 +6,22 @@ rule transfer:
         plan=rules.plan.output.plan,
     output:
         results=f"{STATE}/transfers.parquet",
+    log:
+        f"{STATE}/logs/transfer.log",
+    conda:
+        CONDA_ENV
+    threads: 4
+    resources:
+        mem_mb=2000,
+        runtime=240,
     params:
+        dcmsort=DCMSORT,
         input_dir=SETTINGS.input_dir,
         output_dir=SETTINGS.output_dir,
         mode=SETTINGS.transfer_mode,
         verify=SETTINGS.verify,
-    threads: 4
-    log:
-        f"{STATE}/logs/transfer.log",
-    resources:
-        mem_mb=2000,
-        runtime=240,
     shell:
-        "{PYTHON} -m dcmsort.transfer --plan {input.plan:q}"
+        "{params.dcmsort} transfer --plan {input.plan:q}"
         " --input-dir {params.input_dir:q} --output-dir {params.output_dir:q}"
         " --mode {params.mode} --verify {params.verify} --threads {threads}"
         " --results {output.results:q} 2> {log:q}"

@@ -190,7 +190,8 @@ body {{ font-family: system-ui, sans-serif; margin: 2em; color: #222; }}
 .card {{ border: 1px solid #ccd; border-radius: 6px; padding: .6em 1em; min-width: 8em; }}
 .card .n {{ font-size: 1.5em; font-weight: 600; }}
 table {{ border-collapse: collapse; margin: .5em 0 1.5em; font-size: .9em; }}
-td, th {{ border: 1px solid #ddd; padding: .25em .6em; text-align: left; }}
+td, th {{ border: 1px solid #ddd; padding: .25em .6em; text-align: left;
+          overflow-wrap: anywhere; max-width: 45em; }}
 th {{ background: #f2f4f8; }}
 .warn {{ color: #a00; }} .none {{ color: #777; }}
 </style></head><body>

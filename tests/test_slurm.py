@@ -1,0 +1,54 @@
+"""The cluster path, against a real SLURM on localhost (tests/slurm/cluster.sh start)."""
+
+import os
+import shutil
+import subprocess
+
+import pytest
+
+from conftest import REPO, Sorter, assert_every_file_accounted_for, tree_snapshot
+from dcmsort import demo
+
+pytestmark = pytest.mark.slurm
+
+
+def slurm_is_up() -> bool:
+    if not shutil.which("sinfo"):
+        return False
+    probe = subprocess.run(["sinfo", "-h", "-o", "%t"], capture_output=True, text=True)
+    return probe.returncode == 0 and any(s in probe.stdout for s in ("idle", "mix", "alloc"))
+
+
+@pytest.fixture(scope="module", autouse=True)
+def slurm():
+    if not slurm_is_up():
+        if os.environ.get("DCMSORT_REQUIRE_SLURM"):
+            pytest.fail("SLURM is required here but not up: run tests/slurm/cluster.sh start")
+        pytest.skip("no SLURM running (tests/slurm/cluster.sh start brings one up)")
+
+
+def test_a_cluster_run_gives_the_same_tree_as_a_local_run(tmp_path):
+    source = tmp_path / "Unclassified"
+    demo.generate(source, patients=6, series=2, instances=3)
+    demo.generate_messy(source)
+    local = Sorter(tmp_path / "work-local", source, tmp_path / "local")
+    cluster = Sorter(tmp_path / "work-cluster", source, tmp_path / "cluster")
+    for sorter in (local, cluster):
+        sorter.workdir.mkdir()
+    local.run(batches=3)
+    result = cluster.run(
+        "--workflow-profile", str(REPO / "workflow" / "profiles" / "slurm"),
+        "--slurm-status-command", "squeue",  # this test cluster has no slurmdbd
+        "--slurm-init-seconds-before-status-checks", "2",
+        "--slurm-no-account", "--latency-wait", "5",
+        batches=3, timeout=420,
+    )
+    submitted = result.output.count("Job ") and result.output.count("has been submitted with SLURM")
+    assert submitted >= 3, result.output[-3000:]  # extract batches, plan and transfer
+    assert_every_file_accounted_for(cluster)
+
+    def sorted_tree(sorter):
+        return {k: v[:2] for k, v in tree_snapshot(sorter.output_dir).items()
+                if not k.startswith(".dcmsort")}
+
+    assert sorted_tree(cluster) == sorted_tree(local)

@@ -44,8 +44,10 @@ format: $(INSTALLED)
 	$(BIN)/ruff check --fix src tests bench
 	$(BIN)/snakefmt Snakefile workflow/rules
 
+# Not a test: generates data, compares with cp -r, a header-read floor and dcm2niix.
 bench: $(INSTALLED)
-	$(BIN)/python bench/run.py
+	$(BIN)/python -m pip install --quiet -e ".[bench]"
+	$(BIN)/python bench/run.py $(BENCH_ARGS)
 
 clean:
 	rm -rf demo .snakemake bench/out

@@ -53,3 +53,8 @@ def test_fingerprint_changes_when_a_file_is_added_replaced_or_rewritten(tmp_path
 def test_manifest_names_never_collide_with_the_root_unit():
     names = {inventory.manifest_name(f) for f in ["", "%2F", "a b", "a%20b", ".root"]}
     assert len(names) == 5
+
+
+def test_auto_batches_grow_in_powers_of_two_with_the_number_of_folders():
+    sizes = [inventory.auto_batches(n) for n in (1, 40, 511, 512, 1000, 10_000, 10**6)]
+    assert sizes == [1, 1, 1, 2, 2, 32, 64]

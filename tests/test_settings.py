@@ -13,7 +13,7 @@ DEFAULTS = {
     "keep_series_apart": True,
     "transfer_mode": "copy",
     "verify": "size",
-    "batches": 8,
+    "batches": "auto",
     "state_dir": "",
 }
 

@@ -37,18 +37,27 @@ def test_a_cluster_run_gives_the_same_tree_as_a_local_run(tmp_path):
         sorter.workdir.mkdir()
     local.run(batches=3)
     result = cluster.run(
-        "--workflow-profile", str(REPO / "workflow" / "profiles" / "slurm"),
-        "--slurm-status-command", "squeue",  # this test cluster has no slurmdbd
-        "--slurm-init-seconds-before-status-checks", "2",
-        "--slurm-no-account", "--latency-wait", "5",
-        batches=3, timeout=420,
+        "--workflow-profile",
+        str(REPO / "workflow" / "profiles" / "slurm"),
+        "--slurm-status-command",
+        "squeue",  # this test cluster has no slurmdbd
+        "--slurm-init-seconds-before-status-checks",
+        "2",
+        "--slurm-no-account",
+        "--latency-wait",
+        "5",
+        batches=3,
+        timeout=420,
     )
     submitted = result.output.count("Job ") and result.output.count("has been submitted with SLURM")
     assert submitted >= 3, result.output[-3000:]  # extract batches, plan and transfer
     assert_every_file_accounted_for(cluster)
 
     def sorted_tree(sorter):
-        return {k: v[:2] for k, v in tree_snapshot(sorter.output_dir).items()
-                if not k.startswith(".dcmsort")}
+        return {
+            k: v[:2]
+            for k, v in tree_snapshot(sorter.output_dir).items()
+            if not k.startswith(".dcmsort")
+        }
 
     assert sorted_tree(cluster) == sorted_tree(local)

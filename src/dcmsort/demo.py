@@ -45,8 +45,9 @@ GIVEN = ["ANNA", "JOHN", "LI", "FATIMA", "PETER", "MARIA", "OMAR", "SARA"]
 
 
 def uid(seed: object, *parts: object) -> str:
-    """A deterministic UID for the given parts."""
-    return generate_uid(entropy_srcs=[str(seed), *map(str, parts)])
+    """A deterministic UID for the given parts (joined with a separator: generate_uid
+    concatenates its sources, so (1, 10) and (11, 0) would otherwise collide)."""
+    return generate_uid(entropy_srcs=["/".join(map(str, (seed, *parts)))])
 
 
 @dataclass

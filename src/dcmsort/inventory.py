@@ -49,6 +49,23 @@ def list_folders(input_dir: str | Path) -> list[str]:
     return sorted(folders) + ([ROOT_FOLDER] if has_root_files else [])
 
 
+FOLDERS_PER_BATCH = 256
+MAX_AUTO_BATCHES = 64
+
+
+def auto_batches(folders: int) -> int:
+    """How many extract jobs for this many folders: a power of two near folders / 256.
+
+    Few jobs keep start-up cost low (each job uses several cores instead); many folders get
+    more jobs so a cluster can spread them. Powers of two change only when the number of
+    folders doubles: then every batch reruns, but reads only cached manifests.
+    """
+    batches = 1
+    while batches * 2 * FOLDERS_PER_BATCH <= folders and batches < MAX_AUTO_BATCHES:
+        batches *= 2
+    return batches
+
+
 def batch_of(folder: str, batches: int) -> int:
     """The batch a folder belongs to: stable, independent of the other folders."""
     digest = hashlib.sha256(folder.encode("utf-8", "surrogateescape")).digest()

@@ -10,14 +10,13 @@ appended (``~1a2b3c``) so that two values differing only in unsafe characters ne
 from __future__ import annotations
 
 import hashlib
+import re
 import string
 import unicodedata
 from collections.abc import Mapping
 from dataclasses import dataclass
 from functools import cache
 
-# Characters Windows forbids in a name, plus both path separators.
-FORBIDDEN_CHARACTERS = frozenset('<>:"/\\|?*')
 REPLACEMENT = "_"
 MARKER = "~"
 # 255 bytes is the limit of ext4, APFS and NTFS (NTFS counts UTF-16 units; 255 UTF-8 bytes
@@ -46,10 +45,6 @@ def short_hash(text: str, length: int = 6) -> str:
     return hashlib.sha256(text.encode("utf-8", "surrogatepass")).hexdigest()[:length]
 
 
-def _is_control(ch: str) -> bool:
-    return ord(ch) < 32 or 127 <= ord(ch) < 160
-
-
 def _split_extension(name: str) -> tuple[str, str]:
     """Split a short alphanumeric extension (``.dcm``) off, so edits keep it last."""
     stem, dot, ext = name.rpartition(".")
@@ -75,10 +70,12 @@ def is_safe_component(name: str) -> bool:
     )
 
 
+# Forbidden on Windows, separators, C0/C1 control characters and lone surrogates.
+_UNSAFE_CHARACTER = re.compile(r'[<>:"/\\|?*\x00-\x1f\x7f-\x9f\ud800-\udfff]')
+
+
 def _has_unsafe_character(text: str) -> bool:
-    return any(
-        ch in FORBIDDEN_CHARACTERS or _is_control(ch) or 0xD800 <= ord(ch) <= 0xDFFF for ch in text
-    )
+    return _UNSAFE_CHARACTER.search(text) is not None
 
 
 def safe_value(raw: str) -> str:
@@ -88,8 +85,7 @@ def safe_value(raw: str) -> str:
     text = unicodedata.normalize("NFC", raw)
     if not _has_unsafe_character(text):
         return text
-    cleaned = "".join(REPLACEMENT if _has_unsafe_character(ch) else ch for ch in text)
-    return cleaned + MARKER + short_hash(text)
+    return _UNSAFE_CHARACTER.sub(REPLACEMENT, text) + MARKER + short_hash(text)
 
 
 def safe_component(raw: str, placeholder: str = "UNKNOWN") -> str:
@@ -105,7 +101,7 @@ def safe_component(raw: str, placeholder: str = "UNKNOWN") -> str:
     if is_safe_component(text):
         return text
     stem, ext = _split_extension(text)
-    cleaned = "".join(REPLACEMENT if _has_unsafe_character(ch) else ch for ch in stem)
+    cleaned = _UNSAFE_CHARACTER.sub(REPLACEMENT, stem)
     lead = len(cleaned) - len(cleaned.lstrip("."))
     cleaned = REPLACEMENT * lead + cleaned[lead:]
     trail = len(cleaned) - len(cleaned.rstrip(". "))
@@ -137,10 +133,11 @@ def render_person_name(value: str) -> str:
 
 
 @cache
-def _person_name_keywords() -> frozenset[str]:
-    from pydicom.datadict import DicomDictionary
+def _is_person_name(keyword: str) -> bool:
+    from pydicom.datadict import dictionary_VR, tag_for_keyword
 
-    return frozenset(entry[4] for entry in DicomDictionary.values() if entry[0] == "PN")
+    tag = tag_for_keyword(keyword)
+    return tag is not None and dictionary_VR(tag) == "PN"
 
 
 def template_fields(template: str) -> list[tuple[str, str]]:
@@ -207,7 +204,7 @@ def render_path(template: str, values: Mapping[str, str | None], placeholder: st
             pieces.append(safe_component(placeholder))
             continue
         text = str(value)
-        if field in _person_name_keywords():
+        if _is_person_name(field):
             text = render_person_name(text)
         text = _format_value(text, spec)
         # Values are made safe on their own first, so a separator inside a value stays text.

@@ -315,6 +315,20 @@ def read_registry(path: Path) -> pd.DataFrame:
     return pd.read_parquet(path)[REGISTRY_COLUMNS]
 
 
+def occupied_in(output_dir: Path) -> Callable[[str], bool]:
+    """Whether a destination is taken on disk; folders that do not exist yet are noted once,
+    so planning into a new output folder costs one stat per folder, not one per file."""
+    folder_exists: dict[str, bool] = {}
+
+    def occupied(destination: str) -> bool:
+        folder = destination.rpartition("/")[0]
+        if folder not in folder_exists:
+            folder_exists[folder] = (output_dir / folder).is_dir()
+        return folder_exists[folder] and os.path.lexists(output_dir / destination)
+
+    return occupied
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m dcmsort.plan", description=__doc__)
     parser.add_argument("--manifests", type=Path, nargs="*", default=[])

@@ -32,7 +32,7 @@ class Settings:
     naming: Naming
     transfer_mode: str
     verify: str
-    batches: int
+    batches: int | None  # None: chosen from the number of folders (auto)
 
     @property
     def naming_json(self) -> str:
@@ -110,7 +110,7 @@ def resolve(config: dict, cwd: Path | None = None) -> Settings:
         ),
         transfer_mode=config["transfer_mode"],
         verify=config["verify"],
-        batches=int(config["batches"]),
+        batches=None if config["batches"] == "auto" else int(config["batches"]),
     )
 
 

@@ -12,6 +12,7 @@ Imports pyarrow only (no pandas).
 from __future__ import annotations
 
 import argparse
+import errno
 import logging
 import os
 import shutil
@@ -62,44 +63,71 @@ def already_there(source: Path, destination: Path, source_stat: os.stat_result) 
     )
 
 
-def put(source: Path, destination: Path, mode: str, verify: str = "size") -> str:
-    """Put source at destination; returns COPIED, LINKED or PRESENT, raises TransferError."""
+def _make_folder(folder: Path, made: set[Path]) -> None:
+    if folder not in made:
+        folder.mkdir(parents=True, exist_ok=True)
+        made.add(folder)
+
+
+def put(
+    source: Path, destination: Path, mode: str, verify: str = "size", made: set[Path] | None = None
+) -> str:
+    """Put source at destination; returns COPIED, LINKED or PRESENT, raises TransferError.
+
+    A copy is written under a temporary name in the destination folder and renamed into
+    place; a link is made in one call, which is atomic and fails rather than replace
+    anything. ``made`` remembers folders already created, to save a call per file.
+    """
+    made = set() if made is None else made
     try:
         source_stat = os.stat(source)
     except OSError as error:
         raise TransferError(
             f"source unreadable ({error.strerror}); it changed since the plan: rerun"
         ) from error
-    if already_there(source, destination, source_stat):
-        return PRESENT
-    if os.path.lexists(destination):
-        raise TransferError(
-            "destination already holds a different file, which is never overwritten; "
-            "move that file away and rerun"
-        )
-    tmp = temp_path_for(destination)
+    occupied = TransferError(
+        "destination already holds a different file, which is never overwritten; "
+        "move that file away and rerun"
+    )
     try:
-        with atomic_path(destination) as tmp:
-            if mode == "copy":
-                shutil.copyfile(source, tmp)
-                os.utime(tmp, ns=(source_stat.st_atime_ns, source_stat.st_mtime_ns))
-                size = os.stat(tmp).st_size
-                if size != source_stat.st_size:
-                    raise TransferError(f"copy has {size} bytes, source {source_stat.st_size}")
-                if verify == "checksum" and file_digest(tmp) != file_digest(source):
-                    raise TransferError("copy differs from source (checksum); check the disk")
-            elif mode == "hardlink":
-                os.link(source, tmp)
-            else:
-                os.symlink(source.absolute(), tmp)
+        if mode != "copy":
+            _make_folder(destination.parent, made)
+            try:
+                if mode == "hardlink":
+                    os.link(source, destination)
+                else:
+                    os.symlink(source.absolute(), destination)
+            except FileExistsError:
+                if already_there(source, destination, source_stat):
+                    return PRESENT
+                raise occupied from None
+            return LINKED
+        if already_there(source, destination, source_stat):
+            return PRESENT
+        if os.path.lexists(destination):
+            raise occupied
+        _make_folder(destination.parent, made)
+        tmp = temp_path_for(destination)
+        try:
+            shutil.copyfile(source, tmp)
+            os.utime(tmp, ns=(source_stat.st_atime_ns, source_stat.st_mtime_ns))
+            size = os.stat(tmp).st_size
+            if size != source_stat.st_size:
+                raise TransferError(f"copy has {size} bytes, source {source_stat.st_size}")
+            if verify == "checksum" and file_digest(tmp) != file_digest(source):
+                raise TransferError("copy differs from source (checksum); check the disk")
+            os.rename(tmp, destination)
+        except BaseException:
+            tmp.unlink(missing_ok=True)
+            raise
     except OSError as error:
         hint = (
             " (hard links need input and output on one file system: use transfer_mode: copy)"
-            if mode == "hardlink" and error.errno == 18
+            if mode == "hardlink" and error.errno == errno.EXDEV
             else ""
         )
-        raise TransferError(f"{error.strerror or error} writing {tmp.name}{hint}") from error
-    return COPIED if mode == "copy" else LINKED
+        raise TransferError(f"{error.strerror or error}{hint}") from error
+    return COPIED
 
 
 def transfer_plan(
@@ -113,9 +141,11 @@ def transfer_plan(
     sizes = table["size"].to_pylist()
     started, done = time.monotonic(), 0
 
+    made: set[Path] = set()
+
     def one(i: int) -> tuple[str, int, str | None]:
         try:
-            status = put(input_dir / relpaths[i], output_dir / destinations[i], mode, verify)
+            status = put(input_dir / relpaths[i], output_dir / destinations[i], mode, verify, made)
         except TransferError as error:
             return ERROR, 0, str(error)
         return status, (sizes[i] if status == COPIED else 0), None

@@ -43,17 +43,29 @@ DCMSORT = " ".join(
 CONDA_ENV = "../../environment.yml"
 STATE = str(SETTINGS.state_dir)
 FOLDERS = inventory.list_folders(SETTINGS.input_dir)
+BATCHES = SETTINGS.batches or inventory.auto_batches(len(FOLDERS))
 FOLDERS_OF_BATCH = {}
 for _folder in FOLDERS:
-    FOLDERS_OF_BATCH.setdefault(
-        inventory.batch_of(_folder, SETTINGS.batches), []
-    ).append(_folder)
+    FOLDERS_OF_BATCH.setdefault(inventory.batch_of(_folder, BATCHES), []).append(
+        _folder
+    )
 
 
 @cache
 def batch_fingerprint(batch):
     """Names, sizes and mtimes of a batch's files: the extract job reruns when it changes."""
     return inventory.batch_fingerprint(SETTINGS.input_dir, FOLDERS_OF_BATCH[int(batch)])
+
+
+def threads_per_batch(wildcards):
+    """Cores for one extract job when every batch runs at once: few batches still use every
+    core of a big workstation. On a cluster (no --cores) the profile's set-threads decides.
+    """
+    try:
+        cores = workflow.cores
+    except WorkflowError:
+        cores = 1
+    return max(1, cores // max(1, len(FOLDERS_OF_BATCH)))
 
 
 def batch_manifests():

@@ -8,6 +8,7 @@ rule extract:
         f"{STATE}/logs/extract/batch-{{batch}}.log",
     conda:
         CONDA_ENV
+    threads: threads_per_batch
     resources:
         mem_mb=1000,
         runtime=60,
@@ -16,11 +17,11 @@ rule extract:
         # Not used by the command: a change makes Snakemake rerun this batch (params trigger).
         fingerprint=lambda wildcards: batch_fingerprint(wildcards.batch),
         input_dir=SETTINGS.input_dir,
-        batches=SETTINGS.batches,
+        batches=BATCHES,
         keywords=",".join(SETTINGS.keywords),
         manifests=f"{STATE}/manifests/folders",
     shell:
         "{params.dcmsort} headers --input-dir {params.input_dir:q}"
         " --batch {wildcards.batch} --batches {params.batches}"
         " --keywords {params.keywords:q} --manifests {params.manifests:q}"
-        " --output {output.manifest:q} 2> {log:q}"
+        " --output {output.manifest:q} --workers {threads} 2> {log:q}"

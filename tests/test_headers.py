@@ -1,4 +1,5 @@
 import os
+import shutil
 
 import pyarrow.parquet as pq
 import pytest
@@ -67,3 +68,14 @@ def test_a_rerun_reads_only_new_and_changed_files(tmp_path):
     again = headers.extract_batch(source, 0, 1, [], manifests, out)
     assert again["headers_read"] == 2
     assert pq.read_table(out).num_rows == 7
+
+
+def test_the_manifest_of_a_removed_folder_is_removed(tmp_path):
+    source = tmp_path / "in"
+    demo.generate(source, patients=2, series=1, instances=1, junk=False)
+    manifests = tmp_path / "manifests"
+    headers.extract_batch(source, 0, 1, [], manifests, tmp_path / "b.parquet")
+    assert len(list(manifests.iterdir())) == 2
+    shutil.rmtree(source / "patient_2")
+    headers.extract_batch(source, 0, 1, [], manifests, tmp_path / "b.parquet")
+    assert [p.name for p in manifests.iterdir()] == ["patient_1.parquet"]

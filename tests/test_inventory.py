@@ -50,9 +50,11 @@ def test_fingerprint_changes_when_a_file_is_added_replaced_or_rewritten(tmp_path
     assert len({first, added, rewritten, replaced}) == 4
 
 
-def test_manifest_names_never_collide_with_the_root_unit():
-    names = {inventory.manifest_name(f) for f in ["", "%2F", "a b", "a%20b", ".root"]}
-    assert len(names) == 5
+def test_manifest_names_never_collide_and_lead_back_to_their_folder():
+    folders = ["", "%2F", "a b", "a%20b", ".root", "MÜLLER"]
+    names = {inventory.manifest_name(f) for f in folders}
+    assert len(names) == len(folders)
+    assert [inventory.folder_of_manifest(inventory.manifest_name(f)) for f in folders] == folders
 
 
 def test_auto_batches_grow_in_powers_of_two_with_the_number_of_folders():

@@ -4,7 +4,16 @@ import pandas as pd
 import pytest
 
 from dcmsort.fileops import temp_path_for
-from dcmsort.transfer import COPIED, ERROR, LINKED, PRESENT, TransferError, put, transfer_plan
+from dcmsort.transfer import (
+    COPIED,
+    ERROR,
+    LINKED,
+    PRESENT,
+    TransferError,
+    main,
+    put,
+    transfer_plan,
+)
 
 
 @pytest.fixture
@@ -71,3 +80,28 @@ def test_transfer_plan_reports_each_row_and_errors_without_stopping(tmp_path, so
     ).to_pandas()
     assert list(results["status"]) == [COPIED, ERROR]
     assert "source unreadable" in results.loc[1, "detail"]
+
+
+def test_the_transfer_job_fails_and_names_the_file_when_one_cannot_be_placed(
+    tmp_path, source, caplog
+):
+    pd.DataFrame(
+        {"relpath": ["IM1"], "size": [500], "action": ["sort"], "destination": ["A/IM1"]}
+    ).to_parquet(tmp_path / "plan.parquet")
+    (tmp_path / "out" / "A").mkdir(parents=True)
+    (tmp_path / "out" / "A" / "IM1").write_bytes(b"a different file")
+    code = main(
+        [
+            "--plan",
+            str(tmp_path / "plan.parquet"),
+            "--input-dir",
+            str(source.parent),
+            "--output-dir",
+            str(tmp_path / "out"),
+            "--results",
+            str(tmp_path / "r.parquet"),
+        ]
+    )
+    assert code == 1
+    assert "could not place IM1 at A/IM1: destination already holds a different file" in caplog.text
+    assert (tmp_path / "out" / "A" / "IM1").read_bytes() == b"a different file"

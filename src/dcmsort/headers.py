@@ -176,6 +176,16 @@ def _read_headers(paths: list[str], keywords: list[str], workers: int) -> list[d
         return pool.map(read, paths, chunksize=_CHUNK)
 
 
+def _remove_manifests_of_removed_folders(
+    manifests: Path, folders: set[str], batch: int, batches: int
+) -> None:
+    """A folder gone from the input takes its manifest with it (its sorted copies stay)."""
+    for path in manifests.glob("*.parquet"):
+        folder = inventory.folder_of_manifest(path.name)
+        if inventory.batch_of(folder, batches) == batch and folder not in folders:
+            path.unlink()
+
+
 def extract_batch(
     input_dir: Path,
     batch: int,
@@ -193,6 +203,7 @@ def extract_batch(
         f for f in inventory.list_folders(input_dir) if inventory.batch_of(f, batches) == batch
     ]
     manifests.mkdir(parents=True, exist_ok=True)
+    _remove_manifests_of_removed_folders(manifests, set(folders), batch, batches)
     current: dict[str, pa.Table] = {}
     changed: dict[str, tuple[list[inventory.Entry], str, dict]] = {}
     to_read: list[str] = []

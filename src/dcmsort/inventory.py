@@ -15,7 +15,7 @@ import os
 import stat
 from dataclasses import dataclass
 from pathlib import Path
-from urllib.parse import quote
+from urllib.parse import quote, unquote
 
 ROOT_FOLDER = ""  # the unit of files lying directly in input_dir
 
@@ -75,6 +75,12 @@ def batch_of(folder: str, batches: int) -> int:
 def manifest_name(folder: str) -> str:
     """File name of a folder's manifest; ``%2F`` (a name no folder can have) for the root."""
     return (quote(folder, safe="") if folder != ROOT_FOLDER else "%2F") + ".parquet"
+
+
+def folder_of_manifest(name: str) -> str:
+    """The folder a manifest file name (from ``manifest_name``) belongs to."""
+    stem = name.removesuffix(".parquet")
+    return ROOT_FOLDER if stem == "%2F" else unquote(stem)
 
 
 def _entry(path: str, relpath: str, entry: os.DirEntry | None = None) -> Entry:

@@ -140,6 +140,11 @@ def _is_person_name(keyword: str) -> bool:
     return tag is not None and dictionary_VR(tag) == "PN"
 
 
+@cache
+def _parsed(template: str) -> tuple[tuple, ...]:
+    return tuple(string.Formatter().parse(template))
+
+
 def template_fields(template: str) -> list[tuple[str, str]]:
     """The (field, format spec) pairs of a template, in order."""
     return [
@@ -195,7 +200,7 @@ def render_path(template: str, values: Mapping[str, str | None], placeholder: st
     safe with the rest of that value, so no tag can add, remove or escape a folder.
     """
     pieces = []
-    for literal, field, spec, _ in string.Formatter().parse(template):
+    for literal, field, spec, _ in _parsed(template):
         pieces.append(literal)
         if field is None:
             continue

@@ -21,11 +21,12 @@ import json
 import logging
 import os
 import sys
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Iterator, Mapping
 from dataclasses import asdict
 from pathlib import Path
 
 import pandas as pd
+import pyarrow.parquet as pq
 
 from dcmsort import naming
 from dcmsort.fileops import atomic_path, file_digest
@@ -88,17 +89,12 @@ def _file_values(row: Mapping) -> dict[str, str]:
     return values
 
 
-def _source_keys(frame: pd.DataFrame) -> set[tuple]:
-    return set(frame[SOURCE_KEY].itertuples(index=False, name=None))
-
-
-def _key_in(frame: pd.DataFrame, keys: set[tuple]) -> pd.Series:
-    """For each row of frame: is its (relpath, size, mtime_ns) one of keys?"""
-    return pd.Series(
-        [k in keys for k in frame[SOURCE_KEY].itertuples(index=False, name=None)],
-        index=frame.index,
-        dtype=bool,
+def _key_in(frame: pd.DataFrame, keys: pd.DataFrame) -> pd.Series:
+    """For each row of frame: is its (relpath, size, mtime_ns) among the rows of keys?"""
+    found = frame[SOURCE_KEY].merge(
+        keys[SOURCE_KEY].drop_duplicates(), on=SOURCE_KEY, how="left", indicator=True
     )
+    return pd.Series(found["_merge"].to_numpy() == "both", index=frame.index)
 
 
 def duplicate_candidates(
@@ -110,7 +106,7 @@ def duplicate_candidates(
     without a cached digest, hashed from the sorted copy rather than the input.
     """
     dicom = files[files["dicom"] & files["SOPInstanceUID"].notna()]
-    current = dicom[~_key_in(dicom, _source_keys(registry))]
+    current = dicom[~_key_in(dicom, registry)]
     placed = registry[registry["action"] == SORT]
     members = pd.concat(
         [
@@ -144,6 +140,22 @@ def duplicate_candidates(
     return sources, destinations
 
 
+DUPLICATE_REASON = "identical to the file already sorted at this destination"
+_ORDER = ["StudyDate", "StudyInstanceUID", "SeriesInstanceUID", "relpath"]
+_CHUNK = 20_000  # rows turned into Python objects at a time (bounds memory)
+
+
+def _rows_in_order(files: pd.DataFrame, columns: list[str]) -> Iterator[tuple[int, dict]]:
+    """(position, row) in planning order: by study date, study, series, path. Rows are made
+    a chunk at a time, so memory holds the compact columns, not a dict per file."""
+    order = files[_ORDER].sort_values(_ORDER, na_position="first", kind="stable").index.to_numpy()
+    for start in range(0, len(order), _CHUNK):
+        chunk = order[start : start + _CHUNK]
+        values = zip(*(files[c].take(chunk).tolist() for c in columns), strict=True)
+        for position, row in zip(chunk.tolist(), values, strict=True):
+            yield position, dict(zip(columns, row, strict=True))
+
+
 def make_plan(
     files: pd.DataFrame,
     registry: pd.DataFrame,
@@ -158,21 +170,29 @@ def make_plan(
     already taken by something dcmsort did not place.
     """
     digests = digests or {}
-    registry = registry.copy()
-    by_key = {(r["relpath"], r["size"], r["mtime_ns"]): r for r in registry.to_dict("records")}
-    folder_of_series = {
-        (r["base_folder"], r["series_uid"] or ""): os.path.dirname(r["destination"])
-        for r in by_key.values()
-        if r["action"] == SORT
-    }
+    missing = [c for c in dict.fromkeys([*PLAN_TAGS, *_ORDER]) if c not in files.columns]
+    # Adds columns without copying the others (pandas copy-on-write).
+    files = files.reset_index(drop=True).assign(**dict.fromkeys(missing))
+    # Earlier decisions, as compact tuples: this is what keeps placements stable.
+    earlier: dict[tuple, tuple[str, str]] = {}
+    folder_of_series: dict[tuple[str, str], str] = {}
+    used_names: set[str] = set()
+    # Content known for each SOPInstanceUID: (size, digest, destination) of sorted files.
+    by_sop: dict[str, list[tuple[int, str | None, str]]] = {}
+    for relpath, size, mtime, action, destination, base, series, sop, digest in zip(
+        *(registry[c].tolist() for c in REGISTRY_COLUMNS), strict=True
+    ):
+        earlier[(relpath, size, mtime)] = (action, destination)
+        if action != SORT:
+            continue
+        folder_of_series[(base, series if isinstance(series, str) else "")] = (
+            destination.rpartition("/")[0]
+        )
+        used_names.add(destination)
+        if isinstance(sop, str) and sop:
+            known = digest if isinstance(digest, str) else digests.get(destination)
+            by_sop.setdefault(sop, []).append((size, known, destination))
     folder_owner = {folder: key for key, folder in folder_of_series.items()}
-    used_names = {r["destination"] for r in by_key.values() if r["action"] == SORT}
-    # Content known for each SOPInstanceUID: (size, digest, destination, relpath) of sorted files.
-    by_sop: dict[str, list[tuple[int, str | None, str, str | None]]] = {}
-    for r in by_key.values():
-        if r["action"] == SORT and r["sop_uid"]:
-            digest = r["digest"] if isinstance(r["digest"], str) else digests.get(r["destination"])
-            by_sop.setdefault(r["sop_uid"], []).append((r["size"], digest, r["destination"], None))
 
     folder_cache: dict[tuple, str] = {}
     folder_fields = [f for f, _ in naming.template_fields(settings.folder_template)]
@@ -210,103 +230,121 @@ def make_plan(
         used_names.add(destination)
         return destination
 
-    rows = files.to_dict("records")
-    order = sorted(
-        range(len(rows)),
-        key=lambda i: (
-            _value(rows[i], "StudyDate"),
-            _value(rows[i], "StudyInstanceUID"),
-            _value(rows[i], "SeriesInstanceUID"),
-            rows[i]["relpath"],
-        ),
+    n = len(files)
+    actions: list[str | None] = [None] * n
+    destinations: list[str | None] = [None] * n
+    reasons: list[str | None] = [None] * n
+    # Decisions of this run, one list per registry column (a dict per file costs ~1 KB).
+    new_rows: dict[str, list] = {c: [] for c in REGISTRY_COLUMNS}
+    template_fields = {f for f, _ in naming.template_fields(settings.folder_template)} | {
+        f for f, _ in naming.template_fields(settings.file_template)
+    }
+    columns = list(
+        dict.fromkeys(
+            ["folder", *SOURCE_KEY, "dicom", "skip_reason", "SOPInstanceUID", *_ORDER]
+            + [c for c in files.columns if c in template_fields]
+        )
     )
-    plan_rows: list[dict] = [{}] * len(rows)
-    new_registry_rows = []
-    for i in order:
-        row = rows[i]
-        out = {c: row.get(c) for c in ["folder", *SOURCE_KEY, *PLAN_TAGS]}
-        out.update(destination=None, reason=None, conflict=False)
-        key = (row["relpath"], row["size"], row["mtime_ns"])
-        earlier = by_key.get(key)
-        out["new"] = earlier is None
+    for i, row in _rows_in_order(files, columns):
+        decided = earlier.get((row["relpath"], row["size"], row["mtime_ns"]))
         if not row["dicom"]:
-            out.update(action=SKIP, reason=row["skip_reason"])
-        elif earlier is not None:
-            out.update(action=earlier["action"], destination=earlier["destination"])
-            if earlier["action"] == DUPLICATE:
-                out["reason"] = "identical to the file already sorted at this destination"
+            actions[i], reasons[i] = SKIP, row["skip_reason"]
+            continue
+        if decided is not None:
+            actions[i], destinations[i] = decided
+            reasons[i] = DUPLICATE_REASON if decided[0] == DUPLICATE else None
+            continue
+        sop, size = _value(row, "SOPInstanceUID"), row["size"]
+        digest = digests.get(row["relpath"])
+        same = [m for m in by_sop.get(sop, []) if m[0] == size and digest and m[1] == digest]
+        base = series_uid = None
+        if sop and same:
+            actions[i], destinations[i], reasons[i] = DUPLICATE, same[0][2], DUPLICATE_REASON
         else:
-            sop, size = _value(row, "SOPInstanceUID"), row["size"]
-            digest = digests.get(row["relpath"])
-            same = [m for m in by_sop.get(sop, []) if m[0] == size and digest and m[1] == digest]
-            if sop and same:
-                out.update(
-                    action=DUPLICATE,
-                    destination=same[0][2],
-                    reason="identical to the file already sorted at this destination",
-                )
-            else:
-                base = base_folder(row)
-                series_uid = _value(row, "SeriesInstanceUID")
-                folder = assign_folder(base, series_uid)
-                name = naming.render_path(
-                    settings.file_template, _file_values(row), settings.placeholder
-                ).replace("/", "_")
-                destination = assign_name(folder, name)
-                out.update(action=SORT, destination=destination)
-                if sop:
-                    by_sop.setdefault(sop, []).append((size, digest, destination, row["relpath"]))
-                new_registry_rows.append(
-                    {
-                        **{k: row[k] for k in SOURCE_KEY},
-                        "action": SORT,
-                        "destination": destination,
-                        "base_folder": base,
-                        "series_uid": series_uid,
-                        "sop_uid": sop or None,
-                        "digest": digest,
-                    }
-                )
-            if out["action"] == DUPLICATE:
-                new_registry_rows.append(
-                    {
-                        **{k: row[k] for k in SOURCE_KEY},
-                        "action": DUPLICATE,
-                        "destination": out["destination"],
-                        "base_folder": None,
-                        "series_uid": None,
-                        "sop_uid": sop or None,
-                        "digest": digest,
-                    }
-                )
-        plan_rows[i] = out
+            base = base_folder(row)
+            series_uid = _value(row, "SeriesInstanceUID")
+            name = naming.render_path(
+                settings.file_template, _file_values(row), settings.placeholder
+            ).replace("/", "_")
+            actions[i] = SORT
+            destinations[i] = assign_name(assign_folder(base, series_uid), name)
+            if sop:
+                by_sop.setdefault(sop, []).append((size, digest, destinations[i]))
+        for column, value in zip(
+            REGISTRY_COLUMNS,
+            (
+                row["relpath"],
+                size,
+                row["mtime_ns"],
+                actions[i],
+                destinations[i],
+                base,
+                series_uid,
+                sop or None,
+                digest,
+            ),
+            strict=True,
+        ):
+            new_rows[column].append(value)
 
     # A conflict: one SOPInstanceUID sorted to more than one destination (different bytes).
-    sorted_per_sop = {sop: {m[2] for m in members} for sop, members in by_sop.items()}
-    for out in plan_rows:
-        sop = _value(out, "SOPInstanceUID")
-        if out["action"] == SORT and sop and len(sorted_per_sop.get(sop, ())) > 1:
-            others = sorted(sorted_per_sop[sop] - {out["destination"]})
-            out["conflict"] = True
-            out["reason"] = (
-                f"conflict: same SOPInstanceUID as {', '.join(others[:3])}"
-                f"{' …' if len(others) > 3 else ''} but different content; both kept"
-            )
+    conflicts = [False] * n
+    sorted_per_sop = {sop: {m[2] for m in ms} for sop, ms in by_sop.items() if len(ms) > 1}
+    if sorted_per_sop:
+        for i, sop in enumerate(files["SOPInstanceUID"].tolist()):
+            if actions[i] == SORT and sop in sorted_per_sop:
+                others = sorted(sorted_per_sop[sop] - {destinations[i]})
+                if others:
+                    conflicts[i] = True
+                    reasons[i] = (
+                        f"conflict: same SOPInstanceUID as {', '.join(others[:3])}"
+                        f"{' …' if len(others) > 3 else ''} but different content; both kept"
+                    )
 
-    plan = pd.DataFrame(plan_rows, columns=PLAN_COLUMNS)
-    if new_registry_rows:
-        registry = pd.concat([registry, pd.DataFrame(new_registry_rows)], ignore_index=True)
+    plan = files[["folder", *SOURCE_KEY, *PLAN_TAGS]].assign(
+        action=actions,
+        destination=destinations,
+        reason=reasons,
+        conflict=conflicts,
+        new=~_key_in(files, registry),
+    )[PLAN_COLUMNS]
+    if new_rows["relpath"]:
+        registry = pd.concat([registry, pd.DataFrame(new_rows)], ignore_index=True)
     known_digests = registry["destination"].map(digests)
-    registry["digest"] = registry["digest"].where(registry["digest"].notna(), known_digests)
+    registry = registry.assign(
+        digest=registry["digest"].where(registry["digest"].notna(), known_digests)
+    )
     return plan, registry[REGISTRY_COLUMNS]
 
 
 def removed_sources(files: pd.DataFrame, registry: pd.DataFrame) -> pd.DataFrame:
     """Earlier placements whose input file is gone or was replaced (their copies stay)."""
-    return registry[~_key_in(registry, _source_keys(files)) & (registry["action"] == SORT)]
+    return registry[~_key_in(registry, files) & (registry["action"] == SORT)]
 
 
 # --- state kept between runs -------------------------------------------------------------
+
+
+def read_manifests(paths: list[Path], settings: Naming) -> pd.DataFrame:
+    """All manifest rows, sorted by path, with only the columns planning uses (memory)."""
+    fields = {
+        f
+        for template in (settings.folder_template, settings.file_template)
+        for f, _ in naming.template_fields(template)
+    }
+    wanted = list(
+        dict.fromkeys(
+            ["folder", *SOURCE_KEY, "dicom", "skip_reason", *PLAN_TAGS, *_ORDER, *sorted(fields)]
+        )
+    )
+    frames = [
+        pd.read_parquet(p, columns=[c for c in wanted if c in pq.read_schema(p).names])
+        for p in paths
+    ]
+    if not frames:
+        return pd.DataFrame({c: pd.Series(dtype="object") for c in wanted[:6]})
+    files = pd.concat(frames, ignore_index=True)
+    return files.sort_values("relpath", kind="stable", ignore_index=True)
 
 
 def read_registry(path: Path) -> pd.DataFrame:
@@ -351,13 +389,7 @@ def main(argv: list[str] | None = None) -> int:
     except ConfigError as error:
         log.error("dcmsort: error: %s", error)
         return 2
-    frames = [pd.read_parquet(m) for m in args.manifests]
-    files = (
-        pd.concat(frames, ignore_index=True)
-        if frames
-        else pd.DataFrame(columns=["folder", *SOURCE_KEY, "dicom", "skip_reason", "SOPInstanceUID"])
-    )
-    files = files.sort_values("relpath", kind="stable", ignore_index=True)
+    files = read_manifests(args.manifests, settings)
     registry = read_registry(registry_file)
 
     sources, destinations = duplicate_candidates(files, registry)
@@ -368,7 +400,7 @@ def main(argv: list[str] | None = None) -> int:
     log.info(
         "%d files in %d manifests; %d earlier placements; %d digests for duplicate checks",
         len(files),
-        len(frames),
+        len(args.manifests),
         len(registry),
         len(digests),
     )
@@ -378,7 +410,7 @@ def main(argv: list[str] | None = None) -> int:
         registry,
         settings,
         digests,
-        occupied=lambda destination: os.path.lexists(args.output_dir / destination),
+        occupied=occupied_in(args.output_dir),
     )
     gone = removed_sources(files, registry)
     # Registry first: a plan must never name a destination the registry does not reserve.

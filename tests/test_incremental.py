@@ -4,6 +4,7 @@ import os
 import random
 import signal
 import subprocess
+import sys
 import time
 
 import pytest
@@ -109,7 +110,7 @@ def test_a_second_run_on_the_same_output_is_refused(sorted_once):
     demo.generate(sorter.input_dir, patients=1, series=1, instances=1, first_patient=70)
     holder = subprocess.Popen(
         [
-            "python",
+            sys.executable,
             "-c",
             "import sys, time; from pathlib import Path; "
             "from dcmsort.settings import acquire_run_lock as a; a(Path(sys.argv[1])); "

@@ -1,3 +1,5 @@
+import zipfile
+
 import pandas as pd
 
 from dcmsort import demo
@@ -68,3 +70,13 @@ def test_summary_line_states_the_counts_and_where_the_report_is(tmp_path):
         "dcmsort: 1,234 files sorted (56 new this run), 3 duplicates, 1 conflicts, "
         "7 skipped · report: /out/.dcmsort/report.html"
     )
+
+
+def test_snakemakes_own_report_includes_the_dcmsort_report(sorter, tmp_path):
+    demo.generate(sorter.input_dir, patients=1, series=1, instances=2)
+    sorter.run()
+    bundle = tmp_path / "report.zip"
+    sorter.run("--report", str(bundle))
+    with zipfile.ZipFile(bundle) as archive:
+        embedded = [n for n in archive.namelist() if n.endswith("/report.html") and "/data/" in n]
+        assert embedded and b"dcmsort report" in archive.read(embedded[0])

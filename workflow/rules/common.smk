@@ -21,9 +21,8 @@ def fail(message):
 try:
     validate(config, schema="../schemas/config.schema.yaml")
 except WorkflowError as error:
-    cause = (
-        error.__context__ or error
-    )  # the jsonschema ValidationError, if there is one
+    # The jsonschema ValidationError, if there is one, carries the key and the message.
+    cause = error.__context__ or error
     where = ".".join(map(str, getattr(cause, "absolute_path", []))) or "config"
     fail(
         f"{where}: {getattr(cause, 'message', cause)} (keys and values: config/README.md)"

@@ -34,14 +34,14 @@ test-slurm: $(INSTALLED)
 	$(BIN)/python -m pytest -m slurm
 
 lint: $(INSTALLED)
-	$(BIN)/ruff check src tests bench
-	$(BIN)/ruff format --check src tests bench
+	$(BIN)/ruff check src tests bench workflow/scripts
+	$(BIN)/ruff format --check src tests bench workflow/scripts
 	$(BIN)/snakefmt --check Snakefile workflow/rules
 	$(BIN)/snakemake --lint --config input_dir=src output_dir=/tmp/dcmsort-lint
 
 format: $(INSTALLED)
-	$(BIN)/ruff format src tests bench
-	$(BIN)/ruff check --fix src tests bench
+	$(BIN)/ruff format src tests bench workflow/scripts
+	$(BIN)/ruff check --fix src tests bench workflow/scripts
 	$(BIN)/snakefmt Snakefile workflow/rules
 
 # Not a test: generates data, compares with cp -r, a header-read floor and dcm2niix.

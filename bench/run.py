@@ -29,6 +29,7 @@ REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO / "src"))
 
 from dcmsort import demo  # noqa: E402
+from dcmsort.runner import snakemake_command  # noqa: E402
 
 SHAPES = {
     # name: (folders, files per folder, image rows (rows x rows x 2 bytes))
@@ -64,23 +65,12 @@ def measure(command: list[str], cwd: Path | None = None) -> dict:
     }
 
 
-def dcmsort(work: Path, source: Path, target: Path, cores: int, **config: object) -> list[str]:
-    settings = {"input_dir": source, "output_dir": target, **config}
-    return [
-        sys.executable,
-        "-m",
-        "snakemake",
-        "--snakefile",
-        str(REPO / "Snakefile"),
-        "--directory",
-        str(work),
-        "--cores",
-        str(cores),
-        "--quiet",
-        "rules",
-        "--config",
-        *(f"{k}={v}" for k, v in settings.items()),
-    ]
+def dcmsort(
+    work: Path, source: Path, target: Path, cores: int, *flags: str, **config: object
+) -> list[str]:
+    return snakemake_command(
+        work, source, target, "--quiet", "rules", *flags, cores=cores, **config
+    )
 
 
 def tree_size(root: Path) -> tuple[int, int]:

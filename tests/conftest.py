@@ -6,14 +6,14 @@ import hashlib
 import json
 import os
 import subprocess
-import sys
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import pandas as pd
 import pytest
 
-REPO = Path(__file__).resolve().parent.parent
+from dcmsort.runner import snakemake_command
+
 OPEN_COUNTER = Path(__file__).resolve().parent / "opencounter"
 
 
@@ -64,21 +64,7 @@ class Sorter:
         return self.output_dir / ".dcmsort"
 
     def command(self, *extra: str, **config: object) -> list[str]:
-        settings = {"input_dir": self.input_dir, "output_dir": self.output_dir, **config}
-        return [
-            sys.executable,
-            "-m",
-            "snakemake",
-            "--snakefile",
-            str(REPO / "Snakefile"),
-            "--directory",
-            str(self.workdir),
-            "--cores",
-            "2",
-            *extra,
-            "--config",
-            *(f"{k}={v}" for k, v in settings.items()),
-        ]
+        return snakemake_command(self.workdir, self.input_dir, self.output_dir, *extra, **config)
 
     def run(
         self,

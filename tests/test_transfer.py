@@ -1,3 +1,4 @@
+import errno
 import os
 
 import pandas as pd
@@ -105,3 +106,14 @@ def test_the_transfer_job_fails_and_names_the_file_when_one_cannot_be_placed(
     assert code == 1
     assert "could not place IM1 at A/IM1: destination already holds a different file" in caplog.text
     assert (tmp_path / "out" / "A" / "IM1").read_bytes() == b"a different file"
+
+
+def test_a_copy_works_where_the_file_system_refuses_copy_file_range(tmp_path, source, monkeypatch):
+    def refused(*_args):
+        raise OSError(errno.EXDEV, "Invalid cross-device link")
+
+    monkeypatch.setattr(os, "copy_file_range", refused)
+    destination = tmp_path / "out" / "IM1"
+    assert put(source, destination, "copy") == COPIED
+    assert destination.read_bytes() == source.read_bytes()
+    assert destination.stat().st_mtime_ns == source.stat().st_mtime_ns

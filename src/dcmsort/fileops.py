@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import errno
 import hashlib
 import os
+import shutil
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
@@ -36,3 +38,41 @@ def file_digest(path: str | Path) -> str:
     """Content digest used to tell exact duplicates from conflicts and to verify copies."""
     with open(path, "rb") as handle:
         return hashlib.file_digest(handle, "blake2b").hexdigest()[:32]
+
+
+# copy_file_range is refused across some file systems and by some (older) kernels.
+_NO_COPY_RANGE = {errno.EXDEV, errno.ENOSYS, errno.EINVAL, errno.EOPNOTSUPP, errno.EPERM}
+
+
+def copy_file(source: Path, target: Path, source_stat: os.stat_result) -> int:
+    """Copy source's bytes to a new file target, with source's mtime; returns the size
+    written. One open per side and copy_file_range (in-kernel, reflinks where the file
+    system can): a quarter of shutil.copyfile's calls, which matters at 100,000 files."""
+    fd_in = os.open(source, os.O_RDONLY)
+    try:
+        fd_out = os.open(target, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644)
+        try:
+            try:
+                left = source_stat.st_size
+                while left > 0:
+                    copied = os.copy_file_range(fd_in, fd_out, left)
+                    if copied == 0:
+                        break
+                    left -= copied
+            except OSError as error:
+                if error.errno not in _NO_COPY_RANGE:
+                    raise
+                os.lseek(fd_in, 0, os.SEEK_SET)
+                os.ftruncate(fd_out, 0)
+                os.lseek(fd_out, 0, os.SEEK_SET)
+                with (
+                    open(fd_in, "rb", closefd=False) as src,
+                    open(fd_out, "wb", closefd=False) as dst,
+                ):
+                    shutil.copyfileobj(src, dst, 1 << 20)
+            os.utime(fd_out, ns=(source_stat.st_atime_ns, source_stat.st_mtime_ns))
+            return os.fstat(fd_out).st_size
+        finally:
+            os.close(fd_out)
+    finally:
+        os.close(fd_in)

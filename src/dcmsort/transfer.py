@@ -15,7 +15,6 @@ import argparse
 import errno
 import logging
 import os
-import shutil
 import stat
 import sys
 import time
@@ -26,7 +25,7 @@ import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
-from dcmsort.fileops import atomic_path, file_digest, temp_path_for
+from dcmsort.fileops import atomic_path, copy_file, file_digest, temp_path_for
 
 log = logging.getLogger("dcmsort.transfer")
 
@@ -109,9 +108,7 @@ def put(
         _make_folder(destination.parent, made)
         tmp = temp_path_for(destination)
         try:
-            shutil.copyfile(source, tmp)
-            os.utime(tmp, ns=(source_stat.st_atime_ns, source_stat.st_mtime_ns))
-            size = os.stat(tmp).st_size
+            size = copy_file(source, tmp, source_stat)
             if size != source_stat.st_size:
                 raise TransferError(f"copy has {size} bytes, source {source_stat.st_size}")
             if verify == "checksum" and file_digest(tmp) != file_digest(source):

@@ -1,0 +1,31 @@
+"""How to run this checkout's workflow from Python: the tests and the benchmark use it."""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[2]  # src/dcmsort/ -> the checkout
+SNAKEFILE = REPO / "Snakefile"
+
+
+def snakemake_command(
+    workdir: Path, input_dir: Path, output_dir: Path, *flags: str, cores: int = 2, **config: object
+) -> list[str]:
+    """The command line of one dcmsort run. Flags go before ``--config``: after it,
+    Snakemake would read them as config values."""
+    settings = {"input_dir": input_dir, "output_dir": output_dir, **config}
+    return [
+        sys.executable,
+        "-m",
+        "snakemake",
+        "--snakefile",
+        str(SNAKEFILE),
+        "--directory",
+        str(workdir),
+        "--cores",
+        str(cores),
+        *flags,
+        "--config",
+        *(f"{k}={v}" for k, v in settings.items()),
+    ]

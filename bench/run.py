@@ -69,7 +69,7 @@ def dcmsort(
     work: Path, source: Path, target: Path, cores: int, *flags: str, **config: object
 ) -> list[str]:
     return snakemake_command(
-        work, source, target, "--quiet", "rules", *flags, cores=cores, **config
+        work, "--quiet", "rules", *flags, cores=cores, input_dir=source, output_dir=target, **config
     )
 
 

@@ -64,7 +64,8 @@ class Sorter:
         return self.output_dir / ".dcmsort"
 
     def command(self, *extra: str, **config: object) -> list[str]:
-        return snakemake_command(self.workdir, self.input_dir, self.output_dir, *extra, **config)
+        folders = {"input_dir": self.input_dir, "output_dir": self.output_dir}
+        return snakemake_command(self.workdir, *extra, **{**folders, **config})
 
     def run(
         self,

@@ -6,8 +6,9 @@ import subprocess
 
 import pytest
 
-from conftest import REPO, Sorter, assert_every_file_accounted_for, tree_snapshot
+from conftest import Sorter, assert_every_file_accounted_for, tree_snapshot
 from dcmsort import demo
+from dcmsort.runner import REPO
 
 pytestmark = pytest.mark.slurm
 

@@ -9,12 +9,9 @@ REPO = Path(__file__).resolve().parents[2]  # src/dcmsort/ -> the checkout
 SNAKEFILE = REPO / "Snakefile"
 
 
-def snakemake_command(
-    workdir: Path, input_dir: Path, output_dir: Path, *flags: str, cores: int = 2, **config: object
-) -> list[str]:
-    """The command line of one dcmsort run. Flags go before ``--config``: after it,
-    Snakemake would read them as config values."""
-    settings = {"input_dir": input_dir, "output_dir": output_dir, **config}
+def snakemake_command(workdir: Path, *flags: str, cores: int = 2, **config: object) -> list[str]:
+    """The command line of one dcmsort run (config holds input_dir, output_dir, ...).
+    Flags go before ``--config``: after it, Snakemake would read them as config values."""
     return [
         sys.executable,
         "-m",
@@ -27,5 +24,5 @@ def snakemake_command(
         str(cores),
         *flags,
         "--config",
-        *(f"{k}={v}" for k, v in settings.items()),
+        *(f"{k}={v}" for k, v in config.items()),
     ]

@@ -58,5 +58,5 @@ def test_manifest_names_never_collide_and_lead_back_to_their_folder():
 
 
 def test_auto_batches_grow_in_powers_of_two_with_the_number_of_folders():
-    sizes = [inventory.auto_batches(n) for n in (1, 40, 511, 512, 1000, 10_000, 10**6)]
-    assert sizes == [1, 1, 1, 2, 2, 32, 64]
+    sizes = [inventory.auto_batches(n) for n in (1, 40, 4095, 4096, 10_000, 10**6)]
+    assert sizes == [1, 1, 1, 2, 4, 64]

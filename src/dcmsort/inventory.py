@@ -49,12 +49,15 @@ def list_folders(input_dir: str | Path) -> list[str]:
     return sorted(folders) + ([ROOT_FOLDER] if has_root_files else [])
 
 
-FOLDERS_PER_BATCH = 256
+# Measured at 10,000 folders: with 32 batches a 1% rerun touched every batch and paid 32
+# interpreter starts plus ~300 cached-manifest reads each (18.8 s); jobs use a worker pool,
+# so fewer, larger batches lose no parallelism on one machine.
+FOLDERS_PER_BATCH = 2048
 MAX_AUTO_BATCHES = 64
 
 
 def auto_batches(folders: int) -> int:
-    """How many extract jobs for this many folders: a power of two near folders / 256.
+    """How many extract jobs for this many folders: a power of two near folders / 2048.
 
     Few jobs keep start-up cost low (each job uses several cores instead); many folders get
     more jobs so a cluster can spread them. Powers of two change only when the number of

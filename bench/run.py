@@ -18,10 +18,10 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import resource
 import shutil
 import subprocess
 import sys
+import tempfile
 import time
 from pathlib import Path
 
@@ -49,19 +49,23 @@ for path in Path(sys.argv[1]).rglob("*"):
 
 
 def measure(command: list[str], cwd: Path | None = None) -> dict:
-    """Wall, CPU (all descendants) and peak RSS of one command."""
-    before = resource.getrusage(resource.RUSAGE_CHILDREN)
-    started = time.perf_counter()
-    proc = subprocess.run(command, cwd=cwd, capture_output=True, text=True)
-    wall = time.perf_counter() - started
-    after = resource.getrusage(resource.RUSAGE_CHILDREN)
+    """Wall, CPU and peak RSS of one command and everything it starts. os.wait4 gives this
+    child's own usage (RUSAGE_CHILDREN would report the largest child of the whole run)."""
+    with tempfile.TemporaryFile() as output:
+        started = time.perf_counter()
+        proc = subprocess.Popen(command, cwd=cwd, stdout=output, stderr=subprocess.STDOUT)
+        _, status, usage = os.wait4(proc.pid, 0)
+        wall = time.perf_counter() - started
+        proc.returncode = os.waitstatus_to_exitcode(status)
+        output.seek(0)
+        text = output.read().decode(errors="replace")
     if proc.returncode != 0:
-        raise SystemExit(f"benchmark command failed: {' '.join(command)}\n{proc.stderr[-3000:]}")
+        raise SystemExit(f"benchmark command failed: {' '.join(command)}\n{text[-3000:]}")
     return {
         "wall_s": round(wall, 2),
-        "cpu_s": round((after.ru_utime - before.ru_utime) + (after.ru_stime - before.ru_stime), 2),
-        "peak_rss_mb": round(after.ru_maxrss / 1024, 1),
-        "output": proc.stdout + proc.stderr,
+        "cpu_s": round(usage.ru_utime + usage.ru_stime, 2),
+        "peak_rss_mb": round(usage.ru_maxrss / 1024, 1),
+        "output": text,
     }
 
 

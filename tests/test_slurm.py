@@ -1,5 +1,6 @@
 """The cluster path, against a real SLURM on localhost (tests/slurm/cluster.sh start)."""
 
+import importlib.util
 import os
 import shutil
 import subprocess
@@ -14,7 +15,7 @@ pytestmark = pytest.mark.slurm
 
 
 def slurm_is_up() -> bool:
-    if not shutil.which("sinfo"):
+    if not shutil.which("sinfo") or not importlib.util.find_spec("snakemake_executor_plugin_slurm"):
         return False
     probe = subprocess.run(["sinfo", "-h", "-o", "%t"], capture_output=True, text=True)
     return probe.returncode == 0 and any(s in probe.stdout for s in ("idle", "mix", "alloc"))
@@ -24,8 +25,11 @@ def slurm_is_up() -> bool:
 def slurm():
     if not slurm_is_up():
         if os.environ.get("DCMSORT_REQUIRE_SLURM"):
-            pytest.fail("SLURM is required here but not up: run tests/slurm/cluster.sh start")
-        pytest.skip("no SLURM running (tests/slurm/cluster.sh start brings one up)")
+            pytest.fail(
+                "SLURM is required here but not up: run tests/slurm/cluster.sh start "
+                "and make install-slurm"
+            )
+        pytest.skip("no SLURM (tests/slurm/cluster.sh start, make install-slurm)")
 
 
 def test_a_cluster_run_gives_the_same_tree_as_a_local_run(tmp_path):

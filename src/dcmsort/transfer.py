@@ -47,12 +47,13 @@ class TransferError(Exception):
     """A file could not be put at its destination; the message says why and what to do."""
 
 
-def already_there(source: Path, destination: Path, source_stat: os.stat_result) -> bool:
-    """True if destination already holds source, in any transfer mode (stat only)."""
+def destination_state(source: Path, destination: Path, source_stat: os.stat_result) -> bool | None:
+    """None if destination does not exist; True if it already holds source, in any
+    transfer mode; False if it holds something else. One lstat, no file opened."""
     try:
         dest_stat = os.lstat(destination)
     except FileNotFoundError:
-        return False
+        return None
     if stat.S_ISLNK(dest_stat.st_mode):
         return os.readlink(destination) == str(source.absolute())
     return stat.S_ISREG(dest_stat.st_mode) and (
@@ -97,13 +98,14 @@ def put(
                 else:
                     os.symlink(source.absolute(), destination)
             except FileExistsError:
-                if already_there(source, destination, source_stat):
+                if destination_state(source, destination, source_stat):
                     return PRESENT
                 raise occupied from None
             return LINKED
-        if already_there(source, destination, source_stat):
-            return PRESENT
-        if os.path.lexists(destination):
+        state = destination_state(source, destination, source_stat)
+        if state is not None:
+            if state:
+                return PRESENT
             raise occupied
         _make_folder(destination.parent, made)
         tmp = temp_path_for(destination)

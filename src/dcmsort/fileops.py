@@ -21,17 +21,19 @@ def temp_path_for(path: Path) -> Path:
 
 
 @contextmanager
-def atomic_path(path: str | Path) -> Iterator[Path]:
-    """Yield a temporary path to write; on success it is renamed to path."""
+def atomic_path(path: str | Path, make_parent: bool = True) -> Iterator[Path]:
+    """Yield a temporary path to write; on success it is renamed to path, on failure
+    removed. ``make_parent=False`` when the caller already made the folder."""
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
+    if make_parent:
+        path.parent.mkdir(parents=True, exist_ok=True)
     tmp = temp_path_for(path)
     try:
         yield tmp
         os.replace(tmp, path)
-    finally:
-        if tmp.exists():
-            tmp.unlink()
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
 
 
 def file_digest(path: str | Path) -> str:

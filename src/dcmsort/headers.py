@@ -55,7 +55,6 @@ MANIFEST_TAGS = [
     "Modality",
 ]
 FILE_META_TAGS = ["TransferSyntaxUID", "MediaStorageSOPClassUID"]
-FILE_COLUMNS = ["folder", "relpath", "size", "mtime_ns", "dicom", "skip_reason"]
 DICOMDIR_SOP_CLASS = "1.2.840.10008.1.3.10"
 # A stored instance carries one of these with a UID-shaped value. The check matters most
 # without a DICM preamble, where pydicom can be forced to parse anything.
@@ -148,27 +147,21 @@ def manifest_schema(keywords: list[str]) -> pa.Schema:
     return pa.schema(fields)
 
 
-def _previous_rows(manifest: Path, keywords: list[str]) -> dict[tuple[str, int, int], dict]:
-    """Rows of a folder's last manifest, by (relpath, size, mtime), if it has every tag."""
-    try:
-        table = pq.read_table(manifest)
-    except (OSError, pa.ArrowException):
-        return {}
-    if not set(keywords).issubset(table.column_names):
-        return {}
-    return {(r["relpath"], r["size"], r["mtime_ns"]): r for r in table.to_pylist()}
-
-
-def _current_manifest(manifest: Path, fingerprint: str, schema: pa.Schema) -> pa.Table | None:
-    """The folder's manifest if nothing in the folder changed since it was written."""
+def _previous_manifest(
+    manifest: Path, fingerprint: str, schema: pa.Schema
+) -> tuple[pa.Table | None, dict[tuple[str, int, int], dict]]:
+    """One read of a folder's last manifest: the whole table if nothing in the folder
+    changed, else its rows by (relpath, size, mtime) to reuse for unchanged files. Either
+    only if it has every column now needed (a template may ask for a new keyword)."""
     try:
         previous = pq.read_table(manifest)
     except (OSError, pa.ArrowException):
-        return None
-    same = (previous.schema.metadata or {}).get(b"fingerprint") == fingerprint.encode()
-    if same and set(schema.names).issubset(previous.column_names):
-        return previous.select(schema.names).cast(schema)
-    return None
+        return None, {}
+    if not set(schema.names).issubset(previous.column_names):
+        return None, {}
+    if (previous.schema.metadata or {}).get(b"fingerprint") == fingerprint.encode():
+        return previous.select(schema.names).cast(schema), {}
+    return None, {(r["relpath"], r["size"], r["mtime_ns"]): r for r in previous.to_pylist()}
 
 
 def _read_headers(paths: list[str], keywords: list[str], workers: int) -> list[dict]:
@@ -216,11 +209,12 @@ def extract_batch(
         entries = inventory.walk_folder(input_dir, folder)
         fingerprint = inventory.fingerprint(entries)
         manifest = manifests / inventory.manifest_name(folder)
-        table = _current_manifest(manifest, fingerprint, schema) if manifest.exists() else None
+        table, reusable = (
+            _previous_manifest(manifest, fingerprint, schema) if manifest.exists() else (None, {})
+        )
         if table is not None:
             current[folder] = table
             continue
-        reusable = _previous_rows(manifest, keywords) if manifest.exists() else {}
         changed[folder] = (entries, fingerprint, reusable)
         to_read += [
             e.relpath

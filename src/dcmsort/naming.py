@@ -39,6 +39,15 @@ class Naming:
     placeholder: str = "UNKNOWN"
     keep_series_apart: bool = True
 
+    @property
+    def fields(self) -> set[str]:
+        """Every field the two templates use (DICOM keywords and FILE_FIELDS)."""
+        return {
+            field
+            for template in (self.folder_template, self.file_template)
+            for field, _ in template_fields(template)
+        }
+
 
 def short_hash(text: str, length: int = 6) -> str:
     """A short stable hex digest of text (not a security feature, a disambiguator)."""

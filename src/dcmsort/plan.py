@@ -236,9 +236,7 @@ def make_plan(
     reasons: list[str | None] = [None] * n
     # Decisions of this run, one list per registry column (a dict per file costs ~1 KB).
     new_rows: dict[str, list] = {c: [] for c in REGISTRY_COLUMNS}
-    template_fields = {f for f, _ in naming.template_fields(settings.folder_template)} | {
-        f for f, _ in naming.template_fields(settings.file_template)
-    }
+    template_fields = settings.fields
     columns = list(
         dict.fromkeys(
             ["folder", *SOURCE_KEY, "dicom", "skip_reason", "SOPInstanceUID", *_ORDER]
@@ -327,14 +325,17 @@ def removed_sources(files: pd.DataFrame, registry: pd.DataFrame) -> pd.DataFrame
 
 def read_manifests(paths: list[Path], settings: Naming) -> pd.DataFrame:
     """All manifest rows, sorted by path, with only the columns planning uses (memory)."""
-    fields = {
-        f
-        for template in (settings.folder_template, settings.file_template)
-        for f, _ in naming.template_fields(template)
-    }
     wanted = list(
         dict.fromkeys(
-            ["folder", *SOURCE_KEY, "dicom", "skip_reason", *PLAN_TAGS, *_ORDER, *sorted(fields)]
+            [
+                "folder",
+                *SOURCE_KEY,
+                "dicom",
+                "skip_reason",
+                *PLAN_TAGS,
+                *_ORDER,
+                *sorted(settings.fields),
+            ]
         )
     )
     frames = [
@@ -418,7 +419,6 @@ def main(argv: list[str] | None = None) -> int:
         registry.to_parquet(tmp, index=False)
     with atomic_path(layout_file) as tmp:
         tmp.write_text(json.dumps(asdict(settings), indent=2))
-    plan.attrs = {}
     with atomic_path(args.plan) as tmp:
         plan.to_parquet(tmp, index=False)
     with atomic_path(args.plan_csv) as tmp:

@@ -41,10 +41,7 @@ class Settings:
     @property
     def keywords(self) -> list[str]:
         """DICOM keywords the templates use (the manifests must carry them)."""
-        fields = naming.template_fields(self.naming.folder_template) + naming.template_fields(
-            self.naming.file_template
-        )
-        return sorted({f for f, _ in fields if f not in naming.FILE_FIELDS})
+        return sorted(self.naming.fields - naming.FILE_FIELDS.keys())
 
 
 def _inside(path: Path, folder: Path) -> bool:

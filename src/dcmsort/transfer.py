@@ -25,7 +25,7 @@ import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
-from dcmsort.fileops import atomic_path, copy_file, file_digest, temp_path_for
+from dcmsort.fileops import atomic_path, copy_file, file_digest
 
 log = logging.getLogger("dcmsort.transfer")
 
@@ -108,17 +108,12 @@ def put(
                 return PRESENT
             raise occupied
         _make_folder(destination.parent, made)
-        tmp = temp_path_for(destination)
-        try:
+        with atomic_path(destination, make_parent=False) as tmp:
             size = copy_file(source, tmp, source_stat)
             if size != source_stat.st_size:
                 raise TransferError(f"copy has {size} bytes, source {source_stat.st_size}")
             if verify == "checksum" and file_digest(tmp) != file_digest(source):
                 raise TransferError("copy differs from source (checksum); check the disk")
-            os.rename(tmp, destination)
-        except BaseException:
-            tmp.unlink(missing_ok=True)
-            raise
     except OSError as error:
         hint = (
             " (hard links need input and output on one file system: use transfer_mode: copy)"

@@ -12,6 +12,7 @@ from pathlib import Path
 import pandas as pd
 import pytest
 
+from dcmsort import inventory, ledger, report
 from dcmsort.runner import snakemake_command
 
 OPEN_COUNTER = Path(__file__).resolve().parent / "opencounter"
@@ -98,8 +99,11 @@ class Sorter:
             raise AssertionError(f"snakemake failed ({proc.returncode}):\n{result.output[-4000:]}")
         return result
 
-    def plan(self) -> pd.DataFrame:
-        return pd.read_parquet(self.state / "plan.parquet")
+    def outcomes(self) -> pd.DataFrame:
+        """One row per current input file: relpath, action (sort, duplicate, skip),
+        destination, reason, conflict; from the ledger and skipped.csv, as a user would
+        read them."""
+        return outcomes(self.input_dir, self.output_dir, self.state)
 
     def summary(self) -> dict:
         return json.loads((self.state / "summary.json").read_text())
@@ -112,29 +116,86 @@ def sorter(tmp_path: Path) -> Sorter:
     return Sorter(workdir, tmp_path / "Unclassified", tmp_path / "Classified")
 
 
-def assert_every_file_accounted_for(sorter: Sorter) -> pd.DataFrame:
-    """The central invariant: every input file is at exactly one destination, byte-identical,
-    or is a duplicate of one, or is skipped with a reason. Returns the plan."""
-    plan = sorter.plan()
-    inputs = {
-        str(p.relative_to(sorter.input_dir))
-        for p in sorter.input_dir.rglob("*")
-        if p.is_file() or p.is_symlink()
+def input_files(input_dir: Path) -> dict[str, os.stat_result | None]:
+    """Every file (or link) below input_dir by manifest relpath, with its stat (None if it
+    cannot be followed)."""
+    found = {}
+    for path in input_dir.rglob("*"):
+        if path.is_file() or path.is_symlink():
+            try:
+                info = path.stat()
+            except OSError:
+                info = None
+            relpath = inventory.encode_name(os.fsdecode(path.relative_to(input_dir)))
+            found[relpath] = info
+    return found
+
+
+def outcomes(input_dir: Path, output_dir: Path, state: Path) -> pd.DataFrame:
+    committed = ledger.read(state).to_pandas()
+    current = {
+        (relpath, info.st_size, info.st_mtime_ns): relpath
+        for relpath, info in input_files(input_dir).items()
+        if info is not None
     }
-    assert set(plan["relpath"]) == inputs
-    assert plan["relpath"].is_unique
-    placed = plan[plan["action"] == "sort"]
-    assert placed["destination"].is_unique, "two files were given one destination"
-    for row in placed.itertuples():
+    keys = list(zip(committed["relpath"], committed["size"], committed["mtime_ns"], strict=True))
+    live = committed[[key in current for key in keys]].drop_duplicates("relpath", keep="last")
+    placed = report.placements(ledger.read(state))
+    conflicted = set(report.conflicted(placed)["destination"].to_pylist())
+    skipped = pd.read_csv(state / "skipped.csv", keep_default_na=False, dtype=str)
+    rows = [
+        {
+            "relpath": r.relpath,
+            "action": "sort" if r.status == ledger.PLACED else "duplicate",
+            "destination": r.destination,
+            "reason": None,
+            "conflict": r.status == ledger.PLACED and r.destination in conflicted,
+            "size": r.size,
+        }
+        for r in live.itertuples()
+    ] + [
+        {
+            "relpath": r.relpath,
+            "action": "skip",
+            "destination": None,
+            "reason": r.reason,
+            "conflict": False,
+            "size": int(r.size),
+        }
+        for r in skipped.itertuples()
+    ]
+    return pd.DataFrame(
+        rows, columns=["relpath", "action", "destination", "reason", "conflict", "size"]
+    )
+
+
+def assert_every_file_accounted_for(sorter: Sorter) -> pd.DataFrame:
+    """The central invariant: every input file's content is at its destination,
+    byte-identical (placed, or a duplicate of a placed file), or the file is skipped with a
+    reason; and every placement the ledger holds is on disk. Returns the outcomes."""
+    result = sorter.outcomes()
+    inputs = set(input_files(sorter.input_dir))
+    assert set(result["relpath"]) == inputs, (
+        f"not accounted for: {sorted(inputs - set(result['relpath']))[:5]}, "
+        f"unknown: {sorted(set(result['relpath']) - inputs)[:5]}"
+    )
+    assert result["relpath"].is_unique, "a file has two outcomes"
+    placed = result[result["action"] == "sort"]
+    assert placed["destination"].is_unique, "two current files were given one destination"
+    for row in result[result["action"] != "skip"].itertuples():
         destination = sorter.output_dir / row.destination
+        source = Path(inventory.source_path(sorter.input_dir, row.relpath))
         assert destination.is_file(), f"{row.relpath} missing at {row.destination}"
-        assert destination.read_bytes() == (sorter.input_dir / row.relpath).read_bytes()
+        assert destination.read_bytes() == source.read_bytes(), row.relpath
         # Inside output_dir by its path (a symlink's target is the input, by design).
         assert Path(os.path.normpath(destination)).is_relative_to(sorter.output_dir)
-    for row in plan[plan["action"] == "duplicate"].itertuples():
-        assert (sorter.output_dir / row.destination).read_bytes() == (
-            sorter.input_dir / row.relpath
-        ).read_bytes()
-    skipped = plan[plan["action"] == "skip"]
+        assert not any(
+            p.is_symlink()
+            for p in destination.relative_to(sorter.output_dir).parents
+            if str(p) != "." and (sorter.output_dir / p).is_symlink()
+        )
+    for destination in report.placements(ledger.read(sorter.state))["destination"].to_pylist():
+        assert os.path.lexists(sorter.output_dir / destination), f"ledger lies: {destination}"
+    skipped = result[result["action"] == "skip"]
     assert skipped["reason"].notna().all() and (skipped["reason"].str.len() > 0).all()
-    return plan
+    return result

@@ -54,7 +54,7 @@ def test_new_and_replaced_files_in_an_existing_folder_are_the_only_ones_read(sor
     folder = sorter.input_dir / "patient_1" / "study_1" / "series_1"
     replaced = folder / "IM0001.dcm"
     old_destination = (
-        sorter.plan()
+        sorter.outcomes()
         .set_index("relpath")
         .loc["patient_1/study_1/series_1/IM0001.dcm", "destination"]
     )

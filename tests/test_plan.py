@@ -1,164 +1,263 @@
-import pandas as pd
+"""The plan decides names and actions from manifests, the ledger and the output folder.
 
+Real files throughout: inputs are written to a temporary folder (digests read them), the
+output folder is real (the plan lists it), and the ledger is written by the real transfer.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import pyarrow as pa
+import pyarrow.parquet as pq
+import pytest
+
+from dcmsort import ledger
+from dcmsort.fileops import file_digest
 from dcmsort.naming import Naming
-from dcmsort.plan import duplicate_candidates, empty_registry, make_plan, removed_sources
+from dcmsort.plan import Disk, fold, make_plan, new_files
+from dcmsort.transfer import transfer_plan
 
 SEED = Naming("{PatientName}_{PatientID}/{SeriesDescription}_{SeriesNumber}", "{filename}")
+DEFAULTS = {
+    "folder": "p1",
+    "mtime_ns": 1_000_000_000,
+    "dicom": True,
+    "skip_reason": None,
+    "PatientName": "DOE^JOHN",
+    "PatientID": "1",
+    "StudyInstanceUID": "1.1",
+    "StudyDate": "20240101",
+    "SeriesInstanceUID": "1.1.1",
+    "SeriesNumber": "1",
+    "SeriesDescription": "LOCALIZER",
+    "Modality": "MR",
+    "SOPInstanceUID": None,
+}
 
 
-def files(*rows: dict) -> pd.DataFrame:
-    defaults = {
-        "folder": "p1",
-        "size": 100,
-        "mtime_ns": 1,
-        "dicom": True,
-        "skip_reason": None,
-        "PatientName": "DOE^JOHN",
-        "PatientID": "1",
-        "StudyInstanceUID": "1.1",
-        "StudyDate": "20240101",
-        "SeriesInstanceUID": "1.1.1",
-        "SeriesNumber": "1",
-        "SeriesDescription": "LOCALIZER",
-        "Modality": "MR",
-        "SOPInstanceUID": None,
-    }
-    frame = pd.DataFrame([{**defaults, **r} for r in rows])
-    return frame.sort_values("relpath", ignore_index=True)
+class World:
+    """An input folder, an output folder and a state folder, driven like a run would."""
+
+    def __init__(self, root: Path, settings: Naming = SEED):
+        self.input, self.output, self.state = root / "in", root / "out", root / "state"
+        for folder in (self.input, self.output, self.state):
+            folder.mkdir(parents=True, exist_ok=True)
+        self.settings = settings
+        self.rows: dict[str, dict] = {}
+
+    def add(self, relpath: str, content: bytes = b"", **tags) -> dict:
+        """Write an input file (content defaults to one unique to its path)."""
+        path = self.input / relpath
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_bytes(content or f"DICOM {relpath}".encode())
+        os.utime(path, ns=(tags.get("mtime_ns", 10**9),) * 2)
+        info = path.stat()
+        row = {**DEFAULTS, **tags, "relpath": relpath, "size": info.st_size}
+        row["mtime_ns"] = info.st_mtime_ns
+        self.rows[relpath] = row
+        return row
+
+    def touch(self, relpath: str, mtime_ns: int) -> None:
+        os.utime(self.input / relpath, ns=(mtime_ns, mtime_ns))
+        self.rows[relpath]["mtime_ns"] = mtime_ns
+
+    def files(self) -> pa.Table:
+        return pa.Table.from_pylist(sorted(self.rows.values(), key=lambda r: r["relpath"]))
+
+    def plan(self) -> pa.Table:
+        return make_plan(
+            self.files(),
+            ledger.read(self.state),
+            self.settings,
+            Disk(self.output),
+            lambda relpath: file_digest(self.input / relpath),
+        )
+
+    def run(self) -> dict[str, dict]:
+        """Plan and transfer (the real one, committing to the ledger); plan rows by path."""
+        plan = self.plan()
+        pq.write_table(plan, self.state / "plan.parquet")
+        results = transfer_plan(
+            self.state / "plan.parquet", self.input, self.output, self.state, "copy", "size", 2
+        )
+        assert set(results["status"].to_pylist()) <= {"copied", "present", "duplicate"}
+        return {r["relpath"]: r for r in plan.to_pylist()}
 
 
-def destinations(plan: pd.DataFrame) -> dict[str, str]:
-    return dict(zip(plan["relpath"], plan["destination"], strict=True))
+def destinations(plan: dict[str, dict]) -> dict[str, str]:
+    return {relpath: row["destination"] for relpath, row in plan.items()}
 
 
-def test_ordinary_files_get_the_seed_layout():
-    plan, _ = make_plan(
-        files({"relpath": "p1/a/IM1.dcm", "SOPInstanceUID": "9.1"}), empty_registry(), SEED
+@pytest.fixture
+def world(tmp_path) -> World:
+    return World(tmp_path)
+
+
+def test_ordinary_files_get_the_seed_layout(world):
+    world.add("p1/a/IM1.dcm", SOPInstanceUID="9.1")
+    assert destinations(world.run()) == {"p1/a/IM1.dcm": "DOE^JOHN_1/LOCALIZER_1/IM1.dcm"}
+
+
+def test_two_studies_with_same_series_number_are_kept_apart(world):
+    world.add("p1/s1/IM1")
+    world.add(
+        "p1/s2/IM1",
+        StudyInstanceUID="1.2",
+        SeriesInstanceUID="1.2.1",
+        StudyDate="20250101",
     )
-    assert destinations(plan) == {"p1/a/IM1.dcm": "DOE^JOHN_1/LOCALIZER_1/IM1.dcm"}
-
-
-def test_two_studies_with_same_series_number_are_kept_apart():
-    plan, _ = make_plan(
-        files(
-            {"relpath": "p1/s1/IM1", "StudyInstanceUID": "1.1", "SeriesInstanceUID": "1.1.1"},
-            {
-                "relpath": "p1/s2/IM1",
-                "StudyInstanceUID": "1.2",
-                "SeriesInstanceUID": "1.2.1",
-                "StudyDate": "20250101",
-            },
-        ),
-        empty_registry(),
-        SEED,
-    )
-    folders = {d.rsplit("/", 1)[0] for d in plan["destination"]}
+    folders = {d.rsplit("/", 1)[0] for d in destinations(world.run()).values()}
     assert len(folders) == 2 and "DOE^JOHN_1/LOCALIZER_1" in folders
 
 
-def test_series_may_share_a_folder_when_keep_series_apart_is_off():
-    grouping = Naming("{PatientID}/{Modality}", "{filename}", keep_series_apart=False)
-    plan, _ = make_plan(
-        files(
-            {"relpath": "p1/a", "SeriesInstanceUID": "1"},
-            {"relpath": "p1/b", "SeriesInstanceUID": "2"},
-        ),
-        empty_registry(),
-        grouping,
-    )
-    assert set(plan["destination"]) == {"1/MR/a", "1/MR/b"}
+def test_series_may_share_a_folder_when_keep_series_apart_is_off(tmp_path):
+    world = World(tmp_path, Naming("{PatientID}/{Modality}", "{filename}", keep_series_apart=False))
+    world.add("p1/a", SeriesInstanceUID="1")
+    world.add("p1/b", SeriesInstanceUID="2")
+    assert set(destinations(world.run()).values()) == {"1/MR/a", "1/MR/b"}
 
 
-def test_a_placement_never_moves_when_a_colliding_series_arrives_later():
-    later = {
-        "relpath": "p0/IM1",
-        "StudyInstanceUID": "0.9",
-        "SeriesInstanceUID": "0.9.1",
-        "StudyDate": "19990101",
-    }  # would sort first if both were new
-    first, registry = make_plan(files({"relpath": "p1/IM1"}), empty_registry(), SEED)
-    second, _ = make_plan(files({"relpath": "p1/IM1"}, later), registry, SEED)
-    assert destinations(second)["p1/IM1"] == destinations(first)["p1/IM1"]
-    assert destinations(second)["p0/IM1"].startswith("DOE^JOHN_1/LOCALIZER_1_")
+def test_a_placement_never_moves_when_a_colliding_series_arrives_later(world):
+    world.add("p1/IM1")
+    first = destinations(world.run())
+    # Would sort first if both were new: an older study, another series, same folder name.
+    world.add("p0/IM1", StudyInstanceUID="0.9", SeriesInstanceUID="0.9.1", StudyDate="19990101")
+    second = destinations(world.run())
+    assert list(second) == ["p0/IM1"], "only the new file is planned"
+    assert first["p1/IM1"] == "DOE^JOHN_1/LOCALIZER_1/IM1"
+    assert second["p0/IM1"].startswith("DOE^JOHN_1/LOCALIZER_1_")
 
 
-def test_two_different_files_with_the_same_name_are_both_kept():
-    plan, _ = make_plan(
-        files({"relpath": "p1/a/IM1.dcm"}, {"relpath": "p1/b/IM1.dcm"}), empty_registry(), SEED
-    )
-    assert sorted(plan["destination"]) == [
+def test_two_different_files_with_the_same_name_are_both_kept(world):
+    world.add("p1/a/IM1.dcm")
+    world.add("p1/b/IM1.dcm")
+    assert sorted(destinations(world.run()).values()) == [
         "DOE^JOHN_1/LOCALIZER_1/IM1.dcm",
         "DOE^JOHN_1/LOCALIZER_1/IM1_2.dcm",
     ]
 
 
-def test_a_name_taken_in_the_output_folder_is_never_reused():
-    taken = {"DOE^JOHN_1/LOCALIZER_1/IM1.dcm"}
-    plan, _ = make_plan(
-        files({"relpath": "p1/IM1.dcm"}), empty_registry(), SEED, occupied=taken.__contains__
-    )
-    assert destinations(plan)["p1/IM1.dcm"] == "DOE^JOHN_1/LOCALIZER_1/IM1_2.dcm"
+def test_thousands_of_files_with_one_name_get_distinct_names(world):
+    for i in range(3000):
+        world.add(f"p1/{i:04d}/IM0001.dcm")
+    names = list(destinations(dict(enumerate(world.plan().to_pylist()))).values())
+    assert len(set(names)) == 3000
+    assert "DOE^JOHN_1/LOCALIZER_1/IM0001_3000.dcm" in names
 
 
-def test_exact_duplicates_are_written_once_and_conflicts_are_both_kept():
-    table = files(
-        {"relpath": "p1/IM1", "SOPInstanceUID": "9.1"},
-        {"relpath": "p2/copy", "SOPInstanceUID": "9.1"},
-        {"relpath": "p3/other", "SOPInstanceUID": "9.1"},
-    )
-    sources, _ = duplicate_candidates(table, empty_registry())
-    assert sorted(sources) == ["p1/IM1", "p2/copy", "p3/other"]
-    digests = {"p1/IM1": "aaa", "p2/copy": "aaa", "p3/other": "bbb"}
-    plan, registry = make_plan(table, empty_registry(), SEED, digests)
-    by_path = plan.set_index("relpath")
-    assert by_path.loc["p2/copy", "action"] == "duplicate"
-    assert by_path.loc["p2/copy", "destination"] == by_path.loc["p1/IM1", "destination"]
-    assert by_path.loc["p3/other", "action"] == "sort"
-    assert by_path.loc["p3/other", "conflict"] and by_path.loc["p1/IM1", "conflict"]
-    assert not by_path.loc["p2/copy", "conflict"]
-    again, _ = make_plan(table, registry, SEED)  # no digests needed: decisions are kept
-    assert destinations(again) == destinations(plan)
-    assert list(again["action"]) == list(plan["action"])
+def test_a_name_taken_in_the_output_folder_is_never_reused(world):
+    taken = world.output / "DOE^JOHN_1" / "LOCALIZER_1" / "IM1.dcm"
+    taken.parent.mkdir(parents=True)
+    taken.write_bytes(b"someone else's file")
+    world.add("p1/IM1.dcm")
+    assert destinations(world.run())["p1/IM1.dcm"] == "DOE^JOHN_1/LOCALIZER_1/IM1_2.dcm"
+    assert taken.read_bytes() == b"someone else's file"
 
 
-def test_a_new_copy_of_an_already_sorted_file_is_a_duplicate():
-    _, registry = make_plan(
-        files({"relpath": "p1/IM1", "SOPInstanceUID": "9.1"}), empty_registry(), SEED
-    )
-    table = files(
-        {"relpath": "p1/IM1", "SOPInstanceUID": "9.1"},
-        {"relpath": "p9/IM1", "SOPInstanceUID": "9.1"},
-    )
-    sources, dests = duplicate_candidates(table, registry)
-    assert sources == ["p9/IM1"] and dests == ["DOE^JOHN_1/LOCALIZER_1/IM1"]
-    plan, _ = make_plan(
-        table, registry, SEED, {"p9/IM1": "same", "DOE^JOHN_1/LOCALIZER_1/IM1": "same"}
-    )
-    assert plan.set_index("relpath").loc["p9/IM1", "action"] == "duplicate"
+@pytest.mark.parametrize("blocker", ["file", "link"])
+def test_a_file_or_link_where_a_folder_must_go_is_never_followed_or_replaced(world, blocker):
+    elsewhere = world.input.parent / "elsewhere"
+    elsewhere.mkdir()
+    blocked = world.output / "DOE^JOHN_1"
+    if blocker == "file":
+        blocked.write_bytes(b"a file")
+    else:
+        blocked.symlink_to(elsewhere)
+    world.add("p1/IM1.dcm")
+    destination = destinations(world.run())["p1/IM1.dcm"]
+    assert destination == "DOE^JOHN_1_2/LOCALIZER_1/IM1.dcm"
+    assert (world.output / destination).is_file()
+    assert list(elsewhere.iterdir()) == []
 
 
-def test_files_that_are_not_dicom_are_skipped_with_their_reason():
-    plan, registry = make_plan(
-        files({"relpath": "p1/notes.txt", "dicom": False, "skip_reason": "not DICOM"}),
-        empty_registry(),
-        SEED,
-    )
-    assert plan.loc[0, "action"] == "skip" and plan.loc[0, "reason"] == "not DICOM"
-    assert plan.loc[0, "destination"] is None and len(registry) == 0
+def test_names_that_differ_only_in_case_never_become_two_destinations(world):
+    world.add("p1/IM1.dcm", PatientName="Doe^John", SeriesDescription="t1", SOPInstanceUID="1")
+    world.add("p2/IM1.dcm", PatientName="DOE^JOHN", SeriesDescription="T1", SOPInstanceUID="2")
+    placed = list(destinations(world.run()).values())
+    assert len({fold(d) for d in placed}) == 2
+    assert len({fold(d.split("/")[0]) for d in placed}) == 1, "one patient folder"
 
 
-def test_a_removed_source_is_reported_and_its_placement_kept():
-    _, registry = make_plan(
-        files({"relpath": "p1/IM1"}, {"relpath": "p1/IM2"}), empty_registry(), SEED
-    )
-    remaining = files({"relpath": "p1/IM2"})
-    assert list(removed_sources(remaining, registry)["relpath"]) == ["p1/IM1"]
-    plan, registry = make_plan(remaining, registry, SEED)
-    assert len(registry) == 2 and len(plan) == 1
+def test_exact_duplicates_are_written_once_and_conflicts_are_both_kept(world):
+    world.add("p2/copy_of_IM1", b"same bytes", SOPInstanceUID="9.1")
+    world.add("p1/IM1", b"same bytes", SOPInstanceUID="9.1")
+    world.add("p3/other", b"different!", SOPInstanceUID="9.1")
+    plan = world.run()
+    # The one a person keeps: the shorter name (not copy_of_...), the others point to it.
+    assert plan["p1/IM1"]["action"] == "sort"
+    assert plan["p2/copy_of_IM1"]["action"] == "duplicate"
+    assert plan["p2/copy_of_IM1"]["destination"] == plan["p1/IM1"]["destination"]
+    assert plan["p3/other"]["action"] == "sort" and plan["p3/other"]["conflict"]
+    assert world.plan().num_rows == 0, "a second plan has nothing new"
 
 
-def test_a_replaced_file_gets_a_new_destination_and_the_old_copy_stays():
-    _, registry = make_plan(files({"relpath": "p1/IM1", "size": 100}), empty_registry(), SEED)
-    plan, registry = make_plan(files({"relpath": "p1/IM1", "size": 200}), registry, SEED)
-    assert destinations(plan)["p1/IM1"] == "DOE^JOHN_1/LOCALIZER_1/IM1_2"
-    assert len(registry) == 2
+def test_a_new_copy_of_an_already_sorted_file_is_a_duplicate(world):
+    world.add("p1/IM1", b"content", SOPInstanceUID="9.1")
+    world.run()
+    world.add("p9/IM1", b"content", SOPInstanceUID="9.1")
+    plan = world.run()
+    assert plan["p9/IM1"]["action"] == "duplicate"
+    assert plan["p9/IM1"]["destination"] == "DOE^JOHN_1/LOCALIZER_1/IM1"
+
+
+def test_a_touched_file_is_the_same_file_not_a_duplicate(world):
+    world.add("p1/IM1", b"content", SOPInstanceUID="9.1")
+    first = world.run()
+    world.touch("p1/IM1", 5 * 10**9)
+    again = world.run()
+    assert again["p1/IM1"]["action"] == "present"
+    assert again["p1/IM1"]["destination"] == first["p1/IM1"]["destination"]
+    assert sorted(p.name for p in (world.output / "DOE^JOHN_1/LOCALIZER_1").iterdir()) == ["IM1"]
+
+
+def test_a_reservation_whose_file_never_appeared_is_planned_again(world):
+    world.add("p/a.dcm", b"same", SOPInstanceUID="7")
+    world.add("b.dcm", b"same", SOPInstanceUID="7", folder="")
+    planned = world.plan()  # a run killed after planning: nothing transferred
+    assert planned.num_rows == 2
+    world.touch("p/a.dcm", 7 * 10**9)
+    world.touch("b.dcm", 7 * 10**9)
+    plan = world.run()
+    assert sorted(r["action"] for r in plan.values()) == ["duplicate", "sort"]
+    kept = next(r for r in plan.values() if r["action"] == "sort")
+    assert (world.output / kept["destination"]).read_bytes() == b"same"
+
+
+def test_a_copy_made_by_a_run_killed_before_it_committed_is_adopted(world):
+    world.add("p1/IM1", b"content")
+    destination = world.output / "DOE^JOHN_1/LOCALIZER_1/IM1"
+    destination.parent.mkdir(parents=True)
+    destination.write_bytes(b"content")  # copied, but the ledger never heard of it
+    plan = world.run()
+    assert plan["p1/IM1"]["action"] == "present"
+    assert plan["p1/IM1"]["destination"] == "DOE^JOHN_1/LOCALIZER_1/IM1"
+    assert [p.name for p in destination.parent.iterdir()] == ["IM1"]
+
+
+def test_only_file_versions_missing_from_the_ledger_are_new(world):
+    world.add("p1/IM1")
+    world.add("p1/IM2")
+    world.run()
+    world.add("p1/IM3")
+    world.touch("p1/IM2", 9 * 10**9)
+    assert sorted(new_files(world.files(), ledger.read(world.state))["relpath"].to_pylist()) == [
+        "p1/IM2",
+        "p1/IM3",
+    ]
+
+
+def test_files_that_are_not_dicom_are_never_planned(world):
+    world.add("p1/notes.txt", dicom=False, skip_reason="not DICOM")
+    assert world.plan().num_rows == 0
+
+
+def test_a_replaced_file_gets_a_new_destination_and_the_old_copy_stays(world):
+    world.add("p1/IM1", b"version one", SOPInstanceUID="9.1")
+    world.run()
+    world.add("p1/IM1", b"version two, longer", SOPInstanceUID="9.1")
+    plan = world.run()
+    assert plan["p1/IM1"]["destination"] == "DOE^JOHN_1/LOCALIZER_1/IM1_2"
+    assert plan["p1/IM1"]["conflict"]
+    assert (world.output / "DOE^JOHN_1/LOCALIZER_1/IM1").read_bytes() == b"version one"

@@ -143,3 +143,23 @@ def batch_fingerprint(input_dir: str | Path, folders: list[str]) -> str:
             )
         )
     return digest.hexdigest()[:16]
+
+
+def decode_name(text: str) -> str:
+    """The file-system form (os.fsdecode, surrogateescape) of a manifest name."""
+    return text
+
+
+def file_name(relpath: str) -> str:
+    """The last component of a manifest relpath, in file-system form."""
+    return decode_name(relpath.rsplit("/", 1)[-1])
+
+
+def source_path(input_dir: str | Path, relpath: str) -> str:
+    """The path to open for a manifest relpath."""
+    return os.path.join(input_dir, decode_name(relpath))
+
+
+def encode_name(fs_text: str) -> str:
+    """The manifest form of a file-system name (placeholder until non-UTF-8 support)."""
+    return fs_text

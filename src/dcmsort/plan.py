@@ -1,17 +1,24 @@
-"""Decide every destination: the one stage that sees all files at once.
+"""Decide where each new input file goes: the one stage that sees all files at once.
 
-``make_plan`` is a pure function of (manifests, earlier placements, naming settings,
-digests of duplicate candidates). For every input file it decides one action:
+The plan is a pure function of (manifests, ledger, naming settings) plus two windows on
+the world, asked only when a decision needs them: the content digest of a file, and the
+names already present in an output folder. It looks only at *new* file versions, those
+whose (relpath, size, mtime) the ledger does not hold (a columnar anti-join, no Python
+per known file), and gives each one action:
 
-- ``sort``: copy (or link) to ``destination``;
-- ``duplicate``: the same SOPInstanceUID and the same bytes as a file already sorted, so
-  nothing is written; ``destination`` names the copy that holds its content;
-- ``skip``: not a sortable DICOM file; ``reason`` says why.
+- ``sort``: write (copy or link) to ``destination``, a name nobody holds;
+- ``present``: its content is already at ``destination`` (a touched or renamed input, or a
+  copy made by a run killed before it could commit); nothing is written, the transfer
+  confirms it is there and commits it;
+- ``duplicate``: its content is at ``destination`` for another current input; nothing is
+  written.
 
-Rules it keeps (and the tests guard): a decision once made is kept (the registry of earlier
-placements is read first, so a file never moves and a series keeps its folder); two series
-never share a folder when ``keep_series_apart``; two files never share a name; a name that
-already exists in the output folder is never reused.
+Content identity is (size, digest), never (size, mtime): a digest is computed only for a
+file that shares size (and SOPInstanceUID, when it has one) with another, or whose name is
+taken on disk by a file of its size. A duplicate is resolved only against a placement the
+ledger holds or a file sorted in the same plan; the transfer commits a duplicate only once
+its target is committed. Names are unique under case folding and Unicode normalisation,
+and never reuse a name present in the output folder or in the ledger.
 """
 
 from __future__ import annotations
@@ -20,33 +27,29 @@ import argparse
 import json
 import logging
 import os
+import stat
 import sys
-from collections.abc import Callable, Iterator, Mapping
-from dataclasses import asdict
+import time
+import unicodedata
+from collections.abc import Callable, Iterator
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
-import pandas as pd
+import pyarrow as pa
+import pyarrow.compute as pc
+import pyarrow.csv as pacsv
 import pyarrow.parquet as pq
 
-from dcmsort import naming
+from dcmsort import inventory, ledger, naming
 from dcmsort.fileops import atomic_path, file_digest
 from dcmsort.naming import Naming
 from dcmsort.settings import ConfigError, check_layout
 
 log = logging.getLogger("dcmsort.plan")
 
-SORT, DUPLICATE, SKIP = "sort", "duplicate", "skip"
-SOURCE_KEY = ["relpath", "size", "mtime_ns"]
-REGISTRY_COLUMNS = [
-    *SOURCE_KEY,
-    "action",
-    "destination",
-    "base_folder",
-    "series_uid",
-    "sop_uid",
-    "digest",
-]
-# Tags carried into the plan for the report (and for people reading plan.csv).
+SORT, PRESENT, DUPLICATE = "sort", "present", "duplicate"
+SOURCE_KEY = ledger.SOURCE_KEY
+# Tags carried into the plan (for the ledger, the report and people reading plan.csv).
 PLAN_TAGS = [
     "PatientName",
     "PatientID",
@@ -58,314 +61,531 @@ PLAN_TAGS = [
     "Modality",
     "SOPInstanceUID",
 ]
-PLAN_COLUMNS = [
-    "folder",
-    *SOURCE_KEY,
-    "action",
-    "destination",
-    "reason",
-    "conflict",
-    "new",
-    *PLAN_TAGS,
-]
-
-
-def empty_registry() -> pd.DataFrame:
-    return pd.DataFrame({c: pd.Series(dtype="object") for c in REGISTRY_COLUMNS}).astype(
-        {"size": "int64", "mtime_ns": "int64"}
-    )
-
-
-def _value(row: Mapping, key: str) -> str:
-    value = row.get(key)
-    return "" if value is None or (isinstance(value, float) and pd.isna(value)) else str(value)
-
-
-def _file_values(row: Mapping) -> dict[str, str]:
-    """A row's text values for a template (missing tags are absent, not NaN)."""
-    values = {k: v for k, v in row.items() if isinstance(v, str)}
-    values["filename"] = row["relpath"].rsplit("/", 1)[-1]
-    values["input_folder"] = row["folder"]
-    return values
-
-
-def _key_in(frame: pd.DataFrame, keys: pd.DataFrame) -> pd.Series:
-    """For each row of frame: is its (relpath, size, mtime_ns) among the rows of keys?"""
-    found = frame[SOURCE_KEY].merge(
-        keys[SOURCE_KEY].drop_duplicates(), on=SOURCE_KEY, how="left", indicator=True
-    )
-    return pd.Series(found["_merge"].to_numpy() == "both", index=frame.index)
-
-
-def duplicate_candidates(
-    files: pd.DataFrame, registry: pd.DataFrame
-) -> tuple[list[str], list[str]]:
-    """Which files need a content digest: those sharing SOPInstanceUID and size with another.
-
-    Returns (input relpaths, output destinations); the destinations are earlier placements
-    without a cached digest, hashed from the sorted copy rather than the input.
-    """
-    dicom = files[files["dicom"] & files["SOPInstanceUID"].notna()]
-    current = dicom[~_key_in(dicom, registry)]
-    placed = registry[registry["action"] == SORT]
-    members = pd.concat(
-        [
-            pd.DataFrame(
-                {
-                    "sop": current["SOPInstanceUID"],
-                    "size": current["size"],
-                    "relpath": current["relpath"],
-                    "destination": None,
-                    "digest": None,
-                    "new": True,
-                }
-            ),
-            pd.DataFrame(
-                {
-                    "sop": placed["sop_uid"],
-                    "size": placed["size"],
-                    "relpath": None,
-                    "destination": placed["destination"],
-                    "digest": placed["digest"],
-                    "new": False,
-                }
-            ),
-        ],
-        ignore_index=True,
-    )
-    groups = members.groupby(["sop", "size"], dropna=True)
-    shared = members[(groups["sop"].transform("size") > 1) & groups["new"].transform("any")]
-    sources = shared.loc[shared["new"], "relpath"].tolist()
-    destinations = shared.loc[~shared["new"] & shared["digest"].isna(), "destination"].tolist()
-    return sources, destinations
-
-
+_ORDER = ["StudyDate", "StudyInstanceUID", "SeriesInstanceUID"]
+PLAN_SCHEMA = pa.schema(
+    [
+        ("folder", pa.string()),
+        ("relpath", pa.string()),
+        ("size", pa.int64()),
+        ("mtime_ns", pa.int64()),
+        ("action", pa.string()),
+        ("destination", pa.string()),
+        # True when destination's content is committed in the ledger (a duplicate or present
+        # row may name a file placed earlier in this same plan, which must succeed first).
+        ("committed", pa.bool_()),
+        ("digest", pa.string()),
+        ("base_folder", pa.string()),
+        ("conflict", pa.bool_()),
+        ("reason", pa.string()),
+        *[(tag, pa.string()) for tag in PLAN_TAGS],
+    ]
+)
 DUPLICATE_REASON = "identical to the file already sorted at this destination"
-_ORDER = ["StudyDate", "StudyInstanceUID", "SeriesInstanceUID", "relpath"]
-_CHUNK = 20_000  # rows turned into Python objects at a time (bounds memory)
+PRESENT_REASON = "its content is already at this destination"
+_CHUNK = 20_000  # new rows turned into Python values at a time (bounds memory)
 
 
-def _rows_in_order(files: pd.DataFrame, columns: list[str]) -> Iterator[tuple[int, dict]]:
-    """(position, row) in planning order: by study date, study, series, path. Rows are made
-    a chunk at a time, so memory holds the compact columns, not a dict per file."""
-    order = files[_ORDER].sort_values(_ORDER, na_position="first", kind="stable").index.to_numpy()
+def fold(name: str) -> str:
+    """The key under which case-insensitive or normalising file systems compare names."""
+    return unicodedata.normalize("NFC", unicodedata.normalize("NFC", name).casefold())
+
+
+# --- the world outside, asked only when needed ----------------------------------------
+
+
+class Disk:
+    """What the output folder holds, seen without following any link. One listing per
+    folder asked about; a folder reached through a link or a file counts as absent."""
+
+    DIR, FILE, OTHER = "dir", "file", "other"
+
+    def __init__(self, root: Path):
+        self.root = Path(root)
+        self._children: dict[str, dict[str, tuple[str, str]]] = {}
+
+    def children(self, folder: str) -> dict[str, tuple[str, str]]:
+        """fold(name) -> (name, kind) of everything in folder ("" is the output folder)."""
+        if folder not in self._children:
+            found: dict[str, tuple[str, str]] = {}
+            parent = folder.rpartition("/")[0] if folder else None
+            reachable = folder == "" or (
+                self.children(parent).get(fold(folder.rpartition("/")[2]), ("", ""))[1] == self.DIR
+            )
+            if reachable:
+                try:
+                    with os.scandir(self.root / folder) as entries:
+                        for entry in entries:
+                            if entry.is_dir(follow_symlinks=False):
+                                kind = self.DIR
+                            elif entry.is_file(follow_symlinks=False):
+                                kind = self.FILE
+                            else:
+                                kind = self.OTHER
+                            found.setdefault(fold(entry.name), (entry.name, kind))
+                except (FileNotFoundError, NotADirectoryError):
+                    pass
+            self._children[folder] = found
+        return self._children[folder]
+
+    def size(self, path: str) -> int | None:
+        try:
+            info = os.lstat(self.root / path)
+        except OSError:
+            return None
+        return info.st_size if stat.S_ISREG(info.st_mode) else None
+
+    def digest(self, path: str) -> str | None:
+        try:
+            return file_digest(self.root / path)
+        except OSError:
+            return None
+
+
+@dataclass
+class Content:
+    """A file content the output holds, or will hold once this plan is carried out."""
+
+    destination: str
+    size: int
+    digest: str | None
+    sop: str | None
+    committed: bool  # in the ledger
+    live: bool  # some current input file has this content
+    source: str | None = None  # the input it comes from, when planned in this run
+
+
+class ContentIndex:
+    """Contents by (SOPInstanceUID or "", size), to find a new file's twin by digest."""
+
+    def __init__(
+        self,
+        digest_of_output: Callable[[str], str | None],
+        digest_of_input: Callable[[str], str | None],
+    ):
+        self._by_key: dict[tuple[str, int], list[Content]] = {}
+        self._by_sop: dict[str, set[str]] = {}
+        self._digest_of_output = digest_of_output
+        self._digest_of_input = digest_of_input
+
+    def add(self, content: Content) -> None:
+        self._by_key.setdefault((content.sop or "", content.size), []).append(content)
+        if content.sop:
+            self._by_sop.setdefault(content.sop, set()).add(content.destination)
+
+    def candidates(self, sop: str | None, size: int) -> list[Content]:
+        return self._by_key.get((sop or "", size), [])
+
+    def twin(self, sop: str | None, size: int, digest: str) -> Content | None:
+        """The content equal to (size, digest), hashing earlier placements when needed."""
+        for content in self.candidates(sop, size):
+            if content.digest is None:
+                # A file planned in this run is not in the output yet: hash its input.
+                content.digest = (
+                    self._digest_of_input(content.source)
+                    if content.source
+                    else self._digest_of_output(content.destination)
+                )
+            if content.digest == digest:
+                return content
+        return None
+
+    def other_destinations(self, sop: str | None, destination: str) -> list[str]:
+        """Where else a file with this SOPInstanceUID lies (different content: a conflict)."""
+        return sorted(self._by_sop.get(sop, set()) - {destination}) if sop else []
+
+
+@dataclass
+class Names:
+    """Names taken in the output folder, compared case-insensitively: on disk, in the
+    ledger and in this plan. Folders are reused in the spelling first seen."""
+
+    disk: Disk
+    ledger_names: Callable[[str], set[str]]
+    _taken: dict[str, dict[str, tuple[str, str]]] = field(default_factory=dict)
+    _next_suffix: dict[tuple[str, str], int] = field(default_factory=dict)
+
+    def _folder(self, folder: str) -> dict[str, tuple[str, str]]:
+        if folder not in self._taken:
+            taken = dict(self.disk.children(folder))
+            for name in self.ledger_names(folder):
+                taken.setdefault(fold(name), (name, Disk.FILE))
+            self._taken[folder] = taken
+        return self._taken[folder]
+
+    def folder_path(self, path: str) -> str:
+        """path with each folder component resolved: an existing folder is reused in its
+        own spelling; a name held by a file, a link or anything else is taken, so the
+        component gets ``_2``, ``_3``, ... (a link is never followed, a file never
+        replaced)."""
+        resolved = ""
+        for component in path.split("/"):
+            taken = self._folder(resolved)
+            candidate, attempt = component, 1
+            while True:
+                held = taken.get(fold(candidate))
+                if held is None:
+                    taken[fold(candidate)] = (candidate, Disk.DIR)
+                    break
+                if held[1] == Disk.DIR:
+                    candidate = held[0]
+                    break
+                attempt += 1
+                candidate = naming.with_suffix(component, f"_{attempt}")
+            resolved = f"{resolved}/{candidate}" if resolved else candidate
+        return resolved
+
+    def is_free_folder(self, path: str) -> bool:
+        """No component of path is held yet (under case folding)."""
+        head, _, leaf = path.rpartition("/")
+        return fold(leaf) not in self._folder(self.folder_path(head) if head else "")
+
+    def claim_file(self, folder: str, name: str, adopt: Callable[[str], bool]) -> tuple[str, bool]:
+        """A free name for a file in folder, or a held one whose file ``adopt`` accepts
+        (already holds this content). Returns (destination, adopted). Linear in the names
+        tried: a per-(folder, name) counter remembers where the last search stopped."""
+        taken = self._folder(folder)
+        attempt = self._next_suffix.get((folder, name), 1)
+        candidate = name if attempt == 1 else naming.with_suffix(name, f"_{attempt}")
+        while True:
+            destination = f"{folder}/{candidate}"
+            held = taken.get(fold(candidate))
+            if held is None:
+                taken[fold(candidate)] = (candidate, Disk.FILE)
+                self._next_suffix[(folder, name)] = attempt
+                return destination, False
+            if held[1] == Disk.FILE and held[0] == candidate and adopt(destination):
+                taken[fold(candidate)] = (candidate, "claimed")
+                return destination, True
+            attempt += 1
+            candidate = naming.with_suffix(name, f"_{attempt}")
+
+
+# --- reading the ledger for the new rows only ---------------------------------------------
+
+
+def new_files(files: pa.Table, committed: pa.Table) -> pa.Table:
+    """Sortable files whose version (relpath, size, mtime) the ledger does not hold."""
+    dicom = files.filter(pc.fill_null(files["dicom"], False))
+    return ledger.rows_by_key(dicom, committed, keep="missing")
+
+
+def _parent(destinations: pa.ChunkedArray | pa.Array) -> pa.Array:
+    return pc.replace_substring_regex(destinations, pattern=r"/[^/]*$", replacement="")
+
+
+def known_contents(committed: pa.Table, files: pa.Table, new: pa.Table) -> list[Content]:
+    """Placements that could be a new file's twin (same SOPInstanceUID or, without one,
+    same size) or share its SOPInstanceUID (a conflict): filtered columnar, so the Python
+    work grows with the new files."""
+    if committed.num_rows == 0 or new.num_rows == 0:
+        return []
+    sops = pc.unique(new["SOPInstanceUID"].drop_null())
+    sizes_without_sop = pc.unique(new.filter(pc.is_null(new["SOPInstanceUID"]))["size"])
+    wanted = pc.or_(
+        pc.is_in(committed["sop_uid"], value_set=sops),
+        pc.and_(
+            pc.is_null(committed["sop_uid"]),
+            pc.is_in(committed["size"], value_set=sizes_without_sop),
+        ),
+    )
+    rows = committed.filter(pc.fill_null(wanted, False))
+    live = {d for d in ledger.live(rows, files)["destination"].to_pylist()}
+    contents: dict[str, Content] = {}
+    for row in rows.to_pylist():
+        destination = row["destination"]
+        content = contents.get(destination)
+        if content is None and row["status"] == ledger.PLACED:
+            content = contents[destination] = Content(
+                destination, row["size"], None, row["sop_uid"], True, destination in live
+            )
+        if content is not None and content.digest is None:
+            content.digest = row["digest"]
+    return list(contents.values())
+
+
+def series_folders(committed: pa.Table, bases: list[str]) -> dict[tuple[str, str], str]:
+    """(base folder, SeriesInstanceUID) -> series folder, of earlier placements whose base
+    folder a new file renders to: a series keeps its folder for good."""
+    if committed.num_rows == 0 or not bases:
+        return {}
+    rows = committed.filter(
+        pc.fill_null(pc.is_in(committed["base_folder"], value_set=pa.array(bases)), False)
+    )
+    folders = _parent(rows["destination"]).to_pylist()
+    pairs = zip(rows["base_folder"].to_pylist(), rows["series_uid"].to_pylist(), strict=True)
+    return {(b, s or ""): f for (b, s), f in zip(pairs, folders, strict=True)}
+
+
+def folder_owners(committed: pa.Table) -> Callable[[list[str]], dict[str, tuple[str, str]]]:
+    """A lookup: series folder -> (base folder, SeriesInstanceUID) that owns it."""
+    parents = _parent(committed["destination"]) if committed.num_rows else pa.array([], pa.string())
+
+    def owners(folders: list[str]) -> dict[str, tuple[str, str]]:
+        if not folders or committed.num_rows == 0:
+            return {}
+        mask = pc.is_in(parents, value_set=pa.array(folders))
+        rows = committed.filter(mask)
+        return {
+            f: (b, s or "")
+            for f, b, s in zip(
+                _parent(rows["destination"]).to_pylist(),
+                rows["base_folder"].to_pylist(),
+                rows["series_uid"].to_pylist(),
+                strict=True,
+            )
+        }
+
+    return owners
+
+
+def ledger_file_names(committed: pa.Table) -> Callable[[str], set[str]]:
+    """A lookup: folder -> names of files the ledger placed in it (one vectorised filter
+    per folder asked about; folders are asked about once)."""
+    if committed.num_rows == 0:
+        return lambda _folder: set()
+    destinations = committed["destination"]
+    parents = _parent(destinations)
+
+    def names(folder: str) -> set[str]:
+        inside = destinations.filter(pc.equal(parents, folder)).to_pylist()
+        return {d.rpartition("/")[2] for d in inside}
+
+    return names
+
+
+# --- naming the new rows ---------------------------------------------------------------
+
+
+def _text(value: object) -> str:
+    return value if isinstance(value, str) else ""
+
+
+class Renderer:
+    """Template rendering with a cache per distinct tuple of template values."""
+
+    def __init__(self, settings: Naming):
+        self.settings = settings
+        self._folder_fields = [f for f, _ in naming.template_fields(settings.folder_template)]
+        self._cache: dict[tuple, str] = {}
+
+    @staticmethod
+    def values(row: dict) -> dict[str, str]:
+        values = {k: v for k, v in row.items() if isinstance(v, str)}
+        values["filename"] = inventory.file_name(row["relpath"])
+        values["input_folder"] = inventory.decode_name(row["folder"] or "")
+        return values
+
+    def base_folder(self, row: dict) -> str:
+        key = tuple(
+            inventory.file_name(row["relpath"])
+            if f == "filename"
+            else _text(row.get(f) if f != "input_folder" else row["folder"])
+            for f in self._folder_fields
+        )
+        if key not in self._cache:
+            self._cache[key] = naming.render_path(
+                self.settings.folder_template, self.values(row), self.settings.placeholder
+            )
+        return self._cache[key]
+
+    def file_name(self, row: dict) -> str:
+        rendered = naming.render_path(
+            self.settings.file_template, self.values(row), self.settings.placeholder
+        )
+        return rendered.replace("/", "_")
+
+
+def _ordered_chunks(new: pa.Table) -> Iterator[list[dict]]:
+    """New rows in planning order, a chunk of dicts at a time: by study date, study, series,
+    then the file a person would keep of two identical ones (the shorter file name, then
+    path order): ``IM1.dcm`` before ``copy_of_IM1.dcm`` and ``IM1 (2).dcm``."""
+    names = pc.replace_substring_regex(new["relpath"], pattern=r"^.*/", replacement="")
+    keyed = new.append_column("_name_length", pc.utf8_length(names)).append_column("_name", names)
+    order = pc.sort_indices(
+        keyed,
+        sort_keys=[
+            (c, "ascending", "at_start") for c in [*_ORDER, "_name_length", "_name", "relpath"]
+        ],
+    )
     for start in range(0, len(order), _CHUNK):
-        chunk = order[start : start + _CHUNK]
-        values = zip(*(files[c].take(chunk).tolist() for c in columns), strict=True)
-        for position, row in zip(chunk.tolist(), values, strict=True):
-            yield position, dict(zip(columns, row, strict=True))
+        yield new.take(order[start : start + _CHUNK]).to_pylist()
+
+
+@dataclass
+class Planner:
+    """The decisions of one plan, made row by row over the new files only."""
+
+    settings: Naming
+    names: Names
+    contents: ContentIndex
+    folder_of_series: dict[tuple[str, str], str]
+    owner_of_folder: Callable[[list[str]], dict[str, tuple[str, str]]]
+    digest_of_input: Callable[[str], str | None]
+    disk: Disk
+    _owners: dict[str, tuple[str, str]] = field(default_factory=dict)
+
+    def series_folder(self, base: str, series_uid: str) -> str:
+        """The folder of a series: its earlier one, else base, else base + a hash of the
+        series UID when another series holds base (``keep_series_apart``)."""
+        key = (base, series_uid)
+        if not self.settings.keep_series_apart:
+            key = (base, "")
+        if key in self.folder_of_series:
+            return self.folder_of_series[key]
+        head, _, leaf = base.rpartition("/")
+        attempt = 1
+        while True:
+            suffix = (
+                ""
+                if attempt == 1
+                else f"_{naming.short_hash(series_uid)}" + (f"_{attempt}" if attempt > 2 else "")
+            )
+            candidate = self.names.folder_path(
+                (head + "/" if head else "") + naming.with_suffix(leaf, suffix)
+            )
+            if candidate not in self._owners:
+                self._owners.update(self.owner_of_folder([candidate]))
+            owner = self._owners.get(candidate)
+            if owner is None or owner == key or not self.settings.keep_series_apart:
+                self._owners[candidate] = key
+                self.folder_of_series[key] = candidate
+                return candidate
+            attempt += 1
+
+    def decide(self, row: dict) -> dict:
+        """One new file's action, destination and digest."""
+        sop, size, relpath = row.get("SOPInstanceUID"), row["size"], row["relpath"]
+        digest = None
+        if self.contents.candidates(sop, size):
+            digest = self.digest_of_input(relpath)
+            twin = self.contents.twin(sop, size, digest) if digest else None
+            if twin is not None:
+                action = DUPLICATE if twin.live else PRESENT
+                twin.live = True
+                return {
+                    "action": action,
+                    "destination": twin.destination,
+                    "committed": twin.committed,
+                    "digest": digest,
+                    "base_folder": None,
+                    "conflict": False,
+                    "reason": DUPLICATE_REASON if action == DUPLICATE else PRESENT_REASON,
+                }
+        base = self.renderer.base_folder(row)
+        folder = self.series_folder(base, _text(row.get("SeriesInstanceUID")))
+
+        def adopt(destination: str) -> bool:
+            # A name held on disk by a file of this size: ours if the bytes are (a copy
+            # made by a run that was killed before it committed).
+            nonlocal digest
+            if self.disk.size(destination) != size:
+                return False
+            digest = digest or self.digest_of_input(relpath)
+            return digest is not None and self.disk.digest(destination) == digest
+
+        destination, adopted = self.names.claim_file(folder, self.renderer.file_name(row), adopt)
+        self.contents.add(Content(destination, size, digest, sop, False, True, relpath))
+        others = self.contents.other_destinations(sop, destination)
+        reason = PRESENT_REASON if adopted else None
+        if others:
+            reason = (
+                f"conflict: same SOPInstanceUID as {', '.join(others[:3])}"
+                f"{' …' if len(others) > 3 else ''} but different content; both kept"
+            )
+        return {
+            "action": PRESENT if adopted else SORT,
+            "destination": destination,
+            "committed": False,
+            "digest": digest,
+            "base_folder": base,
+            "conflict": bool(others),
+            "reason": reason,
+        }
+
+    @property
+    def renderer(self) -> Renderer:
+        if not hasattr(self, "_renderer"):
+            self._renderer = Renderer(self.settings)
+        return self._renderer
 
 
 def make_plan(
-    files: pd.DataFrame,
-    registry: pd.DataFrame,
+    files: pa.Table,
+    committed: pa.Table,
     settings: Naming,
-    digests: Mapping[str, str] | None = None,
-    occupied: Callable[[str], bool] = lambda _destination: False,
-) -> tuple[pd.DataFrame, pd.DataFrame]:
-    """Return (plan, registry): one plan row per file, and the updated placements.
-
-    ``digests`` maps input relpaths (and earlier destinations) of duplicate candidates to
-    content digests; ``occupied(destination)`` says whether a path in the output folder is
-    already taken by something dcmsort did not place.
-    """
-    digests = digests or {}
-    missing = [c for c in dict.fromkeys([*PLAN_TAGS, *_ORDER]) if c not in files.columns]
-    # Adds columns without copying the others (pandas copy-on-write).
-    files = files.reset_index(drop=True).assign(**dict.fromkeys(missing))
-    # Earlier decisions, as compact tuples: this is what keeps placements stable.
-    earlier: dict[tuple, tuple[str, str]] = {}
-    folder_of_series: dict[tuple[str, str], str] = {}
-    used_names: set[str] = set()
-    # Content known for each SOPInstanceUID: (size, digest, destination) of sorted files.
-    by_sop: dict[str, list[tuple[int, str | None, str]]] = {}
-    for relpath, size, mtime, action, destination, base, series, sop, digest in zip(
-        *(registry[c].tolist() for c in REGISTRY_COLUMNS), strict=True
-    ):
-        earlier[(relpath, size, mtime)] = (action, destination)
-        if action != SORT:
-            continue
-        folder_of_series[(base, series if isinstance(series, str) else "")] = (
-            destination.rpartition("/")[0]
-        )
-        used_names.add(destination)
-        if isinstance(sop, str) and sop:
-            known = digest if isinstance(digest, str) else digests.get(destination)
-            by_sop.setdefault(sop, []).append((size, known, destination))
-    folder_owner = {folder: key for key, folder in folder_of_series.items()}
-
-    folder_cache: dict[tuple, str] = {}
-    folder_fields = [f for f, _ in naming.template_fields(settings.folder_template)]
-
-    def base_folder(row: Mapping) -> str:
-        key = tuple(_value(row, f) for f in folder_fields)
-        if key not in folder_cache:
-            folder_cache[key] = naming.render_path(
-                settings.folder_template, _file_values(row), settings.placeholder
-            )
-        return folder_cache[key]
-
-    def assign_folder(base: str, series_uid: str) -> str:
-        if not settings.keep_series_apart:
-            return base
-        key = (base, series_uid)
-        if key not in folder_of_series:
-            candidate, attempt = base, 1
-            while candidate in folder_owner and folder_owner[candidate] != key:
-                attempt += 1
-                suffix = f"_{naming.short_hash(series_uid)}" + (
-                    f"_{attempt}" if attempt > 2 else ""
-                )
-                head, _, leaf = base.rpartition("/")
-                candidate = (head + "/" if head else "") + naming.with_suffix(leaf, suffix)
-            folder_of_series[key] = candidate
-            folder_owner[candidate] = key
-        return folder_of_series[key]
-
-    def assign_name(folder: str, name: str) -> str:
-        destination, attempt = f"{folder}/{name}", 1
-        while destination in used_names or occupied(destination):
-            attempt += 1
-            destination = f"{folder}/{naming.with_suffix(name, f'_{attempt}')}"
-        used_names.add(destination)
-        return destination
-
-    n = len(files)
-    actions: list[str | None] = [None] * n
-    destinations: list[str | None] = [None] * n
-    reasons: list[str | None] = [None] * n
-    # Decisions of this run, one list per registry column (a dict per file costs ~1 KB).
-    new_rows: dict[str, list] = {c: [] for c in REGISTRY_COLUMNS}
-    template_fields = settings.fields
-    columns = list(
-        dict.fromkeys(
-            ["folder", *SOURCE_KEY, "dicom", "skip_reason", "SOPInstanceUID", *_ORDER]
-            + [c for c in files.columns if c in template_fields]
-        )
+    disk: Disk,
+    digest_of_input: Callable[[str], str | None],
+) -> pa.Table:
+    """One plan row per new file version (PLAN_SCHEMA), decided against the ledger
+    (``committed``), the output folder (``disk``) and each other."""
+    files = _with_columns(files)
+    new = new_files(files, committed)
+    contents = ContentIndex(disk.digest, digest_of_input)
+    for content in known_contents(committed, files, new):
+        contents.add(content)
+    renderer = Renderer(settings)
+    bases = sorted({renderer.base_folder(row) for row in new.to_pylist()}) if new.num_rows else []
+    planner = Planner(
+        settings=settings,
+        names=Names(disk, ledger_file_names(committed)),
+        contents=contents,
+        folder_of_series=series_folders(committed, bases),
+        owner_of_folder=folder_owners(committed),
+        digest_of_input=digest_of_input,
+        disk=disk,
     )
-    for i, row in _rows_in_order(files, columns):
-        decided = earlier.get((row["relpath"], row["size"], row["mtime_ns"]))
-        if not row["dicom"]:
-            actions[i], reasons[i] = SKIP, row["skip_reason"]
-            continue
-        if decided is not None:
-            actions[i], destinations[i] = decided
-            reasons[i] = DUPLICATE_REASON if decided[0] == DUPLICATE else None
-            continue
-        sop, size = _value(row, "SOPInstanceUID"), row["size"]
-        digest = digests.get(row["relpath"])
-        same = [m for m in by_sop.get(sop, []) if m[0] == size and digest and m[1] == digest]
-        base = series_uid = None
-        if sop and same:
-            actions[i], destinations[i], reasons[i] = DUPLICATE, same[0][2], DUPLICATE_REASON
-        else:
-            base = base_folder(row)
-            series_uid = _value(row, "SeriesInstanceUID")
-            name = naming.render_path(
-                settings.file_template, _file_values(row), settings.placeholder
-            ).replace("/", "_")
-            actions[i] = SORT
-            destinations[i] = assign_name(assign_folder(base, series_uid), name)
-            if sop:
-                by_sop.setdefault(sop, []).append((size, digest, destinations[i]))
-        for column, value in zip(
-            REGISTRY_COLUMNS,
-            (
-                row["relpath"],
-                size,
-                row["mtime_ns"],
-                actions[i],
-                destinations[i],
-                base,
-                series_uid,
-                sop or None,
-                digest,
-            ),
-            strict=True,
-        ):
-            new_rows[column].append(value)
-
-    # A conflict: one SOPInstanceUID sorted to more than one destination (different bytes).
-    conflicts = [False] * n
-    sorted_per_sop = {sop: {m[2] for m in ms} for sop, ms in by_sop.items() if len(ms) > 1}
-    if sorted_per_sop:
-        for i, sop in enumerate(files["SOPInstanceUID"].tolist()):
-            if actions[i] == SORT and sop in sorted_per_sop:
-                others = sorted(sorted_per_sop[sop] - {destinations[i]})
-                if others:
-                    conflicts[i] = True
-                    reasons[i] = (
-                        f"conflict: same SOPInstanceUID as {', '.join(others[:3])}"
-                        f"{' …' if len(others) > 3 else ''} but different content; both kept"
-                    )
-
-    plan = files[["folder", *SOURCE_KEY, *PLAN_TAGS]].assign(
-        action=actions,
-        destination=destinations,
-        reason=reasons,
-        conflict=conflicts,
-        new=~_key_in(files, registry),
-    )[PLAN_COLUMNS]
-    if new_rows["relpath"]:
-        registry = pd.concat([registry, pd.DataFrame(new_rows)], ignore_index=True)
-    known_digests = registry["destination"].map(digests)
-    registry = registry.assign(
-        digest=registry["digest"].where(registry["digest"].notna(), known_digests)
-    )
-    return plan, registry[REGISTRY_COLUMNS]
+    planner._renderer = renderer
+    columns: dict[str, list] = {name: [] for name in PLAN_SCHEMA.names}
+    for chunk in _ordered_chunks(new):
+        for row in chunk:
+            decision = planner.decide(row)
+            for name in PLAN_SCHEMA.names:
+                columns[name].append(decision[name] if name in decision else row.get(name))
+    return pa.table(columns, schema=PLAN_SCHEMA)
 
 
-def removed_sources(files: pd.DataFrame, registry: pd.DataFrame) -> pd.DataFrame:
-    """Earlier placements whose input file is gone or was replaced (their copies stay)."""
-    return registry[~_key_in(registry, files) & (registry["action"] == SORT)]
+def _with_columns(files: pa.Table) -> pa.Table:
+    """files with every PLAN_TAGS column, text where a column holds only nulls."""
+    for index, column in enumerate(files.schema):
+        if pa.types.is_null(column.type):
+            files = files.set_column(index, column.name, files[column.name].cast(pa.string()))
+    for tag in PLAN_TAGS:
+        if tag not in files.column_names:
+            files = files.append_column(tag, pa.nulls(files.num_rows, pa.string()))
+    return files
 
 
-# --- state kept between runs -------------------------------------------------------------
+# --- entry point ------------------------------------------------------------------------
 
 
-def read_manifests(paths: list[Path], settings: Naming) -> pd.DataFrame:
-    """All manifest rows, sorted by path, with only the columns planning uses (memory)."""
+def read_manifests(paths: list[Path], settings: Naming) -> pa.Table:
+    """Every manifest row with the columns planning uses."""
     wanted = list(
         dict.fromkeys(
-            [
-                "folder",
-                *SOURCE_KEY,
-                "dicom",
-                "skip_reason",
-                *PLAN_TAGS,
-                *_ORDER,
-                *sorted(settings.fields),
-            ]
+            ["folder", *SOURCE_KEY, "dicom", "skip_reason", *PLAN_TAGS, *sorted(settings.fields)]
         )
     )
-    frames = [
-        pd.read_parquet(p, columns=[c for c in wanted if c in pq.read_schema(p).names])
-        for p in paths
-    ]
-    if not frames:
-        return pd.DataFrame({c: pd.Series(dtype="object") for c in wanted[:6]})
-    files = pd.concat(frames, ignore_index=True)
-    return files.sort_values("relpath", kind="stable", ignore_index=True)
+    tables = []
+    for path in paths:
+        names = pq.read_schema(path).names
+        tables.append(pq.read_table(path, columns=[c for c in wanted if c in names]))
+    if not tables:
+        return pa.table(
+            {
+                "folder": pa.array([], pa.string()),
+                "relpath": pa.array([], pa.string()),
+                "size": pa.array([], pa.int64()),
+                "mtime_ns": pa.array([], pa.int64()),
+                "dicom": pa.array([], pa.bool_()),
+                "skip_reason": pa.array([], pa.string()),
+            }
+        )
+    return pa.concat_tables(tables, promote_options="default")
 
 
-def read_registry(path: Path) -> pd.DataFrame:
-    if not path.exists():
-        return empty_registry()
-    return pd.read_parquet(path)[REGISTRY_COLUMNS]
-
-
-def occupied_in(output_dir: Path) -> Callable[[str], bool]:
-    """Whether a destination is taken on disk; folders that do not exist yet are noted once,
-    so planning into a new output folder costs one stat per folder, not one per file."""
-    folder_exists: dict[str, bool] = {}
-
-    def occupied(destination: str) -> bool:
-        folder = destination.rpartition("/")[0]
-        if folder not in folder_exists:
-            folder_exists[folder] = (output_dir / folder).is_dir()
-        return folder_exists[folder] and os.path.lexists(output_dir / destination)
-
-    return occupied
+def write_csv(table: pa.Table, path: Path) -> None:
+    with atomic_path(path) as tmp:
+        pacsv.write_csv(table, tmp)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -378,64 +598,54 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--plan", type=Path, required=True)
     parser.add_argument("--plan-csv", type=Path, required=True)
     parser.add_argument("--skipped", type=Path, required=True)
-    parser.add_argument(
-        "--removed", type=Path, required=True, help="CSV of earlier placements whose input is gone"
-    )
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s", stream=sys.stderr)
+    started = time.perf_counter()
     settings = Naming(**json.loads(args.naming))
-    layout_file, registry_file = args.state_dir / "layout.json", args.state_dir / "registry.parquet"
+    layout_file = args.state_dir / "layout.json"
     try:
         check_layout(layout_file, settings)
     except ConfigError as error:
         log.error("dcmsort: error: %s", error)
         return 2
     files = read_manifests(args.manifests, settings)
-    registry = read_registry(registry_file)
+    committed = ledger.read(args.state_dir)
+    hashed = []
 
-    sources, destinations = duplicate_candidates(files, registry)
-    digests = {s: file_digest(args.input_dir / s) for s in sources}
-    digests |= {
-        d: file_digest(args.output_dir / d) for d in destinations if (args.output_dir / d).is_file()
-    }
-    log.info(
-        "%d files in %d manifests; %d earlier placements; %d digests for duplicate checks",
-        len(files),
-        len(args.manifests),
-        len(registry),
-        len(digests),
-    )
+    def digest_of_input(relpath: str) -> str | None:
+        hashed.append(relpath)
+        try:
+            return file_digest(inventory.source_path(args.input_dir, relpath))
+        except OSError:
+            return None
 
-    plan, registry = make_plan(
-        files,
-        registry,
-        settings,
-        digests,
-        occupied=occupied_in(args.output_dir),
-    )
-    gone = removed_sources(files, registry)
-    # Registry first: a plan must never name a destination the registry does not reserve.
-    with atomic_path(registry_file) as tmp:
-        registry.to_parquet(tmp, index=False)
+    plan = make_plan(files, committed, settings, Disk(args.output_dir), digest_of_input)
     with atomic_path(layout_file) as tmp:
         tmp.write_text(json.dumps(asdict(settings), indent=2))
     with atomic_path(args.plan) as tmp:
-        plan.to_parquet(tmp, index=False)
-    with atomic_path(args.plan_csv) as tmp:
-        plan.to_csv(tmp, index=False)
-    with atomic_path(args.skipped) as tmp:
-        plan.loc[plan["action"] == SKIP, ["relpath", "size", "reason"]].to_csv(tmp, index=False)
-    with atomic_path(args.removed) as tmp:
-        gone[["relpath", "destination"]].to_csv(tmp, index=False)
-    counts = plan["action"].value_counts().to_dict()
+        pq.write_table(plan, tmp)
+    write_csv(plan.drop_columns(["committed", "digest", "base_folder"]), args.plan_csv)
+    skipped = files.filter(pc.invert(pc.fill_null(files["dicom"], False)))
+    write_csv(
+        skipped.select(["relpath", "size", "skip_reason"]).rename_columns(
+            ["relpath", "size", "reason"]
+        ),
+        args.skipped,
+    )
+    actions = plan["action"].to_pylist()
     log.info(
-        "plan: %d to sort (%d new), %d duplicates, %d conflicts, %d skipped, %d sources gone",
-        counts.get(SORT, 0),
-        int((plan["new"] & (plan["action"] == SORT)).sum()),
-        counts.get(DUPLICATE, 0),
-        int(plan["conflict"].sum()),
-        counts.get(SKIP, 0),
-        len(gone),
+        "plan: %d files, %d committed earlier, %d new: %d to sort, %d already present, "
+        "%d duplicates, %d conflicts; %d skipped; %d digests; %.2f s",
+        files.num_rows,
+        committed.num_rows,
+        plan.num_rows,
+        actions.count(SORT),
+        actions.count(PRESENT),
+        actions.count(DUPLICATE),
+        pc.sum(plan["conflict"]).as_py() or 0,
+        skipped.num_rows,
+        len(hashed),
+        time.perf_counter() - started,
     )
     return 0
 

@@ -1,25 +1,42 @@
-"""What happened, at a glance: a self-contained HTML report and a JSON summary.
+"""What is in the output folder and what this run did: an HTML page and a JSON summary.
 
-Reads the plan and the transfer results; decides nothing. Every header value shown is
-escaped: tags are untrusted input, in a web page as much as in a path. The JSON summary
-is what ``summary_line`` prints at the end of a run and what scripts should read.
+Built from the ledger (what is verifiably in place), the current manifests (what the input
+holds) and this run's transfer results, with columnar aggregates: no Python work per
+sorted file, no plotting library (the chart is HTML and CSS). Decides nothing.
+
+Every value shown is escaped: header values and file names are untrusted input, in a web
+page as much as in a path. While a run is going, and after one failed, the page and the
+summary say so at the top (``mark``): a report never reads as the current state when it
+is not.
 """
 
 from __future__ import annotations
 
 import argparse
 import html
-import io
 import json
 import logging
+import os
 import sys
 import time
 from pathlib import Path
 
+import pyarrow as pa
+import pyarrow.compute as pc
+import pyarrow.parquet as pq
+
+from dcmsort import ledger
+from dcmsort.fileops import atomic_path
+
 log = logging.getLogger("dcmsort.report")
 
 HISTORY = "history.jsonl"  # one summary per run, appended: what changed since the last run
-MAX_LISTED = 500  # rows of a detail table in the HTML; the CSVs have all
+MAX_LISTED = 500  # rows of a detail table in the HTML; the CSV files have all
+STATUS_START, STATUS_END = "<!--dcmsort-status-->", "<!--/dcmsort-status-->"
+COMPLETE, RUNNING, FAILED, STALE = "complete", "running", "failed", "stale"
+
+
+# --- the summary line and the status marks ----------------------------------------------
 
 
 def summary_line(summary_file: Path) -> str:
@@ -28,131 +45,267 @@ def summary_line(summary_file: Path) -> str:
         s = json.loads(Path(summary_file).read_text())
     except (OSError, ValueError):
         return f"dcmsort: finished; no summary at {summary_file}"
-    gone = f", {s['sources_gone']:,} sources gone (copies kept)" if s["sources_gone"] else ""
+    extra = ""
+    if s.get("sources_gone"):
+        extra += f", {s['sources_gone']:,} sources gone (copies kept)"
+    if s.get("dangling_links"):
+        extra += f", {s['dangling_links']:,} links dangling (their input is gone)"
+    if s.get("changed_during_run"):
+        extra += f", {s['changed_during_run']:,} changed during the run (rerun to sort them)"
+    status = "" if s.get("status", COMPLETE) == COMPLETE else f" [{s['status']}]"
     return (
-        f"dcmsort: {s['files_sorted']:,} files sorted ({s['files_new']:,} new this run), "
-        f"{s['duplicates']:,} duplicates, {s['conflicts']:,} conflicts, "
-        f"{s['skipped']:,} skipped{gone} · report: {s['report']}"
+        f"dcmsort{status}: {s['files_sorted']:,} files sorted ({s['files_new']:,} new this "
+        f"run), {s['duplicates']:,} duplicates, {s['conflicts']:,} conflicts, "
+        f"{s['skipped']:,} skipped{extra} · report: {s['report']}"
     )
 
 
+def mark(state_dir: Path, status: str, message: str) -> None:
+    """Say at the top of an existing report and summary that they are not current."""
+    state_dir = Path(state_dir)
+    summary_file, page = state_dir / "summary.json", state_dir / "report.html"
+    try:
+        summary = json.loads(summary_file.read_text())
+    except (OSError, ValueError):
+        return
+    summary.update(status=status, status_message=message)
+    with atomic_path(summary_file) as tmp:
+        tmp.write_text(json.dumps(summary, indent=2, ensure_ascii=False))
+    try:
+        text = page.read_text(encoding="utf-8")
+    except OSError:
+        return
+    head, _, rest = text.partition(STATUS_START)
+    _, _, tail = rest.partition(STATUS_END)
+    banner = f"<p class='warn'><b>{html.escape(status)}:</b> {html.escape(message)}</p>"
+    with atomic_path(page) as tmp:
+        tmp.write_text(f"{head}{STATUS_START}{banner}{STATUS_END}{tail}", encoding="utf-8")
+
+
+def status_of(state_dir: Path) -> str | None:
+    try:
+        return json.loads((Path(state_dir) / "summary.json").read_text()).get("status")
+    except (OSError, ValueError):
+        return None
+
+
+# --- history: appended, a torn last line tolerated ----------------------------------------
+
+
+def last_history(path: Path) -> dict | None:
+    """The newest complete entry; a torn line (a full disk during an append) is skipped."""
+    try:
+        lines = path.read_bytes().splitlines()
+    except OSError:
+        return None
+    for line in reversed(lines):
+        try:
+            return json.loads(line)
+        except ValueError:
+            continue
+    return None
+
+
+def append_history(path: Path, entry: dict) -> None:
+    """One write of one whole line (O_APPEND), after a newline if the last one was torn."""
+    line = json.dumps(entry, ensure_ascii=False).encode() + b"\n"
+    fd = os.open(path, os.O_RDWR | os.O_APPEND | os.O_CREAT, 0o666)
+    try:
+        size = os.fstat(fd).st_size
+        if size and os.pread(fd, 1, size - 1) != b"\n":
+            line = b"\n" + line
+        os.write(fd, line)
+    finally:
+        os.close(fd)
+
+
+# --- the numbers ------------------------------------------------------------------------
+
+
+def _count_by(column: pa.ChunkedArray, missing: str = "(none)") -> dict[str, int]:
+    counts = pc.value_counts(pc.fill_null(column, missing))
+    pairs = sorted(
+        zip(counts.field("values").to_pylist(), counts.field("counts").to_pylist(), strict=True),
+        key=lambda kv: (-kv[1], str(kv[0])),
+    )
+    return {str(k): int(v) for k, v in pairs}
+
+
+def _distinct(column: pa.ChunkedArray | pa.Array) -> int:
+    return pc.count_distinct(column).as_py() if len(column) else 0
+
+
+def placements(committed: pa.Table) -> pa.Table:
+    """One row per destination holding a placed file (the output tree, per the ledger)."""
+    placed = committed.filter(pc.equal(committed["status"], ledger.PLACED))
+    if placed.num_rows == 0:
+        return placed.select(
+            ["destination", "relpath", "size", "sop_uid", "study_uid", "modality", "mode"]
+        )
+    grouped = placed.group_by("destination", use_threads=False).aggregate(
+        [
+            ("relpath", "last"),
+            ("size", "max"),
+            ("sop_uid", "first"),
+            ("study_uid", "first"),
+            ("modality", "first"),
+            ("mode", "last"),
+        ]
+    )
+    return grouped.rename_columns(
+        [
+            n.removesuffix("_max").removesuffix("_first").removesuffix("_last")
+            for n in grouped.column_names
+        ]
+    )
+
+
+def conflicted(placed: pa.Table) -> pa.Table:
+    """Placements whose SOPInstanceUID is at more than one destination (different content)."""
+    with_sop = placed.filter(pc.is_valid(placed["sop_uid"]))
+    if with_sop.num_rows == 0:
+        return with_sop
+    per_sop = with_sop.group_by("sop_uid", use_threads=False).aggregate(
+        [("destination", "count_distinct")]
+    )
+    shared = per_sop.filter(pc.greater(per_sop["destination_count_distinct"], 1))["sop_uid"]
+    return with_sop.filter(pc.is_in(with_sop["sop_uid"], value_set=shared))
+
+
+def gone_sources(committed: pa.Table, live_rows: pa.Table, placed: pa.Table) -> pa.Table:
+    """Placements no current input file has the content of (their copies stay)."""
+    alive = pc.unique(live_rows["destination"]) if live_rows.num_rows else pa.array([], pa.string())
+    return placed.filter(pc.invert(pc.is_in(placed["destination"], value_set=alive)))
+
+
 def summarise(
-    plan,
-    transfers,
+    files: pa.Table,
+    committed: pa.Table,
+    transfers: pa.Table,
     manifests_meta: list[dict],
     previous: dict | None,
-    output_dir: str,
+    output_dir: Path,
     mode: str,
     report_path: str,
-    sources_gone: int = 0,
-) -> dict:
-    """The run's numbers, from the plan and the transfer results (pandas frames)."""
-    sorted_rows = plan[plan["action"] == "sort"]
-    status = transfers["status"].value_counts().to_dict() if len(transfers) else {}
+) -> tuple[dict, dict[str, pa.Table]]:
+    """The numbers of the summary, and the tables the page lists."""
+    placed = placements(committed)
+    live_rows = ledger.live(committed, files)
+    gone = gone_sources(committed, live_rows, placed)
+    links = gone.filter(pc.equal(gone["mode"], "symlink"))
+    dangling = [d for d in links["destination"].to_pylist() if not (output_dir / d).exists()]
+    duplicates = live_rows.filter(pc.equal(live_rows["status"], ledger.DUPLICATE))
+    skipped = files.filter(pc.invert(pc.fill_null(files["dicom"], False)))
+    status = _count_by(transfers["status"]) if transfers.num_rows else {}
+    conflicts = conflicted(placed)
     since = (previous or {}).get("generated_at", 0)
-    skipped = plan[plan["action"] == "skip"]
-    return {
+    destinations = placed["destination"]
+    summary = {
+        "status": COMPLETE,
         "generated_at": time.time(),
-        "output_dir": output_dir,
+        "output_dir": str(output_dir),
         "report": report_path,
         "transfer_mode": mode,
         "previous_transfer_mode": (previous or {}).get("transfer_mode"),
-        "input_files": len(plan),
-        "patients": int(sorted_rows["destination"].str.split("/").str[0].nunique()),
-        "studies": int(sorted_rows["StudyInstanceUID"].nunique()),
-        "series": int(sorted_rows["destination"].str.rsplit("/", n=1).str[0].nunique()),
-        "files_sorted": len(sorted_rows),
-        "bytes_sorted": int(sorted_rows["size"].sum()),
-        "files_new": int(status.get("copied", 0) + status.get("linked", 0)),
-        "bytes_written": int(transfers["bytes"].sum()) if len(transfers) else 0,
-        "files_already_present": int(status.get("present", 0)),
-        "duplicates": int((plan["action"] == "duplicate").sum()),
-        "conflicts": int(plan["conflict"].sum()),
-        "skipped": len(skipped),
-        "sources_gone": sources_gone,
-        "skipped_by_reason": {str(k): int(v) for k, v in skipped["reason"].value_counts().items()},
+        "input_files": files.num_rows,
+        "patients": _distinct(pc.replace_substring_regex(destinations, r"/.*$", "")),
+        "studies": _distinct(placed["study_uid"].drop_null()),
+        "series": _distinct(pc.replace_substring_regex(destinations, r"/[^/]*$", "")),
+        "files_sorted": placed.num_rows,
+        "bytes_sorted": pc.sum(placed["size"]).as_py() or 0,
+        "files_new": status.get("copied", 0) + status.get("linked", 0),
+        "bytes_written": pc.sum(transfers["bytes"]).as_py() or 0,
+        "files_already_present": status.get("present", 0),
+        "duplicates": duplicates.num_rows,
+        "conflicts": conflicts.num_rows,
+        "skipped": skipped.num_rows,
+        "sources_gone": gone.num_rows,
+        "dangling_links": len(dangling),
+        "changed_during_run": status.get("changed", 0),
+        "errors": status.get("error", 0),
+        "skipped_by_reason": _count_by(skipped["skip_reason"]),
         "headers_read": sum(
             int(m.get("headers_read", 0))
             for m in manifests_meta
             if float(m.get("extracted_at", 0)) > since
         ),
-        "files_per_modality": {
-            str(k): int(v)
-            for k, v in sorted_rows["Modality"].fillna("(none)").value_counts().items()
-        },
+        "files_per_modality": _count_by(placed["modality"]),
     }
+    unplaced = transfers.filter(pc.is_in(transfers["status"], pa.array(["changed", "error"])))
+    added = transfers.filter(pc.is_in(transfers["status"], pa.array(["copied", "linked"])))
+    tables = {
+        "skipped": skipped.select(["relpath", "size", "skip_reason"]),
+        "conflicts": conflicts.select(["destination", "sop_uid"]).sort_by("sop_uid"),
+        "duplicates": duplicates.select(["relpath", "destination"]),
+        "unplaced": unplaced.select(["relpath", "destination", "status", "detail"]),
+        "added": _per_folder(added["destination"], "new files"),
+        "gone": gone.select(["relpath", "destination", "mode"]),
+        "series": _series_table(placed),
+    }
+    return summary, tables
 
 
-def modality_chart_svg(files_per_modality: dict[str, int]) -> str:
-    """A horizontal bar chart of files per modality, as inline SVG (no network, no files)."""
-    import matplotlib
-
-    matplotlib.use("svg")
-    import matplotlib.pyplot as plt
-
-    labels = list(files_per_modality)[:20][::-1]
-    fig, ax = plt.subplots(figsize=(6, 0.4 * len(labels) + 1))
-    ax.barh(labels, [files_per_modality[k] for k in labels], color="#3b6ea8")
-    ax.set_xlabel("files sorted")
-    ax.set_title("Files per modality")
-    for side in ("top", "right"):
-        ax.spines[side].set_visible(False)
-    fig.tight_layout()
-    buffer = io.StringIO()
-    fig.savefig(buffer, format="svg")
-    plt.close(fig)
-    svg = buffer.getvalue()
-    return svg[svg.index("<svg") :]
+def _per_folder(destinations: pa.ChunkedArray, label: str) -> pa.Table:
+    folders = pc.replace_substring_regex(destinations, r"/[^/]*$", "")
+    counts = pc.value_counts(folders) if len(folders) else None
+    if counts is None:
+        return pa.table({"folder": pa.array([], pa.string()), label: pa.array([], pa.int64())})
+    return pa.table({"folder": counts.field("values"), label: counts.field("counts")}).sort_by(
+        "folder"
+    )
 
 
-def _table(frame, caption: str, total: int | None = None) -> str:
-    if frame is None or len(frame) == 0:
+def _series_table(placed: pa.Table) -> pa.Table:
+    series = placed.append_column(
+        "series folder", pc.replace_substring_regex(placed["destination"], r"/[^/]*$", "")
+    )
+    grouped = series.group_by("series folder", use_threads=False).aggregate(
+        [("destination", "count"), ("size", "sum"), ("modality", "first")]
+    )
+    return grouped.rename_columns(["series folder", "files", "bytes", "modality"]).sort_by(
+        "series folder"
+    )
+
+
+# --- the page ---------------------------------------------------------------------------
+
+
+def _table(table: pa.Table, caption: str) -> str:
+    if table.num_rows == 0:
         return f"<h2>{html.escape(caption)}</h2><p class='none'>None.</p>"
-    shown = frame.head(MAX_LISTED)
-    head = "".join(f"<th>{html.escape(str(c))}</th>" for c in shown.columns)
+    shown = table.slice(0, MAX_LISTED).to_pylist()
+    head = "".join(f"<th>{html.escape(str(c))}</th>" for c in table.column_names)
     body = "".join(
         "<tr>"
-        + "".join(f"<td>{html.escape('' if v is None else str(v))}</td>" for v in row)
+        + "".join(f"<td>{html.escape('' if v is None else str(v))}</td>" for v in row.values())
         + "</tr>"
-        for row in shown.itertuples(index=False)
+        for row in shown
     )
-    more = total if total is not None else len(frame)
     note = (
-        f"<p>{len(shown)} of {more} rows shown; all are in the CSV files.</p>"
-        if more > len(shown)
+        f"<p>{len(shown):,} of {table.num_rows:,} rows shown; all are in the CSV files.</p>"
+        if table.num_rows > len(shown)
         else ""
     )
     return f"<h2>{html.escape(caption)}</h2>{note}<table><tr>{head}</tr>{body}</table>"
 
 
-def render_html(summary: dict, plan, transfers, gone=None) -> str:
-    """The report page: totals, chart, patients → series, skipped, duplicates, conflicts."""
-    import pandas as pd
+def bar_chart(counts: dict[str, int], title: str, limit: int = 20) -> str:
+    """A horizontal bar chart in HTML and CSS: labels are escaped text, never markup or
+    mathtext, and the page needs no script, image or plotting library."""
+    if not counts:
+        return ""
+    top = max(counts.values())
+    rows = "".join(
+        f"<div class='bar'><span class='label'>{html.escape(label)}</span>"
+        f"<span class='fill' style='width:{max(1, round(60 * n / top))}%'></span>"
+        f"<span class='count'>{n:,}</span></div>"
+        for label, n in list(counts.items())[:limit]
+    )
+    return f"<h2>{html.escape(title)}</h2><div class='chart'>{rows}</div>"
 
-    sorted_rows = plan[plan["action"] == "sort"].copy()
-    sorted_rows["patient folder"] = sorted_rows["destination"].str.split("/").str[0]
-    sorted_rows["series folder"] = sorted_rows["destination"].str.rsplit("/", n=1).str[0]
-    per_series = (
-        sorted_rows.groupby(["patient folder", "series folder"], dropna=False)
-        .agg(files=("relpath", "size"), bytes=("size", "sum"), modality=("Modality", "first"))
-        .reset_index()
-    )
-    per_series["series folder"] = per_series["series folder"].str.split("/", n=1).str[-1]
-    new = transfers[transfers["status"].isin(["copied", "linked"])] if len(transfers) else None
-    added = (
-        new.assign(folder=new["destination"].str.rsplit("/", n=1).str[0])
-        .groupby("folder")
-        .size()
-        .rename("new files")
-        .reset_index()
-        if new is not None and len(new)
-        else None
-    )
-    skipped = plan.loc[plan["action"] == "skip", ["relpath", "size", "reason"]]
-    reasons = pd.DataFrame(list(summary["skipped_by_reason"].items()), columns=["reason", "files"])
-    duplicates = plan.loc[plan["action"] == "duplicate", ["relpath", "destination"]]
-    conflicts = plan.loc[plan["conflict"], ["relpath", "destination", "SOPInstanceUID"]]
-    errors = transfers[transfers["status"] == "error"] if len(transfers) else None
+
+def render_html(summary: dict, tables: dict[str, pa.Table]) -> str:
+    """The report page: totals, chart, what this run did, then everything in place."""
     totals = [
         ("Patients", summary["patients"]),
         ("Studies", summary["studies"]),
@@ -164,6 +317,7 @@ def render_html(summary: dict, plan, transfers, gone=None) -> str:
         ("Conflicts", summary["conflicts"]),
         ("Skipped", summary["skipped"]),
         ("Sources gone", summary["sources_gone"]),
+        ("Changed during the run", summary["changed_during_run"]),
         ("Headers read this run", summary["headers_read"]),
     ]
     cards = "".join(
@@ -171,17 +325,20 @@ def render_html(summary: dict, plan, transfers, gone=None) -> str:
         f"</div><div>{k}</div></div>"
         for k, v in totals
     )
-    chart = (
-        modality_chart_svg(summary["files_per_modality"]) if summary["files_per_modality"] else ""
-    )
-    mode_note = ""
+    notes = ""
     if summary["previous_transfer_mode"] not in (None, summary["transfer_mode"]):
-        mode_note = (
+        notes += (
             f"<p class='warn'>transfer_mode changed from "
             f"{html.escape(summary['previous_transfer_mode'])} to "
             f"{html.escape(summary['transfer_mode'])}: files placed earlier stay as "
             "they were placed.</p>"
         )
+    if summary["dangling_links"]:
+        notes += (
+            f"<p class='warn'>{summary['dangling_links']:,} symbolic links point to input "
+            "files that are gone: their content is no longer anywhere in the output.</p>"
+        )
+    generated = time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(summary["generated_at"]))
     return f"""<!DOCTYPE html>
 <html lang="en"><head><meta charset="utf-8"><title>dcmsort report</title>
 <style>
@@ -189,70 +346,92 @@ body {{ font-family: system-ui, sans-serif; margin: 2em; color: #222; }}
 .cards {{ display: flex; flex-wrap: wrap; gap: .8em; }}
 .card {{ border: 1px solid #ccd; border-radius: 6px; padding: .6em 1em; min-width: 8em; }}
 .card .n {{ font-size: 1.5em; font-weight: 600; }}
+.chart {{ max-width: 50em; }}
+.bar {{ display: flex; align-items: center; gap: .5em; margin: .15em 0; }}
+.bar .label {{ width: 12em; text-align: right; overflow-wrap: anywhere; }}
+.bar .fill {{ background: #3b6ea8; height: 1em; display: inline-block; }}
 table {{ border-collapse: collapse; margin: .5em 0 1.5em; font-size: .9em; }}
 td, th {{ border: 1px solid #ddd; padding: .25em .6em; text-align: left;
           overflow-wrap: anywhere; max-width: 45em; }}
 th {{ background: #f2f4f8; }}
 .warn {{ color: #a00; }} .none {{ color: #777; }}
 </style></head><body>
+{STATUS_START}{STATUS_END}
 <h1>dcmsort report</h1>
 <p>Output folder: <code>{html.escape(summary["output_dir"])}</code> · transfer mode:
-{html.escape(summary["transfer_mode"])} · generated
-{time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(summary["generated_at"]))}</p>
-{mode_note}
+{html.escape(summary["transfer_mode"])} · generated {generated}</p>
+{notes}
 <div class="cards">{cards}</div>
-<div class="chart">{chart}</div>
-{_table(reasons, "Skipped files by reason")}
-{_table(skipped, "Skipped files")}
-{_table(conflicts, "Conflicts: same SOPInstanceUID, different content (all kept)")}
-{_table(duplicates, "Exact duplicates (not written again)")}
-{_table(errors, "Transfer errors")}
-{_table(added, "Added by this run")}
-{_table(gone, "Sources gone since they were sorted (their copies are kept)")}
-{_table(per_series, "Patients and series")}
+{bar_chart(summary["files_per_modality"], "Files per modality")}
+{_table(tables["unplaced"], "Not placed by this run (see the reason)")}
+{_table(tables["added"], "Added by this run")}
+{bar_chart(summary["skipped_by_reason"], "Skipped files by reason")}
+{_table(tables["skipped"], "Skipped files")}
+{_table(tables["conflicts"], "Conflicts: same SOPInstanceUID, different content (all kept)")}
+{_table(tables["duplicates"], "Exact duplicates (not written again)")}
+{_table(tables["gone"], "Sources gone since they were sorted (their copies are kept)")}
+{_table(tables["series"], "Patients and series")}
 </body></html>
 """
 
 
+def read_manifests(paths: list[Path]) -> tuple[pa.Table, list[dict]]:
+    """Key and skip columns of every manifest, and each manifest's metadata."""
+    columns = [*ledger.SOURCE_KEY, "dicom", "skip_reason"]
+    tables, meta = [], []
+    for path in paths:
+        tables.append(pq.read_table(path, columns=columns))
+        metadata = pq.read_schema(path).metadata or {}
+        meta.append({k.decode(): v.decode() for k, v in metadata.items()})
+    if not tables:
+        schema = pa.schema(
+            [
+                ("relpath", pa.string()),
+                ("size", pa.int64()),
+                ("mtime_ns", pa.int64()),
+                ("dicom", pa.bool_()),
+                ("skip_reason", pa.string()),
+            ]
+        )
+        return schema.empty_table(), meta
+    return pa.concat_tables(tables), meta
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m dcmsort.report", description=__doc__)
-    parser.add_argument("--plan", type=Path, required=True)
     parser.add_argument("--transfers", type=Path, required=True)
     parser.add_argument("--manifests", type=Path, nargs="*", default=[])
-    parser.add_argument("--removed", type=Path, required=True)
-    parser.add_argument("--output-dir", required=True)
+    parser.add_argument("--state-dir", type=Path, required=True)
+    parser.add_argument("--output-dir", type=Path, required=True)
     parser.add_argument("--mode", required=True)
     parser.add_argument("--html", type=Path, required=True)
     parser.add_argument("--summary", type=Path, required=True)
+    parser.add_argument("--removed", type=Path, required=True)
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s", stream=sys.stderr)
-    import pandas as pd
-    import pyarrow.parquet as pq
+    import pyarrow.csv as pacsv
 
-    from dcmsort.fileops import atomic_path
-
-    plan = pd.read_parquet(args.plan)
-    transfers = pd.read_parquet(args.transfers)
-    meta = [
-        {k.decode(): v.decode() for k, v in (pq.read_schema(m).metadata or {}).items()}
-        for m in args.manifests
-    ]
-    history = args.summary.parent / HISTORY
-    previous = (
-        json.loads(history.read_text().splitlines()[-1])
-        if history.exists() and history.read_text().strip()
-        else None
+    files, meta = read_manifests(args.manifests)
+    committed = ledger.read(args.state_dir)
+    transfers = pq.read_table(args.transfers)
+    history = args.state_dir / HISTORY
+    summary, tables = summarise(
+        files,
+        committed,
+        transfers,
+        meta,
+        last_history(history),
+        args.output_dir,
+        args.mode,
+        str(args.html),
     )
-    gone = pd.read_csv(args.removed)
-    summary = summarise(
-        plan, transfers, meta, previous, args.output_dir, args.mode, str(args.html), len(gone)
-    )
+    with atomic_path(args.removed) as tmp:
+        pacsv.write_csv(tables["gone"], tmp)
     with atomic_path(args.html) as tmp:
-        tmp.write_text(render_html(summary, plan, transfers, gone), encoding="utf-8")
+        tmp.write_text(render_html(summary, tables), encoding="utf-8")
     with atomic_path(args.summary) as tmp:
         tmp.write_text(json.dumps(summary, indent=2, ensure_ascii=False))
-    with history.open("a") as handle:
-        handle.write(json.dumps(summary, ensure_ascii=False) + "\n")
+    append_history(history, summary)
     log.info("%s", summary_line(args.summary))
     return 0
 

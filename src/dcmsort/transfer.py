@@ -1,10 +1,24 @@
-"""Carry out the plan: put each file at its destination, atomically, never overwriting.
+"""Carry out the plan, then commit to the ledger what is verifiably in place.
 
-Decides nothing about names. For every ``sort`` row of the plan it writes the destination
-under a temporary name in the same folder and renames it into place, or finds it already
-there (same size and mtime for a copy, the same inode for a hard link, the same target for a
-symbolic link) and leaves it alone without opening either file. A destination that holds a
-different file is never overwritten: the row is reported as an error.
+Decides nothing about names. For each plan row not yet in the ledger:
+
+- ``sort``: write the file under a temporary name in its destination folder, check it
+  (size; a source that changed while it was copied is not placed; the digest too with
+  ``verify: checksum``), and link it to its name, which fails rather than replace anything;
+  a hard or symbolic link is made in one call, which also never replaces;
+- ``present``: check that the destination holds a file of the right size (the plan
+  compared digests);
+- ``duplicate``: commit once its destination is committed.
+
+Folders are opened one component at a time with ``O_NOFOLLOW`` and everything is created
+relative to an open folder, so a link or a file in the output tree is never followed, even
+one that appears while the run goes on. A destination that turns out to hold a different
+file is never overwritten: the row is an error, the plan is removed so the next run plans
+that file again, and the run fails.
+
+Commits go to the ledger every few seconds (``ledger.append``), after the files they name
+are in place: a run killed at any point leaves at most uncommitted copies, which the next
+run recognises by content.
 
 Imports pyarrow only (no pandas).
 """
@@ -12,26 +26,41 @@ Imports pyarrow only (no pandas).
 from __future__ import annotations
 
 import argparse
+import contextlib
 import errno
+import hashlib
 import logging
 import os
 import stat
 import sys
 import time
+from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
 from pathlib import Path
 
 import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
-from dcmsort.fileops import atomic_path, copy_file, file_digest
+from dcmsort import inventory, ledger
+from dcmsort.fileops import DIGEST, atomic_path, copy_range, temp_path_for
+from dcmsort.progress import Progress
 
 log = logging.getLogger("dcmsort.transfer")
 
 MODES = ("copy", "hardlink", "symlink")
 VERIFY = ("size", "checksum")
-COPIED, LINKED, PRESENT, ERROR = "copied", "linked", "present", "error"
+# Outcomes of one row.
+COPIED, LINKED, PRESENT, DUPLICATE, CHANGED, ERROR = (
+    "copied",
+    "linked",
+    "present",
+    "duplicate",
+    "changed",
+    "error",
+)
+COMMITTED = {COPIED, LINKED, PRESENT, DUPLICATE}
 RESULT_SCHEMA = pa.schema(
     [
         ("relpath", pa.string()),
@@ -41,79 +70,215 @@ RESULT_SCHEMA = pa.schema(
         ("detail", pa.string()),
     ]
 )
+COMMIT_EVERY_S = 2.0
+_NOT_A_FOLDER = {errno.ELOOP, errno.ENOTDIR, errno.EMLINK}
+# Link-based no-replace rename is refused by file systems without hard links.
+_NO_HARD_LINKS = {errno.EPERM, errno.EOPNOTSUPP, errno.ENOSYS, errno.EXDEV, errno.EMLINK}
 
 
 class TransferError(Exception):
     """A file could not be put at its destination; the message says why and what to do."""
 
 
-def destination_state(source: Path, destination: Path, source_stat: os.stat_result) -> bool | None:
-    """None if destination does not exist; True if it already holds source, in any
-    transfer mode; False if it holds something else. One lstat, no file opened."""
+class SourceChanged(TransferError):
+    """The input file is not the version the plan decided on (it changed since)."""
+
+
+def _digest_fd(fd: int) -> str:
+    digest = hashlib.new(DIGEST)
+    offset = 0
+    while chunk := os.pread(fd, 1 << 20, offset):
+        digest.update(chunk)
+        offset += len(chunk)
+    return digest.hexdigest()[:32]
+
+
+def _digest_at(folder_fd: int, name: str) -> str | None:
+    """Digest of a regular file in an open folder, not following a link."""
     try:
-        dest_stat = os.lstat(destination)
-    except FileNotFoundError:
+        fd = os.open(name, os.O_RDONLY | os.O_NOFOLLOW, dir_fd=folder_fd)
+    except OSError:
         return None
-    if stat.S_ISLNK(dest_stat.st_mode):
-        return os.readlink(destination) == str(source.absolute())
-    return stat.S_ISREG(dest_stat.st_mode) and (
-        (dest_stat.st_ino, dest_stat.st_dev) == (source_stat.st_ino, source_stat.st_dev)
-        or (dest_stat.st_size, dest_stat.st_mtime_ns)
-        == (source_stat.st_size, source_stat.st_mtime_ns)
+    try:
+        return _digest_fd(fd) if stat.S_ISREG(os.fstat(fd).st_mode) else None
+    finally:
+        os.close(fd)
+
+
+@dataclass(frozen=True)
+class Row:
+    relpath: str
+    size: int
+    mtime_ns: int
+    action: str
+    destination: str
+    digest: str | None
+
+
+class OutputTree:
+    """Folders of output_dir, opened and created one component at a time, never through a
+    link: ``O_NOFOLLOW`` makes a link (or a file) where a folder should be an error."""
+
+    def __init__(self, root: Path, folder_mode: int = 0o777):
+        self.root = Path(root)
+        self.folder_mode = folder_mode
+        self.root.mkdir(parents=True, exist_ok=True)
+
+    def open_folder(self, folder: str) -> int:
+        fd = os.open(self.root, os.O_RDONLY | os.O_DIRECTORY)
+        try:
+            for component in folder.split("/") if folder else []:
+                flags = os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW
+                try:
+                    child = os.open(component, flags, dir_fd=fd)
+                except FileNotFoundError:
+                    with contextlib.suppress(FileExistsError):  # made by another thread
+                        os.mkdir(component, self.folder_mode, dir_fd=fd)
+                    child = os.open(component, flags, dir_fd=fd)
+                os.close(fd)
+                fd = child
+        except OSError as error:
+            os.close(fd)
+            if error.errno in _NOT_A_FOLDER:
+                raise TransferError(
+                    f"a link or a file stands where folder {folder!r} must be; it is never "
+                    "followed or replaced: rerun, and the plan chooses another folder name"
+                ) from error
+            raise
+        return fd
+
+
+def _existing_is_same(folder_fd: int, name: str, source: str, digest: str | None) -> bool:
+    """Does the existing destination hold the source's content (or link to it)?"""
+    try:
+        info = os.stat(name, dir_fd=folder_fd, follow_symlinks=False)
+    except FileNotFoundError:
+        return False
+    if stat.S_ISLNK(info.st_mode):
+        return os.readlink(name, dir_fd=folder_fd) == os.path.abspath(source)
+    if not stat.S_ISREG(info.st_mode):
+        return False
+    try:
+        source_info = os.stat(source)
+    except OSError:
+        return False
+    if (info.st_ino, info.st_dev) == (source_info.st_ino, source_info.st_dev):
+        return True
+    if info.st_size != source_info.st_size:
+        return False
+    with open(source, "rb") as handle:
+        wanted = digest or _digest_fd(handle.fileno())
+    return _digest_at(folder_fd, name) == wanted
+
+
+def _check_version(info: os.stat_result, row: Row) -> None:
+    if (info.st_size, info.st_mtime_ns) != (row.size, row.mtime_ns):
+        raise SourceChanged(
+            "the input changed after its header was read; it is sorted by the next run"
+        )
+
+
+def _copy(folder_fd: int, name: str, source: str, row: Row, verify: str) -> tuple[str, str | None]:
+    """Copy to a temporary name, check, then link to name (never replacing)."""
+    fd_in = os.open(source, os.O_RDONLY)
+    try:
+        before = os.fstat(fd_in)
+        _check_version(before, row)
+        tmp = temp_path_for(Path(name)).name
+        flags = os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW
+        try:
+            fd_out = os.open(tmp, flags, stat.S_IMODE(before.st_mode), dir_fd=folder_fd)
+        except FileExistsError:  # left by a killed run: the name is fixed, so replace it
+            os.unlink(tmp, dir_fd=folder_fd)
+            fd_out = os.open(tmp, flags, stat.S_IMODE(before.st_mode), dir_fd=folder_fd)
+        digest = row.digest
+        try:
+            try:
+                copy_range(fd_in, fd_out, before.st_size)
+                written = os.fstat(fd_out).st_size
+                if written != before.st_size:
+                    raise TransferError(
+                        f"short copy: {written} of {before.st_size} bytes written "
+                        "(disk full?); nothing was placed"
+                    )
+                _check_version(os.fstat(fd_in), row)  # changed while it was copied
+                if verify == "checksum":
+                    digest = _digest_fd(fd_in)
+                    if _digest_fd(fd_out) != digest:
+                        raise TransferError(
+                            "the copy differs from its source (checksum); nothing was "
+                            "placed: check the disk"
+                        )
+                os.utime(fd_out, ns=(before.st_atime_ns, before.st_mtime_ns))
+            finally:
+                os.close(fd_out)
+            _link_into_place(folder_fd, tmp, name, source, digest)
+        finally:
+            with contextlib.suppress(FileNotFoundError):
+                os.unlink(tmp, dir_fd=folder_fd)
+    finally:
+        os.close(fd_in)
+    return COPIED, digest
+
+
+def _link_into_place(folder_fd: int, tmp: str, name: str, source: str, digest: str | None):
+    try:
+        os.link(tmp, name, src_dir_fd=folder_fd, dst_dir_fd=folder_fd, follow_symlinks=False)
+    except FileExistsError:
+        if not _existing_is_same(folder_fd, name, source, digest):
+            raise _occupied() from None
+    except OSError as error:
+        if error.errno not in _NO_HARD_LINKS:
+            raise
+        # No hard links here: check, then rename (a narrow window, on such file systems only).
+        if _existing_is_same(folder_fd, name, source, digest):
+            return
+        try:
+            os.stat(name, dir_fd=folder_fd, follow_symlinks=False)
+        except FileNotFoundError:
+            os.rename(tmp, name, src_dir_fd=folder_fd, dst_dir_fd=folder_fd)
+            return
+        raise _occupied() from None
+
+
+def _occupied() -> TransferError:
+    return TransferError(
+        "the destination already holds a different file, which is never overwritten; "
+        "rerun, and the plan chooses another name"
     )
 
 
-def _make_folder(folder: Path, made: set[Path]) -> None:
-    if folder not in made:
-        folder.mkdir(parents=True, exist_ok=True)
-        made.add(folder)
+def _link(folder_fd: int, name: str, source: str, row: Row, mode: str) -> str:
+    info = os.stat(source)
+    _check_version(info, row)
+    try:
+        if mode == "hardlink":
+            os.link(source, name, dst_dir_fd=folder_fd)
+        else:
+            os.symlink(os.path.abspath(source), name, dir_fd=folder_fd)
+    except FileExistsError:
+        if _existing_is_same(folder_fd, name, source, row.digest):
+            return PRESENT
+        raise _occupied() from None
+    return LINKED
 
 
 def put(
-    source: Path, destination: Path, mode: str, verify: str = "size", made: set[Path] | None = None
-) -> str:
-    """Put source at destination; returns COPIED, LINKED or PRESENT, raises TransferError.
-
-    A copy is written under a temporary name in the destination folder and renamed into
-    place; a link is made in one call, which is atomic and fails rather than replace
-    anything. ``made`` remembers folders already created, to save a call per file.
-    """
-    made = set() if made is None else made
+    folder_fd: int, row: Row, input_dir: Path, mode: str, verify: str
+) -> tuple[str, str | None]:
+    """Put one row's file in place; returns (status, digest if known)."""
+    name = row.destination.rpartition("/")[2]
+    source = inventory.source_path(input_dir, row.relpath)
     try:
-        source_stat = os.stat(source)
-    except OSError as error:
-        raise TransferError(
-            f"source unreadable ({error.strerror}); it changed since the plan: rerun"
-        ) from error
-    occupied = TransferError(
-        "destination already holds a different file, which is never overwritten; "
-        "move that file away and rerun"
-    )
-    try:
-        if mode != "copy":
-            _make_folder(destination.parent, made)
-            try:
-                if mode == "hardlink":
-                    os.link(source, destination)
-                else:
-                    os.symlink(source.absolute(), destination)
-            except FileExistsError:
-                if destination_state(source, destination, source_stat):
-                    return PRESENT
-                raise occupied from None
-            return LINKED
-        state = destination_state(source, destination, source_stat)
-        if state is not None:
-            if state:
-                return PRESENT
-            raise occupied
-        _make_folder(destination.parent, made)
-        with atomic_path(destination, make_parent=False) as tmp:
-            size = copy_file(source, tmp, source_stat)
-            if size != source_stat.st_size:
-                raise TransferError(f"copy has {size} bytes, source {source_stat.st_size}")
-            if verify == "checksum" and file_digest(tmp) != file_digest(source):
-                raise TransferError("copy differs from source (checksum); check the disk")
+        if row.action == "present" and _existing_is_same(folder_fd, name, source, row.digest):
+            return PRESENT, row.digest
+        if mode == "copy":
+            return _copy(folder_fd, name, source, row, verify)
+        return _link(folder_fd, name, source, row, mode), row.digest
+    except FileNotFoundError as error:
+        if error.filename in (source, None):
+            raise SourceChanged("the input is gone since its header was read") from error
+        raise TransferError(error.strerror) from error
     except OSError as error:
         hint = (
             " (hard links need input and output on one file system: use transfer_mode: copy)"
@@ -121,45 +286,155 @@ def put(
             else ""
         )
         raise TransferError(f"{error.strerror or error}{hint}") from error
-    return COPIED
+
+
+def _folder_rows(rows: list[Row]) -> Iterator[tuple[str, list[Row]]]:
+    by_folder: dict[str, list[Row]] = {}
+    for row in rows:
+        by_folder.setdefault(row.destination.rpartition("/")[0], []).append(row)
+    yield from by_folder.items()
+
+
+@dataclass
+class Outcome:
+    row: Row
+    status: str
+    digest: str | None = None
+    detail: str | None = None
+
+
+def _place_folder(
+    tree: OutputTree, folder: str, rows: list[Row], input_dir: Path, mode: str, verify: str
+) -> list[Outcome]:
+    try:
+        folder_fd = tree.open_folder(folder)
+    except (TransferError, OSError) as error:
+        detail = str(error) if isinstance(error, TransferError) else error.strerror
+        return [Outcome(row, ERROR, detail=detail) for row in rows]
+    outcomes = []
+    try:
+        for row in rows:
+            try:
+                status, digest = put(folder_fd, row, input_dir, mode, verify)
+                outcomes.append(Outcome(row, status, digest))
+            except SourceChanged as error:
+                outcomes.append(Outcome(row, CHANGED, detail=str(error)))
+            except TransferError as error:
+                outcomes.append(Outcome(row, ERROR, detail=str(error)))
+    finally:
+        os.close(folder_fd)
+    return outcomes
+
+
+def _ledger_rows(outcomes: list[Outcome], plan: dict[str, dict], mode: str) -> pa.Table:
+    now = time.time()
+    rows = []
+    for outcome in outcomes:
+        if outcome.status not in COMMITTED:
+            continue
+        planned = plan[outcome.row.relpath]
+        rows.append(
+            {
+                "relpath": outcome.row.relpath,
+                "size": outcome.row.size,
+                "mtime_ns": outcome.row.mtime_ns,
+                "status": ledger.DUPLICATE if outcome.status == DUPLICATE else ledger.PLACED,
+                "destination": outcome.row.destination,
+                "digest": outcome.digest,
+                "mode": mode,
+                "base_folder": planned["base_folder"],
+                "series_uid": planned["SeriesInstanceUID"],
+                "sop_uid": planned["SOPInstanceUID"],
+                "study_uid": planned["StudyInstanceUID"],
+                "modality": planned["Modality"],
+                "committed_at": now,
+            }
+        )
+    return pa.Table.from_pylist(rows, schema=ledger.SCHEMA)
+
+
+def pending_rows(plan: pa.Table, committed: pa.Table) -> pa.Table:
+    """Plan rows whose file version the ledger does not hold yet (a rerun of a killed
+    transfer skips what it already committed)."""
+    return ledger.rows_by_key(plan, committed, keep="missing")
 
 
 def transfer_plan(
-    plan: Path, input_dir: Path, output_dir: Path, mode: str, verify: str, workers: int
+    plan_file: Path,
+    input_dir: Path,
+    output_dir: Path,
+    state_dir: Path,
+    mode: str,
+    verify: str,
+    workers: int,
+    folder_mode: int = 0o777,
 ) -> pa.Table:
-    """Carry out every ``sort`` row of the plan; one result row per file."""
-    table = pq.read_table(plan, columns=["relpath", "size", "action", "destination"])
-    table = table.filter(pc.equal(table["action"], "sort"))
-    relpaths = table["relpath"].to_pylist()
-    destinations = table["destination"].to_pylist()
-    sizes = table["size"].to_pylist()
-    started, done = time.monotonic(), 0
+    """Carry out every pending plan row and commit what is in place; one result per row."""
+    plan = pending_rows(pq.read_table(plan_file), ledger.read(state_dir, ledger.SOURCE_KEY))
+    by_relpath = {r["relpath"]: r for r in plan.to_pylist()}
+    rows = [
+        Row(r["relpath"], r["size"], r["mtime_ns"], r["action"], r["destination"], r["digest"])
+        for r in by_relpath.values()
+    ]
+    placing = [r for r in rows if r.action != "duplicate"]
+    tree = OutputTree(output_dir, folder_mode)
+    progress = Progress("transfer", len(rows), log)
+    outcomes: list[Outcome] = []
+    uncommitted: list[Outcome] = []
+    last_commit = time.monotonic()
 
-    made: set[Path] = set()
+    def commit() -> None:
+        nonlocal uncommitted, last_commit
+        ledger.append(state_dir, _ledger_rows(uncommitted, by_relpath, mode))
+        uncommitted, last_commit = [], time.monotonic()
 
-    def one(i: int) -> tuple[str, int, str | None]:
-        try:
-            status = put(input_dir / relpaths[i], output_dir / destinations[i], mode, verify, made)
-        except TransferError as error:
-            return ERROR, 0, str(error)
-        return status, (sizes[i] if status == COPIED else 0), None
+    with ThreadPoolExecutor(max_workers=max(1, workers)) as pool:
+        tasks = [
+            pool.submit(_place_folder, tree, folder, folder_rows, input_dir, mode, verify)
+            for folder, folder_rows in _folder_rows(placing)
+        ]
+        for task in tasks:
+            done = task.result()
+            outcomes += done
+            uncommitted += done
+            progress.advance(len(done))
+            if time.monotonic() - last_commit > COMMIT_EVERY_S:
+                commit()
+    commit()
 
-    results = []
-    with ThreadPoolExecutor(max_workers=workers) as pool:
-        last_report = started
-        for result in pool.map(one, range(len(relpaths)), chunksize=64):
-            results.append(result)
-            done += 1
-            if time.monotonic() - last_report > 10:
-                last_report = time.monotonic()
-                log.info("%d of %d files done", done, len(relpaths))
+    # A duplicate is committed only against a committed destination that is still there.
+    placed_now = {o.row.destination for o in outcomes if o.status in COMMITTED}
+    duplicates = []
+    for row in rows:
+        if row.action != "duplicate":
+            continue
+        committed_before = bool(by_relpath[row.relpath]["committed"])
+        if (committed_before or row.destination in placed_now) and os.path.lexists(
+            output_dir / row.destination
+        ):
+            duplicates.append(Outcome(row, DUPLICATE, row.digest))
+        else:
+            duplicates.append(
+                Outcome(
+                    row,
+                    ERROR,
+                    detail="its identical twin could not be placed; it is planned again "
+                    "by the next run",
+                )
+            )
+    progress.advance(len(duplicates))
+    outcomes += duplicates
+    uncommitted += duplicates
+    commit()
+    progress.finish()
+    ledger.compact(state_dir)
     return pa.table(
         {
-            "relpath": relpaths,
-            "destination": destinations,
-            "status": [r[0] for r in results],
-            "bytes": [r[1] for r in results],
-            "detail": [r[2] for r in results],
+            "relpath": [o.row.relpath for o in outcomes],
+            "destination": [o.row.destination for o in outcomes],
+            "status": [o.status for o in outcomes],
+            "bytes": [o.row.size if o.status == COPIED else 0 for o in outcomes],
+            "detail": [o.detail for o in outcomes],
         },
         schema=RESULT_SCHEMA,
     )
@@ -170,6 +445,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--plan", type=Path, required=True)
     parser.add_argument("--input-dir", type=Path, required=True)
     parser.add_argument("--output-dir", type=Path, required=True)
+    parser.add_argument("--state-dir", type=Path, required=True)
     parser.add_argument("--mode", choices=MODES, default="copy")
     parser.add_argument("--verify", choices=VERIFY, default="size")
     parser.add_argument("--threads", type=int, default=1)
@@ -177,29 +453,42 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s", stream=sys.stderr)
     started = time.perf_counter()
-    # Copying waits on the disk, not the CPU: two threads per core keep it busy.
+    # Copying waits on the disk as much as on the CPU: two threads per core keep it busy.
     results = transfer_plan(
-        args.plan, args.input_dir, args.output_dir, args.mode, args.verify, 2 * args.threads
+        args.plan,
+        args.input_dir,
+        args.output_dir,
+        args.state_dir,
+        args.mode,
+        args.verify,
+        2 * args.threads,
     )
     with atomic_path(args.results) as tmp:
         pq.write_table(results, tmp)
     statuses = results["status"].to_pylist()
-    errors = [r for r in results.to_pylist() if r["status"] == ERROR]
     log.info(
-        "transfer (%s): %d copied, %d linked, %d already present, %d errors, %.1f MB, %.2f s",
+        "transfer (%s): %d copied, %d linked, %d already present, %d duplicates, "
+        "%d changed since read, %d errors, %.1f MB, %.2f s",
         args.mode,
         statuses.count(COPIED),
         statuses.count(LINKED),
         statuses.count(PRESENT),
-        len(errors),
-        sum(results["bytes"].to_pylist()) / 1e6,
+        statuses.count(DUPLICATE),
+        statuses.count(CHANGED),
+        statuses.count(ERROR),
+        (pc.sum(results["bytes"]).as_py() or 0) / 1e6,
         time.perf_counter() - started,
     )
+    errors = results.filter(pc.equal(results["status"], ERROR)).to_pylist()
     for row in errors[:50]:
         log.error("could not place %s at %s: %s", row["relpath"], row["destination"], row["detail"])
     if errors:
+        # The next run must plan these files again (another name, a fixed disk), not retry
+        # this plan: without it, Snakemake would rerun only this job.
+        args.plan.unlink(missing_ok=True)
         log.error(
-            "%d files were not placed (inputs untouched); fix the cause above and rerun",
+            "%d files were not placed (inputs untouched, everything else committed); fix "
+            "the cause above and rerun",
             len(errors),
         )
         return 1

@@ -1,6 +1,7 @@
 # Config validation, folder discovery and input functions shared by the rules.
 import shlex
 import sys
+import time
 from functools import cache
 from pathlib import Path
 
@@ -39,7 +40,6 @@ DCMSORT = " ".join(
     # The checkout's own file (workflow.source_path would give a cached copy without src/).
     for part in (sys.executable, REPO / "workflow" / "scripts" / "dcmsort_stage.py")
 )
-CONDA_ENV = "../../environment.yml"
 STATE = str(SETTINGS.state_dir)
 FOLDERS = inventory.list_folders(SETTINGS.input_dir)
 BATCHES = SETTINGS.batches or inventory.auto_batches(len(FOLDERS))
@@ -86,15 +86,40 @@ onstart:
         except settings.ConfigError as error:
             print(f"dcmsort: error: {error}", file=sys.stderr)
             os._exit(1)
+        from dcmsort import report
+
+        # Until this run's report replaces it, the last one must not read as current,
+        # even if this run is killed.
+        report.mark(
+            SETTINGS.state_dir,
+            report.RUNNING,
+            f"a run started {time.strftime('%Y-%m-%d %H:%M:%S')} has not finished (or was "
+            "killed); the numbers below are from the run before it. Rerun to update them.",
+        )
 
 
 onsuccess:
-    from dcmsort.report import summary_line
+    from dcmsort import report
 
-    print(summary_line(Path(STATE) / "summary.json"), file=sys.stderr)
+    if report.status_of(STATE) == report.RUNNING:
+        report.mark(
+            STATE,
+            report.STALE,
+            "the last run stopped before the report stage (a partial target such as "
+            "--until); the numbers below are from an earlier run. Rerun to update them.",
+        )
+    print(report.summary_line(Path(STATE) / "summary.json"), file=sys.stderr)
 
 
 onerror:
+    from dcmsort import report
+
+    report.mark(
+        STATE,
+        report.FAILED,
+        f"the run of {time.strftime('%Y-%m-%d %H:%M:%S')} failed (see logs/); the numbers "
+        "below are from an earlier run. Fix the cause and rerun.",
+    )
     print(
         f"dcmsort: the run failed; each failed job's log is named above (all logs: "
         f"{STATE}/logs/). Inputs are untouched; fix the cause and rerun the same command.",

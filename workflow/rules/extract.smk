@@ -6,8 +6,6 @@ rule extract:
         manifest=f"{STATE}/manifests/batch-{{batch}}.parquet",
     log:
         f"{STATE}/logs/extract/batch-{{batch}}.log",
-    conda:
-        CONDA_ENV
     threads: threads_per_batch
     resources:
         mem_mb=1000,

@@ -1,4 +1,4 @@
-# Stage 2: one job sees every manifest and decides every destination.
+# Stage 2: one job sees every manifest and the ledger, and decides where new files go.
 
 
 rule plan:
@@ -8,11 +8,8 @@ rule plan:
         plan=f"{STATE}/plan.parquet",
         csv=f"{STATE}/plan.csv",
         skipped=f"{STATE}/skipped.csv",
-        removed=f"{STATE}/removed_sources.csv",
     log:
         f"{STATE}/logs/plan.log",
-    conda:
-        CONDA_ENV
     resources:
         mem_mb=2000,
         runtime=60,
@@ -22,12 +19,10 @@ rule plan:
         naming=lambda wildcards: SETTINGS.naming_json,
         input_dir=SETTINGS.input_dir,
         output_dir=SETTINGS.output_dir,
-        # Registry of earlier placements and the recorded layout live beside the plan.
-        state_dir=lambda wildcards, output: os.path.dirname(output.plan),
+        state_dir=STATE,
     shell:
         "{params.dcmsort} plan --manifests {input.manifests:q}"
         " --input-dir {params.input_dir:q} --output-dir {params.output_dir:q}"
         " --state-dir {params.state_dir:q} --naming {params.naming:q}"
         " --plan {output.plan:q} --plan-csv {output.csv:q} --skipped {output.skipped:q}"
-        " --removed {output.removed:q}"
         " 2> {log:q}"

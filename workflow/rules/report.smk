@@ -1,4 +1,4 @@
-# Stage 4: what happened, for people (HTML) and for programs (JSON).
+# Stage 4: what is in place and what this run did, for people (HTML) and programs (JSON).
 
 
 localrules:
@@ -7,9 +7,7 @@ localrules:
 
 rule report:
     input:
-        plan=rules.plan.output.plan,
         transfers=rules.transfer.output.results,
-        removed=rules.plan.output.removed,
         manifests=batch_manifests(),
     output:
         html=report(
@@ -18,19 +16,20 @@ rule report:
             category="Summary",
         ),
         summary=f"{STATE}/summary.json",
+        removed=f"{STATE}/removed_sources.csv",
     log:
         f"{STATE}/logs/report.log",
-    conda:
-        CONDA_ENV
     resources:
         mem_mb=2000,
         runtime=30,
     params:
         dcmsort=DCMSORT,
+        state_dir=STATE,
         output_dir=SETTINGS.output_dir,
         mode=SETTINGS.transfer_mode,
     shell:
-        "{params.dcmsort} report --plan {input.plan:q} --transfers {input.transfers:q}"
-        " --removed {input.removed:q} --manifests {input.manifests:q}"
+        "{params.dcmsort} report --transfers {input.transfers:q}"
+        " --manifests {input.manifests:q} --state-dir {params.state_dir:q}"
         " --output-dir {params.output_dir:q} --mode {params.mode}"
-        " --html {output.html:q} --summary {output.summary:q} 2> {log:q}"
+        " --html {output.html:q} --summary {output.summary:q}"
+        " --removed {output.removed:q} 2> {log:q}"

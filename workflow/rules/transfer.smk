@@ -1,4 +1,5 @@
-# Stage 3: carry out the plan, atomically, never overwriting a different file.
+# Stage 3: carry out the plan, atomically, never overwriting; commit to the ledger what is
+# verifiably in place.
 
 
 rule transfer:
@@ -8,8 +9,6 @@ rule transfer:
         results=f"{STATE}/transfers.parquet",
     log:
         f"{STATE}/logs/transfer.log",
-    conda:
-        CONDA_ENV
     threads: 4
     resources:
         mem_mb=2000,
@@ -18,10 +17,12 @@ rule transfer:
         dcmsort=DCMSORT,
         input_dir=SETTINGS.input_dir,
         output_dir=SETTINGS.output_dir,
+        state_dir=STATE,
         mode=SETTINGS.transfer_mode,
         verify=SETTINGS.verify,
     shell:
         "{params.dcmsort} transfer --plan {input.plan:q}"
         " --input-dir {params.input_dir:q} --output-dir {params.output_dir:q}"
+        " --state-dir {params.state_dir:q}"
         " --mode {params.mode} --verify {params.verify} --threads {threads}"
         " --results {output.results:q} 2> {log:q}"

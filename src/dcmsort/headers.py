@@ -65,7 +65,14 @@ SKIP_REASONS = {
     inventory.DIRECTORY_SYMLINK: "symbolic link to a folder (not followed, so that no loop "
     "or outside folder is walked); sort its target separately",
     inventory.SPECIAL: "not a regular file (device, socket or pipe)",
-    inventory.UNREADABLE_DIRECTORY: "folder could not be listed (permissions?)",
+    inventory.UNREADABLE_DIRECTORY: "folder could not be listed (permission denied or I/O "
+    "error); its files are not sorted",
+    inventory.SYMLINK_LOOP: "symbolic link loop (the link leads back to itself)",
+    inventory.PATH_TOO_LONG: "path longer than the system allows (4,096 bytes); it cannot be "
+    "opened: move it higher up",
+    inventory.DIRECTORY_PATH_TOO_LONG: "folder path longer than the system allows (4,096 "
+    "bytes): its files could not be listed; move it higher up",
+    inventory.UNREADABLE: "unreadable: its status could not be read",
 }
 
 

@@ -28,7 +28,7 @@ from pathlib import Path
 import pandas as pd
 import pyarrow.parquet as pq
 
-from dcmsort import naming
+from dcmsort import inventory, naming
 from dcmsort.fileops import atomic_path, file_digest
 from dcmsort.naming import Naming
 from dcmsort.settings import ConfigError, check_layout
@@ -84,8 +84,8 @@ def _value(row: Mapping, key: str) -> str:
 def _file_values(row: Mapping) -> dict[str, str]:
     """A row's text values for a template (missing tags are absent, not NaN)."""
     values = {k: v for k, v in row.items() if isinstance(v, str)}
-    values["filename"] = row["relpath"].rsplit("/", 1)[-1]
-    values["input_folder"] = row["folder"]
+    values["filename"] = inventory.file_name(row["relpath"])
+    values["input_folder"] = inventory.decode_name(row["folder"])
     return values
 
 
@@ -394,7 +394,7 @@ def main(argv: list[str] | None = None) -> int:
     registry = read_registry(registry_file)
 
     sources, destinations = duplicate_candidates(files, registry)
-    digests = {s: file_digest(args.input_dir / s) for s in sources}
+    digests = {s: file_digest(inventory.source_path(args.input_dir, s)) for s in sources}
     digests |= {
         d: file_digest(args.output_dir / d) for d in destinations if (args.output_dir / d).is_file()
     }

@@ -26,6 +26,7 @@ import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
 from dcmsort.fileops import atomic_path, copy_file, file_digest
+from dcmsort.inventory import source_path
 
 log = logging.getLogger("dcmsort.transfer")
 
@@ -139,7 +140,8 @@ def transfer_plan(
 
     def one(i: int) -> tuple[str, int, str | None]:
         try:
-            status = put(input_dir / relpaths[i], output_dir / destinations[i], mode, verify, made)
+            source = Path(source_path(input_dir, relpaths[i]))
+            status = put(source, output_dir / destinations[i], mode, verify, made)
         except TransferError as error:
             return ERROR, 0, str(error)
         return status, (sizes[i] if status == COPIED else 0), None

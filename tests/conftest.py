@@ -117,17 +117,17 @@ def sorter(tmp_path: Path) -> Sorter:
 
 
 def input_files(input_dir: Path) -> dict[str, os.stat_result | None]:
-    """Every file (or link) below input_dir by manifest relpath, with its stat (None if it
-    cannot be followed)."""
+    """Every file (or link) below input_dir by manifest relpath (``encode_name`` form, so
+    names of any bytes work), with its stat (None if it cannot be followed)."""
     found = {}
-    for path in input_dir.rglob("*"):
-        if path.is_file() or path.is_symlink():
+    for top, dirs, names in os.walk(input_dir):
+        for name in names + [d for d in dirs if os.path.islink(os.path.join(top, d))]:
+            path = os.path.join(top, name)
             try:
-                info = path.stat()
+                info = os.stat(path)
             except OSError:
                 info = None
-            relpath = inventory.encode_name(os.fsdecode(path.relative_to(input_dir)))
-            found[relpath] = info
+            found[inventory.encode_name(os.path.relpath(path, input_dir))] = info
     return found
 
 
@@ -151,6 +151,7 @@ def outcomes(input_dir: Path, output_dir: Path, state: Path) -> pd.DataFrame:
             "reason": None,
             "conflict": r.status == ledger.PLACED and r.destination in conflicted,
             "size": r.size,
+            "SOPInstanceUID": r.sop_uid,
         }
         for r in live.itertuples()
     ] + [
@@ -161,11 +162,21 @@ def outcomes(input_dir: Path, output_dir: Path, state: Path) -> pd.DataFrame:
             "reason": r.reason,
             "conflict": False,
             "size": int(r.size),
+            "SOPInstanceUID": None,
         }
         for r in skipped.itertuples()
     ]
     return pd.DataFrame(
-        rows, columns=["relpath", "action", "destination", "reason", "conflict", "size"]
+        rows,
+        columns=[
+            "relpath",
+            "action",
+            "destination",
+            "reason",
+            "conflict",
+            "size",
+            "SOPInstanceUID",
+        ],
     )
 
 

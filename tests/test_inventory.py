@@ -60,3 +60,35 @@ def test_manifest_names_never_collide_and_lead_back_to_their_folder():
 def test_auto_batches_grow_in_powers_of_two_with_the_number_of_folders():
     sizes = [inventory.auto_batches(n) for n in (1, 40, 4095, 4096, 10_000, 10**6)]
     assert sizes == [1, 1, 1, 2, 4, 64]
+
+
+def test_names_that_are_not_utf8_are_listed_in_a_form_that_round_trips(tmp_path):
+    root = os.fsencode(tmp_path)
+    os.makedirs(root + b"/pat_\xe9/s")
+    with open(root + b"/pat_\xe9/s/IM\xff.dcm", "wb") as handle:
+        handle.write(b"x")
+    assert inventory.list_folders(tmp_path) == ["pat_%E9"]
+    [entry] = inventory.walk_folder(tmp_path, "pat_%E9")
+    assert entry.relpath == "pat_%E9/s/IM%FF.dcm" and entry.kind == inventory.FILE
+    assert os.fsencode(inventory.source_path(tmp_path, entry.relpath)) == (
+        root + b"/pat_\xe9/s/IM\xff.dcm"
+    )
+    assert inventory.file_name(entry.relpath) == os.fsdecode(b"IM\xff.dcm")
+    assert inventory.batch_fingerprint(tmp_path, ["pat_%E9"])
+    assert inventory.encode_name("100%") == "100%25" and inventory.decode_name("100%25") == "100%"
+
+
+def test_manifest_names_of_long_folders_are_bounded_and_distinct():
+    folders = ["F" * 240, "F" * 239 + "G", "山" * 41, "山" * 85, "%" * 200]
+    names = [inventory.manifest_name(f) for f in folders]
+    assert len(set(names)) == len(folders)
+    assert all(len(n.encode()) <= 150 for n in names)
+    assert all(inventory.folder_of_manifest(n) is None for n in names)
+    assert names[0].startswith("F" * 100)
+
+
+def test_a_symlink_loop_is_reported_as_a_loop(tmp_path):
+    (tmp_path / "p").mkdir()
+    os.symlink("loop", tmp_path / "p" / "loop")
+    [entry] = inventory.walk_folder(tmp_path, "p")
+    assert entry.kind == inventory.SYMLINK_LOOP

@@ -1,14 +1,17 @@
+import os
 import unicodedata
 
 from hypothesis import given
 from hypothesis import strategies as st
 
+from dcmsort.inventory import decode_name, encode_name, file_name, source_path
 from dcmsort.naming import (
     MAX_COMPONENT_BYTES,
     is_safe_component,
     render_path,
     render_person_name,
     safe_component,
+    safe_value,
     template_problems,
 )
 
@@ -143,3 +146,40 @@ def test_any_header_values_render_inside_the_output_folder(values):
     path = render(values)
     parts = path.split("/")
     assert len(parts) == 2 and all(windows_valid(p) for p in parts)
+
+
+def test_a_hashed_unsafe_file_name_keeps_its_extension_last():
+    assert render({"filename": "IM:0001.dcm"}, "{filename}") == "IM_0001~fe9150.dcm"
+    assert safe_component("IM:0001.dcm") == "IM_0001~fe9150.dcm"
+    assert safe_value("T1/T2").startswith("T1_T2~")  # a header value: no extension rule
+
+
+def test_a_file_name_that_is_not_utf8_becomes_a_safe_name_that_keeps_apart():
+    a = render({"filename": os.fsdecode(b"IM\xff.dcm")}, "{filename}")
+    b = render({"filename": os.fsdecode(b"IM\xfe.dcm")}, "{filename}")
+    assert a != b and a.endswith(".dcm") and is_safe_component(a)
+
+
+NAME_BYTES = st.binary(min_size=1, max_size=255).filter(lambda b: b"/" not in b and b"\0" not in b)
+
+
+@given(NAME_BYTES)
+def test_any_bytes_as_a_file_name_round_trip_through_the_manifest_form(raw):
+    text = encode_name(os.fsdecode(raw))
+    text.encode("utf-8")  # valid UTF-8: parquet, CSV and JSON can hold it
+    assert os.fsencode(decode_name(text)) == raw
+    assert file_name(f"folder/{text}") == os.fsdecode(raw)
+
+
+@given(st.lists(NAME_BYTES, min_size=1, max_size=4))
+def test_any_bytes_as_a_folder_path_round_trip_and_open_the_same_path(parts):
+    relpath = "/".join(encode_name(os.fsdecode(p)) for p in parts)
+    assert os.fsencode(source_path("/in", relpath)) == b"/in/" + b"/".join(parts)
+    assert decode_name(encode_name(decode_name(relpath))) == decode_name(relpath)
+
+
+@given(st.text(alphabet=st.characters(blacklist_categories=["Cs"]), max_size=40))
+def test_names_that_are_utf8_without_percent_are_unchanged_by_the_manifest_form(text):
+    if "%" not in text:
+        assert encode_name(text) == text
+        assert decode_name(text) == text

@@ -25,6 +25,8 @@ import pydicom
 from pydicom.dataset import Dataset, FileMetaDataset
 from pydicom.uid import ExplicitVRLittleEndian, generate_uid
 
+from dcmsort import inventory
+
 CT_IMAGE = "1.2.840.10008.5.1.4.1.1.2"
 MR_IMAGE = "1.2.840.10008.5.1.4.1.1.4"
 BASIC_TEXT_SR = "1.2.840.10008.5.1.4.1.1.88.11"
@@ -167,15 +169,19 @@ def generate(
 class Expectation:
     """What must happen to one input file of the messy set."""
 
-    action: str  # "sort", "duplicate", "skip", or "a-or-b" (either is correct)
+    action: str  # "sort", "duplicate" or "skip"
     folder: str | None = None  # exact expected destination folder, when it is known
     reason: str | None = None  # a word the skip reason must contain
     conflict: bool = False
     note: str = ""
 
 
-def generate_messy(out_dir: str | Path, seed: int = 7) -> dict[str, Expectation]:
-    """Write every hard case of a real dump; returns relpath → Expectation."""
+def generate_messy(
+    out_dir: str | Path, seed: int = 7, byte_names: bool = False
+) -> dict[str, Expectation]:
+    """Write every hard case of a real dump; returns relpath → Expectation. Relpaths are
+    in the manifests' form (``inventory.encode_name``). ``byte_names`` adds file and folder
+    names that are not UTF-8 (``IM%FF%FE.dcm``, a Latin-1 folder ``pat_%E9``)."""
     out = Path(out_dir)
     expect: dict[str, Expectation] = {}
 
@@ -215,7 +221,8 @@ def generate_messy(out_dir: str | Path, seed: int = 7) -> dict[str, Expectation]
 
     # Ordinary: the seed's layout exactly.
     plain = series("plain", "DOE^JOHN", "12345", "T1 MPRAGE", 3)
-    put("p_plain/IM1.dcm", plain, 1, Expectation("sort-or-duplicate"))  # its copy is below
+    # An exact copy of it is below, and sorts first (by path): this one is its duplicate.
+    put("p_plain/IM1.dcm", plain, 1, Expectation("sort", "DOE^JOHN_12345/T1 MPRAGE_3"))
     put("p_plain/IM2.dcm", plain, 2, Expectation("sort", "DOE^JOHN_12345/T1 MPRAGE_3"))
     # Hostile values: path traversal, absolute paths, drive letters, control characters.
     evil = series("evil", "../../etc", "/abs/C:\\x", "a/../b", 1)
@@ -275,9 +282,9 @@ def generate_messy(out_dir: str | Path, seed: int = 7) -> dict[str, Expectation]
     original = out / "p_plain/IM1.dcm"
     (out / "p_dups").mkdir(parents=True)
     shutil.copyfile(original, out / "p_dups/copy_of_IM1.dcm")
-    # Which of the two identical files is written is decided by path order; the other is
-    # reported as its duplicate.
-    expect["p_dups/copy_of_IM1.dcm"] = Expectation("sort-or-duplicate")
+    # Of two identical files the one with the shorter name is written (then the first in
+    # path order), the other is reported as its duplicate: IM1.dcm, not copy_of_IM1.dcm.
+    expect["p_dups/copy_of_IM1.dcm"] = Expectation("duplicate", "DOE^JOHN_12345/T1 MPRAGE_3")
     sop = uid(seed, "p_plain/IM2.dcm", 2)
     changed = make_instance(plain, 2, sop, rng=np.random.default_rng(99))
     write(changed, out / "p_dups/changed_IM2.dcm")
@@ -316,7 +323,47 @@ def generate_messy(out_dir: str | Path, seed: int = 7) -> dict[str, Expectation]
     expect["p_junk/empty.dcm"] = Expectation("skip", reason="empty")
     full = original.read_bytes()
     (junk / "truncated_header.dcm").write_bytes(full[:200])
-    expect["p_junk/truncated_header.dcm"] = Expectation("sort-or-skip")
+    # Cut inside its file meta group: no transfer syntax, no instance UID, no dataset.
+    expect["p_junk/truncated_header.dcm"] = Expectation("skip", reason="truncated")
+    # Anonymised: an MR image with pixel data and no SOP, series or study UID in the
+    # dataset; the file meta still names the instance. Sorted, with placeholders.
+    anon = make_instance(series("anon", "Anon", "", "AX T2", 6), 1, uid(seed, "anon"))
+    for keyword in ("SOPInstanceUID", "SeriesInstanceUID", "StudyInstanceUID", "PatientID"):
+        delattr(anon, keyword)
+    write(anon, out / "p_anon/IM1.dcm")
+    expect["p_anon/IM1.dcm"] = Expectation("sort", "Anon_UNKNOWN/AX T2_6")
+    # A Part-10 object that is only a file meta group (no dataset at all): sorted.
+    meta_only = Dataset()
+    meta_only.file_meta = FileMetaDataset()
+    meta_only.file_meta.MediaStorageSOPClassUID = MR_IMAGE
+    meta_only.file_meta.MediaStorageSOPInstanceUID = uid(seed, "meta-only")
+    meta_only.file_meta.TransferSyntaxUID = ExplicitVRLittleEndian
+    meta_only.save_as(out / "p_anon/meta_only.dcm", enforce_file_format=True)
+    expect["p_anon/meta_only.dcm"] = Expectation("sort", "UNKNOWN_UNKNOWN/UNKNOWN_UNKNOWN")
+    # A hashed unsafe file name keeps its extension last.
+    put(
+        "p_names/IM:0001.dcm",
+        series("colon", "NAME^COLON", "601", "AX", 1),
+        1,
+        Expectation("sort", "NAME^COLON_601/AX_1"),
+    )
+    # Long names: a 250-byte file name (its temporary name must still fit 255 bytes) and a
+    # 240-byte folder name (its manifest's file name must too).
+    long_file = "p_names/" + "I" * 246 + ".dcm"
+    put(long_file, series("longfile", "LONG^FILE", "602", "AX", 1), 1, Expectation("sort"))
+    long_folder = "長" * 80
+    put(
+        f"{long_folder}/IM1.dcm",
+        series("longfolder", "LONG^FOLDER", "603", "AX", 1),
+        1,
+        Expectation("sort", "LONG^FOLDER_603/AX_1"),
+    )
+    if byte_names:
+        for raw, key in ((b"p_names/IM\xff\xfe.dcm", 1), (b"pat_\xe9/IM1.dcm", 2)):
+            info = series(("bytes", key), "BYTE^NAMES", "604", "AX", key)
+            rel = inventory.encode_name(os.fsdecode(raw))
+            write(make_instance(info, 1, uid(seed, rel)), out / os.fsdecode(raw))
+            expect[rel] = Expectation("sort", f"BYTE^NAMES_604/AX_{key}")
     dicomdir = Dataset()
     dicomdir.file_meta = FileMetaDataset()
     dicomdir.file_meta.MediaStorageSOPClassUID = "1.2.840.10008.1.3.10"
@@ -366,7 +413,7 @@ def main(argv: list[str] | None = None) -> int:
         first_patient=args.first_patient,
     )
     if args.messy:
-        files += list(generate_messy(args.out_dir))
+        files += list(generate_messy(args.out_dir, byte_names=True))
     print(f"wrote {len(files)} DICOM files (and some junk) under {args.out_dir}")
     return 0
 

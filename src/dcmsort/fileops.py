@@ -13,11 +13,27 @@ from pathlib import Path
 TEMP_SUFFIX = ".dcmsort-tmp"
 
 
+MAX_NAME_BYTES = 255  # ext4, XFS, APFS, NTFS (in UTF-16 units), Lustre
+
+
 def temp_path_for(path: Path) -> Path:
     """The temporary name used while writing path: hidden, in the same folder (so the final
     rename stays on one file system), and fixed, so a run killed half-way leaves a name the
-    next run recognises and replaces."""
-    return path.with_name(f".{path.name}{TEMP_SUFFIX}")
+    next run recognises and replaces. A name too long for ``.<name>.dcmsort-tmp`` keeps a
+    prefix and a hash of the whole name instead, so it stays within 255 bytes."""
+    name = f".{path.name}{TEMP_SUFFIX}"
+    raw = os.fsencode(name)
+    if len(raw) <= MAX_NAME_BYTES:
+        return path.with_name(name)
+    digest = "~" + hashlib.sha256(os.fsencode(path.name)).hexdigest()[:16]
+    room = MAX_NAME_BYTES - len(os.fsencode(digest + TEMP_SUFFIX))
+    # Cut on a character boundary; undecodable bytes of the name are kept as they are.
+    prefix = os.fsencode(path.name)[: room - 1].decode("utf-8", "ignore")
+    shortened = f".{prefix}{digest}{TEMP_SUFFIX}"
+    while len(os.fsencode(shortened)) > MAX_NAME_BYTES:  # 'ignore' only ever shortens
+        prefix = prefix[:-1]
+        shortened = f".{prefix}{digest}{TEMP_SUFFIX}"
+    return path.with_name(shortened)
 
 
 @contextmanager

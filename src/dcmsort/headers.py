@@ -11,6 +11,7 @@ Imports pydicom and pyarrow only (no pandas): this is the job that runs many tim
 from __future__ import annotations
 
 import argparse
+import io
 import logging
 import multiprocessing
 import os
@@ -25,8 +26,7 @@ import pyarrow.compute as pc
 import pyarrow.parquet as pq
 import pydicom
 from pydicom import config as pydicom_config
-from pydicom.datadict import tag_for_keyword
-from pydicom.errors import InvalidDicomError
+from pydicom.datadict import dictionary_VR, tag_for_keyword
 from pydicom.multival import MultiValue
 
 from dcmsort import inventory
@@ -65,7 +65,14 @@ SKIP_REASONS = {
     inventory.DIRECTORY_SYMLINK: "symbolic link to a folder (not followed, so that no loop "
     "or outside folder is walked); sort its target separately",
     inventory.SPECIAL: "not a regular file (device, socket or pipe)",
-    inventory.UNREADABLE_DIRECTORY: "folder could not be listed (permissions?)",
+    inventory.UNREADABLE_DIRECTORY: "folder could not be listed (permission denied or I/O "
+    "error); its files are not sorted",
+    inventory.SYMLINK_LOOP: "symbolic link loop (the link leads back to itself)",
+    inventory.PATH_TOO_LONG: "path longer than the system allows (4,096 bytes); it cannot be "
+    "opened: move it higher up",
+    inventory.DIRECTORY_PATH_TOO_LONG: "folder path longer than the system allows (4,096 "
+    "bytes): its files could not be listed; move it higher up",
+    inventory.UNREADABLE: "unreadable: its status could not be read",
 }
 
 
@@ -79,59 +86,201 @@ def _text(value: object) -> str | None:
 
 
 @cache
-def _tags(keywords: tuple[str, ...]) -> list[tuple[str, int]]:
-    return [(keyword, tag_for_keyword(keyword)) for keyword in keywords]
+def _tags(keywords: tuple[str, ...]) -> tuple[list[tuple[str, int, str]], list[str]]:
+    """(dataset keyword, tag, VR) triples and the file-meta keywords (group 0002) apart:
+    a template may ask for either, and file-meta keywords are read from the file meta."""
+    dataset, meta = [], []
+    for keyword in dict.fromkeys(keywords):
+        tag = tag_for_keyword(keyword)
+        if tag >> 16 == 0x0002:
+            meta.append(keyword)
+        else:
+            dataset.append((keyword, tag, dictionary_VR(tag)))
+    return dataset, meta
+
+
+class _MetaTags(dict):
+    def __missing__(self, keyword: str) -> tuple[int, str]:
+        tag = tag_for_keyword(keyword)
+        self[keyword] = (tag, dictionary_VR(tag))
+        return self[keyword]
+
+
+_META_TAG = _MetaTags()
+
+
+def split_keywords(keywords: list[str]) -> tuple[list[str], list[str]]:
+    """(dataset keywords, file-meta keywords) of the manifest: FILE_META_TAGS always, and
+    each keyword once, so a template using ``{TransferSyntaxUID}`` adds no second column."""
+    dataset, meta = _tags(tuple(keywords))
+    return [k for k, _, _ in dataset], list(dict.fromkeys(FILE_META_TAGS + meta))
 
 
 def _looks_like_uid(value: str | None) -> bool:
     return bool(value) and len(value) <= 64 and all(c.isdigit() or c == "." for c in value)
 
 
-def read_header(path: str, keywords: list[str]) -> dict[str, str | None]:
-    """The requested tags of one file, plus ``skip_reason`` (None when it is sortable DICOM).
+# Values of these VRs are ASCII by definition: decoded here from the raw bytes, exactly as
+# pydicom would print them, without building pydicom's value objects (most of a header
+# read's cost after parsing). Text VRs take the same path when their bytes are plain ASCII
+# (no escape sequence), which every DICOM character set reads the same way.
+_ASCII_VRS = frozenset({"AE", "AS", "CS", "DA", "DT", "TM", "UI"})
+_NUMBER_VRS = frozenset({"IS", "DS"})
+_SPLIT_TEXT_VRS = frozenset({"LO", "SH", "PN", "UC"})
+_TEXT_VRS = frozenset({"LT", "ST", "UT"})
 
-    Reads only the header (``stop_before_pixels``, ``specific_tags``). Never raises for a
-    bad file: the reason goes into the result instead.
-    """
-    result: dict[str, str | None] = dict.fromkeys(keywords + FILE_META_TAGS)
+
+def _fast_text(raw: bytes, vr: str) -> str | None:
+    """The value as pydicom would print it, or None when pydicom must decode it."""
+    if not raw.isascii() or b"\x1b" in raw:
+        return None
+    text = raw.decode("ascii")
+    if vr in _ASCII_VRS:
+        return text.rstrip(" \x00")
+    if vr in _NUMBER_VRS:
+        return "\\".join(v.strip(" \x00") for v in text.rstrip(" \x00").split("\\"))
+    if vr in _SPLIT_TEXT_VRS:
+        return "\\".join(v.rstrip("\x00 ") for v in text.rstrip("\x00 ").split("\\"))
+    if vr in _TEXT_VRS:
+        return text.rstrip("\x00 ")
+    return None
+
+
+def _value(dataset: pydicom.Dataset, tag: int, vr: str) -> str | None:
+    element = dataset.get_item(tag)
+    if element is None:
+        return None
+    raw = element.value
+    if isinstance(raw, bytes) and element.VR in (vr, None):
+        text = _fast_text(raw, vr)
+        if text is not None:
+            return text if text.strip() else None
+    return _text(dataset[tag].value)
+
+
+# A header is parsed from the first bytes of the file, read in one call (no seek per
+# element); a longer header needs more. Without a DICM preamble pydicom is forced to parse
+# whatever it is given, so what such a read may consume is bounded.
+CHUNK_BYTES = 64 * 1024
+MAX_FORCED_BYTES = 4 * 1024 * 1024
+# The first element of a dataset without preamble: the group of a file meta (0002) or of
+# the usual first groups (0008 identifying, 0010 patient, 0018, 0020), little or big endian.
+_FIRST_GROUPS = frozenset(
+    g.to_bytes(2, order)
+    for g in (0x0002, 0x0008, 0x0010, 0x0018, 0x0020)
+    for order in ("little", "big")
+)
+NOT_DICOM = "not DICOM (no DICM preamble and no DICOM identifiers)"
+
+
+def _could_be_dicom(head: bytes, preamble: bool) -> bool:
+    """Decide from the first bytes: a DICM preamble, or a first element of a usual group."""
+    return preamble or (len(head) >= 8 and head[:2] in _FIRST_GROUPS)
+
+
+def _parse(data: bytes, tags: list[str], force: bool, whole: bool) -> pydicom.Dataset | None:
+    """The dataset parsed from data, or None if its header goes on past data (``whole``:
+    data is the entire file, so whatever is parsed is all there is)."""
+    buffer = io.BytesIO(data)
     try:
-        if os.path.getsize(path) == 0:
+        dataset = pydicom.dcmread(buffer, stop_before_pixels=True, specific_tags=tags, force=force)
+    except Exception:
+        if whole:
+            raise
+        return None  # most likely cut in the middle of an element
+    return dataset if whole or buffer.tell() < len(data) else None
+
+
+def _meta_state(meta: object, size: int) -> str:
+    """'complete', 'truncated' (the file ends inside the file meta group) or 'missing'."""
+    length = meta.get("FileMetaInformationGroupLength") if meta else None
+    if isinstance(length, int) and 144 + length > size:  # preamble, DICM, its own 12 bytes
+        return "truncated"
+    return "complete" if meta and meta.get("TransferSyntaxUID") else "missing"
+
+
+def _read(path: str, keywords: list[str]) -> tuple[pydicom.Dataset | None, bool, int]:
+    """(dataset or None if the first bytes rule DICOM out, preamble?, size)."""
+    with open(path, "rb") as handle:
+        size = os.fstat(handle.fileno()).st_size
+        if size == 0:
+            return None, False, 0
+        data = handle.read(CHUNK_BYTES)
+        preamble = data[128:132] == b"DICM"
+        if not _could_be_dicom(data, preamble):
+            return None, False, size
+        if preamble:
+            dataset = _parse(data, keywords, False, len(data) >= size)
+            if dataset is None:  # a long header: parse it from the file
+                handle.seek(0)
+                dataset = pydicom.dcmread(handle, stop_before_pixels=True, specific_tags=keywords)
+            return dataset, True, size
+        # Forced reads of junk make pydicom warn about what it guesses; the skip reason
+        # says what matters, so the job log is not flooded.
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", UserWarning)
+            dataset = _parse(data, keywords, True, len(data) >= size)
+            if dataset is None:
+                data += handle.read(MAX_FORCED_BYTES - len(data))
+                dataset = _parse(data, keywords, True, True)
+        return dataset, False, size
+
+
+def read_header(path: str, keywords: list[str]) -> dict[str, str | None]:
+    """The requested tags of one file (file-meta keywords from its file meta), plus
+    ``skip_reason`` (None when it is sortable DICOM).
+
+    Reads only the header, from the first CHUNK_BYTES when they hold it. Sortable: a file
+    with a DICM preamble and a complete file meta group (UIDs or not: anonymisers strip
+    them), or any file carrying a SOP, series or study UID. Never raises for a bad file:
+    the reason goes into the result instead.
+    """
+    dataset_tags, meta_keywords = _tags(tuple(keywords))
+    wanted = [keyword for keyword, _, _ in dataset_tags]
+    result: dict[str, str | None] = dict.fromkeys(wanted + FILE_META_TAGS + meta_keywords)
+    preamble = False
+    try:
+        dataset, preamble, size = _read(path, wanted)
+        if size == 0:
             return {**result, "skip_reason": "empty file (0 bytes)"}
-        try:
-            dataset = pydicom.dcmread(path, stop_before_pixels=True, specific_tags=keywords)
-            preamble = True
-        except InvalidDicomError:
-            # Forced reads of junk make pydicom warn about what it guesses; the skip reason
-            # below says what matters, so the job log is not flooded.
-            with warnings.catch_warnings():
-                warnings.simplefilter("ignore", UserWarning)
-                dataset = pydicom.dcmread(
-                    path, stop_before_pixels=True, specific_tags=keywords, force=True
-                )
-            preamble = False
-        for keyword, tag in _tags(tuple(keywords)):
-            element = dataset.get(tag)  # by tag, not keyword: ~9% less CPU per file
-            result[keyword] = None if element is None else _text(element.value)
+        if dataset is None:
+            return {**result, "skip_reason": NOT_DICOM}
+        for keyword, tag, vr in dataset_tags:
+            result[keyword] = _value(dataset, tag, vr)
         meta = getattr(dataset, "file_meta", None)
-        for keyword in FILE_META_TAGS:
-            result[keyword] = _text(meta.get(keyword)) if meta else None
+        if meta:
+            for keyword in dict.fromkeys(FILE_META_TAGS + meta_keywords):
+                result[keyword] = _value(meta, *_META_TAG[keyword])
+            if "SOPInstanceUID" in result and not result["SOPInstanceUID"]:
+                # Part 10 repeats the instance UID in the file meta; anonymisers keep it.
+                result["SOPInstanceUID"] = _value(meta, *_META_TAG["MediaStorageSOPInstanceUID"])
     except PermissionError:
         return {**result, "skip_reason": "unreadable: permission denied"}
     except OSError as error:
         return {**result, "skip_reason": f"unreadable: {error.strerror or error}"}
     except Exception as error:  # pydicom raises many types on damaged data
+        if not preamble:
+            return {**result, "skip_reason": NOT_DICOM}
         return {**result, "skip_reason": f"damaged DICOM header: {type(error).__name__}: {error}"}
-    if result.get("MediaStorageSOPClassUID") == DICOMDIR_SOP_CLASS:
+    if DICOMDIR_SOP_CLASS in (result.get("MediaStorageSOPClassUID"), result.get("SOPClassUID")):
         return {**result, "skip_reason": "DICOMDIR (an index of a DICOM medium, not an image)"}
-    if not any(_looks_like_uid(result.get(k)) for k in _IDENTIFYING_UIDS):
+    if any(_looks_like_uid(result.get(k)) for k in _IDENTIFYING_UIDS):
+        return {**result, "skip_reason": None}
+    if not preamble:
+        return {**result, "skip_reason": NOT_DICOM}
+    state = _meta_state(meta, size)
+    if state == "complete":
+        return {**result, "skip_reason": None}
+    if state == "truncated":
+        reason = "damaged DICOM: the file ends inside its file meta information (truncated)"
+    elif meta:
         reason = (
-            "DICOM without SOP, series or study UID (truncated, or not a stored instance "
-            "such as a worklist query)"
-            if preamble
-            else "not DICOM (no DICM preamble and no DICOM identifiers)"
+            "damaged DICOM: file meta information without a transfer syntax, and no SOP, "
+            "series or study UID"
         )
-        return {**result, "skip_reason": reason}
-    return {**result, "skip_reason": None}
+    else:
+        reason = "damaged DICOM: a DICM preamble, but no file meta information and no UIDs"
+    return {**result, "skip_reason": reason}
 
 
 def manifest_schema(keywords: list[str]) -> pa.Schema:
@@ -143,7 +292,8 @@ def manifest_schema(keywords: list[str]) -> pa.Schema:
         pa.field("dicom", pa.bool_()),
         pa.field("skip_reason", pa.string()),
     ]
-    fields += [pa.field(k, pa.string()) for k in keywords + FILE_META_TAGS]
+    dataset, meta = split_keywords(keywords)
+    fields += [pa.field(k, pa.string()) for k in dataset + meta]
     return pa.schema(fields)
 
 
@@ -180,6 +330,15 @@ def _remove_manifests_of_removed_folders(
     """A folder gone from the input takes its manifest with it (its sorted copies stay)."""
     for path in manifests.glob("*.parquet"):
         folder = inventory.folder_of_manifest(path.name)
+        if folder is None:  # a shortened name: the folder is in the manifest's metadata
+            try:
+                metadata = pq.read_schema(path).metadata or {}
+            except (OSError, pa.ArrowException):
+                metadata = {}
+            if b"folder" not in metadata:
+                path.unlink()  # unreadable or foreign: rewritten if its folder still exists
+                continue
+            folder = metadata[b"folder"].decode()
         if inventory.batch_of(folder, batches) == batch and folder not in folders:
             path.unlink()
 
@@ -224,7 +383,9 @@ def extract_batch(
     headers = dict(
         zip(
             to_read,
-            _read_headers([str(input_dir / r) for r in to_read], keywords, workers),
+            _read_headers(
+                [inventory.source_path(input_dir, r) for r in to_read], keywords, workers
+            ),
             strict=True,
         )
     )
@@ -250,7 +411,7 @@ def extract_batch(
                 }
             )
         table = pa.Table.from_pylist(
-            rows, schema=schema.with_metadata({"fingerprint": fingerprint})
+            rows, schema=schema.with_metadata({"fingerprint": fingerprint, "folder": folder})
         )
         with atomic_path(manifests / inventory.manifest_name(folder)) as tmp:
             pq.write_table(table, tmp)

@@ -1,8 +1,11 @@
 """What is in the input folder, found by stat alone (no file is opened).
 
 The input holds one folder per patient; files sitting directly in the input folder form one
-more unit, ``ROOT_FOLDER``. Each unit belongs to one of a fixed number of batches, chosen by
-a hash of its name, so a new folder never moves the others to another batch. A fingerprint
+more unit, ``ROOT_FOLDER``. Names are kept as text that round-trips to the bytes on disk
+(``encode_name``): every folder and relpath this module hands out is in that form, and
+``source_path`` turns a relpath back into the path to open. Each unit belongs to one of a
+fixed number of batches, chosen by a hash of its name, so a new folder never moves the
+others to another batch. A fingerprint
 (names, sizes, mtimes) tells whether anything in a unit changed since it was last read.
 
 Imports only the standard library: the Snakefile calls it at every start.
@@ -10,8 +13,10 @@ Imports only the standard library: the Snakefile calls it at every start.
 
 from __future__ import annotations
 
+import errno
 import hashlib
 import os
+import re
 import stat
 from dataclasses import dataclass
 from pathlib import Path
@@ -24,7 +29,55 @@ FILE = "file"
 BROKEN_SYMLINK = "broken-symlink"
 DIRECTORY_SYMLINK = "directory-symlink"
 SPECIAL = "special-file"
-UNREADABLE_DIRECTORY = "unreadable-directory"
+UNREADABLE_DIRECTORY = "unreadable-directory"  # permission denied or another listing error
+SYMLINK_LOOP = "symlink-loop"
+PATH_TOO_LONG = "path-too-long"  # the full path exceeds the system's limit (PATH_MAX)
+DIRECTORY_PATH_TOO_LONG = "directory-path-too-long"
+UNREADABLE = "unreadable"  # stat failed for another reason
+
+# --- names: any bytes a file system allows, as valid UTF-8 text ---------------------------
+# os.fsdecode turns a byte that is not UTF-8 into a lone surrogate U+DC80..U+DCFF; parquet,
+# CSV and JSON cannot hold those. They are written as %XX, and '%' itself as %25, so an
+# ordinary name is unchanged and every name round-trips to its bytes.
+_TO_ENCODE = re.compile("[%\udc80-\udcff]")
+_TO_DECODE = re.compile("%([0-9A-F]{2})")
+
+
+def _escape(match: re.Match) -> str:
+    char = match.group()
+    return "%25" if char == "%" else f"%{ord(char) - 0xDC00:02X}"
+
+
+def _unescape(match: re.Match) -> str:
+    byte = int(match.group(1), 16)
+    if byte == 0x25:
+        return "%"
+    return chr(0xDC00 + byte) if byte >= 0x80 else match.group()
+
+
+def encode_name(fs_text: str) -> str:
+    """A file system name (as ``os.fsdecode`` gives it) as valid UTF-8 text: '%' becomes
+    ``%25`` and every byte that is not UTF-8 ``%XX``; everything else is unchanged."""
+    if "%" not in fs_text and fs_text.isascii():
+        return fs_text
+    return _TO_ENCODE.sub(_escape, fs_text)
+
+
+def decode_name(text: str) -> str:
+    """The inverse of ``encode_name``: back to the ``os.fsdecode`` form (lone surrogates)."""
+    if "%" not in text:
+        return text
+    return _TO_DECODE.sub(_unescape, text)
+
+
+def source_path(input_dir: str | Path, relpath: str) -> str:
+    """The path to open for a manifest relpath (relative to input_dir)."""
+    return os.path.join(os.fspath(input_dir), decode_name(relpath))
+
+
+def file_name(relpath: str) -> str:
+    """The original last component of a manifest relpath (``os.fsdecode`` form)."""
+    return decode_name(relpath.rsplit("/", 1)[-1])
 
 
 @dataclass(frozen=True, slots=True)
@@ -38,12 +91,13 @@ class Entry:
 
 
 def list_folders(input_dir: str | Path) -> list[str]:
-    """Top-level units of input_dir, sorted: every folder, plus ROOT_FOLDER if files lie there."""
+    """Top-level units of input_dir (``encode_name`` form), sorted: every folder, plus
+    ROOT_FOLDER if files lie there."""
     folders, has_root_files = [], False
     with os.scandir(input_dir) as entries:
         for entry in entries:
             if entry.is_dir(follow_symlinks=False):
-                folders.append(entry.name)
+                folders.append(encode_name(entry.name))
             else:
                 has_root_files = True
     return sorted(folders) + ([ROOT_FOLDER] if has_root_files else [])
@@ -70,20 +124,52 @@ def auto_batches(folders: int) -> int:
 
 
 def batch_of(folder: str, batches: int) -> int:
-    """The batch a folder belongs to: stable, independent of the other folders."""
+    """The batch a folder (``encode_name`` form) belongs to: stable, independent of the
+    other folders."""
     digest = hashlib.sha256(folder.encode("utf-8", "surrogateescape")).digest()
     return int.from_bytes(digest[:8], "big") % batches
 
 
+# A manifest's file name is the quoted folder name while that is short; a longer one keeps
+# a readable prefix plus a hash (with a '%' not followed by hex digits, which quote never
+# writes, so no short name can equal it). 255 bytes is the usual file name limit.
+_MAX_QUOTED = 150
+_PREFIX = 100
+_HASHED = "%~"
+
+
 def manifest_name(folder: str) -> str:
-    """File name of a folder's manifest; ``%2F`` (a name no folder can have) for the root."""
-    return (quote(folder, safe="") if folder != ROOT_FOLDER else "%2F") + ".parquet"
+    """File name of a folder's manifest, at most ~130 bytes whatever the folder's length;
+    ``%2F`` (a name no folder can have) for the root."""
+    if folder == ROOT_FOLDER:
+        return "%2F.parquet"
+    quoted = quote(folder, safe="")
+    if len(quoted) > _MAX_QUOTED:
+        prefix = quoted[:_PREFIX]
+        cut = prefix.rfind("%", len(prefix) - 2)  # never cut a %XX escape in two
+        prefix = prefix[:cut] if cut >= 0 else prefix
+        digest = hashlib.sha256(folder.encode("utf-8", "surrogateescape")).hexdigest()[:16]
+        quoted = f"{prefix}{_HASHED}{digest}"
+    return quoted + ".parquet"
 
 
-def folder_of_manifest(name: str) -> str:
-    """The folder a manifest file name (from ``manifest_name``) belongs to."""
+def folder_of_manifest(name: str) -> str | None:
+    """The folder a manifest file name (from ``manifest_name``) belongs to, or None for a
+    shortened name: then the folder is in the manifest's own metadata (key ``folder``)."""
     stem = name.removesuffix(".parquet")
+    if _HASHED in stem:
+        return None
     return ROOT_FOLDER if stem == "%2F" else unquote(stem)
+
+
+def _failed(relpath: str, error: OSError, directory: bool = False) -> Entry:
+    if error.errno == errno.ENAMETOOLONG:
+        kind = DIRECTORY_PATH_TOO_LONG if directory else PATH_TOO_LONG
+    elif error.errno == errno.ELOOP:
+        kind = SYMLINK_LOOP
+    else:
+        kind = UNREADABLE_DIRECTORY if directory else UNREADABLE
+    return Entry(relpath, 0, 0, kind)
 
 
 def _entry(path: str, relpath: str, entry: os.DirEntry | None = None) -> Entry:
@@ -91,8 +177,8 @@ def _entry(path: str, relpath: str, entry: os.DirEntry | None = None) -> Entry:
         info = entry.stat(follow_symlinks=True) if entry else os.stat(path)
     except FileNotFoundError:
         return Entry(relpath, 0, 0, BROKEN_SYMLINK)
-    except OSError:
-        return Entry(relpath, 0, 0, SPECIAL)
+    except OSError as error:
+        return _failed(relpath, error)
     if stat.S_ISREG(info.st_mode):
         return Entry(relpath, info.st_size, info.st_mtime_ns, FILE)
     if stat.S_ISDIR(info.st_mode):
@@ -101,9 +187,10 @@ def _entry(path: str, relpath: str, entry: os.DirEntry | None = None) -> Entry:
 
 
 def walk_folder(input_dir: str | Path, folder: str) -> list[Entry]:
-    """Every file below one unit, sorted by relpath. Directory symlinks are not followed
-    (they could loop or leave the input); they are listed so that they can be reported."""
-    top = os.path.join(input_dir, folder) if folder != ROOT_FOLDER else str(input_dir)
+    """Every file below one unit (``encode_name`` form), sorted by relpath. Directory
+    symlinks are not followed (they could loop or leave the input); they are listed so that
+    they can be reported, as are paths that could not be listed or stat'ed."""
+    top = source_path(input_dir, folder) if folder != ROOT_FOLDER else os.fspath(input_dir)
     found: list[Entry] = []
     stack = [(top, folder)]
     while stack:
@@ -111,14 +198,15 @@ def walk_folder(input_dir: str | Path, folder: str) -> list[Entry]:
         try:
             with os.scandir(path) as entries:
                 for entry in entries:
-                    rel = f"{relpath}/{entry.name}" if relpath else entry.name
+                    name = encode_name(entry.name)
+                    rel = f"{relpath}/{name}" if relpath else name
                     if entry.is_dir(follow_symlinks=False):
                         if folder != ROOT_FOLDER:
                             stack.append((entry.path, rel))
                     else:
                         found.append(_entry(entry.path, rel, entry))
-        except OSError:
-            found.append(Entry(relpath, 0, 0, UNREADABLE_DIRECTORY))
+        except OSError as error:
+            found.append(_failed(relpath, error, directory=True))
     return sorted(found, key=lambda e: e.relpath)
 
 
@@ -143,23 +231,3 @@ def batch_fingerprint(input_dir: str | Path, folders: list[str]) -> str:
             )
         )
     return digest.hexdigest()[:16]
-
-
-def decode_name(text: str) -> str:
-    """The file-system form (os.fsdecode, surrogateescape) of a manifest name."""
-    return text
-
-
-def file_name(relpath: str) -> str:
-    """The last component of a manifest relpath, in file-system form."""
-    return decode_name(relpath.rsplit("/", 1)[-1])
-
-
-def source_path(input_dir: str | Path, relpath: str) -> str:
-    """The path to open for a manifest relpath."""
-    return os.path.join(input_dir, decode_name(relpath))
-
-
-def encode_name(fs_text: str) -> str:
-    """The manifest form of a file-system name (placeholder until non-UTF-8 support)."""
-    return fs_text

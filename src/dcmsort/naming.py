@@ -87,14 +87,17 @@ def _has_unsafe_character(text: str) -> bool:
     return _UNSAFE_CHARACTER.search(text) is not None
 
 
-def safe_value(raw: str) -> str:
+def safe_value(raw: str, keep_extension: bool = False) -> str:
     """A header value made safe to embed in a component: separators, characters Windows
-    forbids and control characters become ``_``, marked with a hash of the original.
-    Rules about whole names (dots, device names, length) are left to ``safe_component``."""
+    forbids, control characters and lone surrogates (bytes of a file name that are not
+    UTF-8) become ``_``, marked with a hash of the original; with ``keep_extension`` (a
+    file name) the mark goes before the extension. Rules about whole names (dots, device
+    names, length) are left to ``safe_component``."""
     text = unicodedata.normalize("NFC", raw)
     if not _has_unsafe_character(text):
         return text
-    return _UNSAFE_CHARACTER.sub(REPLACEMENT, text) + MARKER + short_hash(text)
+    stem, ext = _split_extension(text) if keep_extension else (text, "")
+    return _UNSAFE_CHARACTER.sub(REPLACEMENT, stem) + MARKER + short_hash(text) + ext
 
 
 def safe_component(raw: str, placeholder: str = "UNKNOWN") -> str:
@@ -222,6 +225,6 @@ def render_path(template: str, values: Mapping[str, str | None], placeholder: st
             text = render_person_name(text)
         text = _format_value(text, spec)
         # Values are made safe on their own first, so a separator inside a value stays text.
-        pieces.append(safe_value(text))
+        pieces.append(safe_value(text, keep_extension=field == "filename"))
     rendered = "".join(pieces)
     return "/".join(safe_component(part, placeholder) for part in rendered.split("/"))

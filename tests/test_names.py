@@ -1,0 +1,269 @@
+"""Any name, any file: names that are not UTF-8 or very long, DICOM without UIDs,
+file-meta keywords in templates, true skip reasons (issue 11). End to end through the real
+snakemake, plus the pure pieces."""
+
+from __future__ import annotations
+
+import os
+import time
+from pathlib import Path
+
+import pyarrow.parquet as pq
+import pytest
+
+from conftest import assert_every_file_accounted_for, tree_snapshot
+from dcmsort import demo, headers, inventory, naming
+from dcmsort.fileops import MAX_NAME_BYTES, TEMP_SUFFIX, temp_path_for
+
+
+def write_instance(path: str | bytes, name: str = "DOE^JOHN", number: int = 1) -> bytes:
+    """A small DICOM file at path (str or bytes); returns its content."""
+    info = demo.Series(name, "7", "1.2.3", "20240101", "1.2.3.9", 1, "AX")
+    tmp = Path(f"/tmp/dcmsort-names-{os.getpid()}-{number}.dcm")
+    demo.write(demo.make_instance(info, number, f"1.2.3.{number}.1"), tmp)
+    content = tmp.read_bytes()
+    tmp.unlink()
+    raw = os.fsencode(path)
+    os.makedirs(os.path.dirname(raw), exist_ok=True)
+    with open(raw, "wb") as handle:
+        handle.write(content)
+    return content
+
+
+def all_inputs(root: Path) -> set[str]:
+    """Every file or link below root, as manifest relpaths (encode_name form)."""
+    found = set()
+    for top, dirs, files in os.walk(root):
+        for name in files + [d for d in dirs if os.path.islink(os.path.join(top, d))]:
+            rel = os.path.relpath(os.path.join(top, name), root)
+            found.add(inventory.encode_name(rel))
+    return found
+
+
+def assert_accounted_for(sorter) -> dict:
+    """The central invariant (conftest), plus portable names. Returns rows by relpath."""
+    result = assert_every_file_accounted_for(sorter)
+    for destination in result["destination"].dropna():
+        assert all(naming.is_safe_component(part) for part in destination.split("/"))
+    return {row["relpath"]: row for row in result.to_dict("records")}
+
+
+# --- item 4: names that are not UTF-8 ------------------------------------------------------
+
+
+def test_names_that_are_not_utf8_are_sorted_and_reported_by_names_that_round_trip(sorter):
+    root = os.fsencode(sorter.input_dir)
+    one = write_instance(root + b"/p/IM\xff\xfe.dcm", number=1)
+    two = write_instance(root + b"/pat_\xe9/sub\xe9/IM1.dcm", number=2)
+    write_instance(root + b"/p/100%.dcm", number=3)
+    before = tree_snapshot(sorter.input_dir)
+    sorter.run()
+    assert tree_snapshot(sorter.input_dir) == before
+    rows = assert_accounted_for(sorter)
+    assert set(rows) == {"p/IM%FF%FE.dcm", "pat_%E9/sub%E9/IM1.dcm", "p/100%25.dcm"}
+    assert os.fsencode(inventory.decode_name("p/IM%FF%FE.dcm")) == b"p/IM\xff\xfe.dcm"
+    destination = rows["p/IM%FF%FE.dcm"]["destination"]
+    assert destination.startswith("DOE^JOHN_7/AX_1/IM__~") and destination.endswith(".dcm")
+    assert (sorter.output_dir / destination).read_bytes() == one
+    assert (sorter.output_dir / rows["pat_%E9/sub%E9/IM1.dcm"]["destination"]).read_bytes() == two
+    assert rows["p/100%25.dcm"]["destination"] == "DOE^JOHN_7/AX_1/100%.dcm"
+    manifests = sorted((sorter.state / "manifests" / "folders").iterdir())
+    assert {pq.read_schema(m).metadata[b"folder"].decode() for m in manifests} == {"p", "pat_%E9"}
+    again = sorter.run()
+    assert "Nothing to be done" in again.output
+
+
+# --- items 5 and 6: long folder and file names ---------------------------------------------
+
+
+def test_long_folder_and_file_names_are_sorted(sorter):
+    japanese = "山" * 41  # 123 bytes; quoted for a file name it would be 369
+    ascii_folder = "F" * 240
+    long_file = "I" * 246 + ".dcm"  # 250 bytes: '.<name>.dcmsort-tmp' would be 263
+    write_instance(sorter.input_dir / japanese / "IM1.dcm", number=1)
+    write_instance(sorter.input_dir / ascii_folder / "IM1.dcm", number=2)
+    write_instance(sorter.input_dir / "p" / long_file, number=3)
+    sorter.run()
+    rows = assert_accounted_for(sorter)
+    assert rows[f"p/{long_file}"]["destination"] == f"DOE^JOHN_7/AX_1/{long_file}"
+    assert all(r["action"] == "sort" for r in rows.values())
+    manifests = list((sorter.state / "manifests" / "folders").iterdir())
+    assert len(manifests) == 3
+    assert all(len(os.fsencode(m.name)) <= 150 for m in manifests)
+    assert not list(sorter.output_dir.rglob(f"*{TEMP_SUFFIX}"))
+
+
+def test_the_manifest_of_a_removed_long_folder_is_removed(tmp_path):
+    source = tmp_path / "in"
+    write_instance(source / ("F" * 240) / "IM1.dcm", number=1)
+    write_instance(source / "short" / "IM1.dcm", number=2)
+    manifests = tmp_path / "manifests"
+    headers.extract_batch(source, 0, 1, [], manifests, tmp_path / "b.parquet")
+    assert len(list(manifests.iterdir())) == 2
+    (source / ("F" * 240) / "IM1.dcm").unlink()
+    (source / ("F" * 240)).rmdir()
+    headers.extract_batch(source, 0, 1, [], manifests, tmp_path / "b.parquet")
+    assert [p.name for p in manifests.iterdir()] == ["short.parquet"]
+
+
+@pytest.mark.parametrize("length", [1, 200, 242, 243, 250, 255])
+@pytest.mark.parametrize("char", ["x", "é", "山"])
+def test_temporary_names_fit_255_bytes_stay_hidden_fixed_and_recognisable(length, char):
+    name = (char * length).encode()[:255].decode("utf-8", "ignore")
+    tmp = temp_path_for(Path("/out/folder") / name)
+    assert len(os.fsencode(tmp.name)) <= MAX_NAME_BYTES
+    assert tmp.name.startswith(".") and tmp.name.endswith(TEMP_SUFFIX)
+    assert tmp.parent == Path("/out/folder")
+    assert tmp == temp_path_for(Path("/out/folder") / name)
+    assert temp_path_for(Path("/out/folder") / (name[:-1] + "z")) != tmp
+
+
+def test_ordinary_temporary_names_are_unchanged():
+    assert temp_path_for(Path("/o/IM1.dcm")).name == f".IM1.dcm{TEMP_SUFFIX}"
+
+
+# --- item 7: file-meta keywords in templates -----------------------------------------------
+
+
+def test_file_meta_keywords_in_templates_are_read_from_the_file_meta(sorter):
+    write_instance(sorter.input_dir / "p" / "IM1.dcm", number=1)
+    sorter.run(
+        folder_template="{MediaStorageSOPClassUID}/{TransferSyntaxUID}",
+        file_template="{MediaStorageSOPInstanceUID}.dcm",
+    )
+    rows = assert_accounted_for(sorter)
+    assert rows["p/IM1.dcm"]["destination"] == (
+        f"{demo.MR_IMAGE}/1.2.840.10008.1.2.1/1.2.3.1.1.dcm"
+    )
+    manifest = pq.read_schema(next((sorter.state / "manifests").glob("batch-*.parquet")))
+    assert manifest.names.count("TransferSyntaxUID") == 1
+
+
+def test_manifest_schema_has_each_file_meta_keyword_once():
+    names = headers.manifest_schema([*headers.MANIFEST_TAGS, "TransferSyntaxUID"]).names
+    assert names.count("TransferSyntaxUID") == 1
+    assert "MediaStorageSOPClassUID" in names
+
+
+# --- item 9: DICOM without UIDs; what is not DICOM ----------------------------------------
+
+
+def test_dicom_without_uids_is_sorted_and_junk_is_skipped_with_true_reasons(sorter):
+    expected = {
+        k: v for k, v in demo.generate_messy(sorter.input_dir).items() if k.startswith("p_anon")
+    }
+    junk = sorter.input_dir / "p_junk"
+    for name in list(junk.iterdir()) if junk.exists() else []:
+        name.unlink()
+    assert set(expected) == {"p_anon/IM1.dcm", "p_anon/meta_only.dcm"}
+    (sorter.input_dir / "zeros.img").write_bytes(bytes(2_000_000))
+    sorter.run()
+    rows = assert_accounted_for(sorter)
+    assert rows["p_anon/IM1.dcm"]["action"] == "sort"
+    assert rows["p_anon/IM1.dcm"]["destination"].startswith("Anon_UNKNOWN/AX T2_6/")
+    assert rows["p_anon/IM1.dcm"]["SOPInstanceUID"] == demo.uid(7, "anon")
+    assert rows["p_anon/meta_only.dcm"]["destination"].startswith("UNKNOWN_UNKNOWN/")
+    assert rows["zeros.img"]["reason"] == headers.NOT_DICOM
+
+
+def test_zero_filled_and_large_junk_is_decided_from_the_first_bytes(tmp_path):
+    zeros = tmp_path / "zeros"
+    with open(zeros, "wb") as handle:
+        handle.truncate(200_000_000)  # sparse: 200 MB of zeros, no disk used
+    started = time.process_time()
+    assert headers.read_header(str(zeros), headers.MANIFEST_TAGS)["skip_reason"] == (
+        headers.NOT_DICOM
+    )
+    # A plausible first element followed by junk: the forced read is bounded.
+    plausible = tmp_path / "plausible"
+    with open(plausible, "wb") as handle:
+        handle.write(b"\x08\x00\x05\x00CS\x0a\x00ISO_IR 100")
+        handle.truncate(200_000_000)
+    assert headers.read_header(str(plausible), headers.MANIFEST_TAGS)["skip_reason"]
+    assert time.process_time() - started < 30  # unbounded, the second took minutes
+
+
+def test_a_header_longer_than_the_first_chunk_is_read_whole(tmp_path):
+    info = demo.Series("LONG^HEADER", "1", "1.2.3", "20240101", "1.2.3.4", 1, "AX")
+    ds = demo.make_instance(info, 1, "1.2.3.4.5")
+    ds.ImageComments = "x" * (headers.CHUNK_BYTES * 2)
+    ds.SeriesDescription = "AFTER THE CHUNK"  # (0008,103E) sorts before (0020,4000)...
+    ds.add_new(0x00291010, "OB", b"\0" * (headers.CHUNK_BYTES * 2))  # ...so push it far
+    ds.add_new(0x00400254, "LO", "PERFORMED")  # PerformedProcedureStepDescription, late
+    path = demo.write(ds, tmp_path / "long.dcm")
+    row = headers.read_header(
+        str(path), [*headers.MANIFEST_TAGS, "PerformedProcedureStepDescription"]
+    )
+    assert row["skip_reason"] is None
+    assert row["PerformedProcedureStepDescription"] == "PERFORMED"
+    bare = demo.write(ds, tmp_path / "bare", preamble=False)
+    row = headers.read_header(
+        str(bare), [*headers.MANIFEST_TAGS, "PerformedProcedureStepDescription"]
+    )
+    assert row["skip_reason"] is None and row["PerformedProcedureStepDescription"] == "PERFORMED"
+
+
+# --- smaller: skip reasons that say what happened -----------------------------------------
+
+
+def test_link_loops_and_too_long_paths_are_reported_as_what_they_are(sorter):
+    write_instance(sorter.input_dir / "p" / "IM1.dcm", number=1)
+    os.symlink("loop", sorter.input_dir / "p" / "loop")
+    # Nested folders whose full path exceeds PATH_MAX (4,096 bytes): made relative to a
+    # folder descriptor, as no single path could name them.
+    deep = os.open(sorter.input_dir, os.O_RDONLY)
+    try:
+        for level in range(18):
+            name = f"{level:02d}" + "d" * 240
+            os.mkdir(name, dir_fd=deep)
+            parent, deep = deep, os.open(name, os.O_RDONLY, dir_fd=deep)
+            os.close(parent)
+        os.close(os.open("IM1.dcm", os.O_WRONLY | os.O_CREAT, 0o644, dir_fd=deep))
+    finally:
+        os.close(deep)
+    sorter.run()
+    plan = sorter.outcomes().set_index("relpath")
+    assert plan.loc["p/IM1.dcm", "action"] == "sort"
+    assert plan.loc["p/loop", "reason"] == headers.SKIP_REASONS[inventory.SYMLINK_LOOP]
+    too_long = plan[plan["reason"].fillna("").str.contains("longer than the system allows")]
+    assert len(too_long) == 1 and too_long.index[0].startswith("00ddd")
+    assert "could not be listed" in too_long["reason"].iloc[0]
+
+
+def test_walk_reports_a_file_whose_full_path_is_too_long(tmp_path):
+    # A folder path just under PATH_MAX plus a long file name: the folder lists, the file
+    # cannot be stat'ed by its path.
+    deep = os.open(tmp_path, os.O_RDONLY)
+    depth = (4095 - len(os.fsencode(tmp_path)) - 4) // 251  # the folder fits, the file not
+    try:
+        os.mkdir("top", dir_fd=deep)
+        parent, deep = deep, os.open("top", os.O_RDONLY, dir_fd=deep)
+        os.close(parent)
+        for level in range(depth):
+            name = f"{level:02d}" + "d" * 248
+            os.mkdir(name, dir_fd=deep)
+            parent, deep = deep, os.open(name, os.O_RDONLY, dir_fd=deep)
+            os.close(parent)
+        os.close(os.open("f" * 250, os.O_WRONLY | os.O_CREAT, 0o644, dir_fd=deep))
+    finally:
+        os.close(deep)
+    kinds = {e.kind for e in inventory.walk_folder(tmp_path, "top")}
+    assert kinds == {inventory.PATH_TOO_LONG}
+
+
+# --- the messy set, with names that are not UTF-8 -------------------------------------------
+
+
+def test_messy_set_with_byte_names_every_expectation_holds(sorter):
+    expected = demo.generate_messy(sorter.input_dir, byte_names=True)
+    sorter.run()
+    rows = assert_accounted_for(sorter)
+    for relpath, expect in expected.items():
+        row = rows[relpath]
+        assert row["action"] == expect.action, (relpath, row)
+        if expect.folder:
+            assert row["destination"].rsplit("/", 1)[0] == expect.folder, relpath
+        if expect.reason:
+            assert expect.reason in row["reason"], (relpath, row["reason"])
+        assert bool(row["conflict"]) == expect.conflict, relpath
+    assert rows["p_names/IM:0001.dcm"]["destination"].endswith("/IM_0001~fe9150.dcm")

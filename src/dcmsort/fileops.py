@@ -10,6 +10,8 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
 
+from dcmsort import permissions
+
 TEMP_SUFFIX = ".dcmsort-tmp"
 
 
@@ -23,10 +25,12 @@ def temp_path_for(path: Path) -> Path:
 @contextmanager
 def atomic_path(path: str | Path, make_parent: bool = True) -> Iterator[Path]:
     """Yield a temporary path to write; on success it is renamed to path, on failure
-    removed. ``make_parent=False`` when the caller already made the folder."""
+    removed. ``make_parent=False`` when the caller already made the folder. The file's
+    mode comes from the umask, which the run narrows to output_dir (permissions); missing
+    folders get their parent's mode (permissions.make_folders)."""
     path = Path(path)
     if make_parent:
-        path.parent.mkdir(parents=True, exist_ok=True)
+        permissions.make_folders(path.parent)
     tmp = temp_path_for(path)
     try:
         yield tmp
@@ -46,13 +50,27 @@ def file_digest(path: str | Path) -> str:
 _NO_COPY_RANGE = {errno.EXDEV, errno.ENOSYS, errno.EINVAL, errno.EOPNOTSUPP, errno.EPERM}
 
 
+def _create_new(path: Path, mode: int) -> int:
+    """Open a new file for writing with mode (masked by the umask). A file left there by a
+    killed run is removed first: its mode may be another's, and O_TRUNC would keep it."""
+    flags = os.O_WRONLY | os.O_CREAT | os.O_EXCL
+    try:
+        return os.open(path, flags, mode)
+    except FileExistsError:
+        os.unlink(path)
+        return os.open(path, flags, mode)
+
+
 def copy_file(source: Path, target: Path, source_stat: os.stat_result) -> int:
-    """Copy source's bytes to a new file target, with source's mtime; returns the size
-    written. One open per side and copy_file_range (in-kernel, reflinks where the file
-    system can): a quarter of shutil.copyfile's calls, which matters at 100,000 files."""
+    """Copy source's bytes to a new file target, with source's mtime and, as ``cp`` gives
+    them, its permission bits masked by the umask (permissions.copy_mode: never wider than
+    the source); returns the size written. One open per side and copy_file_range
+    (in-kernel, reflinks where the file system can): a quarter of shutil.copyfile's calls,
+    which matters at 100,000 files."""
     fd_in = os.open(source, os.O_RDONLY)
     try:
-        fd_out = os.open(target, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644)
+        # The kernel applies the umask: no extra call per file.
+        fd_out = _create_new(target, source_stat.st_mode & permissions.PERMS)
         try:
             try:
                 left = source_stat.st_size

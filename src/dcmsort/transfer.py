@@ -25,6 +25,7 @@ import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
+from dcmsort import permissions
 from dcmsort.fileops import atomic_path, copy_file, file_digest
 
 log = logging.getLogger("dcmsort.transfer")
@@ -64,8 +65,10 @@ def destination_state(source: Path, destination: Path, source_stat: os.stat_resu
 
 
 def _make_folder(folder: Path, made: set[Path]) -> None:
+    """Create a destination folder (and parents) no more open than the folder it is made
+    in; a setgid (group-shared) output stays group-shared all the way down."""
     if folder not in made:
-        folder.mkdir(parents=True, exist_ok=True)
+        permissions.make_folders(folder)
         made.add(folder)
 
 

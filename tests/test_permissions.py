@@ -7,7 +7,8 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
-from dcmsort import permissions
+from conftest import assert_every_file_accounted_for, tree_snapshot
+from dcmsort import demo, permissions
 from dcmsort.fileops import atomic_path, copy_file, temp_path_for
 from dcmsort.permissions import (
     copy_mode,
@@ -233,3 +234,57 @@ def test_narrow_umask_narrows_to_an_existing_output(tmp_path, umask_022):
     output.mkdir(mode=0o700)
     assert permissions.narrow_umask(output, tmp_path) == 0o077
     assert permissions.current_umask() == 0o077
+
+
+# End to end: the real snakemake, as a user with the usual umask 022 on a shared machine.
+
+PRIVATE, SHARED = 0o700, SETGID | 0o770
+
+
+@pytest.mark.parametrize(
+    ("transfer_mode", "output_mode"),
+    [("copy", PRIVATE), ("copy", SHARED), ("hardlink", SHARED), ("symlink", PRIVATE)],
+)
+def test_nothing_dcmsort_writes_is_more_open_than_the_input_or_the_output(
+    sorter, transfer_mode, output_mode
+):
+    demo.generate(sorter.input_dir, patients=1, series=1, instances=2, junk=False)
+    inputs = sorted(p for p in sorter.input_dir.rglob("*") if p.is_file())
+    for index, path in enumerate(inputs):
+        os.chmod(path, (0o600, 0o640)[index % 2])
+    for folder in [sorter.input_dir, *(p for p in sorter.input_dir.rglob("*") if p.is_dir())]:
+        os.chmod(folder, 0o700)
+    sorter.output_dir.mkdir()
+    os.chmod(sorter.output_dir, output_mode)
+    before = tree_snapshot(sorter.input_dir)
+    input_mode = mode_of(sorter.input_dir)
+
+    sorter.run(umask=0o022, transfer_mode=transfer_mode)
+
+    assert tree_snapshot(sorter.input_dir) == before
+    assert mode_of(sorter.input_dir) == input_mode
+    assert mode_of(sorter.output_dir) == output_mode  # never changed
+    plan = assert_every_file_accounted_for(sorter)
+    # A private output: only the owner, all the way down. A shared one: the group, never
+    # others; folders keep setgid and group rwx so the next member of the group can add.
+    state_limit = 0o600 if output_mode == PRIVATE else 0o660
+    run_umask_ = run_umask(0o022, output_mode)
+    created = [p for p in sorter.output_dir.rglob("*") if not p.is_symlink()]
+    assert {p.name for p in created} >= {".dcmsort", "logs", "extract", "run.lock"}
+    for path in created:
+        mode = mode_of(path)
+        if path.is_dir():
+            assert mode == output_mode, (path, oct(mode))
+        elif sorter.state in path.parents:
+            assert mode & ~state_limit == 0 and mode & 0o600 == 0o600, (path, oct(mode))
+    for name in ("run.lock", "history.jsonl"):  # opened in place by the next run
+        assert mode_of(sorter.state / name) == state_limit
+    for row in plan[plan["action"] == "sort"].itertuples():
+        source, placed = sorter.input_dir / row.relpath, sorter.output_dir / row.destination
+        if transfer_mode == "copy":
+            assert mode_of(placed) == copy_mode(mode_of(source), run_umask_), row.destination
+        elif transfer_mode == "hardlink":
+            assert os.stat(placed).st_ino == os.stat(source).st_ino
+        else:
+            assert os.readlink(placed) == str(source)
+    assert {mode_of(sorter.input_dir / r) for r in plan["relpath"]} == {0o600, 0o640}

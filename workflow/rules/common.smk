@@ -10,7 +10,8 @@ from snakemake.utils import validate
 REPO = Path(workflow.basedir)  # the top-level Snakefile's folder
 sys.path.insert(0, str(REPO / "src"))
 
-from dcmsort import inventory, settings  # noqa: E402
+from dcmsort import inventory, permissions, settings  # noqa: E402
+from dcmsort.report import HISTORY  # noqa: E402
 
 
 def fail(message):
@@ -32,6 +33,9 @@ try:
     settings.check_layout(SETTINGS.state_dir / "layout.json", SETTINGS.naming)
 except settings.ConfigError as error:
     fail(error)
+# Patient data: nothing this run (or Snakemake for it) creates is more open than output_dir.
+# Here, so every job inherits it, also on a cluster where each job parses this file again.
+permissions.narrow_umask(SETTINGS.output_dir, SETTINGS.input_dir)
 
 # Every job runs `<this python> workflow/scripts/dcmsort_stage.py <stage> ...`.
 DCMSORT = " ".join(
@@ -41,6 +45,9 @@ DCMSORT = " ".join(
 )
 CONDA_ENV = "../../environment.yml"
 STATE = str(SETTINGS.state_dir)
+# Folders under STATE the rules write into: made in onstart with the state folder's mode
+# (Snakemake would make them with the plain umask, closed to a sharing group).
+STATE_FOLDERS = ("logs/extract", "manifests/folders")
 FOLDERS = inventory.list_folders(SETTINGS.input_dir)
 BATCHES = SETTINGS.batches or inventory.auto_batches(len(FOLDERS))
 FOLDERS_OF_BATCH = {}
@@ -82,10 +89,24 @@ wildcard_constraints:
 onstart:
     if workflow.is_main_process:
         try:
+            permissions.prepare_run_folders(
+                SETTINGS.input_dir,
+                SETTINGS.output_dir,
+                SETTINGS.state_dir,
+                STATE_FOLDERS,
+            )
             settings.acquire_run_lock(SETTINGS.state_dir)
         except settings.ConfigError as error:
             print(f"dcmsort: error: {error}", file=sys.stderr)
             os._exit(1)
+        except OSError as error:
+            print(
+                f"dcmsort: error: {error.filename}: {error.strerror}",
+                file=sys.stderr,
+            )
+            os._exit(1)
+        # Appended in place by each run's report: made with a state file's mode.
+        permissions.create_state_file(SETTINGS.state_dir / HISTORY)
 
 
 onsuccess:

@@ -74,6 +74,7 @@ class Sorter:
         count_opens: bool = False,
         check: bool = True,
         timeout: float = 600,
+        umask: int | None = None,
         **config: object,
     ) -> Run:
         env = dict(os.environ)
@@ -92,6 +93,8 @@ class Sorter:
             env=env,
             timeout=timeout,
             stdin=subprocess.DEVNULL,
+            # As a user's shell would have it (e.g. 0o022), whatever the test runner's.
+            preexec_fn=None if umask is None else (lambda: os.umask(umask)),
         )
         opened = log.read_text().splitlines() if count_opens and log.exists() else []
         result = Run(proc.returncode, proc.stdout, proc.stderr, opened)

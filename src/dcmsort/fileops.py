@@ -10,6 +10,8 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
 
+from dcmsort import permissions
+
 TEMP_SUFFIX = ".dcmsort-tmp"
 
 
@@ -39,10 +41,12 @@ def temp_path_for(path: Path) -> Path:
 @contextmanager
 def atomic_path(path: str | Path, make_parent: bool = True) -> Iterator[Path]:
     """Yield a temporary path to write; on success it is renamed to path, on failure
-    removed. ``make_parent=False`` when the caller already made the folder."""
+    removed. ``make_parent=False`` when the caller already made the folder. The file's
+    mode comes from the umask, which the run narrows to output_dir (permissions); missing
+    folders get their parent's mode (permissions.make_folders)."""
     path = Path(path)
     if make_parent:
-        path.parent.mkdir(parents=True, exist_ok=True)
+        permissions.make_folders(path.parent)
     tmp = temp_path_for(path)
     try:
         yield tmp
@@ -83,37 +87,3 @@ def copy_range(fd_in: int, fd_out: int, size: int) -> None:
         os.lseek(fd_out, 0, os.SEEK_SET)
         with open(fd_in, "rb", closefd=False) as src, open(fd_out, "wb", closefd=False) as dst:
             shutil.copyfileobj(src, dst, 1 << 20)
-
-
-def copy_file(source: Path, target: Path, source_stat: os.stat_result) -> int:
-    """Copy source's bytes to a new file target, with source's mtime; returns the size
-    written. One open per side and copy_file_range (in-kernel, reflinks where the file
-    system can): a quarter of shutil.copyfile's calls, which matters at 100,000 files."""
-    fd_in = os.open(source, os.O_RDONLY)
-    try:
-        fd_out = os.open(target, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644)
-        try:
-            try:
-                left = source_stat.st_size
-                while left > 0:
-                    copied = os.copy_file_range(fd_in, fd_out, left)
-                    if copied == 0:
-                        break
-                    left -= copied
-            except OSError as error:
-                if error.errno not in _NO_COPY_RANGE:
-                    raise
-                os.lseek(fd_in, 0, os.SEEK_SET)
-                os.ftruncate(fd_out, 0)
-                os.lseek(fd_out, 0, os.SEEK_SET)
-                with (
-                    open(fd_in, "rb", closefd=False) as src,
-                    open(fd_out, "wb", closefd=False) as dst,
-                ):
-                    shutil.copyfileobj(src, dst, 1 << 20)
-            os.utime(fd_out, ns=(source_stat.st_atime_ns, source_stat.st_mtime_ns))
-            return os.fstat(fd_out).st_size
-        finally:
-            os.close(fd_out)
-    finally:
-        os.close(fd_in)

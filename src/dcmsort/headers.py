@@ -29,7 +29,7 @@ from pydicom import config as pydicom_config
 from pydicom.datadict import dictionary_VR, tag_for_keyword
 from pydicom.multival import MultiValue
 
-from dcmsort import inventory
+from dcmsort import inventory, permissions
 from dcmsort.fileops import atomic_path
 
 log = logging.getLogger("dcmsort.headers")
@@ -359,7 +359,7 @@ def extract_batch(
     folders = [
         f for f in inventory.list_folders(input_dir) if inventory.batch_of(f, batches) == batch
     ]
-    manifests.mkdir(parents=True, exist_ok=True)
+    permissions.make_folders(manifests)  # the state folder's mode (group shares)
     _remove_manifests_of_removed_folders(manifests, set(folders), batch, batches)
     current: dict[str, pa.Table] = {}
     changed: dict[str, tuple[list[inventory.Entry], str, dict]] = {}

@@ -16,7 +16,6 @@ import argparse
 import html
 import json
 import logging
-import os
 import sys
 import time
 from pathlib import Path
@@ -27,96 +26,19 @@ import pyarrow.parquet as pq
 
 from dcmsort import ledger
 from dcmsort.fileops import atomic_path
+from dcmsort.status import (
+    COMPLETE,
+    HISTORY,
+    STATUS_END,
+    STATUS_START,
+    append_history,
+    last_history,
+    summary_line,
+)
 
 log = logging.getLogger("dcmsort.report")
 
-HISTORY = "history.jsonl"  # one summary per run, appended: what changed since the last run
 MAX_LISTED = 500  # rows of a detail table in the HTML; the CSV files have all
-STATUS_START, STATUS_END = "<!--dcmsort-status-->", "<!--/dcmsort-status-->"
-COMPLETE, RUNNING, FAILED, STALE = "complete", "running", "failed", "stale"
-
-
-# --- the summary line and the status marks ----------------------------------------------
-
-
-def summary_line(summary_file: Path) -> str:
-    """The one line printed at the end of a run."""
-    try:
-        s = json.loads(Path(summary_file).read_text())
-    except (OSError, ValueError):
-        return f"dcmsort: finished; no summary at {summary_file}"
-    extra = ""
-    if s.get("sources_gone"):
-        extra += f", {s['sources_gone']:,} sources gone (copies kept)"
-    if s.get("dangling_links"):
-        extra += f", {s['dangling_links']:,} links dangling (their input is gone)"
-    if s.get("changed_during_run"):
-        extra += f", {s['changed_during_run']:,} changed during the run (rerun to sort them)"
-    status = "" if s.get("status", COMPLETE) == COMPLETE else f" [{s['status']}]"
-    return (
-        f"dcmsort{status}: {s['files_sorted']:,} files sorted ({s['files_new']:,} new this "
-        f"run), {s['duplicates']:,} duplicates, {s['conflicts']:,} conflicts, "
-        f"{s['skipped']:,} skipped{extra} · report: {s['report']}"
-    )
-
-
-def mark(state_dir: Path, status: str, message: str) -> None:
-    """Say at the top of an existing report and summary that they are not current."""
-    state_dir = Path(state_dir)
-    summary_file, page = state_dir / "summary.json", state_dir / "report.html"
-    try:
-        summary = json.loads(summary_file.read_text())
-    except (OSError, ValueError):
-        return
-    summary.update(status=status, status_message=message)
-    with atomic_path(summary_file) as tmp:
-        tmp.write_text(json.dumps(summary, indent=2, ensure_ascii=False))
-    try:
-        text = page.read_text(encoding="utf-8")
-    except OSError:
-        return
-    head, _, rest = text.partition(STATUS_START)
-    _, _, tail = rest.partition(STATUS_END)
-    banner = f"<p class='warn'><b>{html.escape(status)}:</b> {html.escape(message)}</p>"
-    with atomic_path(page) as tmp:
-        tmp.write_text(f"{head}{STATUS_START}{banner}{STATUS_END}{tail}", encoding="utf-8")
-
-
-def status_of(state_dir: Path) -> str | None:
-    try:
-        return json.loads((Path(state_dir) / "summary.json").read_text()).get("status")
-    except (OSError, ValueError):
-        return None
-
-
-# --- history: appended, a torn last line tolerated ----------------------------------------
-
-
-def last_history(path: Path) -> dict | None:
-    """The newest complete entry; a torn line (a full disk during an append) is skipped."""
-    try:
-        lines = path.read_bytes().splitlines()
-    except OSError:
-        return None
-    for line in reversed(lines):
-        try:
-            return json.loads(line)
-        except ValueError:
-            continue
-    return None
-
-
-def append_history(path: Path, entry: dict) -> None:
-    """One write of one whole line (O_APPEND), after a newline if the last one was torn."""
-    line = json.dumps(entry, ensure_ascii=False).encode() + b"\n"
-    fd = os.open(path, os.O_RDWR | os.O_APPEND | os.O_CREAT, 0o666)
-    try:
-        size = os.fstat(fd).st_size
-        if size and os.pread(fd, 1, size - 1) != b"\n":
-            line = b"\n" + line
-        os.write(fd, line)
-    finally:
-        os.close(fd)
 
 
 # --- the numbers ------------------------------------------------------------------------

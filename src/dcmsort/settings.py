@@ -14,7 +14,7 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import IO
 
-from dcmsort import naming
+from dcmsort import naming, permissions
 from dcmsort.naming import Naming
 
 STATE_FOLDER = ".dcmsort"
@@ -135,9 +135,11 @@ def acquire_run_lock(state_dir: Path) -> None:
     """Hold an exclusive lock on state_dir for the rest of this process.
 
     Raises ConfigError if another live run holds it. A run killed by SIGKILL leaves no
-    stale lock behind, unlike a lock file whose existence is the lock.
+    stale lock behind, unlike a lock file whose existence is the lock. The lock file is
+    made with a state file's mode, so in a group-shared output the next member can lock.
     """
-    state_dir.mkdir(parents=True, exist_ok=True)
+    permissions.make_folders(state_dir)
+    permissions.create_state_file(state_dir / "run.lock")
     handle = open(state_dir / "run.lock", "a+")  # noqa: SIM115 (held open on purpose)
     try:
         fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)

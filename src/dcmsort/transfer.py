@@ -43,7 +43,7 @@ import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
-from dcmsort import inventory, ledger
+from dcmsort import inventory, ledger, permissions
 from dcmsort.fileops import DIGEST, atomic_path, copy_range, temp_path_for
 from dcmsort.progress import Progress
 
@@ -117,12 +117,14 @@ class Row:
 
 class OutputTree:
     """Folders of output_dir, opened and created one component at a time, never through a
-    link: ``O_NOFOLLOW`` makes a link (or a file) where a folder should be an error."""
+    link: ``O_NOFOLLOW`` makes a link (or a file) where a folder should be an error. A
+    folder created here is no more open than the one it is made in
+    (``permissions.folder_mode``): made ``0700``, then given its mode through its own
+    descriptor, so it is never more open, even for a moment."""
 
-    def __init__(self, root: Path, folder_mode: int = 0o777):
+    def __init__(self, root: Path):
         self.root = Path(root)
-        self.folder_mode = folder_mode
-        self.root.mkdir(parents=True, exist_ok=True)
+        permissions.make_folders(self.root)
 
     def open_folder(self, folder: str) -> int:
         fd = os.open(self.root, os.O_RDONLY | os.O_DIRECTORY)
@@ -132,9 +134,17 @@ class OutputTree:
                 try:
                     child = os.open(component, flags, dir_fd=fd)
                 except FileNotFoundError:
-                    with contextlib.suppress(FileExistsError):  # made by another thread
-                        os.mkdir(component, self.folder_mode, dir_fd=fd)
+                    try:
+                        os.mkdir(component, permissions.OWNER_DIR, dir_fd=fd)
+                        created = True
+                    except FileExistsError:  # made by another thread meanwhile
+                        created = False
                     child = os.open(component, flags, dir_fd=fd)
+                    if created:
+                        mode = permissions.folder_mode(
+                            os.fstat(fd).st_mode, permissions.current_umask()
+                        )
+                        os.fchmod(child, mode)
                 os.close(fd)
                 fd = child
         except OSError as error:
@@ -186,11 +196,12 @@ def _copy(folder_fd: int, name: str, source: str, row: Row, verify: str) -> tupl
         _check_version(before, row)
         tmp = temp_path_for(Path(name)).name
         flags = os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW
+        mode = permissions.copy_mode(before.st_mode, permissions.current_umask())
         try:
-            fd_out = os.open(tmp, flags, stat.S_IMODE(before.st_mode), dir_fd=folder_fd)
-        except FileExistsError:  # left by a killed run: the name is fixed, so replace it
+            fd_out = os.open(tmp, flags, mode, dir_fd=folder_fd)
+        except FileExistsError:  # left by a killed run (fixed name): never reuse its mode
             os.unlink(tmp, dir_fd=folder_fd)
-            fd_out = os.open(tmp, flags, stat.S_IMODE(before.st_mode), dir_fd=folder_fd)
+            fd_out = os.open(tmp, flags, mode, dir_fd=folder_fd)
         digest = row.digest
         try:
             try:
@@ -367,7 +378,6 @@ def transfer_plan(
     mode: str,
     verify: str,
     workers: int,
-    folder_mode: int = 0o777,
 ) -> pa.Table:
     """Carry out every pending plan row and commit what is in place; one result per row."""
     plan = pending_rows(pq.read_table(plan_file), ledger.read(state_dir, ledger.SOURCE_KEY))
@@ -377,7 +387,7 @@ def transfer_plan(
         for r in by_relpath.values()
     ]
     placing = [r for r in rows if r.action != "duplicate"]
-    tree = OutputTree(output_dir, folder_mode)
+    tree = OutputTree(output_dir)
     progress = Progress("transfer", len(rows), log)
     outcomes: list[Outcome] = []
     uncommitted: list[Outcome] = []

@@ -11,7 +11,8 @@ from snakemake.utils import validate
 REPO = Path(workflow.basedir)  # the top-level Snakefile's folder
 sys.path.insert(0, str(REPO / "src"))
 
-from dcmsort import inventory, settings  # noqa: E402
+from dcmsort import inventory, permissions, settings  # noqa: E402
+from dcmsort import status  # noqa: E402
 
 
 def fail(message):
@@ -33,6 +34,9 @@ try:
     settings.check_layout(SETTINGS.state_dir / "layout.json", SETTINGS.naming)
 except settings.ConfigError as error:
     fail(error)
+# Patient data: nothing this run (or Snakemake for it) creates is more open than output_dir.
+# Here, so every job inherits it, also on a cluster where each job parses this file again.
+permissions.narrow_umask(SETTINGS.output_dir, SETTINGS.input_dir)
 
 # Every job runs `<this python> workflow/scripts/dcmsort_stage.py <stage> ...`.
 DCMSORT = " ".join(
@@ -41,6 +45,9 @@ DCMSORT = " ".join(
     for part in (sys.executable, REPO / "workflow" / "scripts" / "dcmsort_stage.py")
 )
 STATE = str(SETTINGS.state_dir)
+# Folders under STATE the rules write into: made in onstart with the state folder's mode
+# (Snakemake would make them with the plain umask, closed to a sharing group).
+STATE_FOLDERS = ("logs/extract", "manifests/folders")
 FOLDERS = inventory.list_folders(SETTINGS.input_dir)
 BATCHES = SETTINGS.batches or inventory.auto_batches(len(FOLDERS))
 FOLDERS_OF_BATCH = {}
@@ -82,41 +89,49 @@ wildcard_constraints:
 onstart:
     if workflow.is_main_process:
         try:
+            permissions.prepare_run_folders(
+                SETTINGS.input_dir,
+                SETTINGS.output_dir,
+                SETTINGS.state_dir,
+                STATE_FOLDERS,
+            )
             settings.acquire_run_lock(SETTINGS.state_dir)
         except settings.ConfigError as error:
             print(f"dcmsort: error: {error}", file=sys.stderr)
             os._exit(1)
-        from dcmsort import report
-
+        except OSError as error:
+            print(
+                f"dcmsort: error: {error.filename}: {error.strerror}",
+                file=sys.stderr,
+            )
+            os._exit(1)
+        # Appended in place by each run's report: made with a state file's mode.
+        permissions.create_state_file(SETTINGS.state_dir / status.HISTORY)
         # Until this run's report replaces it, the last one must not read as current,
         # even if this run is killed.
-        report.mark(
+        status.mark(
             SETTINGS.state_dir,
-            report.RUNNING,
+            status.RUNNING,
             f"a run started {time.strftime('%Y-%m-%d %H:%M:%S')} has not finished (or was "
             "killed); the numbers below are from the run before it. Rerun to update them.",
         )
 
 
 onsuccess:
-    from dcmsort import report
-
-    if report.status_of(STATE) == report.RUNNING:
-        report.mark(
+    if status.status_of(STATE) == status.RUNNING:
+        status.mark(
             STATE,
-            report.STALE,
+            status.STALE,
             "the last run stopped before the report stage (a partial target such as "
             "--until); the numbers below are from an earlier run. Rerun to update them.",
         )
-    print(report.summary_line(Path(STATE) / "summary.json"), file=sys.stderr)
+    print(status.summary_line(Path(STATE) / "summary.json"), file=sys.stderr)
 
 
 onerror:
-    from dcmsort import report
-
-    report.mark(
+    status.mark(
         STATE,
-        report.FAILED,
+        status.FAILED,
         f"the run of {time.strftime('%Y-%m-%d %H:%M:%S')} failed (see logs/); the numbers "
         "below are from an earlier run. Fix the cause and rerun.",
     )

@@ -14,19 +14,22 @@ from dcmsort import inventory, settings  # noqa: E402
 
 
 def fail(message):
-    """Stop with one line on stderr, never a traceback."""
+    """Stop with one line on stderr, never a traceback; a refused run leaves no log."""
+    settings.discard_logs(workflow.logger_manager.get_logfile())
     sys.exit(f"dcmsort: error: {message}")
 
 
 try:
-    validate(config, schema="../schemas/config.schema.yaml")
-except WorkflowError as error:
-    # The jsonschema ValidationError, if there is one, carries the key and the message.
-    cause = error.__context__ or error
-    where = ".".join(map(str, getattr(cause, "absolute_path", []))) or "config"
-    fail(
-        f"{where}: {getattr(cause, 'message', cause)} (keys and values: config/README.md)"
+    # Snakemake reads --config values as YAML: folder_template={PatientID} is a mapping.
+    config.update(
+        settings.from_command_line(config, workflow.config_settings.overwrite_config)
     )
+    validate(config, schema="../schemas/config.schema.yaml")
+except settings.ConfigError as error:
+    fail(error)
+except WorkflowError as error:
+    # The jsonschema ValidationError, if there is one, carries the key and the value.
+    fail(settings.schema_message(error.__context__ or error))
 try:
     SETTINGS = settings.resolve(config)
     settings.check_layout(SETTINGS.state_dir / "layout.json", SETTINGS.naming)

@@ -1,9 +1,11 @@
 # Config validation, folder discovery and input functions shared by the rules.
+import logging
 import shlex
 import sys
 from functools import cache
 from pathlib import Path
 
+from snakemake.common import NOTHING_TO_BE_DONE_MSG
 from snakemake.exceptions import WorkflowError
 from snakemake.utils import validate
 
@@ -95,6 +97,25 @@ onsuccess:
     from dcmsort.report import summary_line
 
     print(summary_line(Path(STATE) / "summary.json"), file=sys.stderr)
+
+
+class NothingNewLine(logging.Handler):
+    """The summary line of a run with nothing to do. Snakemake 9 calls neither onstart nor
+    onsuccess then: Workflow.execute logs NOTHING_TO_BE_DONE_MSG and returns, so the line
+    is printed when that message is logged (a dry run logs it too, and prints nothing).
+    """
+
+    def emit(self, record):
+        if record.getMessage() == NOTHING_TO_BE_DONE_MSG and not workflow.dryrun:
+            from dcmsort.report import summary_line
+
+            line = summary_line(Path(STATE) / "summary.json")
+            line = line.replace("dcmsort: ", "dcmsort: nothing new; last run: ", 1)
+            print(line.replace(" new this run)", " new in it)"), file=sys.stderr)
+
+
+if workflow.is_main_process:
+    logging.getLogger("snakemake.logging").addHandler(NothingNewLine())
 
 
 onerror:

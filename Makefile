@@ -7,7 +7,7 @@ BIN := $(VENV)/bin
 INSTALLED := $(VENV)/.installed
 CORES ?= all
 
-.PHONY: install install-slurm demo test test-slurm lint format bench clean
+.PHONY: install install-slurm demo test test-slurm lint format mutate bench clean
 
 $(INSTALLED): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -40,15 +40,20 @@ test-slurm: install-slurm
 	$(BIN)/python -m pytest -m slurm
 
 lint: $(INSTALLED)
-	$(BIN)/ruff check src tests bench workflow/scripts
-	$(BIN)/ruff format --check src tests bench workflow/scripts
+	$(BIN)/ruff check src tests bench tools workflow/scripts
+	$(BIN)/ruff format --check src tests bench tools workflow/scripts
 	$(BIN)/snakefmt --check Snakefile workflow/rules
 	$(BIN)/snakemake --lint --config input_dir=src output_dir=/tmp/dcmsort-lint
 
 format: $(INSTALLED)
-	$(BIN)/ruff format src tests bench workflow/scripts
-	$(BIN)/ruff check --fix src tests bench workflow/scripts
+	$(BIN)/ruff format src tests bench tools workflow/scripts
+	$(BIN)/ruff check --fix src tests bench tools workflow/scripts
 	$(BIN)/snakefmt Snakefile workflow/rules
+
+# Breaks each invariant-guarding statement on purpose, one at a time, and reports any mutant
+# that no test notices (MUTATE_ARGS: e.g. `transfer`, `--list`, `--strict`).
+mutate: $(INSTALLED)
+	$(BIN)/python tools/mutate.py $(MUTATE_ARGS)
 
 # Not a test: generates data, compares with cp -r, a header-read floor and dcm2niix.
 bench: $(INSTALLED)

@@ -1,10 +1,23 @@
+import re
 import subprocess
 import sys
+from pathlib import Path
 
+import jsonschema
 import pytest
+import yaml
 
 from dcmsort.naming import Naming
-from dcmsort.settings import ConfigError, acquire_run_lock, check_layout, resolve
+from dcmsort.settings import (
+    ConfigError,
+    acquire_run_lock,
+    check_layout,
+    discard_logs,
+    format_spec_problem,
+    from_command_line,
+    resolve,
+    schema_message,
+)
 
 DEFAULTS = {
     "folder_template": "{PatientID}/{SeriesNumber}",
@@ -36,21 +49,111 @@ def test_relative_folders_are_resolved_and_state_lives_with_the_output(tmp_path,
     assert settings.keywords == ["PatientID", "SeriesNumber"]
 
 
+# Each message names the key, and then says what to do (the part after the `;`).
 @pytest.mark.parametrize(
     ("values", "message"),
     [
-        ({"input_dir": "missing"}, "input_dir .* does not exist"),
-        ({"output_dir": "in/sorted"}, "output_dir .* is inside input_dir"),
-        ({"output_dir": "in"}, "output_dir .* is inside input_dir"),
-        ({"output_dir": "."}, "input_dir .* is inside output_dir"),
-        ({"folder_template": "{PatientNmae}"}, "folder_template .*PatientNmae.* not a DICOM"),
-        ({"file_template": "{SeriesNumber"}, "file_template .* not a valid template"),
-        ({"placeholder": "a/b"}, "placeholder"),
+        ({"input_dir": ""}, "input_dir is not set; .* --config input_dir=/path/to/"),
+        ({"output_dir": None}, "output_dir is not set; .* output_dir=/path/to/"),
+        ({"input_dir": "missing"}, "input_dir .* does not exist; set input_dir to the folder"),
+        ({"output_dir": "in/sorted"}, "output_dir .* is inside input_dir .*; choose an output_dir"),
+        ({"output_dir": "in"}, "output_dir .* is inside input_dir .*; choose an output_dir"),
+        ({"output_dir": "."}, "input_dir .* is inside output_dir .*; choose folders"),
+        ({"output_dir": "out/{x}"}, "output_dir .* contains '{' or '}'.*; choose a folder"),
+        ({"state_dir": "s{1}"}, "state_dir .* contains '{' or '}'.*; choose a folder"),
+        ({"state_dir": "in/state"}, "state_dir .* is inside input_dir; choose another state_dir"),
+        ({"output_dir": "a_file"}, r"output_dir .*a_file is a file, not a folder; choose a"),
+        ({"output_dir": "a_file/x"}, "output_dir .* cannot be created: .*a_file is a file"),
+        ({"state_dir": "a_file"}, "state_dir .*a_file is a file, not a folder; choose a"),
+        (
+            {"folder_template": "{PatientNmae}"},
+            "folder_template .*PatientNmae.* not a DICOM keyword .*examples: PatientID",
+        ),
+        ({"file_template": "{SeriesNumber"}, "file_template .* not a valid template .*README"),
+        ({"folder_template": "{}"}, "folder_template .* empty field .*; put a DICOM keyword"),
+        (
+            {"folder_template": "{SeriesNumber:%Y}"},
+            "folder_template .*'{SeriesNumber:%Y}'.* formats no value .*; use a Python format",
+        ),
+        ({"file_template": "{InstanceNumber:04q}.dcm"}, "file_template .* formats no value"),
+        ({"placeholder": "a/b"}, "placeholder .* not a valid file name .*; use letters"),
     ],
 )
-def test_bad_config_is_one_clear_message_naming_the_key(tmp_path, input_dir, values, message):
+def test_bad_config_is_one_clear_message_naming_the_key_and_the_fix(
+    tmp_path, input_dir, values, message
+):
+    (tmp_path / "a_file").write_text("not a folder")
     with pytest.raises(ConfigError, match=message):
         resolve(config(**{"input_dir": "in", "output_dir": "out", **values}), cwd=tmp_path)
+
+
+@pytest.mark.parametrize("spec", ["03d", "x", ">8", ".3s", ".1f", "^10", ",d", "%"])
+def test_working_format_specs_are_accepted(spec):
+    assert format_spec_problem("SeriesNumber", spec) is None
+
+
+@pytest.mark.parametrize("spec", ["%Y", "=5", "04q", "zz"])
+def test_format_specs_that_format_no_value_are_refused(spec):
+    assert "formats no value" in format_spec_problem("SeriesNumber", spec)
+
+
+@pytest.mark.parametrize("cwd", ["in", "in/patient_1"])
+def test_a_run_from_inside_the_input_is_refused(tmp_path, input_dir, cwd):
+    with pytest.raises(ConfigError, match="working directory .* is inside input_dir .*; run from"):
+        resolve(
+            config(input_dir=str(input_dir), output_dir=str(tmp_path / "out")), cwd=tmp_path / cwd
+        )
+
+
+@pytest.mark.parametrize(
+    ("typed", "read_as", "text"),
+    [
+        ("{PatientID}", {"PatientID": ""}, "{PatientID}"),
+        ("{InstanceNumber:04d}", {"InstanceNumber:04d": ""}, "{InstanceNumber:04d}"),
+        ("{}", {}, "{}"),
+        ("(config file) {PatientID}", {"PatientID": None}, "{PatientID}"),
+    ],
+)
+def test_a_template_yaml_read_as_a_mapping_is_turned_back_into_its_text(typed, read_as, text):
+    base = {"input_dir": "in", "output_dir": "out", "folder_template": "{PatientName}"}
+    # Snakemake merges a command-line mapping into the config file's text: `{}` leaves the
+    # default in place, so what the command line held is what counts.
+    merged = {**base, "folder_template": read_as or base["folder_template"]}
+    fixed = from_command_line(merged, {"folder_template": read_as})
+    assert fixed["folder_template"] == text
+
+
+def test_a_template_read_as_a_longer_mapping_says_how_to_quote_it():
+    given = {"folder_template": {"PatientID": "", "Modality": ""}}
+    with pytest.raises(
+        ConfigError, match=r"""--config 'folder_template="{PatientID, Modality}"'"""
+    ):
+        from_command_line({"input_dir": "in", "output_dir": "out", **given}, given)
+
+
+@pytest.mark.parametrize("missing", [["input_dir"], ["output_dir"], ["input_dir", "output_dir"]])
+def test_missing_folders_say_what_to_pass(missing):
+    values = {key: "x" for key in ("input_dir", "output_dir") if key not in missing}
+    with pytest.raises(ConfigError) as caught:
+        from_command_line(values, {})
+    message = str(caught.value)
+    assert message.startswith(" and ".join(missing))
+    assert "--config input_dir=/path/to/Unclassified output_dir=/path/to/Classified" in message
+    assert "make demo" in message
+
+
+def test_the_log_of_a_refused_run_is_removed_with_the_folders_it_made(tmp_path):
+    log = tmp_path / ".snakemake" / "log" / "now.snakemake.log"
+    log.parent.mkdir(parents=True)
+    log.write_text("")
+    discard_logs([str(log)])
+    assert list(tmp_path.iterdir()) == []
+    earlier = tmp_path / ".snakemake" / "log" / "earlier.snakemake.log"
+    earlier.parent.mkdir(parents=True)
+    earlier.write_text("kept")
+    log.write_text("")
+    discard_logs([str(log)])
+    assert earlier.read_text() == "kept" and not log.exists()
 
 
 def test_an_empty_input_folder_is_refused(tmp_path):
@@ -88,3 +191,26 @@ def test_a_second_run_on_the_same_output_is_refused_while_the_first_lives(tmp_pa
         holder.kill()
         holder.wait()
     acquire_run_lock(tmp_path)  # the kernel dropped the killed holder's lock
+
+
+SCHEMA = Path(__file__).resolve().parents[1] / "workflow" / "schemas" / "config.schema.yaml"
+
+
+@pytest.mark.parametrize(
+    ("values", "message"),
+    [
+        ({"batches": 0}, "batches must be a whole number from 1 to 10000, or auto, not 0"),
+        ({"batches": "many"}, "batches must be a whole number from 1 to 10000, or auto"),
+        ({"transfer_mode": "move"}, "transfer_mode must be one of copy, hardlink, symlink"),
+        ({"keep_series_apart": "maybe"}, "keep_series_apart must be true or false"),
+        (
+            {"placeholder": 7},
+            """placeholder must be text.*quote the value: --config 'placeholder=""",
+        ),
+        ({"inptu_dir": "x"}, "'inptu_dir' is not a dcmsort key \\(did you mean input_dir\\?\\)"),
+    ],
+)
+def test_a_schema_violation_is_one_line_that_says_what_is_accepted(values, message):
+    validator = jsonschema.Draft202012Validator(yaml.safe_load(SCHEMA.read_text()))
+    error = next(validator.iter_errors({"input_dir": "in", "output_dir": "out", **values}))
+    assert re.search(message, schema_message(error))

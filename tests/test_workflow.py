@@ -2,12 +2,15 @@
 
 import os
 import shutil
+import subprocess
+import sys
 
 import pytest
 from pydicom.data import get_testdata_files
 
-from conftest import assert_every_file_accounted_for, tree_snapshot
-from dcmsort import demo, naming
+from conftest import Sorter, assert_every_file_accounted_for, tree_snapshot
+from dcmsort import demo, inventory, naming
+from dcmsort.runner import SNAKEFILE, snakemake_command
 
 
 def test_demo_data_is_sorted_into_the_seed_layout_and_the_input_is_untouched(sorter):
@@ -115,33 +118,157 @@ def test_link_modes_place_every_file(sorter, mode):
     demo.generate(sorter.input_dir, patients=2, series=1, instances=2)
     sorter.run(transfer_mode=mode)
     plan = assert_every_file_accounted_for(sorter)
-    first = sorter.output_dir / plan.loc[plan["action"] == "sort", "destination"].iloc[0]
-    assert first.is_symlink() == (mode == "symlink")
+    for row in plan[plan["action"] == "sort"].itertuples():
+        placed = sorter.output_dir / row.destination
+        assert placed.is_symlink() == (mode == "symlink")
+        if mode == "symlink":  # absolute, as promised: valid wherever the output is read
+            assert os.readlink(placed) == str(sorter.input_dir / row.relpath)
+        else:
+            assert placed.samefile(sorter.input_dir / row.relpath)
     assert sorter.summary()["files_new"] == 4
 
 
+# Each line names the key and says what to do about it.
 @pytest.mark.parametrize(
     ("config", "message"),
     [
         (
             {"input_dir": "/nonexistent/Unclassified"},
-            "input_dir /nonexistent/Unclassified does not exist",
+            "input_dir /nonexistent/Unclassified does not exist; set input_dir to the folder",
         ),
-        ({"output_dir": "INPUT/sorted"}, "is inside input_dir"),
-        ({"inptu_dir": "x"}, "'inptu_dir' was unexpected"),
-        ({"folder_template": "{PatientNmae}"}, "PatientNmae"),
-        ({"transfer_mode": "move"}, "'move' is not one of"),
-        ({"batches": 0}, "batches"),
+        ({"output_dir": "INPUT/sorted"}, "is inside input_dir INPUT; choose an output_dir"),
+        ({"output_dir": "WORK/out{x}"}, "contains '{' or '}', which Snakemake reads as a wildcard"),
+        ({"output_dir": "WORK/a_file"}, "output_dir WORK/a_file is a file, not a folder; choose"),
+        ({"inptu_dir": "x"}, "'inptu_dir' is not a dcmsort key (did you mean input_dir?)"),
+        ({"folder_template": "{PatientNmae}"}, "PatientNmae}', which is not a DICOM keyword"),
+        ({"folder_template": "{}"}, "empty field '{}'; put a DICOM keyword in the braces"),
+        ({"folder_template": "{SeriesNumber:%Y}"}, "formats no value"),
+        ({"folder_template": "{PatientID, Modality}"}, "quote it on the command line: --config"),
+        ({"transfer_mode": "move"}, "transfer_mode must be one of copy, hardlink, symlink"),
+        ({"batches": 0}, "batches must be a whole number from 1 to 10000, or auto, not 0"),
     ],
 )
 def test_bad_config_is_one_clear_line_and_no_traceback(sorter, config, message):
     demo.generate(sorter.input_dir, patients=1, series=1, instances=1)
-    config = {k: str(v).replace("INPUT", str(sorter.input_dir)) for k, v in config.items()}
+    (sorter.workdir / "a_file").write_text("")
+    places = {"INPUT": str(sorter.input_dir), "WORK": str(sorter.workdir)}
+    for name, path in places.items():
+        config = {k: str(v).replace(name, path) for k, v in config.items()}
+        message = message.replace(name, path)
     result = sorter.run(check=False, **config)
     assert result.returncode != 0
     errors = [line for line in result.stderr.splitlines() if line.startswith("dcmsort: error:")]
     assert len(errors) == 1 and message in errors[0], result.stderr
     assert "Traceback" not in result.output
+    assert not sorter.output_dir.exists()
+
+
+@pytest.mark.parametrize("given", [{"batches": 1}, {"input_dir": "."}, {"output_dir": "out"}])
+def test_a_run_without_both_folders_says_what_to_pass(tmp_path, given):
+    proc = subprocess.run(
+        snakemake_command(tmp_path, **given), capture_output=True, text=True, check=False
+    )
+    assert proc.returncode != 0
+    errors = [line for line in proc.stderr.splitlines() if line.startswith("dcmsort: error:")]
+    assert len(errors) == 1, proc.stderr
+    assert "not set; every run names its folders: snakemake --config input_dir=" in errors[0]
+    assert "Traceback" not in proc.stderr
+
+
+def test_a_template_typed_without_quotes_is_taken_as_text(sorter):
+    demo.generate(sorter.input_dir, patients=1, series=1, instances=1)
+    # The shell passes `folder_template={PatientID}`, which Snakemake reads as YAML.
+    result = sorter.run("-n", folder_template="{PatientID}")
+    assert "transfer" in result.stdout
+
+
+def test_a_run_started_inside_the_input_is_refused_and_leaves_it_untouched(sorter):
+    demo.generate(sorter.input_dir, patients=1, series=1, instances=1)
+    before = tree_snapshot(sorter.input_dir)
+    command = [sys.executable, "-m", "snakemake", "-s", str(SNAKEFILE), "--config"]
+    for cwd in (sorter.input_dir, sorter.input_dir / "patient_1"):
+        proc = subprocess.run(
+            [*command, f"input_dir={sorter.input_dir}", f"output_dir={sorter.output_dir}"],
+            cwd=cwd,
+            capture_output=True,
+            text=True,
+            check=False,
+        )
+        assert proc.returncode != 0
+        assert "working directory" in proc.stderr and "is inside input_dir" in proc.stderr
+        assert "; run from outside it" in proc.stderr
+    assert tree_snapshot(sorter.input_dir) == before  # no .snakemake/ left behind
+
+
+def test_snakemake_s_from_any_folder_finds_the_config_and_the_profile(tmp_path):
+    """As the README says: `snakemake -s path/to/Snakefile` from anywhere, no --cores (the
+    default profile beside the Snakefile gives it) and no configfile argument."""
+    elsewhere = tmp_path / "elsewhere"
+    elsewhere.mkdir()
+    sorter = Sorter(elsewhere, tmp_path / "in", tmp_path / "out")
+    demo.generate(sorter.input_dir, patients=1, series=1, instances=2)
+    folders = ["input_dir=../in", "output_dir=../out"]
+    proc = subprocess.run(
+        [sys.executable, "-m", "snakemake", "-s", str(SNAKEFILE), "--config", *folders],
+        cwd=elsewhere,
+        capture_output=True,
+        text=True,
+        check=False,
+    )
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert f"Using workflow specific profile {SNAKEFILE.parent / 'profiles' / 'default'}" in (
+        proc.stdout + proc.stderr
+    )
+    assert_every_file_accounted_for(sorter)
+    assert (elsewhere / ".snakemake").is_dir()
+
+
+def test_a_state_dir_elsewhere_holds_all_state(sorter):
+    demo.generate(sorter.input_dir, patients=2, series=1, instances=2)
+    state = sorter.workdir / "state"
+    result = sorter.run(state_dir=state)
+    assert (state / "plan.parquet").is_file() and (state / "report.html").is_file()
+    assert (state / "logs").is_dir()
+    assert not (sorter.output_dir / ".dcmsort").exists()
+    assert f"report: {state / 'report.html'}" in result.stderr
+    assert not any(p.name.startswith(".") for p in sorter.output_dir.iterdir())
+
+
+def test_a_file_template_with_a_format_spec_names_files_as_rendered(sorter):
+    demo.generate(sorter.input_dir, patients=2, series=2, instances=2, junk=False)
+    sorter.run(file_template="{InstanceNumber:04d}.dcm")
+    plan = assert_every_file_accounted_for(sorter)
+    names = plan.loc[plan["action"] == "sort", "destination"].str.rsplit("/", n=1).str[-1]
+    assert sorted(names) == ["0001.dcm"] * 4 + ["0002.dcm"] * 4
+
+
+def test_input_folder_in_a_template_keeps_each_input_folder_apart(sorter):
+    demo.generate(sorter.input_dir, patients=2, series=2, instances=2, junk=False)
+    sorter.run(folder_template="{input_folder}/{SeriesNumber:03d}")
+    plan = assert_every_file_accounted_for(sorter)
+    for row in plan[plan["action"] == "sort"].itertuples():
+        folder = row.relpath.split("/")[0]
+        assert row.destination.startswith(f"{folder}/{int(row.SeriesNumber):03d}/"), row
+
+
+def test_four_batches_sort_every_file_and_a_rerun_with_nothing_new_says_so(sorter):
+    demo.generate(sorter.input_dir, patients=6, series=1, instances=2)
+    first = sorter.run(batches=4)
+    assert_every_file_accounted_for(sorter)
+    used = {inventory.batch_of(f"patient_{p}", 4) for p in range(1, 7)}
+    assert len(used) > 1
+    manifests = sorted(p.name for p in (sorter.state / "manifests").glob("batch-*.parquet"))
+    assert manifests == sorted(f"batch-{b}.parquet" for b in used)
+    last = [line for line in first.stderr.splitlines() if line.startswith("dcmsort: ")][-1]
+    # Snakemake calls no onsuccess when nothing is to be done; the line comes all the same.
+    again = sorter.run(batches=4)
+    assert "Nothing to be done" in again.output
+    nothing_new = [line for line in again.stderr.splitlines() if line.startswith("dcmsort: ")]
+    assert nothing_new == [
+        last.replace("dcmsort: ", "dcmsort: nothing new; last run: ").replace(
+            " new this run)", " new in it)"
+        )
+    ]
 
 
 def test_a_dry_run_lists_the_jobs_and_writes_nothing(sorter):

@@ -412,9 +412,16 @@ def main(argv: list[str] | None = None) -> int:
         args.seed,
         first_patient=args.first_patient,
     )
+    to_sort = len(files)
     if args.messy:
-        files += list(generate_messy(args.out_dir, byte_names=True))
-    print(f"wrote {len(files)} DICOM files (and some junk) under {args.out_dir}")
+        expected = generate_messy(args.out_dir, byte_names=True).values()
+        to_sort += sum(expectation.action != "skip" for expectation in expected)
+    # Count what is on disk: generate() also writes junk it does not return.
+    total = sum(1 for path in args.out_dir.rglob("*") if path.is_file() or path.is_symlink())
+    print(
+        f"wrote {total} files under {args.out_dir}: {to_sort} DICOM files to be sorted, "
+        f"{total - to_sort} to be skipped (junk, broken or unreadable files, links)"
+    )
     return 0
 
 

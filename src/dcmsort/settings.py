@@ -1,23 +1,33 @@
 """The run's settings, resolved from the validated config, with one-line errors for bad input.
 
-The Snakefile validates the config against ``workflow/schemas/config.schema.yaml`` (keys,
-types, defaults) and then calls ``resolve``, which checks what a schema cannot: that the
-folders exist and do not nest, that the templates name real DICOM keywords.
+The Snakefile first undoes what Snakemake's reading of ``--config`` does to a template
+(``from_command_line``), validates the config against
+``workflow/schemas/config.schema.yaml`` (keys, types, defaults; ``schema_message`` turns a
+violation into one line that says what to do) and then calls ``resolve``, which checks what
+a schema cannot: that the folders exist and do not nest, that the templates name real DICOM
+keywords and their format specs work.
 """
 
 from __future__ import annotations
 
+import difflib
 import fcntl
 import json
 import os
+from collections.abc import Mapping
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import IO
+from typing import IO, Any
 
 from dcmsort import naming, permissions
 from dcmsort.naming import Naming
 
 STATE_FOLDER = ".dcmsort"
+README = "config/README.md"
+# What a user must pass on every real run (config/config.yaml carries no folders).
+USAGE = "--config input_dir=/path/to/Unclassified output_dir=/path/to/Classified"
+FOLDER_KEYS = ("input_dir", "output_dir", "state_dir")
+TEXT_KEYS = (*FOLDER_KEYS, "folder_template", "file_template", "placeholder")
 
 
 class ConfigError(Exception):
@@ -48,13 +58,134 @@ def _inside(path: Path, folder: Path) -> bool:
     return path == folder or folder in path.parents
 
 
+def _as_typed(mapping: Mapping) -> str:
+    """The text a user typed that YAML read as a flow mapping: ``{PatientID}``, ``{}``."""
+    return "{" + ", ".join(k if v in ("", None) else f"{k}: {v}" for k, v in mapping.items()) + "}"
+
+
+def from_command_line(config: dict, given: Mapping[str, Any]) -> dict:
+    """The config with the text keys as the user typed them.
+
+    Snakemake reads each ``--config`` value as YAML, so ``folder_template={PatientID}``
+    arrives as the mapping ``{'PatientID': ''}``, and ``folder_template={}`` (an empty
+    mapping merged into the config file's text) silently leaves the default in place.
+    ``given`` is what the command line held (``workflow.config_settings.overwrite_config``).
+    A one-field template is turned back into its text; anything else that is not text is
+    refused with the quoting that works. Missing folders are refused here too, before the
+    schema would call them merely "required".
+    """
+    config = dict(config)
+    for key in TEXT_KEYS:
+        value = given.get(key, config.get(key))
+        if isinstance(value, Mapping) and len(value) <= 1:
+            config[key] = _as_typed(value)
+        elif isinstance(value, Mapping | list):
+            typed = _as_typed(value) if isinstance(value, Mapping) else "..."
+            raise ConfigError(
+                f"{key} was read as YAML ({value!r}), not as text; quote it on the "
+                f"command line: --config '{key}=\"{typed}\"'"
+            )
+    missing = [key for key in ("input_dir", "output_dir") if not config.get(key)]
+    if missing:
+        raise ConfigError(
+            f"{' and '.join(missing)} {'is' if len(missing) == 1 else 'are'} not set; "
+            f"every run names its folders: snakemake {USAGE} (`make demo` sorts demo data)"
+        )
+    return config
+
+
+def _describe(schema: Mapping) -> str:
+    """What a schema accepts, in words: 'a whole number from 1 to 10000, or auto'."""
+    if "oneOf" in schema or "anyOf" in schema:
+        return ", or ".join(_describe(s) for s in schema.get("oneOf", schema.get("anyOf")))
+    if "const" in schema:
+        return str(schema["const"])
+    if "enum" in schema:
+        return "one of " + ", ".join(map(str, schema["enum"]))
+    kind = schema.get("type")
+    if kind == "integer":
+        low, high = schema.get("minimum"), schema.get("maximum")
+        if low is not None and high is not None:
+            return f"a whole number from {low} to {high}"
+        return "a whole number"
+    return {"boolean": "true or false", "string": "text", "number": "a number"}.get(
+        kind, f"of type {kind}"
+    )
+
+
+def schema_message(error: Any) -> str:
+    """One line for a jsonschema ValidationError: the key, what is wrong, what to do."""
+    path = list(getattr(error, "absolute_path", []))
+    key = ".".join(map(str, path))
+    validator = getattr(error, "validator", None)
+    if validator == "additionalProperties":
+        known = sorted(error.schema.get("properties", {}))
+        unknown = sorted(set(error.instance) - set(known))
+        hints = [
+            f"'{name}' is not a dcmsort key"
+            + "".join(f" (did you mean {m}?)" for m in difflib.get_close_matches(name, known, 1))
+            for name in unknown
+        ]
+        return f"{'; '.join(hints)}; the keys are {', '.join(known)} (see {README})"
+    if validator == "required":
+        return f"{error.message}; pass it: snakemake {USAGE}"
+    if key and isinstance(getattr(error, "schema", None), Mapping):
+        # Validation stops at the first error, so its schema is the key's own.
+        expected = _describe(error.schema)
+        if expected == "text":
+            return (
+                f"{key} must be text, not {error.instance!r} (the command line is read as "
+                f"YAML); quote the value: --config '{key}=\"...\"'"
+            )
+        return f"{key} must be {expected}, not {error.instance!r} (see {README})"
+    return f"{key or 'config'}: {getattr(error, 'message', error)} (see {README})"
+
+
+def format_spec_problem(field: str, spec: str) -> str | None:
+    """Why a format spec can never apply to a field's values (None when it can).
+
+    The naming layer falls back to the plain text when a spec does not apply to a value,
+    which hides a spec that applies to none (``{SeriesNumber:%Y}`` gives folders ``3``,
+    ``8``). So each spec is tried at start on a sample of the kind it asks for, converted as
+    ``naming`` converts: integer presentation types on a number, float types on a float,
+    any other on text.
+    """
+    if not spec:
+        return None
+    kind = spec[-1]
+    sample: object = 3 if kind in "dxXobn" else 1.5 if kind in "eEfFgG%" else "TEXT"
+    try:
+        format(sample, spec)
+    except (ValueError, TypeError) as error:
+        return (
+            f"has the format spec '{{{field}:{spec}}}', which formats no value ({error}); "
+            f"use a Python format spec such as {{{field}:03d}} or {{{field}:>8}}, or none"
+        )
+    return None
+
+
+def _folder_problem(key: str, path: Path) -> str | None:
+    """Why path cannot be (or become) a folder dcmsort writes to."""
+    if "{" in str(path) or "}" in str(path):
+        return (
+            f"{key} {path} contains '{{' or '}}', which Snakemake reads as a wildcard; "
+            "choose a folder whose path has no braces"
+        )
+    for existing in (path, *path.parents):
+        if existing.exists():
+            if existing.is_dir():
+                return None
+            what = "is" if existing == path else f"cannot be created: {existing} is"
+            return f"{key} {path} {what} a file, not a folder; choose a folder (created if missing)"
+    return None
+
+
 def resolve(config: dict, cwd: Path | None = None) -> Settings:
     """Settings from a schema-validated config; raises ConfigError naming key and fix."""
-    cwd = cwd or Path.cwd()
-    if not config.get("input_dir"):
-        raise ConfigError("input_dir is not set; pass --config input_dir=/path/to/Unclassified")
-    if not config.get("output_dir"):
-        raise ConfigError("output_dir is not set; pass --config output_dir=/path/to/Classified")
+    cwd = (cwd or Path.cwd()).resolve()
+    for key in ("input_dir", "output_dir"):
+        if not config.get(key):
+            raise ConfigError(f"{key} is not set; every run names its folders: snakemake {USAGE}")
     input_dir = (cwd / os.path.expanduser(str(config["input_dir"]))).resolve()
     output_dir = (cwd / os.path.expanduser(str(config["output_dir"]))).resolve()
     if not input_dir.is_dir():
@@ -78,6 +209,12 @@ def resolve(config: dict, cwd: Path | None = None) -> Settings:
             f"input_dir {input_dir} is inside output_dir {output_dir}; choose "
             "folders that do not contain each other"
         )
+    if _inside(cwd, input_dir):
+        raise ConfigError(
+            f"the working directory {cwd} is inside input_dir {input_dir}, and Snakemake "
+            "writes its .snakemake/ folder there; run from outside it (the checkout, or "
+            "any folder with snakemake -s path/to/Snakefile, or pass --directory)"
+        )
     state_dir = (
         (cwd / str(config["state_dir"])).resolve()
         if config.get("state_dir")
@@ -85,10 +222,23 @@ def resolve(config: dict, cwd: Path | None = None) -> Settings:
     )
     if _inside(state_dir, input_dir):
         raise ConfigError(f"state_dir {state_dir} is inside input_dir; choose another state_dir")
+    for key, folder in (("output_dir", output_dir), ("state_dir", state_dir)):
+        problem = _folder_problem(key, folder)
+        if problem:
+            raise ConfigError(problem)
     for key in ("folder_template", "file_template"):
-        problems = naming.template_problems(config[key])
+        problems = naming.template_problems(config[key]) or [
+            problem
+            for field, spec in naming.template_fields(config[key])
+            if (problem := format_spec_problem(field, spec))
+        ]
         if problems:
-            raise ConfigError(f"{key} {config[key]!r} {problems[0]}")
+            fix = (
+                "; put a DICOM keyword in the braces, e.g. {PatientID}"
+                if "empty field" in problems[0]
+                else f" (templates: {README})"
+            )
+            raise ConfigError(f"{key} {config[key]!r} {problems[0]}{fix}")
     placeholder = config["placeholder"]
     if not naming.is_safe_component(placeholder):
         raise ConfigError(
@@ -109,6 +259,24 @@ def resolve(config: dict, cwd: Path | None = None) -> Settings:
         verify=config["verify"],
         batches=None if config["batches"] == "auto" else int(config["batches"]),
     )
+
+
+def discard_logs(logfiles: list[str]) -> None:
+    """Remove Snakemake's log of a refused run, and its folders when they are left empty.
+
+    Snakemake creates ``.snakemake/log/<time>.snakemake.log`` in the working directory
+    before the workflow is read; a run refused at start (e.g. one started inside
+    input_dir) must leave no trace, least of all in the input.
+    """
+    for logfile in map(Path, logfiles):
+        logfile.unlink(missing_ok=True)
+        for folder in (logfile.parent, logfile.parent.parent):
+            if folder.name not in ("log", ".snakemake"):
+                break
+            try:
+                folder.rmdir()  # only when empty: earlier runs' logs stay
+            except OSError:
+                break
 
 
 def check_layout(layout_file: Path, settings: Naming) -> None:

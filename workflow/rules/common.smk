@@ -1,10 +1,12 @@
 # Config validation, folder discovery and input functions shared by the rules.
+import logging
 import shlex
 import sys
 import time
 from functools import cache
 from pathlib import Path
 
+from snakemake.common import NOTHING_TO_BE_DONE_MSG
 from snakemake.exceptions import WorkflowError
 from snakemake.utils import validate
 
@@ -16,19 +18,22 @@ from dcmsort import status  # noqa: E402
 
 
 def fail(message):
-    """Stop with one line on stderr, never a traceback."""
+    """Stop with one line on stderr, never a traceback; a refused run leaves no log."""
+    settings.discard_logs(workflow.logger_manager.get_logfile())
     sys.exit(f"dcmsort: error: {message}")
 
 
 try:
-    validate(config, schema="../schemas/config.schema.yaml")
-except WorkflowError as error:
-    # The jsonschema ValidationError, if there is one, carries the key and the message.
-    cause = error.__context__ or error
-    where = ".".join(map(str, getattr(cause, "absolute_path", []))) or "config"
-    fail(
-        f"{where}: {getattr(cause, 'message', cause)} (keys and values: config/README.md)"
+    # Snakemake reads --config values as YAML: folder_template={PatientID} is a mapping.
+    config.update(
+        settings.from_command_line(config, workflow.config_settings.overwrite_config)
     )
+    validate(config, schema="../schemas/config.schema.yaml")
+except settings.ConfigError as error:
+    fail(error)
+except WorkflowError as error:
+    # The jsonschema ValidationError, if there is one, carries the key and the value.
+    fail(settings.schema_message(error.__context__ or error))
 try:
     SETTINGS = settings.resolve(config)
     settings.check_layout(SETTINGS.state_dir / "layout.json", SETTINGS.naming)
@@ -126,6 +131,25 @@ onsuccess:
             "--until); the numbers below are from an earlier run. Rerun to update them.",
         )
     print(status.summary_line(Path(STATE) / "summary.json"), file=sys.stderr)
+
+
+class NothingNewLine(logging.Handler):
+    """The summary line of a run with nothing to do. Snakemake 9 calls neither onstart nor
+    onsuccess then: Workflow.execute logs NOTHING_TO_BE_DONE_MSG and returns, so the line
+    is printed when that message is logged (a dry run logs it too, and prints nothing).
+    """
+
+    def emit(self, record):
+        if record.getMessage() == NOTHING_TO_BE_DONE_MSG and not workflow.dryrun:
+            from dcmsort.report import summary_line
+
+            line = summary_line(Path(STATE) / "summary.json")
+            line = line.replace("dcmsort: ", "dcmsort: nothing new; last run: ", 1)
+            print(line.replace(" new this run)", " new in it)"), file=sys.stderr)
+
+
+if workflow.is_main_process:
+    logging.getLogger("snakemake.logging").addHandler(NothingNewLine())
 
 
 onerror:

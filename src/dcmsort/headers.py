@@ -18,6 +18,8 @@ import os
 import sys
 import time
 import warnings
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from functools import cache, partial
 from pathlib import Path
 
@@ -31,6 +33,7 @@ from pydicom.multival import MultiValue
 
 from dcmsort import inventory, permissions
 from dcmsort.fileops import atomic_path
+from dcmsort.progress import Progress, peak_rss_mb
 
 log = logging.getLogger("dcmsort.headers")
 
@@ -314,14 +317,23 @@ def _previous_manifest(
     return None, {(r["relpath"], r["size"], r["mtime_ns"]): r for r in previous.to_pylist()}
 
 
-def _read_headers(paths: list[str], keywords: list[str], workers: int) -> list[dict]:
-    """Headers of many files, in a pool of processes when workers > 1 (parsing is CPU-bound
-    and holds the GIL). Forked workers inherit the imports: no start-up cost per worker."""
+@contextmanager
+def _header_reader(keywords: list[str], workers: int) -> Iterator[Callable]:
+    """A function mapping paths to headers, in order and lazily: in a pool of processes when
+    workers > 1 (parsing is CPU-bound and holds the GIL). The pool is forked once per job,
+    and forked workers inherit the imports: no start-up cost per worker."""
     read = partial(read_header, keywords=keywords)
-    if workers <= 1 or len(paths) < 2 * _CHUNK:
-        return [read(p) for p in paths]
+    if workers <= 1:
+        yield lambda paths: map(read, paths)
+        return
     with multiprocessing.get_context("fork").Pool(workers) as pool:
-        return pool.map(read, paths, chunksize=_CHUNK)
+        yield (
+            lambda paths: (
+                pool.imap(read, paths, chunksize=_CHUNK)
+                if len(paths) >= 2 * _CHUNK
+                else map(read, paths)
+            )
+        )
 
 
 def _remove_manifests_of_removed_folders(
@@ -341,6 +353,67 @@ def _remove_manifests_of_removed_folders(
             folder = metadata[b"folder"].decode()
         if inventory.batch_of(folder, batches) == batch and folder not in folders:
             path.unlink()
+
+
+FILES_PER_GROUP = 10_000
+
+
+def _to_read(entries: list[inventory.Entry], reusable: dict) -> list[str]:
+    """Files of a folder whose header must be read: new, or changed since the last read."""
+    return [
+        e.relpath
+        for e in entries
+        if e.kind == inventory.FILE and (e.relpath, e.size, e.mtime_ns) not in reusable
+    ]
+
+
+def _groups(changed: dict[str, tuple], files_per_group: int) -> Iterator[list[str]]:
+    group, count = [], 0
+    for folder, (entries, _, _) in changed.items():
+        group.append(folder)
+        count += len(entries)
+        if count >= files_per_group:
+            yield group
+            group, count = [], 0
+    if group:
+        yield group
+
+
+def _write_folder_manifest(
+    folder: str,
+    entries: list[inventory.Entry],
+    fingerprint: str,
+    reusable: dict,
+    headers: dict[str, dict],
+    schema: pa.Schema,
+    manifests: Path,
+) -> pa.Table:
+    """One folder's manifest: read headers for new files, earlier rows for the others."""
+    rows = []
+    for entry in entries:
+        if entry.relpath in headers:
+            header = headers[entry.relpath]
+        elif entry.kind == inventory.FILE:
+            rows.append(reusable[(entry.relpath, entry.size, entry.mtime_ns)])
+            continue
+        else:
+            header = {"skip_reason": SKIP_REASONS[entry.kind]}
+        rows.append(
+            {
+                "folder": folder,
+                "relpath": entry.relpath,
+                "size": entry.size,
+                "mtime_ns": entry.mtime_ns,
+                **header,
+                "dicom": header["skip_reason"] is None,
+            }
+        )
+    table = pa.Table.from_pylist(
+        rows, schema=schema.with_metadata({"fingerprint": fingerprint, "folder": folder})
+    )
+    with atomic_path(manifests / inventory.manifest_name(folder)) as tmp:
+        pq.write_table(table, tmp)
+    return table
 
 
 def extract_batch(
@@ -363,7 +436,7 @@ def extract_batch(
     _remove_manifests_of_removed_folders(manifests, set(folders), batch, batches)
     current: dict[str, pa.Table] = {}
     changed: dict[str, tuple[list[inventory.Entry], str, dict]] = {}
-    to_read: list[str] = []
+    to_read = 0
     for folder in folders:
         entries = inventory.walk_folder(input_dir, folder)
         fingerprint = inventory.fingerprint(entries)
@@ -375,54 +448,34 @@ def extract_batch(
             current[folder] = table
             continue
         changed[folder] = (entries, fingerprint, reusable)
-        to_read += [
-            e.relpath
-            for e in entries
-            if e.kind == inventory.FILE and (e.relpath, e.size, e.mtime_ns) not in reusable
-        ]
-    headers = dict(
-        zip(
-            to_read,
-            _read_headers(
-                [inventory.source_path(input_dir, r) for r in to_read], keywords, workers
-            ),
-            strict=True,
-        )
-    )
-    for folder, (entries, fingerprint, reusable) in changed.items():
-        rows = []
-        for entry in entries:
-            key = (entry.relpath, entry.size, entry.mtime_ns)
-            if entry.relpath in headers:
-                header = headers[entry.relpath]
-            elif entry.kind == inventory.FILE:
-                rows.append(reusable[key])
-                continue
-            else:
-                header = {"skip_reason": SKIP_REASONS[entry.kind]}
-            rows.append(
-                {
-                    "folder": folder,
-                    "relpath": entry.relpath,
-                    "size": entry.size,
-                    "mtime_ns": entry.mtime_ns,
-                    **header,
-                    "dicom": header["skip_reason"] is None,
-                }
-            )
-        table = pa.Table.from_pylist(
-            rows, schema=schema.with_metadata({"fingerprint": fingerprint, "folder": folder})
-        )
-        with atomic_path(manifests / inventory.manifest_name(folder)) as tmp:
-            pq.write_table(table, tmp)
-        current[folder] = table
+        to_read += len(_to_read(entries, reusable))
+    progress = Progress("extract", to_read, log)
+    with _header_reader(keywords, workers) as read_headers:
+        # A group of folders at a time (about FILES_PER_GROUP headers): memory holds the
+        # Python values of one group, and each folder's manifest is written as soon as it
+        # is complete.
+        for group in _groups(changed, FILES_PER_GROUP):
+            paths = [r for f in group for r in _to_read(changed[f][0], changed[f][2])]
+            headers = {}
+            for relpath, header in zip(
+                paths,
+                read_headers([inventory.source_path(input_dir, r) for r in paths]),
+                strict=True,
+            ):
+                headers[relpath] = header
+                progress.advance()
+            for folder in group:
+                current[folder] = _write_folder_manifest(
+                    folder, *changed[folder], headers, schema, manifests
+                )
+    progress.finish()
     tables = [current[f].replace_schema_metadata(None) for f in folders]
     combined = pa.concat_tables(tables) if tables else schema.empty_table()
     stats = {
         "folders": len(folders),
         "folders_changed": len(changed),
         "files": combined.num_rows,
-        "headers_read": len(to_read),
+        "headers_read": to_read,
         "not_sortable": combined.num_rows - pc.sum(combined["dicom"]).as_py() if tables else 0,
     }
     combined = combined.replace_schema_metadata(
@@ -458,7 +511,7 @@ def main(argv: list[str] | None = None) -> int:
     )
     log.info(
         "batch %d: %d folders (%d changed), %d files, %d headers read, %d not sortable, "
-        "%d workers, %.2f s",
+        "%d workers, %.2f s, peak RSS %d MB",
         args.batch,
         stats["folders"],
         stats["folders_changed"],
@@ -467,6 +520,7 @@ def main(argv: list[str] | None = None) -> int:
         stats["not_sortable"],
         args.workers,
         time.perf_counter() - started,
+        peak_rss_mb(),
     )
     return 0
 

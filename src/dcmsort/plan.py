@@ -43,6 +43,7 @@ import pyarrow.parquet as pq
 from dcmsort import inventory, ledger, naming
 from dcmsort.fileops import atomic_path, file_digest
 from dcmsort.naming import Naming
+from dcmsort.progress import peak_rss_mb
 from dcmsort.settings import ConfigError, check_layout
 
 log = logging.getLogger("dcmsort.plan")
@@ -367,12 +368,20 @@ class Renderer:
         self.settings = settings
         self._folder_fields = [f for f, _ in naming.template_fields(settings.folder_template)]
         self._cache: dict[tuple, str] = {}
+        # The manifest columns the folder template reads.
+        self.folder_columns = list(
+            dict.fromkeys(
+                {"filename": "relpath", "input_folder": "folder"}.get(f, f)
+                for f in self._folder_fields
+            )
+        )
 
     @staticmethod
     def values(row: dict) -> dict[str, str]:
         values = {k: v for k, v in row.items() if isinstance(v, str)}
-        values["filename"] = inventory.file_name(row["relpath"])
-        values["input_folder"] = inventory.decode_name(row["folder"] or "")
+        if "relpath" in row:
+            values["filename"] = inventory.file_name(row["relpath"])
+        values["input_folder"] = inventory.decode_name(row.get("folder") or "")
         return values
 
     def base_folder(self, row: dict) -> str:
@@ -416,6 +425,7 @@ class Planner:
     """The decisions of one plan, made row by row over the new files only."""
 
     settings: Naming
+    renderer: Renderer
     names: Names
     contents: ContentIndex
     folder_of_series: dict[tuple[str, str], str]
@@ -502,12 +512,6 @@ class Planner:
             "reason": reason,
         }
 
-    @property
-    def renderer(self) -> Renderer:
-        if not hasattr(self, "_renderer"):
-            self._renderer = Renderer(self.settings)
-        return self._renderer
-
 
 def make_plan(
     files: pa.Table,
@@ -524,24 +528,42 @@ def make_plan(
     for content in known_contents(committed, files, new):
         contents.add(content)
     renderer = Renderer(settings)
-    bases = sorted({renderer.base_folder(row) for row in new.to_pylist()}) if new.num_rows else []
     planner = Planner(
         settings=settings,
+        renderer=renderer,
         names=Names(disk, ledger_file_names(committed)),
         contents=contents,
-        folder_of_series=series_folders(committed, bases),
+        folder_of_series=series_folders(committed, base_folders(new, renderer)),
         owner_of_folder=folder_owners(committed),
         digest_of_input=digest_of_input,
         disk=disk,
     )
-    planner._renderer = renderer
-    columns: dict[str, list] = {name: [] for name in PLAN_SCHEMA.names}
+    # Decisions go into compact Arrow columns a chunk at a time, so memory holds Python
+    # values for one chunk of rows, not for every new file.
+    tables = [PLAN_SCHEMA.empty_table()]
     for chunk in _ordered_chunks(new):
-        for row in chunk:
-            decision = planner.decide(row)
-            for name in PLAN_SCHEMA.names:
-                columns[name].append(decision[name] if name in decision else row.get(name))
-    return pa.table(columns, schema=PLAN_SCHEMA)
+        decisions = [planner.decide(row) for row in chunk]
+        columns = {
+            name: [
+                d[name] if name in d else row.get(name)
+                for d, row in zip(decisions, chunk, strict=True)
+            ]
+            for name in PLAN_SCHEMA.names
+        }
+        tables.append(pa.table(columns, schema=PLAN_SCHEMA))
+    return pa.concat_tables(tables)
+
+
+def base_folders(new: pa.Table, renderer: Renderer) -> list[str]:
+    """The distinct base folders the new rows render to: rendered once per distinct
+    combination of the folder template's values (found columnar), not once per file."""
+    columns = [c for c in renderer.folder_columns if c in new.column_names]
+    if new.num_rows == 0:
+        return []
+    if not columns:
+        return [renderer.base_folder(new.slice(0, 1).to_pylist()[0])]
+    combinations = new.select(columns).group_by(columns, use_threads=False).aggregate([])
+    return sorted({renderer.base_folder(row) for row in combinations.to_pylist()})
 
 
 def _with_columns(files: pa.Table) -> pa.Table:
@@ -635,7 +657,7 @@ def main(argv: list[str] | None = None) -> int:
     actions = plan["action"].to_pylist()
     log.info(
         "plan: %d files, %d committed earlier, %d new: %d to sort, %d already present, "
-        "%d duplicates, %d conflicts; %d skipped; %d digests; %.2f s",
+        "%d duplicates, %d conflicts; %d skipped; %d digests; %.2f s, peak RSS %d MB",
         files.num_rows,
         committed.num_rows,
         plan.num_rows,
@@ -646,6 +668,7 @@ def main(argv: list[str] | None = None) -> int:
         skipped.num_rows,
         len(hashed),
         time.perf_counter() - started,
+        peak_rss_mb(),
     )
     return 0
 

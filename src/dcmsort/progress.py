@@ -10,6 +10,7 @@ Plain lines, no carriage returns: a cluster job's log and ``tail -f`` show the s
 from __future__ import annotations
 
 import logging
+import resource
 import time
 
 EVERY_S = 5.0
@@ -47,3 +48,9 @@ class Progress:
     def finish(self) -> None:
         if time.monotonic() - self.started >= self.every:
             self.log.info("%s", self.line())
+
+
+def peak_rss_mb() -> int:
+    """This process's peak resident memory: every stage logs it last, so a cluster's
+    mem_mb can be set from a real run (and the benchmark reads it)."""
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss // 1024

@@ -26,6 +26,7 @@ import pyarrow.parquet as pq
 
 from dcmsort import ledger
 from dcmsort.fileops import atomic_path
+from dcmsort.progress import peak_rss_mb
 from dcmsort.status import (
     COMPLETE,
     HISTORY,
@@ -354,7 +355,7 @@ def main(argv: list[str] | None = None) -> int:
     with atomic_path(args.summary) as tmp:
         tmp.write_text(json.dumps(summary, indent=2, ensure_ascii=False))
     append_history(history, summary)
-    log.info("%s", summary_line(args.summary))
+    log.info("%s; peak RSS %d MB", summary_line(args.summary), peak_rss_mb())
     return 0
 
 

@@ -45,7 +45,7 @@ import pyarrow.parquet as pq
 
 from dcmsort import inventory, ledger, permissions
 from dcmsort.fileops import DIGEST, atomic_path, copy_range, temp_path_for
-from dcmsort.progress import Progress
+from dcmsort.progress import Progress, peak_rss_mb
 
 log = logging.getLogger("dcmsort.transfer")
 
@@ -105,14 +105,17 @@ def _digest_at(folder_fd: int, name: str) -> str | None:
         os.close(fd)
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, slots=True)
 class Row:
+    """One plan row to carry out (``index``: its position in the plan table)."""
+
     relpath: str
     size: int
     mtime_ns: int
     action: str
     destination: str
     digest: str | None
+    index: int = -1
 
 
 class OutputTree:
@@ -306,7 +309,7 @@ def _folder_rows(rows: list[Row]) -> Iterator[tuple[str, list[Row]]]:
     yield from by_folder.items()
 
 
-@dataclass
+@dataclass(slots=True)
 class Outcome:
     row: Row
     status: str
@@ -337,31 +340,29 @@ def _place_folder(
     return outcomes
 
 
-def _ledger_rows(outcomes: list[Outcome], plan: dict[str, dict], mode: str) -> pa.Table:
-    now = time.time()
-    rows = []
-    for outcome in outcomes:
-        if outcome.status not in COMMITTED:
-            continue
-        planned = plan[outcome.row.relpath]
-        rows.append(
-            {
-                "relpath": outcome.row.relpath,
-                "size": outcome.row.size,
-                "mtime_ns": outcome.row.mtime_ns,
-                "status": ledger.DUPLICATE if outcome.status == DUPLICATE else ledger.PLACED,
-                "destination": outcome.row.destination,
-                "digest": outcome.digest,
-                "mode": mode,
-                "base_folder": planned["base_folder"],
-                "series_uid": planned["SeriesInstanceUID"],
-                "sop_uid": planned["SOPInstanceUID"],
-                "study_uid": planned["StudyInstanceUID"],
-                "modality": planned["Modality"],
-                "committed_at": now,
-            }
-        )
-    return pa.Table.from_pylist(rows, schema=ledger.SCHEMA)
+def _ledger_rows(outcomes: list[Outcome], plan: pa.Table, mode: str) -> pa.Table:
+    """The ledger rows of the committed outcomes: what the plan knew of each file (taken
+    columnar from the plan table) and what the transfer found."""
+    done = [o for o in outcomes if o.status in COMMITTED]
+    planned = plan.take(pa.array([o.row.index for o in done], pa.int64()))
+    return pa.table(
+        {
+            "relpath": planned["relpath"],
+            "size": planned["size"],
+            "mtime_ns": planned["mtime_ns"],
+            "status": [ledger.DUPLICATE if o.status == DUPLICATE else ledger.PLACED for o in done],
+            "destination": planned["destination"],
+            "digest": [o.digest for o in done],
+            "mode": [mode] * len(done),
+            "base_folder": planned["base_folder"],
+            "series_uid": planned["SeriesInstanceUID"],
+            "sop_uid": planned["SOPInstanceUID"],
+            "study_uid": planned["StudyInstanceUID"],
+            "modality": planned["Modality"],
+            "committed_at": [time.time()] * len(done),
+        },
+        schema=ledger.SCHEMA,
+    )
 
 
 def pending_rows(plan: pa.Table, committed: pa.Table) -> pa.Table:
@@ -381,11 +382,12 @@ def transfer_plan(
 ) -> pa.Table:
     """Carry out every pending plan row and commit what is in place; one result per row."""
     plan = pending_rows(pq.read_table(plan_file), ledger.read(state_dir, ledger.SOURCE_KEY))
-    by_relpath = {r["relpath"]: r for r in plan.to_pylist()}
+    fields = ["relpath", "size", "mtime_ns", "action", "destination", "digest"]
     rows = [
-        Row(r["relpath"], r["size"], r["mtime_ns"], r["action"], r["destination"], r["digest"])
-        for r in by_relpath.values()
+        Row(*values, index=i)
+        for i, values in enumerate(zip(*(plan[f].to_pylist() for f in fields), strict=True))
     ]
+    committed_before = plan["committed"].to_pylist()
     placing = [r for r in rows if r.action != "duplicate"]
     tree = OutputTree(output_dir)
     progress = Progress("transfer", len(rows), log)
@@ -395,7 +397,7 @@ def transfer_plan(
 
     def commit() -> None:
         nonlocal uncommitted, last_commit
-        ledger.append(state_dir, _ledger_rows(uncommitted, by_relpath, mode))
+        ledger.append(state_dir, _ledger_rows(uncommitted, plan, mode))
         uncommitted, last_commit = [], time.monotonic()
 
     with ThreadPoolExecutor(max_workers=max(1, workers)) as pool:
@@ -418,8 +420,7 @@ def transfer_plan(
     for row in rows:
         if row.action != "duplicate":
             continue
-        committed_before = bool(by_relpath[row.relpath]["committed"])
-        if (committed_before or row.destination in placed_now) and os.path.lexists(
+        if (committed_before[row.index] or row.destination in placed_now) and os.path.lexists(
             output_dir / row.destination
         ):
             duplicates.append(Outcome(row, DUPLICATE, row.digest))
@@ -478,7 +479,7 @@ def main(argv: list[str] | None = None) -> int:
     statuses = results["status"].to_pylist()
     log.info(
         "transfer (%s): %d copied, %d linked, %d already present, %d duplicates, "
-        "%d changed since read, %d errors, %.1f MB, %.2f s",
+        "%d changed since read, %d errors, %.1f MB, %.2f s, peak RSS %d MB",
         args.mode,
         statuses.count(COPIED),
         statuses.count(LINKED),
@@ -488,6 +489,7 @@ def main(argv: list[str] | None = None) -> int:
         statuses.count(ERROR),
         (pc.sum(results["bytes"]).as_py() or 0) / 1e6,
         time.perf_counter() - started,
+        peak_rss_mb(),
     )
     errors = results.filter(pc.equal(results["status"], ERROR)).to_pylist()
     for row in errors[:50]:

@@ -137,19 +137,25 @@ def compact(state_dir: Path, max_segments: int = MAX_SEGMENTS) -> bool:
     return True
 
 
+def _key(table: pa.Table) -> pa.ChunkedArray:
+    """(relpath, size, mtime_ns) as one string: NUL cannot occur in a path, so it is
+    unambiguous."""
+    return pc.binary_join_element_wise(
+        table["relpath"],
+        pc.cast(table["size"], pa.string()),
+        pc.cast(table["mtime_ns"], pa.string()),
+        "\0",
+    )
+
+
 def rows_by_key(table: pa.Table, other: pa.Table, keep: str) -> pa.Table:
     """Rows of table whose (relpath, size, mtime_ns) is ``"found"`` in other, or
-    ``"missing"`` from it. Columnar: only the key columns and a row number go through the
-    join, so a rerun pays no Python per known file."""
+    ``"missing"`` from it. Columnar (one hash set of other's keys), so a rerun pays no
+    Python per known file, and far less memory than a hash join."""
     if other.num_rows == 0 or table.num_rows == 0:
         return table if keep == "missing" else table.slice(0, 0)
-    keys = table.select(SOURCE_KEY).append_column(
-        "_row", pa.array(range(table.num_rows), pa.int64())
-    )
-    how = "left semi" if keep == "found" else "left anti"
-    matched = keys.join(other.select(SOURCE_KEY), keys=SOURCE_KEY, join_type=how, use_threads=False)
-    rows = matched["_row"]
-    return table.take(pc.take(rows, pc.sort_indices(rows)))  # in the table's own order
+    found = pc.is_in(_key(table), value_set=_key(other))
+    return table.filter(found if keep == "found" else pc.invert(found))
 
 
 def live(ledger: pa.Table, files: pa.Table) -> pa.Table:

@@ -83,7 +83,7 @@ PLAN_SCHEMA = pa.schema(
 )
 DUPLICATE_REASON = "identical to the file already sorted at this destination"
 PRESENT_REASON = "its content is already at this destination"
-_CHUNK = 20_000  # new rows turned into Python values at a time (bounds memory)
+_CHUNK = 5_000  # new rows turned into Python values at a time (bounds memory)
 
 
 def fold(name: str) -> str:
@@ -156,21 +156,32 @@ class Content:
 
 
 class ContentIndex:
-    """Contents by (SOPInstanceUID or "", size), to find a new file's twin by digest."""
+    """Contents by (SOPInstanceUID or "", size), to find a new file's twin by digest.
+
+    Holds every earlier placement it is given (the few that could matter), but a new file
+    only when another new file shares its (SOPInstanceUID, size) or its SOPInstanceUID
+    (``repeated``): most files have no twin, and a first run must not keep all of them.
+    """
 
     def __init__(
         self,
         digest_of_output: Callable[[str], str | None],
         digest_of_input: Callable[[str], str | None],
+        repeated: tuple[set[tuple[str, int]], set[str]] = (set(), set()),
     ):
         self._by_key: dict[tuple[str, int], list[Content]] = {}
         self._by_sop: dict[str, set[str]] = {}
         self._digest_of_output = digest_of_output
         self._digest_of_input = digest_of_input
+        self._repeated_keys, self._repeated_sops = repeated
 
     def add(self, content: Content) -> None:
-        self._by_key.setdefault((content.sop or "", content.size), []).append(content)
-        if content.sop:
+        key = (content.sop or "", content.size)
+        if content.committed or key in self._by_key or key in self._repeated_keys:
+            self._by_key.setdefault(key, []).append(content)
+        if content.sop and (
+            content.committed or content.sop in self._by_sop or content.sop in self._repeated_sops
+        ):
             self._by_sop.setdefault(content.sop, set()).add(content.destination)
 
     def candidates(self, sop: str | None, size: int) -> list[Content]:
@@ -524,7 +535,7 @@ def make_plan(
     (``committed``), the output folder (``disk``) and each other."""
     files = _with_columns(files)
     new = new_files(files, committed)
-    contents = ContentIndex(disk.digest, digest_of_input)
+    contents = ContentIndex(disk.digest, digest_of_input, repeated(new))
     for content in known_contents(committed, files, new):
         contents.add(content)
     renderer = Renderer(settings)
@@ -552,6 +563,22 @@ def make_plan(
         }
         tables.append(pa.table(columns, schema=PLAN_SCHEMA))
     return pa.concat_tables(tables)
+
+
+def repeated(new: pa.Table) -> tuple[set[tuple[str, int]], set[str]]:
+    """(SOPInstanceUID or "", size) pairs, and SOPInstanceUIDs, that more than one new file
+    has (found columnar): only such files can be each other's duplicate or conflict."""
+    if new.num_rows < 2:
+        return set(), set()
+    keys = pa.table({"sop": pc.fill_null(new["SOPInstanceUID"], ""), "size": new["size"]})
+
+    def more_than_once(columns: list[str]) -> list[dict]:
+        counts = keys.group_by(columns, use_threads=False).aggregate([([], "count_all")])
+        return counts.filter(pc.greater(counts["count_all"], 1)).to_pylist()
+
+    pairs = {(r["sop"], r["size"]) for r in more_than_once(["sop", "size"])}
+    sops = {r["sop"] for r in more_than_once(["sop"]) if r["sop"]}
+    return pairs, sops
 
 
 def base_folders(new: pa.Table, renderer: Renderer) -> list[str]:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import ctypes
 import errno
 import hashlib
 import os
@@ -87,3 +88,26 @@ def copy_range(fd_in: int, fd_out: int, size: int) -> None:
         os.lseek(fd_out, 0, os.SEEK_SET)
         with open(fd_in, "rb", closefd=False) as src, open(fd_out, "wb", closefd=False) as dst:
             shutil.copyfileobj(src, dst, 1 << 20)
+
+
+_RENAME_NOREPLACE = 1
+_libc = None
+
+
+def rename_no_replace(name: str, new_name: str, dir_fd: int) -> None:
+    """Rename name to new_name in one folder, failing with FileExistsError rather than
+    replace anything: renameat2(RENAME_NOREPLACE), one atomic call. Raises OSError(ENOSYS
+    or EINVAL) where the kernel, C library or file system lacks it (callers fall back)."""
+    global _libc
+    if _libc is None:
+        _libc = ctypes.CDLL(None, use_errno=True)
+        if not hasattr(_libc, "renameat2"):
+            _libc = False
+    if _libc is False:
+        raise OSError(errno.ENOSYS, "renameat2 is not available")
+    result = _libc.renameat2(
+        dir_fd, os.fsencode(name), dir_fd, os.fsencode(new_name), _RENAME_NOREPLACE
+    )
+    if result != 0:
+        code = ctypes.get_errno()
+        raise OSError(code, os.strerror(code), new_name)

@@ -44,7 +44,7 @@ import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
 from dcmsort import inventory, ledger, permissions
-from dcmsort.fileops import DIGEST, atomic_path, copy_range, temp_path_for
+from dcmsort.fileops import DIGEST, atomic_path, copy_range, rename_no_replace, temp_path_for
 from dcmsort.progress import Progress, peak_rss_mb
 
 log = logging.getLogger("dcmsort.transfer")
@@ -236,6 +236,18 @@ def _copy(folder_fd: int, name: str, source: str, row: Row, verify: str) -> tupl
 
 
 def _link_into_place(folder_fd: int, tmp: str, name: str, source: str, digest: str | None):
+    """Give the checked temporary file its name, never replacing what holds the name:
+    renameat2(RENAME_NOREPLACE) in one call, else a hard link (which also never replaces)."""
+    try:
+        rename_no_replace(tmp, name, folder_fd)
+        return
+    except FileExistsError:
+        if not _existing_is_same(folder_fd, name, source, digest):
+            raise _occupied() from None
+        return
+    except OSError as error:
+        if error.errno not in (errno.ENOSYS, errno.EINVAL, errno.EOPNOTSUPP):
+            raise
     try:
         os.link(tmp, name, src_dir_fd=folder_fd, dst_dir_fd=folder_fd, follow_symlinks=False)
     except FileExistsError:

@@ -1,0 +1,110 @@
+"""The ledger grows by whole-file appends; a torn or unreadable file is ignored, never fatal."""
+
+from __future__ import annotations
+
+import shutil
+
+import pyarrow as pa
+import pyarrow.parquet as pq
+import pytest
+
+from dcmsort import ledger
+from dcmsort.fileops import TEMP_SUFFIX
+
+
+def rows(*relpaths: str) -> pa.Table:
+    return pa.Table.from_pylist(
+        [
+            {
+                "relpath": r,
+                "size": 10,
+                "mtime_ns": 1,
+                "status": ledger.PLACED,
+                "destination": f"P/S/{r}",
+                "mode": "copy",
+                "committed_at": 0.0,
+            }
+            for r in relpaths
+        ],
+        schema=ledger.SCHEMA,
+    )
+
+
+def relpaths(state) -> list[str]:
+    return ledger.read(state)["relpath"].to_pylist()
+
+
+def test_appends_accumulate_in_order_and_nothing_is_lost(tmp_path):
+    ledger.append(tmp_path, rows("a", "b"))
+    ledger.append(tmp_path, rows())  # nothing to commit: no file
+    ledger.append(tmp_path, rows("c"))
+    assert relpaths(tmp_path) == ["a", "b", "c"]
+    assert len(list(ledger.folder(tmp_path).iterdir())) == 2
+
+
+def test_an_append_that_fails_half_way_leaves_no_file_and_the_ledger_as_it_was(
+    tmp_path, monkeypatch
+):
+    ledger.append(tmp_path, rows("a"))
+
+    def torn(table, path, **_kwargs):
+        with open(path, "wb") as handle:
+            handle.write(b"PAR1 half a segment")
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr(pq, "write_table", torn)
+    with pytest.raises(OSError):
+        ledger.append(tmp_path, rows("b"))
+    monkeypatch.undo()
+    names = [p.name for p in ledger.folder(tmp_path).iterdir()]
+    assert len(names) == 1 and not any(n.endswith(TEMP_SUFFIX) for n in names)
+    assert relpaths(tmp_path) == ["a"]
+    ledger.append(tmp_path, rows("c"))
+    assert relpaths(tmp_path) == ["a", "c"]
+
+
+def test_an_unreadable_segment_is_ignored_with_a_warning(tmp_path, caplog):
+    ledger.append(tmp_path, rows("a"))
+    (ledger.folder(tmp_path) / "seg-0000000002.parquet").write_bytes(b"not parquet")
+    ledger.append(tmp_path, rows("c"))
+    assert relpaths(tmp_path) == ["a", "c"]
+    assert "seg-0000000002.parquet is unreadable and ignored" in caplog.text
+
+
+def test_an_empty_or_missing_ledger_reads_as_no_rows(tmp_path):
+    assert ledger.read(tmp_path).num_rows == 0
+    assert ledger.read(tmp_path, ledger.SOURCE_KEY).column_names == ledger.SOURCE_KEY
+
+
+def test_compacting_keeps_every_row_once_and_later_appends_follow(tmp_path):
+    for name in "abcde":
+        ledger.append(tmp_path, rows(name))
+    assert ledger.compact(tmp_path, max_segments=2)
+    assert relpaths(tmp_path) == list("abcde")
+    assert [p.name.split("-")[0] for p in ledger.folder(tmp_path).iterdir()] == ["base"]
+    ledger.append(tmp_path, rows("f"))
+    assert relpaths(tmp_path) == list("abcdef")
+    assert not ledger.compact(tmp_path, max_segments=2)
+
+
+def test_segments_left_by_a_crash_during_compaction_are_not_read_twice(tmp_path):
+    for name in "abc":
+        ledger.append(tmp_path, rows(name))
+    kept = tmp_path / "kept"
+    shutil.copytree(ledger.folder(tmp_path), kept)
+    ledger.compact(tmp_path, max_segments=1)
+    for segment in kept.iterdir():  # as if the crash came before they were removed
+        shutil.copy(segment, ledger.folder(tmp_path) / segment.name)
+    assert relpaths(tmp_path) == ["a", "b", "c"]
+    ledger.append(tmp_path, rows("d"))
+    assert relpaths(tmp_path) == ["a", "b", "c", "d"]
+
+
+def test_rows_by_key_matches_on_the_whole_file_version(tmp_path):
+    table = pa.table(
+        {"relpath": ["a", "b", "c"], "size": [10, 10, 11], "mtime_ns": [1, 2, 1], "x": [1, 2, 3]}
+    )
+    known = rows("a", "b", "c")  # all size 10, mtime 1
+    assert ledger.rows_by_key(table, known, keep="found")["x"].to_pylist() == [1]
+    assert ledger.rows_by_key(table, known, keep="missing")["x"].to_pylist() == [2, 3]
+    assert ledger.rows_by_key(table, rows(), keep="missing").num_rows == 3

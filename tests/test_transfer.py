@@ -148,6 +148,16 @@ def test_each_mode_places_the_file_and_a_rerun_of_the_plan_commits_nothing_twice
     assert len(job.committed()) == 1
 
 
+def test_a_symbolic_link_is_absolute_when_input_dir_is_given_relative(job, monkeypatch):
+    source = job.add("p/IM1")
+    monkeypatch.chdir(job.root)
+    job.plan(job.row("p/IM1", "P/IM1"))
+    transfer_plan(job.plan_file, Path("in"), job.output, job.state, "symlink", "size", 1)
+    assert os.readlink(job.output / "P/IM1") == str(source)
+    monkeypatch.chdir(job.output)  # the link works from wherever it is read
+    assert (job.output / "P/IM1").read_bytes() == source.read_bytes()
+
+
 @pytest.mark.parametrize("mode", MODES)
 def test_put_twice_finds_the_file_in_place_and_never_doubles_it(job, mode):
     job.add("p/IM1")
@@ -411,16 +421,18 @@ def test_a_duplicate_is_committed_with_its_destination_placed_in_the_same_transf
     assert sorted(p.name for p in (job.output / "P/S").iterdir()) == ["IM1"]
 
 
-def test_a_duplicate_of_a_file_that_could_not_be_placed_is_an_error(job):
+@pytest.mark.parametrize("blocked", ["P/S", "P/S/IM1"])
+def test_a_duplicate_of_a_file_that_could_not_be_placed_is_an_error(job, blocked):
     job.add("p/IM1", b"same bytes" * 20)
     job.add("q/IM1", b"same bytes" * 20)
-    (job.output / "P").mkdir()
-    (job.output / "P/S").write_bytes(b"a file where the folder must go")
+    (job.output / blocked).parent.mkdir(parents=True)
+    (job.output / blocked).write_bytes(b"someone else's file")
     job.plan(job.row("p/IM1", "P/S/IM1"), job.row("q/IM1", "P/S/IM1", action="duplicate"))
     results = job.transfer()
     assert (results["p/IM1"]["status"], results["q/IM1"]["status"]) == (ERROR, ERROR)
     assert "planned again" in results["q/IM1"]["detail"]
     assert job.committed() == []
+    assert (job.output / blocked).read_bytes() == b"someone else's file"
 
 
 def test_a_duplicate_of_a_source_that_changed_is_an_error(job):

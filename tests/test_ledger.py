@@ -43,19 +43,25 @@ def test_appends_accumulate_in_order_and_nothing_is_lost(tmp_path):
 
 
 def test_an_append_that_fails_half_way_leaves_no_file_and_the_ledger_as_it_was(
-    tmp_path, monkeypatch
+    tmp_path, monkeypatch, caplog
 ):
     ledger.append(tmp_path, rows("a"))
+
+    seen_mid_write = []
 
     def torn(table, path, **_kwargs):
         with open(path, "wb") as handle:
             handle.write(b"PAR1 half a segment")
+        # What a run killed at this moment leaves: the ledger as it was, nothing torn.
+        seen_mid_write.append(relpaths(tmp_path))
         raise OSError(28, "No space left on device")
 
     monkeypatch.setattr(pq, "write_table", torn)
     with pytest.raises(OSError):
         ledger.append(tmp_path, rows("b"))
     monkeypatch.undo()
+    assert seen_mid_write == [["a"]]
+    assert "unreadable" not in caplog.text
     names = [p.name for p in ledger.folder(tmp_path).iterdir()]
     assert len(names) == 1 and not any(n.endswith(TEMP_SUFFIX) for n in names)
     assert relpaths(tmp_path) == ["a"]

@@ -132,20 +132,23 @@ def test_sources_gone_count_placements_only_and_dangling_links_are_told_apart(tm
     (tmp_path / "in").mkdir()
     (tmp_path / "in/replaced").write_bytes(b"new version")
     (out / "P/S/relinked").symlink_to(tmp_path / "in/replaced")  # still points to a file
+    (out / "P/S/relinked2").symlink_to(tmp_path / "in/replaced")
     c = committed(
         {"relpath": "kept", "destination": "P/S/kept"},
         {"relpath": "copy", "destination": "P/S/copy"},
         {"relpath": "gone", "destination": "P/S/link", "mode": "symlink"},
         {"relpath": "replaced", "destination": "P/S/relinked", "mode": "symlink"},
+        {"relpath": "replaced2", "destination": "P/S/relinked2", "mode": "symlink"},
         # A duplicate whose input is gone is no placement: never counted as gone.
         {"relpath": "dup", "destination": "P/S/kept", "status": ledger.DUPLICATE},
     )
     summary, tables, page = report(tmp_path, files(("kept", 10, 1)), c, transfers())
-    assert summary["sources_gone"] == 3
+    assert summary["sources_gone"] == 4
     assert sorted(tables["gone"]["destination"].to_pylist()) == [
         "P/S/copy",
         "P/S/link",
         "P/S/relinked",
+        "P/S/relinked2",
     ]
     assert summary["dangling_links"] == 1
     assert "1 symbolic links point to input files that are gone" in page

@@ -1,7 +1,7 @@
 import os
 import unicodedata
 
-from hypothesis import given
+from hypothesis import example, given
 from hypothesis import strategies as st
 
 from dcmsort.inventory import decode_name, encode_name, file_name, source_path
@@ -47,6 +47,19 @@ def test_ordinary_values_give_the_seed_layout():
         "SeriesNumber": "3",
     }
     assert render(values) == "DOE^JOHN_12345/T1 MPRAGE_3"
+
+
+def test_a_leading_dot_never_makes_a_hidden_or_parent_folder():
+    for raw in (".hidden", "..", ".dcmsort"):
+        name = safe_component(raw)
+        assert not name.startswith("."), name
+    assert render({"PatientName": ".dcmsort", "PatientID": ""}).split("/")[0][0] != "."
+
+
+def test_composed_and_decomposed_spellings_are_one_name():
+    composed, decomposed = "M\u00fcller", "Mu\u0308ller"
+    assert safe_component(decomposed) == safe_component(composed) == composed
+    assert render({"PatientName": decomposed}) == render({"PatientName": composed})
 
 
 def test_non_ascii_names_are_kept_not_transliterated():
@@ -108,6 +121,9 @@ def test_template_problems_name_unknown_keywords_and_traversal():
 
 
 @given(st.text(max_size=300))
+@example(".hidden")
+@example("..")
+@example("Mu\u0308ller")  # decomposed, as macOS file names come
 def test_any_string_becomes_one_valid_portable_component(text):
     name = safe_component(text)
     assert is_safe_component(name)

@@ -261,3 +261,23 @@ def test_a_replaced_file_gets_a_new_destination_and_the_old_copy_stays(world):
     assert plan["p1/IM1"]["destination"] == "DOE^JOHN_1/LOCALIZER_1/IM1_2"
     assert plan["p1/IM1"]["conflict"]
     assert (world.output / "DOE^JOHN_1/LOCALIZER_1/IM1").read_bytes() == b"version one"
+
+
+def test_a_file_of_the_same_size_but_other_content_on_disk_is_never_adopted(world):
+    world.add("p1/IM1", b"my content")
+    taken = world.output / "DOE^JOHN_1/LOCALIZER_1/IM1"
+    taken.parent.mkdir(parents=True)
+    taken.write_bytes(b"its bytes!")  # same size, another file
+    plan = world.run()
+    assert plan["p1/IM1"]["action"] == "sort"
+    assert plan["p1/IM1"]["destination"] == "DOE^JOHN_1/LOCALIZER_1/IM1_2"
+    assert taken.read_bytes() == b"its bytes!"
+
+
+def test_a_name_the_ledger_holds_is_never_reused_even_when_its_file_was_removed(world):
+    world.add("p1/IM1", b"version one")
+    world.run()
+    (world.output / "DOE^JOHN_1/LOCALIZER_1/IM1").unlink()  # removed by hand
+    world.add("p2/IM1", b"another file")
+    plan = world.run()
+    assert plan["p2/IM1"]["destination"] == "DOE^JOHN_1/LOCALIZER_1/IM1_2"

@@ -1,82 +1,238 @@
-import zipfile
+"""The report: numbers from the ledger (what is in place), escaped for a web page, and
+honest about a run that did not finish."""
 
-import pandas as pd
+from __future__ import annotations
 
-from dcmsort import demo
-from dcmsort.report import render_html, summarise, summary_line
+import os
+from pathlib import Path
+
+import pyarrow as pa
+import pytest
+
+from conftest import assert_every_file_accounted_for
+from dcmsort import demo, ledger, status
+from dcmsort.report import render_html, summarise
+from dcmsort.status import last_history
+from dcmsort.transfer import RESULT_SCHEMA
+
+FILES_SCHEMA = pa.schema(
+    [
+        ("relpath", pa.string()),
+        ("size", pa.int64()),
+        ("mtime_ns", pa.int64()),
+        ("dicom", pa.bool_()),
+        ("skip_reason", pa.string()),
+    ]
+)
 
 
-def test_report_numbers_equal_the_plan(sorter):
+def files(*rows: tuple) -> pa.Table:
+    """Current input files: (relpath, size, mtime_ns[, skip reason])."""
+    return pa.Table.from_pylist(
+        [
+            {
+                "relpath": r[0],
+                "size": r[1],
+                "mtime_ns": r[2],
+                "dicom": len(r) < 4,
+                "skip_reason": r[3] if len(r) > 3 else None,
+            }
+            for r in rows
+        ],
+        schema=FILES_SCHEMA,
+    )
+
+
+def committed(*rows: dict) -> pa.Table:
+    defaults = {
+        "size": 10,
+        "mtime_ns": 1,
+        "status": ledger.PLACED,
+        "digest": None,
+        "mode": "copy",
+        "base_folder": "P",
+        "series_uid": "1.1",
+        "sop_uid": None,
+        "study_uid": "1",
+        "modality": "MR",
+        "committed_at": 0.0,
+    }
+    return pa.Table.from_pylist([{**defaults, **r} for r in rows], schema=ledger.SCHEMA)
+
+
+def transfers(*rows: tuple) -> pa.Table:
+    """This run's results: (relpath, destination, status[, bytes])."""
+    return pa.Table.from_pylist(
+        [
+            {
+                "relpath": r[0],
+                "destination": r[1],
+                "status": r[2],
+                "bytes": r[3] if len(r) > 3 else 0,
+                "detail": None,
+            }
+            for r in rows
+        ],
+        schema=RESULT_SCHEMA,
+    )
+
+
+def report(tmp_path: Path, f: pa.Table, c: pa.Table, t: pa.Table, mode="copy", previous=None):
+    summary, tables = summarise(
+        f, c, t, [], previous, tmp_path / "out", mode, str(tmp_path / "report.html")
+    )
+    return summary, tables, render_html(summary, tables)
+
+
+# --- the numbers --------------------------------------------------------------------------
+
+
+def test_counts_come_from_the_ledger_and_this_runs_results(tmp_path):
+    f = files(("p/a", 10, 1), ("p/b", 20, 1), ("q/a", 10, 1), ("p/x.txt", 3, 1, "not DICOM"))
+    c = committed(
+        {"relpath": "p/a", "destination": "P/S1/a", "sop_uid": "1"},
+        {"relpath": "p/b", "size": 20, "destination": "P/S2/b", "sop_uid": "2"},
+        {"relpath": "q/a", "destination": "P/S1/a", "status": ledger.DUPLICATE},
+    )
+    t = transfers(
+        ("p/a", "P/S1/a", "copied", 10),
+        ("p/b", "P/S2/b", "present"),
+        ("q/a", "P/S1/a", "duplicate"),
+        ("p/c", "P/S2/c", "changed"),
+        ("p/d", "P/S2/d", "error"),
+    )
+    summary, tables, _ = report(tmp_path, f, c, t)
+    assert summary["files_sorted"] == 2 and summary["bytes_sorted"] == 30
+    assert (summary["files_new"], summary["bytes_written"]) == (1, 10)
+    assert summary["files_already_present"] == 1
+    assert (summary["duplicates"], summary["conflicts"], summary["skipped"]) == (1, 0, 1)
+    assert (summary["changed_during_run"], summary["errors"]) == (1, 1)
+    assert (summary["patients"], summary["series"], summary["studies"]) == (1, 2, 1)
+    assert (summary["sources_gone"], summary["dangling_links"]) == (0, 0)
+    assert summary["skipped_by_reason"] == {"not DICOM": 1}
+    assert sorted(tables["unplaced"]["relpath"].to_pylist()) == ["p/c", "p/d"]
+
+
+def test_a_touched_input_whose_content_is_in_place_is_not_gone(tmp_path):
+    # Sorted at mtime 1, touched to mtime 2, then confirmed present by the next run.
+    c = committed(
+        {"relpath": "p/a", "mtime_ns": 1, "destination": "P/S/a"},
+        {"relpath": "p/a", "mtime_ns": 2, "destination": "P/S/a"},
+    )
+    summary, tables, _ = report(tmp_path, files(("p/a", 10, 2)), c, transfers())
+    assert (summary["files_sorted"], summary["sources_gone"], summary["duplicates"]) == (1, 0, 0)
+    assert tables["gone"].num_rows == 0
+
+
+def test_sources_gone_count_placements_only_and_dangling_links_are_told_apart(tmp_path):
+    out = tmp_path / "out"
+    (out / "P/S").mkdir(parents=True)
+    (out / "P/S/copy").write_bytes(b"x" * 10)  # a copy: stays when its input goes
+    (out / "P/S/link").symlink_to(tmp_path / "in/gone")  # its input is gone: dangles
+    (tmp_path / "in").mkdir()
+    (tmp_path / "in/replaced").write_bytes(b"new version")
+    (out / "P/S/relinked").symlink_to(tmp_path / "in/replaced")  # still points to a file
+    (out / "P/S/relinked2").symlink_to(tmp_path / "in/replaced")
+    c = committed(
+        {"relpath": "kept", "destination": "P/S/kept"},
+        {"relpath": "copy", "destination": "P/S/copy"},
+        {"relpath": "gone", "destination": "P/S/link", "mode": "symlink"},
+        {"relpath": "replaced", "destination": "P/S/relinked", "mode": "symlink"},
+        {"relpath": "replaced2", "destination": "P/S/relinked2", "mode": "symlink"},
+        # A duplicate whose input is gone is no placement: never counted as gone.
+        {"relpath": "dup", "destination": "P/S/kept", "status": ledger.DUPLICATE},
+    )
+    summary, tables, page = report(tmp_path, files(("kept", 10, 1)), c, transfers())
+    assert summary["sources_gone"] == 4
+    assert sorted(tables["gone"]["destination"].to_pylist()) == [
+        "P/S/copy",
+        "P/S/link",
+        "P/S/relinked",
+        "P/S/relinked2",
+    ]
+    assert summary["dangling_links"] == 1
+    assert "1 symbolic links point to input files that are gone" in page
+    assert summary["duplicates"] == 0, "a duplicate whose input is gone is not current"
+
+
+def test_conflicts_are_placements_sharing_a_sop_uid(tmp_path):
+    c = committed(
+        {"relpath": "a", "destination": "P/S/a", "sop_uid": "9"},
+        {"relpath": "b", "destination": "P/S/a_2", "sop_uid": "9"},
+        {"relpath": "c", "destination": "P/S/c", "sop_uid": "8"},
+    )
+    f = files(("a", 10, 1), ("b", 10, 1), ("c", 10, 1))
+    summary, tables, _ = report(tmp_path, f, c, transfers())
+    assert summary["conflicts"] == 2
+    assert sorted(tables["conflicts"]["destination"].to_pylist()) == ["P/S/a", "P/S/a_2"]
+
+
+def test_a_changed_transfer_mode_is_said_on_the_page(tmp_path):
+    c = committed({"relpath": "a", "destination": "P/S/a"})
+    _, _, page = report(
+        tmp_path, files(("a", 10, 1)), c, transfers(), "hardlink", {"transfer_mode": "copy"}
+    )
+    assert "transfer_mode changed from copy to hardlink" in page
+
+
+# --- untrusted values on a web page --------------------------------------------------------
+
+
+@pytest.mark.parametrize("modality", ["$\\foo$", "<b>MR</b>", "$x^{2}$ & <i>", "%s {0}"])
+def test_header_values_are_escaped_in_the_html_and_never_crash_it(tmp_path, modality):
+    hostile = "p/<img src=x onerror=alert(1)>"
+    c = committed(
+        {"relpath": hostile, "destination": "<script>alert(1)</script>_1/S_1/f", "sop_uid": "1"},
+        {"relpath": "q/y", "destination": "Q/S/y", "modality": modality, "sop_uid": "2"},
+    )
+    f = files((hostile, 10, 1), ("q/y", 10, 1), (f"{hostile}.txt", 1, 1, "not DICOM <em>"))
+    t = transfers(
+        (hostile, "<script>alert(1)</script>_1/S_1/f", "copied", 10),
+        ("q/<u>z", "Q/S/<u>z", "error"),
+    )
+    summary, _, page = report(tmp_path, f, c, t)
+    assert summary["files_per_modality"] == {"MR": 1, modality: 1}
+    for raw in ("<script>alert", "<img src=x", "<b>MR", "<i>", "<em>", "<u>"):
+        assert raw not in page
+    assert "&lt;script&gt;alert(1)&lt;/script&gt;" in page
+    assert "p/&lt;img src=x onerror=alert(1)&gt;.txt" in page
+    assert "Q/S/&lt;u&gt;z" in page
+    assert f"<span class='label'>{html_escape(modality)}</span>" in page
+    assert "not DICOM &lt;em&gt;" in page
+
+
+def html_escape(text: str) -> str:
+    return text.replace("&", "&amp;").replace("<", "&lt;").replace(">", "&gt;")
+
+
+# --- end to end ---------------------------------------------------------------------------
+
+
+def test_report_numbers_equal_what_is_on_disk(sorter):
     demo.generate_messy(sorter.input_dir)
     sorter.run()
-    plan, summary = sorter.plan(), sorter.summary()
-    placed = plan[plan["action"] == "sort"]
+    outcomes = assert_every_file_accounted_for(sorter)
+    summary = sorter.summary()
+    placed = outcomes[outcomes["action"] == "sort"]
+    assert summary["status"] == status.COMPLETE
     assert summary["files_sorted"] == len(placed) == summary["files_new"]
-    assert summary["skipped"] == (plan["action"] == "skip").sum()
-    assert summary["duplicates"] == (plan["action"] == "duplicate").sum()
-    assert summary["conflicts"] == plan["conflict"].sum()
+    assert summary["skipped"] == (outcomes["action"] == "skip").sum()
+    assert summary["duplicates"] == (outcomes["action"] == "duplicate").sum()
+    assert summary["conflicts"] == outcomes["conflict"].sum()
     assert summary["patients"] == placed["destination"].str.split("/").str[0].nunique()
     assert summary["bytes_sorted"] == placed["size"].sum()
     assert sum(summary["skipped_by_reason"].values()) == summary["skipped"]
+    on_disk = [
+        p
+        for p in sorter.output_dir.rglob("*")
+        if p.is_file() and ".dcmsort" not in p.relative_to(sorter.output_dir).parts
+    ]
+    assert len(on_disk) == summary["files_sorted"]
     page = (sorter.state / "report.html").read_text()
     assert f"<div class='n'>{summary['files_sorted']:,}</div><div>Files sorted</div>" in page
-    assert "<svg" in page and "Files per modality" in page
-    # Self-contained: nothing is fetched when the page opens (namespace URIs are not fetches).
+    assert "<div class='chart'>" in page and "Files per modality" in page
+    # Self-contained: nothing is fetched when the page opens.
     for loader in ('src="http', "src='http", 'href="http', "<link", "<script", "@import"):
         assert loader not in page
-
-
-def test_header_values_are_escaped_in_the_html():
-    plan = pd.DataFrame(
-        {
-            "relpath": ["p/<img src=x onerror=alert(1)>"],
-            "size": [10],
-            "action": ["sort"],
-            "destination": ["<script>alert(1)</script>_1/S_1/f"],
-            "reason": [None],
-            "conflict": [False],
-            "StudyInstanceUID": ["1"],
-            "Modality": ["<b>MR</b>"],
-            "SOPInstanceUID": ["1.2"],
-        }
-    )
-    transfers = pd.DataFrame(
-        {
-            "relpath": plan["relpath"],
-            "destination": plan["destination"],
-            "status": ["copied"],
-            "bytes": [10],
-            "detail": [None],
-        }
-    )
-    summary = summarise(plan, transfers, [], None, "/out", "copy", "/out/r.html")
-    page = render_html(summary, plan, transfers)
-    assert "<script>alert" not in page and "<img src=x" not in page and "<b>MR" not in page
-    assert "&lt;script&gt;alert(1)&lt;/script&gt;" in page
-
-
-def test_summary_line_states_the_counts_and_where_the_report_is(tmp_path):
-    summary = {
-        "files_sorted": 1234,
-        "files_new": 56,
-        "duplicates": 3,
-        "conflicts": 1,
-        "skipped": 7,
-        "sources_gone": 0,
-        "report": "/out/.dcmsort/report.html",
-    }
-    (tmp_path / "s.json").write_text(pd.Series(summary).to_json())
-    assert summary_line(tmp_path / "s.json") == (
-        "dcmsort: 1,234 files sorted (56 new this run), 3 duplicates, 1 conflicts, "
-        "7 skipped · report: /out/.dcmsort/report.html"
-    )
-
-
-def test_snakemakes_own_report_includes_the_dcmsort_report(sorter, tmp_path):
-    demo.generate(sorter.input_dir, patients=1, series=1, instances=2)
-    sorter.run()
-    bundle = tmp_path / "report.zip"
-    sorter.run("--report", str(bundle))
-    with zipfile.ZipFile(bundle) as archive:
-        embedded = [n for n in archive.namelist() if n.endswith("/report.html") and "/data/" in n]
-        assert embedded and b"dcmsort report" in archive.read(embedded[0])
+    assert last_history(sorter.state / "history.jsonl")["files_sorted"] == len(placed)
+    assert os.path.exists(sorter.state / "summary.json")

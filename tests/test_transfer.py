@@ -1,119 +1,514 @@
+"""The transfer carries out plan rows and commits to the ledger only what is in place.
+
+Real files in a temporary folder throughout; faults the disk would have to produce (a short
+write, flipped bytes, a writer appending during the copy) are injected by replacing
+``dcmsort.transfer.copy_range``, the one call that moves the bytes.
+"""
+
+from __future__ import annotations
+
 import errno
 import os
+import stat
+from pathlib import Path
 
-import pandas as pd
+import pyarrow as pa
+import pyarrow.parquet as pq
 import pytest
 
-from dcmsort.fileops import temp_path_for
+from dcmsort import ledger, permissions, transfer
+from dcmsort.fileops import TEMP_SUFFIX, copy_range, file_digest, temp_path_for
+from dcmsort.plan import PLAN_SCHEMA
 from dcmsort.transfer import (
+    CHANGED,
     COPIED,
+    DUPLICATE,
     ERROR,
     LINKED,
     PRESENT,
+    OutputTree,
+    Row,
     TransferError,
-    main,
+    pending_rows,
     put,
     transfer_plan,
 )
 
+MODES = ["copy", "hardlink", "symlink"]
+
+
+class Job:
+    """An input folder, an output folder, a state folder and a plan, as a run has them."""
+
+    def __init__(self, root: Path):
+        self.root = root
+        self.input, self.output, self.state = root / "in", root / "out", root / "state"
+        for folder in (self.input, self.output, self.state):
+            folder.mkdir()
+        self.plan_file = self.state / "plan.parquet"
+
+    def add(self, relpath: str, content: bytes | None = None, mode: int = 0o640) -> Path:
+        path = self.input / relpath
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_bytes(content if content is not None else f"DICOM {relpath}".encode() * 50)
+        os.chmod(path, mode)
+        os.utime(path, ns=(1_000_000_000, 2_000_000_000))
+        return path
+
+    def row(self, relpath: str, destination: str, action: str = "sort", **extra) -> dict:
+        """A plan row for the input's current version (as the plan would make it)."""
+        info = (self.input / relpath).stat()
+        return {
+            "folder": relpath.split("/")[0],
+            "relpath": relpath,
+            "size": info.st_size,
+            "mtime_ns": info.st_mtime_ns,
+            "action": action,
+            "destination": destination,
+            "committed": False,
+            "digest": None,
+            "base_folder": destination.rsplit("/", 2)[0],
+            "conflict": False,
+            "SeriesInstanceUID": "1.2.3",
+            "SOPInstanceUID": f"1.2.3.{relpath}",
+            "StudyInstanceUID": "1.2",
+            "Modality": "MR",
+            **extra,
+        }
+
+    def plan(self, *rows: dict) -> Path:
+        pq.write_table(pa.Table.from_pylist(list(rows), schema=PLAN_SCHEMA), self.plan_file)
+        return self.plan_file
+
+    def transfer(self, mode: str = "copy", verify: str = "size", workers: int = 2) -> dict:
+        """Results by relpath."""
+        results = transfer_plan(
+            self.plan_file, self.input, self.output, self.state, mode, verify, workers
+        )
+        return {r["relpath"]: r for r in results.to_pylist()}
+
+    def committed(self) -> list[dict]:
+        return ledger.read(self.state).to_pylist()
+
+    def main(self, mode: str = "copy", verify: str = "size") -> int:
+        return transfer.main(
+            [
+                *("--plan", str(self.plan_file), "--input-dir", str(self.input)),
+                *("--output-dir", str(self.output), "--state-dir", str(self.state)),
+                *("--mode", mode, "--verify", verify, "--results", str(self.root / "r.pq")),
+            ]
+        )
+
+    def temp_files(self) -> list[Path]:
+        return [p for p in self.output.rglob("*") if p.name.endswith(TEMP_SUFFIX)]
+
 
 @pytest.fixture
-def source(tmp_path):
-    path = tmp_path / "in" / "IM1"
-    path.parent.mkdir()
-    path.write_bytes(b"DICOM" * 100)
-    os.utime(path, ns=(1_000_000_000, 2_000_000_000))
-    return path
+def job(tmp_path) -> Job:
+    return Job(tmp_path)
 
 
-@pytest.mark.parametrize("mode", ["copy", "hardlink", "symlink"])
-def test_each_mode_places_the_file_and_recognises_it_on_rerun(tmp_path, source, mode):
-    destination = tmp_path / "out" / "P" / "S" / "IM1"
-    assert put(source, destination, mode) in (COPIED, LINKED)
-    assert destination.read_bytes() == source.read_bytes()
-    assert not temp_path_for(destination).exists()
-    assert put(source, destination, mode) == PRESENT
+@pytest.fixture
+def umask_022():
+    previous = permissions.set_umask(0o022)
+    yield
+    permissions.set_umask(previous)
 
 
-def test_a_copy_keeps_the_source_mtime_so_reruns_need_not_open_it(tmp_path, source):
-    destination = tmp_path / "out" / "IM1"
-    put(source, destination, "copy", verify="checksum")
-    assert destination.stat().st_mtime_ns == source.stat().st_mtime_ns
-    assert not os.path.samefile(source, destination)
+def assert_not_placed(job: Job, destination: str) -> None:
+    """Nothing at the destination, no temp file left, nothing in the ledger."""
+    assert not os.path.lexists(job.output / destination)
+    assert job.temp_files() == []
+    assert job.committed() == []
 
 
-def test_a_different_file_at_the_destination_is_never_overwritten(tmp_path, source):
-    destination = tmp_path / "out" / "IM1"
-    destination.parent.mkdir()
-    destination.write_bytes(b"someone else's file")
-    with pytest.raises(TransferError, match="never overwritten"):
-        put(source, destination, "copy")
-    assert destination.read_bytes() == b"someone else's file"
+# --- each mode places the file, once --------------------------------------------------------
 
 
-def test_a_stale_temp_file_from_a_killed_run_is_replaced(tmp_path, source):
-    destination = tmp_path / "out" / "IM1"
-    destination.parent.mkdir()
-    temp_path_for(destination).write_bytes(b"half a fi")
-    assert put(source, destination, "copy") == COPIED
-    assert destination.read_bytes() == source.read_bytes()
-    assert list(destination.parent.iterdir()) == [destination]
+@pytest.mark.parametrize("mode", MODES)
+def test_each_mode_places_the_file_and_a_rerun_of_the_plan_commits_nothing_twice(job, mode):
+    source = job.add("p/IM1")
+    job.plan(job.row("p/IM1", "P/S/IM1"))
+    results = job.transfer(mode)
+    assert results["p/IM1"]["status"] == (COPIED if mode == "copy" else LINKED)
+    placed = job.output / "P/S/IM1"
+    assert placed.read_bytes() == source.read_bytes()
+    assert placed.is_symlink() == (mode == "symlink")
+    if mode == "symlink":  # absolute: valid wherever the output is read from
+        assert os.readlink(placed) == str(source.absolute())
+    assert os.path.samefile(placed, source) == (mode != "copy")
+    assert job.temp_files() == []
+    [committed] = job.committed()
+    assert (committed["relpath"], committed["destination"]) == ("p/IM1", "P/S/IM1")
+    assert (committed["status"], committed["mode"]) == (ledger.PLACED, mode)
+    assert (committed["size"], committed["mtime_ns"]) == (source.stat().st_size, 2_000_000_000)
+
+    # The same plan again (Snakemake reruns a transfer job whose report failed): nothing to do.
+    assert job.transfer(mode) == {}
+    assert len(job.committed()) == 1
 
 
-def test_a_mode_change_recognises_files_placed_the_old_way(tmp_path, source):
-    destination = tmp_path / "out" / "IM1"
-    put(source, destination, "copy")
-    assert put(source, destination, "hardlink") == PRESENT
+def test_a_symbolic_link_is_absolute_when_input_dir_is_given_relative(job, monkeypatch):
+    source = job.add("p/IM1")
+    monkeypatch.chdir(job.root)
+    job.plan(job.row("p/IM1", "P/IM1"))
+    transfer_plan(job.plan_file, Path("in"), job.output, job.state, "symlink", "size", 1)
+    assert os.readlink(job.output / "P/IM1") == str(source)
+    monkeypatch.chdir(job.output)  # the link works from wherever it is read
+    assert (job.output / "P/IM1").read_bytes() == source.read_bytes()
 
 
-def test_transfer_plan_reports_each_row_and_errors_without_stopping(tmp_path, source):
-    plan = pd.DataFrame(
-        {
-            "relpath": ["IM1", "gone", "IM1"],
-            "size": [500, 1, 500],
-            "action": ["sort", "sort", "duplicate"],
-            "destination": ["A/IM1", "A/gone", "A/IM1"],
-        }
-    )
-    plan.to_parquet(tmp_path / "plan.parquet")
-    results = transfer_plan(
-        tmp_path / "plan.parquet", source.parent, tmp_path / "out", "copy", "size", workers=2
-    ).to_pandas()
-    assert list(results["status"]) == [COPIED, ERROR]
-    assert "source unreadable" in results.loc[1, "detail"]
+@pytest.mark.parametrize("mode", MODES)
+def test_put_twice_finds_the_file_in_place_and_never_doubles_it(job, mode):
+    job.add("p/IM1")
+    row = Row(**{k: job.row("p/IM1", "IM1")[k] for k in Row.__dataclass_fields__})
+    fd = OutputTree(job.output).open_folder("")
+    try:
+        assert put(fd, row, job.input, mode, "size")[0] == (COPIED if mode == "copy" else LINKED)
+        assert put(fd, row, job.input, mode, "size")[0] in (COPIED, PRESENT)
+    finally:
+        os.close(fd)
+    assert sorted(p.name for p in job.output.iterdir()) == ["IM1"]
 
 
-def test_the_transfer_job_fails_and_names_the_file_when_one_cannot_be_placed(
-    tmp_path, source, caplog
-):
-    pd.DataFrame(
-        {"relpath": ["IM1"], "size": [500], "action": ["sort"], "destination": ["A/IM1"]}
-    ).to_parquet(tmp_path / "plan.parquet")
-    (tmp_path / "out" / "A").mkdir(parents=True)
-    (tmp_path / "out" / "A" / "IM1").write_bytes(b"a different file")
-    code = main(
-        [
-            "--plan",
-            str(tmp_path / "plan.parquet"),
-            "--input-dir",
-            str(source.parent),
-            "--output-dir",
-            str(tmp_path / "out"),
-            "--results",
-            str(tmp_path / "r.parquet"),
-        ]
-    )
-    assert code == 1
-    assert "could not place IM1 at A/IM1: destination already holds a different file" in caplog.text
-    assert (tmp_path / "out" / "A" / "IM1").read_bytes() == b"a different file"
+def test_a_killed_transfer_is_resumed_with_only_the_rows_it_did_not_commit(job):
+    job.add("p/IM1")
+    job.add("p/IM2")
+    job.plan(job.row("p/IM1", "P/S/IM1"))
+    job.transfer()  # as a run killed after committing IM1 only
+    plan = job.plan(job.row("p/IM1", "P/S/IM1"), job.row("p/IM2", "P/S/IM2"))
+    pending = pending_rows(pq.read_table(plan), ledger.read(job.state))
+    assert pending["relpath"].to_pylist() == ["p/IM2"]
+    assert list(job.transfer()) == ["p/IM2"]
+    assert sorted(r["relpath"] for r in job.committed()) == ["p/IM1", "p/IM2"]
 
 
-def test_a_copy_works_where_the_file_system_refuses_copy_file_range(tmp_path, source, monkeypatch):
+def test_a_copy_keeps_the_source_mtime_and_mode(job, umask_022):
+    source = job.add("p/IM1", mode=0o640)
+    job.plan(job.row("p/IM1", "P/S/IM1"))
+    job.transfer("copy", "checksum")
+    placed = job.output / "P/S/IM1"
+    assert placed.stat().st_mtime_ns == source.stat().st_mtime_ns == 2_000_000_000
+    assert stat.S_IMODE(placed.stat().st_mode) == 0o640
+    assert placed.stat().st_ino != source.stat().st_ino
+
+
+def test_a_copy_works_where_the_file_system_refuses_copy_file_range(job, monkeypatch):
     def refused(*_args):
         raise OSError(errno.EXDEV, "Invalid cross-device link")
 
     monkeypatch.setattr(os, "copy_file_range", refused)
-    destination = tmp_path / "out" / "IM1"
-    assert put(source, destination, "copy") == COPIED
-    assert destination.read_bytes() == source.read_bytes()
-    assert destination.stat().st_mtime_ns == source.stat().st_mtime_ns
+    source = job.add("p/IM1", os.urandom(3 << 20))  # more than one chunk of the fallback
+    job.plan(job.row("p/IM1", "P/S/IM1"))
+    assert job.transfer("copy", "checksum")["p/IM1"]["status"] == COPIED
+    assert (job.output / "P/S/IM1").read_bytes() == source.read_bytes()
+    assert (job.output / "P/S/IM1").stat().st_mtime_ns == source.stat().st_mtime_ns
+
+
+# --- never over another file ------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("mode", MODES)
+def test_a_different_file_at_the_destination_is_never_overwritten(job, mode):
+    job.add("p/IM1")
+    (job.output / "P").mkdir()
+    (job.output / "P/IM1").write_bytes(b"someone else's file")
+    job.plan(job.row("p/IM1", "P/IM1"))
+    result = job.transfer(mode)["p/IM1"]
+    assert result["status"] == ERROR and "never overwritten" in result["detail"]
+    assert (job.output / "P/IM1").read_bytes() == b"someone else's file"
+    assert not (job.output / "P/IM1").is_symlink()
+    assert job.temp_files() == [] and job.committed() == []
+
+
+def test_a_different_file_of_the_same_size_is_never_overwritten_nor_taken_as_present(job):
+    content = b"DICOM" * 100
+    job.add("p/IM1", content)
+    (job.output / "P").mkdir()
+    (job.output / "P/IM1").write_bytes(b"X" * len(content))
+    job.plan(job.row("p/IM1", "P/IM1", action="present"))
+    assert job.transfer()["p/IM1"]["status"] == ERROR
+    assert (job.output / "P/IM1").read_bytes() == b"X" * len(content)
+    assert job.committed() == []
+
+
+def test_a_present_row_is_committed_when_the_destination_holds_the_content(job):
+    source = job.add("p/IM1")
+    (job.output / "P").mkdir()
+    (job.output / "P/IM1").write_bytes(source.read_bytes())
+    job.plan(job.row("p/IM1", "P/IM1", action="present", digest=file_digest(source)))
+    assert job.transfer()["p/IM1"]["status"] == PRESENT
+    assert [r["destination"] for r in job.committed()] == ["P/IM1"]
+
+
+def test_a_failed_transfer_job_exits_1_names_the_file_and_removes_the_plan(job, caplog):
+    job.add("p/IM1")
+    job.add("p/IM2")
+    (job.output / "P").mkdir()
+    (job.output / "P/IM1").write_bytes(b"a different file")
+    job.plan(job.row("p/IM1", "P/IM1"), job.row("p/IM2", "P/IM2"))
+    assert job.main() == 1
+    assert "could not place p/IM1 at P/IM1: the destination already holds a different" in (
+        caplog.text
+    )
+    assert "1 files were not placed" in caplog.text
+    assert not job.plan_file.exists(), "the next run must plan the file again"
+    assert (job.output / "P/IM1").read_bytes() == b"a different file"
+    # Everything else is placed and committed.
+    assert [r["relpath"] for r in job.committed()] == ["p/IM2"]
+    assert (job.output / "P/IM2").is_file()
+
+
+def test_a_successful_transfer_job_exits_0_and_keeps_the_plan(job):
+    job.add("p/IM1")
+    job.plan(job.row("p/IM1", "P/IM1"))
+    assert job.main() == 0
+    assert job.plan_file.exists()
+    assert pq.read_table(job.root / "r.pq")["status"].to_pylist() == [COPIED]
+
+
+def test_a_stale_temp_file_from_a_killed_run_is_replaced(job):
+    source = job.add("p/IM1")
+    (job.output / "P").mkdir()
+    stale = temp_path_for(job.output / "P/IM1")
+    stale.write_bytes(b"half a fi")
+    job.plan(job.row("p/IM1", "P/IM1"))
+    assert job.transfer()["p/IM1"]["status"] == COPIED
+    assert (job.output / "P/IM1").read_bytes() == source.read_bytes()
+    assert list((job.output / "P").iterdir()) == [job.output / "P/IM1"]
+
+
+# --- a copy is checked before it is linked into place ------------------------------------
+
+
+def test_a_short_copy_is_not_placed_and_not_committed(job, monkeypatch):
+    def short(fd_in, fd_out, size):
+        os.write(fd_out, os.pread(fd_in, size - 7, 0))  # a full disk, say
+
+    monkeypatch.setattr(transfer, "copy_range", short)
+    job.add("p/IM1")
+    job.plan(job.row("p/IM1", "P/S/IM1"))
+    result = job.transfer()["p/IM1"]
+    assert result["status"] == ERROR and "short copy" in result["detail"]
+    assert_not_placed(job, "P/S/IM1")
+
+
+def test_a_short_copy_fails_the_job_and_says_so(job, monkeypatch, caplog):
+    monkeypatch.setattr(transfer, "copy_range", lambda fd_in, fd_out, size: None)
+    job.add("p/IM1")
+    job.plan(job.row("p/IM1", "P/S/IM1"))
+    assert job.main() == 1
+    assert "could not place p/IM1 at P/S/IM1: short copy: 0 of" in caplog.text
+    assert_not_placed(job, "P/S/IM1")
+
+
+def test_a_copy_that_differs_from_its_source_is_not_placed_with_verify_checksum(job, monkeypatch):
+    def flipped(fd_in, fd_out, size):
+        data = bytearray(os.pread(fd_in, size, 0))
+        data[size // 2] ^= 0xFF  # a bad disk or controller: right size, wrong bytes
+        os.write(fd_out, bytes(data))
+
+    monkeypatch.setattr(transfer, "copy_range", flipped)
+    job.add("p/IM1")
+    job.plan(job.row("p/IM1", "P/S/IM1"))
+    result = job.transfer("copy", "checksum")["p/IM1"]
+    assert result["status"] == ERROR and "checksum" in result["detail"]
+    assert_not_placed(job, "P/S/IM1")
+
+
+def test_verify_checksum_commits_the_digest_of_the_bytes_written(job):
+    source = job.add("p/IM1")
+    job.plan(job.row("p/IM1", "P/S/IM1"))
+    job.transfer("copy", "checksum")
+    assert [r["digest"] for r in job.committed()] == [file_digest(source)]
+
+
+@pytest.mark.parametrize("mode", MODES)
+def test_a_source_changed_since_it_was_planned_is_not_placed(job, mode):
+    source = job.add("p/IM1")
+    job.plan(job.row("p/IM1", "P/S/IM1"))
+    with open(source, "ab") as handle:  # a scanner still writing into the input folder
+        handle.write(b"more")
+    assert job.transfer(mode)["p/IM1"]["status"] == CHANGED
+    assert_not_placed(job, "P/S/IM1")
+
+
+def test_a_source_changed_while_it_was_copied_is_not_placed(job, monkeypatch):
+    source = job.add("p/IM1")
+
+    def copy_while_written(fd_in, fd_out, size):
+        copy_range(fd_in, fd_out, size)
+        with open(source, "r+b") as handle:  # rewritten in place during the copy
+            handle.write(b"NEW!")
+        os.utime(source, ns=(3_000_000_000, 3_000_000_000))
+
+    monkeypatch.setattr(transfer, "copy_range", copy_while_written)
+    job.plan(job.row("p/IM1", "P/S/IM1"))
+    assert job.transfer()["p/IM1"]["status"] == CHANGED
+    assert_not_placed(job, "P/S/IM1")
+
+
+def test_a_source_gone_since_it_was_planned_is_not_placed(job):
+    source = job.add("p/IM1")
+    job.plan(job.row("p/IM1", "P/S/IM1"))
+    source.unlink()
+    assert job.transfer()["p/IM1"]["status"] == CHANGED
+    assert_not_placed(job, "P/S/IM1")
+
+
+# --- never through a link -------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("mode", MODES)
+@pytest.mark.parametrize("where", ["P", "P/S"])
+@pytest.mark.parametrize("blocker", ["link", "file"])
+def test_a_link_or_file_where_a_folder_must_go_is_never_followed(job, mode, where, blocker):
+    outside = job.root / "outside"
+    outside.mkdir()
+    job.add("p/IM1")
+    (job.output / where).parent.mkdir(parents=True, exist_ok=True)
+    if blocker == "link":
+        (job.output / where).symlink_to(outside, target_is_directory=True)
+    else:
+        (job.output / where).write_bytes(b"a file")
+    job.plan(job.row("p/IM1", "P/S/IM1"))
+    result = job.transfer(mode)["p/IM1"]
+    assert result["status"] == ERROR
+    assert "a link or a file stands where folder" in result["detail"]
+    assert list(outside.rglob("*")) == [], "something was written through the link"
+    assert (job.output / where).is_symlink() == (blocker == "link")
+    assert job.committed() == []
+
+
+@pytest.mark.parametrize("mode", MODES)
+def test_a_link_at_the_destination_name_is_never_written_through(job, mode):
+    outside = job.root / "outside"
+    outside.mkdir()
+    (outside / "victim").write_bytes(b"not yours")
+    job.add("p/IM1")
+    (job.output / "P").mkdir()
+    (job.output / "P/IM1").symlink_to(outside / "victim")
+    job.plan(job.row("p/IM1", "P/IM1"))
+    assert job.transfer(mode)["p/IM1"]["status"] == ERROR
+    assert (outside / "victim").read_bytes() == b"not yours"
+    assert os.readlink(job.output / "P/IM1") == str(outside / "victim")
+    assert job.committed() == []
+
+
+def test_output_tree_refuses_a_link_in_the_middle_of_a_folder_path(job):
+    outside = job.root / "outside"
+    outside.mkdir()
+    (job.output / "P").mkdir()
+    (job.output / "P/S").symlink_to(outside)
+    tree = OutputTree(job.output)
+    with pytest.raises(TransferError, match="never followed"):
+        tree.open_folder("P/S/T")
+    assert list(outside.iterdir()) == []
+
+
+# --- duplicates follow their destination ------------------------------------------------------
+
+
+def test_a_duplicate_is_committed_with_its_destination_placed_in_the_same_transfer(job):
+    job.add("p/IM1", b"same bytes" * 20)
+    job.add("q/IM1", b"same bytes" * 20)
+    job.plan(job.row("p/IM1", "P/S/IM1"), job.row("q/IM1", "P/S/IM1", action="duplicate"))
+    results = job.transfer()
+    assert (results["p/IM1"]["status"], results["q/IM1"]["status"]) == (COPIED, DUPLICATE)
+    rows = {r["relpath"]: r for r in job.committed()}
+    assert rows["q/IM1"]["status"] == ledger.DUPLICATE
+    assert rows["q/IM1"]["destination"] == "P/S/IM1"
+    assert sorted(p.name for p in (job.output / "P/S").iterdir()) == ["IM1"]
+
+
+@pytest.mark.parametrize("blocked", ["P/S", "P/S/IM1"])
+def test_a_duplicate_of_a_file_that_could_not_be_placed_is_an_error(job, blocked):
+    job.add("p/IM1", b"same bytes" * 20)
+    job.add("q/IM1", b"same bytes" * 20)
+    (job.output / blocked).parent.mkdir(parents=True)
+    (job.output / blocked).write_bytes(b"someone else's file")
+    job.plan(job.row("p/IM1", "P/S/IM1"), job.row("q/IM1", "P/S/IM1", action="duplicate"))
+    results = job.transfer()
+    assert (results["p/IM1"]["status"], results["q/IM1"]["status"]) == (ERROR, ERROR)
+    assert "planned again" in results["q/IM1"]["detail"]
+    assert job.committed() == []
+    assert (job.output / blocked).read_bytes() == b"someone else's file"
+
+
+def test_a_duplicate_of_a_source_that_changed_is_an_error(job):
+    first = job.add("p/IM1", b"same bytes" * 20)
+    job.add("q/IM1", b"same bytes" * 20)
+    job.plan(job.row("p/IM1", "P/S/IM1"), job.row("q/IM1", "P/S/IM1", action="duplicate"))
+    with open(first, "ab") as handle:
+        handle.write(b"more")
+    results = job.transfer()
+    assert (results["p/IM1"]["status"], results["q/IM1"]["status"]) == (CHANGED, ERROR)
+    assert_not_placed(job, "P/S/IM1")
+
+
+def test_a_duplicate_of_a_committed_placement_is_committed_only_while_it_is_on_disk(job):
+    job.add("p/IM1", b"same bytes" * 20)
+    job.add("q/IM1", b"same bytes" * 20)
+    job.add("r/IM1", b"same bytes" * 20)
+    job.plan(job.row("p/IM1", "P/S/IM1"))
+    job.transfer()
+    job.plan(job.row("q/IM1", "P/S/IM1", action="duplicate", committed=True))
+    assert job.transfer()["q/IM1"]["status"] == DUPLICATE
+    (job.output / "P/S/IM1").unlink()  # removed by hand since
+    job.plan(job.row("r/IM1", "P/S/IM1", action="duplicate", committed=True))
+    assert job.transfer()["r/IM1"]["status"] == ERROR
+    assert sorted(r["relpath"] for r in job.committed()) == ["p/IM1", "q/IM1"]
+
+
+# --- commits: the bytes first, then the record ----------------------------------------------
+
+
+def test_commits_come_in_segments_and_name_only_files_already_on_disk(job, monkeypatch):
+    monkeypatch.setattr(transfer, "COMMIT_EVERY_S", -1.0)  # commit after every folder
+    appended = []
+    real_append = ledger.append
+
+    def checked_append(state_dir, rows):
+        for destination in rows["destination"].to_pylist():
+            assert os.path.lexists(job.output / destination), f"committed first: {destination}"
+        appended.append(rows.num_rows)
+        real_append(state_dir, rows)
+
+    monkeypatch.setattr(ledger, "append", checked_append)
+    rows = []
+    for patient in range(4):
+        for image in range(3):
+            job.add(f"p{patient}/IM{image}")
+            rows.append(job.row(f"p{patient}/IM{image}", f"P{patient}/S/IM{image}"))
+    job.add("dup/IM0", (job.input / "p0/IM0").read_bytes())
+    rows.append(job.row("dup/IM0", "P0/S/IM0", action="duplicate"))
+    job.plan(*rows)
+    results = job.transfer(workers=1)
+    assert sum(r["status"] in (COPIED, DUPLICATE) for r in results.values()) == 13
+    assert len([n for n in appended if n]) >= 4, "one segment per folder, then duplicates"
+    assert len(list(ledger.folder(job.state).glob("seg-*.parquet"))) >= 4
+    # What the state says is on disk is on disk, byte for byte.
+    committed = job.committed()
+    assert sorted(r["relpath"] for r in committed) == sorted(r["relpath"] for r in rows)
+    for row in committed:
+        placed = job.output / row["destination"]
+        assert placed.read_bytes() == (job.input / row["relpath"]).read_bytes()
+
+
+def test_only_what_is_in_place_is_committed_when_some_rows_fail(job):
+    job.add("p/ok")
+    job.add("p/changed")
+    job.add("p/blocked")
+    (job.output / "P").mkdir()
+    (job.output / "P/blocked").write_bytes(b"someone else's")
+    job.plan(
+        job.row("p/ok", "P/ok"),
+        job.row("p/changed", "P/changed"),
+        job.row("p/blocked", "P/blocked"),
+    )
+    with open(job.input / "p/changed", "ab") as handle:
+        handle.write(b"more")
+    statuses = {k: v["status"] for k, v in job.transfer().items()}
+    assert statuses == {"p/ok": COPIED, "p/changed": CHANGED, "p/blocked": ERROR}
+    assert [r["relpath"] for r in job.committed()] == ["p/ok"]
+    assert not (job.output / "P/changed").exists()

@@ -5,6 +5,7 @@ import re
 import shutil
 import subprocess
 import sys
+import zipfile
 
 import pytest
 from pydicom.data import get_testdata_files
@@ -278,3 +279,13 @@ def test_a_dry_run_lists_the_jobs_and_writes_nothing(sorter):
     result = sorter.run("-n")
     assert "extract" in result.stdout and "transfer" in result.stdout
     assert not sorter.output_dir.exists()
+
+
+def test_snakemakes_own_report_includes_the_dcmsort_report(sorter, tmp_path):
+    demo.generate(sorter.input_dir, patients=1, series=1, instances=2)
+    sorter.run()
+    bundle = tmp_path / "report.zip"
+    sorter.run("--report", str(bundle))
+    with zipfile.ZipFile(bundle) as archive:
+        embedded = [n for n in archive.namelist() if n.endswith("/report.html") and "/data/" in n]
+        assert embedded and b"dcmsort report" in archive.read(embedded[0])

@@ -37,16 +37,16 @@ BACKUP = REPO / ".mutate-backup"
 
 # Test selections, fast first: unit tests of the module, then one end-to-end run at most.
 TRANSFER = "tests/test_transfer.py"
+LEDGER = "tests/test_ledger.py"
 NAMING = "tests/test_naming.py"
 SETTINGS = "tests/test_settings.py"
 PLAN = "tests/test_plan.py"
+# Unit tests first, one end-to-end run last (pytest -x stops at the first failure).
+REPORT = "tests/test_report.py"
+STATUS = "tests/test_status.py"
 E2E_SEED = (
     "tests/test_workflow.py::"
     "test_demo_data_is_sorted_into_the_seed_layout_and_the_input_is_untouched"
-)
-E2E_LINKS = "tests/test_workflow.py::test_link_modes_place_every_file"
-E2E_NOOP = (
-    "tests/test_incremental.py::test_a_rerun_with_nothing_new_opens_no_input_and_writes_nothing"
 )
 
 
@@ -59,86 +59,179 @@ class Mutant:
     tests: tuple[str, ...]
 
 
+TRANSFER_PY = "src/dcmsort/transfer.py"
+PLAN_PY = "src/dcmsort/plan.py"
+LEDGER_PY = "src/dcmsort/ledger.py"
+REPORT_PY = "src/dcmsort/report.py"
+STATUS_PY = "src/dcmsort/status.py"
+
 MUTANTS = [
-    # --- transfer: a file reaches its destination whole, atomically, never over another ---
+    # --- transfer: a file reaches its destination whole, checked, never over another ---
     Mutant(
-        "transfer: no size check after a copy",
-        "src/dcmsort/transfer.py",
-        "if size != source_stat.st_size:",
+        "transfer: no size check after a copy (a short copy is placed)",
+        TRANSFER_PY,
+        "if written != before.st_size:",
         "if False:",
         (TRANSFER,),
     ),
     Mutant(
         "transfer: no checksum check with verify=checksum",
-        "src/dcmsort/transfer.py",
-        'if verify == "checksum" and file_digest(tmp) != file_digest(source):',
+        TRANSFER_PY,
+        "if _digest_fd(fd_out) != digest:",
         "if False:",
         (TRANSFER,),
     ),
     Mutant(
-        "transfer: a copy overwrites a different file at its destination",
-        "src/dcmsort/transfer.py",
-        "                return PRESENT\n            raise occupied\n",
-        "                return PRESENT\n",
+        "transfer: no re-check of the source after the copy (a file changed meanwhile is placed)",
+        TRANSFER_PY,
+        "_check_version(os.fstat(fd_in), row)  # changed while it was copied",
+        "pass",
         (TRANSFER,),
     ),
     Mutant(
-        "transfer: a link overwrites (counts as present) a different file",
-        "src/dcmsort/transfer.py",
-        "if destination_state(source, destination, source_stat):",
-        "if True:",
+        "transfer: a link is made to a source that changed since the plan",
+        TRANSFER_PY,
+        "    info = os.stat(source)\n    _check_version(info, row)\n",
+        "    info = os.stat(source)\n",
         (TRANSFER,),
     ),
     Mutant(
-        "transfer: a file of the same size but another mtime counts as already present",
-        "src/dcmsort/transfer.py",
-        "(dest_stat.st_size, dest_stat.st_mtime_ns)\n        == (source_stat.st_size, "
-        "source_stat.st_mtime_ns)",
-        "dest_stat.st_size == source_stat.st_size",
+        "transfer: folders are opened through links (no O_NOFOLLOW)",
+        TRANSFER_PY,
+        "flags = os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW",
+        "flags = os.O_RDONLY | os.O_DIRECTORY",
+        (TRANSFER,),
+    ),
+    Mutant(
+        "transfer: a copy is renamed into place, replacing what is there",
+        TRANSFER_PY,
+        "os.link(tmp, name, src_dir_fd=folder_fd, dst_dir_fd=folder_fd, follow_symlinks=False)",
+        "os.rename(tmp, name, src_dir_fd=folder_fd, dst_dir_fd=folder_fd)",
+        (TRANSFER,),
+    ),
+    Mutant(
+        "transfer: a copy counts as placed when a different file holds its name",
+        TRANSFER_PY,
+        "        if not _existing_is_same(folder_fd, name, source, digest):\n"
+        "            raise _occupied() from None\n",
+        "        pass\n",
+        (TRANSFER,),
+    ),
+    Mutant(
+        "transfer: a link counts as present where a different file holds its name",
+        TRANSFER_PY,
+        "        if _existing_is_same(folder_fd, name, source, row.digest):\n"
+        "            return PRESENT\n",
+        "        if True:\n            return PRESENT\n",
+        (TRANSFER,),
+    ),
+    Mutant(
+        "transfer: a file of the same size counts as the same content",
+        TRANSFER_PY,
+        "return _digest_at(folder_fd, name) == wanted",
+        "return True",
+        (TRANSFER,),
+    ),
+    Mutant(
+        "transfer: any link at the destination counts as the source's",
+        TRANSFER_PY,
+        "return os.readlink(name, dir_fd=folder_fd) == os.path.abspath(source)",
+        "return True",
         (TRANSFER,),
     ),
     Mutant(
         "transfer: symbolic links are relative to the working directory",
-        "src/dcmsort/transfer.py",
-        "os.symlink(source.absolute(), destination)",
-        "os.symlink(source, destination)",
-        (TRANSFER, E2E_LINKS),
+        TRANSFER_PY,
+        "os.symlink(os.path.abspath(source), name, dir_fd=folder_fd)",
+        "os.symlink(source, name, dir_fd=folder_fd)",
+        (TRANSFER,),
     ),
     Mutant(
-        "transfer: the input is moved instead of copied",
-        "src/dcmsort/transfer.py",
-        "size = copy_file(source, tmp, source_stat)",
-        "size = os.replace(source, tmp) or source_stat.st_size",
+        "transfer: hardlink mode moves the input instead of linking it",
+        TRANSFER_PY,
+        "os.link(source, name, dst_dir_fd=folder_fd)",
+        "os.rename(source, name, dst_dir_fd=folder_fd)",
         (TRANSFER, E2E_SEED),
     ),
     Mutant(
+        "transfer: a copy does not keep the source's mtime",
+        TRANSFER_PY,
+        "os.utime(fd_out, ns=(before.st_atime_ns, before.st_mtime_ns))",
+        "pass",
+        (TRANSFER,),
+    ),
+    Mutant(
+        "transfer: a failed copy leaves its temporary file behind",
+        TRANSFER_PY,
+        "            with contextlib.suppress(FileNotFoundError):\n"
+        "                os.unlink(tmp, dir_fd=folder_fd)\n",
+        "            pass\n",
+        (TRANSFER,),
+    ),
+    Mutant(
+        "transfer: the ledger is appended before the files are placed",
+        TRANSFER_PY,
+        "    tree = OutputTree(output_dir)\n",
+        "    ledger.append(state_dir, _ledger_rows([Outcome(r, COPIED) for r in placing], "
+        "by_relpath, mode))\n    tree = OutputTree(output_dir)\n",
+        (TRANSFER,),
+    ),
+    Mutant(
+        "transfer: a changed or failed row is committed to the ledger",
+        TRANSFER_PY,
+        "        if outcome.status not in COMMITTED:\n            continue\n",
+        "",
+        (TRANSFER,),
+    ),
+    Mutant(
+        "transfer: a rerun of the plan commits rows the ledger already holds",
+        TRANSFER_PY,
+        'return ledger.rows_by_key(plan, committed, keep="missing")',
+        "return plan",
+        (TRANSFER,),
+    ),
+    Mutant(
+        "transfer: a duplicate is committed though its destination was not placed",
+        TRANSFER_PY,
+        "(committed_before or row.destination in placed_now)",
+        "True",
+        (TRANSFER,),
+    ),
+    Mutant(
+        "transfer: a duplicate of a committed placement is committed though it is gone",
+        TRANSFER_PY,
+        " and os.path.lexists(\n            output_dir / row.destination\n        ):",
+        ":",
+        (TRANSFER,),
+    ),
+    Mutant(
         "transfer: a failed transfer job exits 0",
-        "src/dcmsort/transfer.py",
+        TRANSFER_PY,
         "        return 1\n    return 0\n",
         "        return 0\n    return 0\n",
         (TRANSFER,),
     ),
-    # --- fileops: atomic writes ---
+    Mutant(
+        "transfer: a failed transfer keeps its plan (the next run retries the same names)",
+        TRANSFER_PY,
+        "args.plan.unlink(missing_ok=True)",
+        "pass",
+        (TRANSFER,),
+    ),
+    # --- fileops: atomic writes, the copy fallback ---
     Mutant(
         "fileops: a write goes straight to its final name (not atomic)",
         "src/dcmsort/fileops.py",
         "tmp = temp_path_for(path)",
         "tmp = path",
-        (TRANSFER,),
+        (LEDGER,),
     ),
     Mutant(
         "fileops: a failed write leaves its temporary file behind",
         "src/dcmsort/fileops.py",
         "        tmp.unlink(missing_ok=True)\n        raise",
         "        raise",
-        (TRANSFER,),
-    ),
-    Mutant(
-        "fileops: a copy does not keep the source's mtime (reruns reopen or refuse it)",
-        "src/dcmsort/fileops.py",
-        "os.utime(fd_out, ns=(source_stat.st_atime_ns, source_stat.st_mtime_ns))",
-        "pass",
-        (TRANSFER, E2E_NOOP),
+        (LEDGER,),
     ),
     Mutant(
         "fileops: the fallback copy (no copy_file_range) writes nothing",
@@ -146,6 +239,35 @@ MUTANTS = [
         "shutil.copyfileobj(src, dst, 1 << 20)",
         "pass",
         (TRANSFER,),
+    ),
+    # --- ledger: appends whole, never fatal to read, nothing lost or read twice ---
+    Mutant(
+        "ledger: an unreadable file breaks every later run",
+        LEDGER_PY,
+        "except (OSError, pa.ArrowException) as error:",
+        "except () as error:",
+        (LEDGER,),
+    ),
+    Mutant(
+        "ledger: an append overwrites the previous segment",
+        LEDGER_PY,
+        "return max(numbers, default=0) + 1",
+        "return 1",
+        (LEDGER, TRANSFER),
+    ),
+    Mutant(
+        "ledger: segments folded into a base are read again",
+        LEDGER_PY,
+        "after = base[0] if base else -1",
+        "after = -1",
+        (LEDGER,),
+    ),
+    Mutant(
+        "ledger: compaction drops the newest segments",
+        LEDGER_PY,
+        "number = segments[-1][0]",
+        "number = segments[0][0]",
+        (LEDGER,),
     ),
     # --- naming: every component safe, nothing escapes output_dir, nothing merges ---
     Mutant(
@@ -179,14 +301,14 @@ MUTANTS = [
     Mutant(
         "naming: a cleaned value loses its hash (T1/T2 and T1:T2 merge)",
         "src/dcmsort/naming.py",
-        "return _UNSAFE_CHARACTER.sub(REPLACEMENT, text) + MARKER + short_hash(text)",
-        "return _UNSAFE_CHARACTER.sub(REPLACEMENT, text)",
+        "return _UNSAFE_CHARACTER.sub(REPLACEMENT, stem) + MARKER + short_hash(text) + ext",
+        "return _UNSAFE_CHARACTER.sub(REPLACEMENT, stem) + ext",
         (NAMING,),
     ),
     Mutant(
         "naming: a header value is used unsanitised (a '/' in it adds folders)",
         "src/dcmsort/naming.py",
-        "pieces.append(safe_value(text))",
+        'pieces.append(safe_value(text, keep_extension=field == "filename"))',
         "pieces.append(text)",
         (NAMING,),
     ),
@@ -247,34 +369,148 @@ MUTANTS = [
         "if False:",
         (SETTINGS,),
     ),
-    # --- plan: placements stable, names never reused (plan.py is being rewritten) ---
+    # --- plan: only new versions, content by digest, names never reused, stable folders ---
     Mutant(
-        "plan: two series share a folder although keep_series_apart",
-        "src/dcmsort/plan.py",
-        "while candidate in folder_owner and folder_owner[candidate] != key:",
-        "while False:",
+        "plan: every file is planned again, not only versions the ledger lacks",
+        PLAN_PY,
+        'return ledger.rows_by_key(dicom, committed, keep="missing")',
+        "return dicom",
         (PLAN,),
     ),
     Mutant(
-        "plan: a name already taken on disk is reused",
-        "src/dcmsort/plan.py",
-        "while destination in used_names or occupied(destination):",
-        "while destination in used_names:",
+        "plan: same SOPInstanceUID and size count as the same content (no digest)",
+        PLAN_PY,
+        "            if content.digest == digest:\n                return content\n",
+        "            return content\n",
         (PLAN,),
     ),
     Mutant(
-        "plan: two files of this run may get one name",
-        "src/dcmsort/plan.py",
-        "while destination in used_names or occupied(destination):",
-        "while occupied(destination):",
+        "plan: a new file version is never compared with placed contents (touch = new copy)",
+        PLAN_PY,
+        "if self.contents.candidates(sop, size):",
+        "if False:",
         (PLAN,),
     ),
     Mutant(
-        "plan: earlier placements are forgotten (files may move)",
-        "src/dcmsort/plan.py",
-        "        earlier[(relpath, size, mtime)] = (action, destination)\n",
+        "plan: a file of the same size on disk is adopted as this file's copy",
+        PLAN_PY,
+        "return digest is not None and self.disk.digest(destination) == digest",
+        "return True",
+        (PLAN,),
+    ),
+    Mutant(
+        "plan: a copy of a gone input's content is a duplicate, not present",
+        PLAN_PY,
+        "action = DUPLICATE if twin.live else PRESENT",
+        "action = DUPLICATE",
+        (PLAN,),
+    ),
+    Mutant(
+        "plan: names on disk are ignored (a taken name is reused)",
+        PLAN_PY,
+        "taken = dict(self.disk.children(folder))",
+        "taken = {}",
+        (PLAN,),
+    ),
+    Mutant(
+        "plan: names the ledger holds are ignored",
+        PLAN_PY,
+        "            for name in self.ledger_names(folder):\n"
+        "                taken.setdefault(fold(name), (name, Disk.FILE))\n",
         "",
         (PLAN,),
+    ),
+    Mutant(
+        "plan: a file or link where a folder must go is used as the folder",
+        PLAN_PY,
+        "if held[1] == Disk.DIR:",
+        "if True:",
+        (PLAN,),
+    ),
+    Mutant(
+        "plan: names are compared without case folding",
+        PLAN_PY,
+        'return unicodedata.normalize("NFC", unicodedata.normalize("NFC", name).casefold())',
+        "return name",
+        (PLAN,),
+    ),
+    Mutant(
+        "plan: two series share a folder although keep_series_apart",
+        PLAN_PY,
+        "if owner is None or owner == key or not self.settings.keep_series_apart:",
+        "if True:",
+        (PLAN,),
+    ),
+    # --- report and status: the truth about the output, escaped, honest when stale ---
+    Mutant(
+        "report: sources still present count as gone",
+        REPORT_PY,
+        'placed.filter(pc.invert(pc.is_in(placed["destination"], value_set=alive)))',
+        'placed.filter(pc.is_in(placed["destination"], value_set=alive))',
+        (REPORT,),
+    ),
+    Mutant(
+        "report: placements are counted live whatever the input holds now",
+        REPORT_PY,
+        "live_rows = ledger.live(committed, files)",
+        "live_rows = committed",
+        (REPORT,),
+    ),
+    Mutant(
+        "report: dangling links are not told apart",
+        REPORT_PY,
+        "if not (output_dir / d).exists()]",
+        "if (output_dir / d).exists()]",
+        (REPORT,),
+    ),
+    Mutant(
+        "report: duplicates of inputs that are gone are still counted",
+        REPORT_PY,
+        "duplicates = live_rows.filter(",
+        "duplicates = committed.filter(",
+        (REPORT,),
+    ),
+    Mutant(
+        "report: chart labels (header values) are not escaped",
+        REPORT_PY,
+        "<span class='label'>{html.escape(label)}</span>",
+        "<span class='label'>{label}</span>",
+        (REPORT,),
+    ),
+    Mutant(
+        "report: table cells (file names, header values) are not escaped",
+        REPORT_PY,
+        "html.escape('' if v is None else str(v))",
+        "('' if v is None else str(v))",
+        (REPORT,),
+    ),
+    Mutant(
+        "status: a torn history line hides every earlier entry",
+        STATUS_PY,
+        "        except ValueError:\n            continue\n",
+        "        except ValueError:\n            return None\n",
+        (STATUS,),
+    ),
+    Mutant(
+        "status: an entry appended after a torn line joins it",
+        STATUS_PY,
+        'line = b"\\n" + line',
+        "pass",
+        (STATUS,),
+    ),
+    Mutant(
+        "status: mark leaves summary.json saying complete",
+        STATUS_PY,
+        "summary.update(status=status, status_message=message)",
+        "pass",
+        (STATUS,),
+    ),
+    Mutant(
+        "status: the banner's message is not escaped",
+        STATUS_PY,
+        "{html.escape(message)}</p>",
+        "{message}</p>",
+        (STATUS,),
     ),
 ]
 

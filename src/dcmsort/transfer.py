@@ -198,7 +198,7 @@ def _copy(folder_fd: int, name: str, source: str, row: Row, verify: str) -> tupl
         before = os.fstat(fd_in)
         _check_version(before, row)
         tmp = temp_path_for(Path(name)).name
-        flags = os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW
+        flags = os.O_RDWR | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW  # read back by checksum
         mode = permissions.copy_mode(before.st_mode, permissions.current_umask())
         try:
             fd_out = os.open(tmp, flags, mode, dir_fd=folder_fd)

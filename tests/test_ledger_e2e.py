@@ -1,0 +1,222 @@
+"""The ledger tells the truth across interrupted and failed runs (issue 10), and the output
+folder is never written through what it already holds (issue 11): end to end, real files,
+the real Snakemake."""
+
+from __future__ import annotations
+
+import os
+import shutil
+from pathlib import Path
+
+import pyarrow.parquet as pq
+import pytest
+
+from conftest import assert_every_file_accounted_for, tree_snapshot
+from dcmsort import demo, ledger
+from dcmsort.plan import fold
+
+
+def dicom(path: Path, name: str = "DOE^JOHN", pid: str = "1", desc: str = "T1", **kw) -> bytes:
+    """Write one real DICOM file; returns its bytes."""
+    series = demo.Series(
+        name,
+        pid,
+        demo.uid("study", pid),
+        "20240101",
+        demo.uid("series", pid, desc),
+        kw.get("number", 1),
+        desc,
+    )
+    instance = demo.make_instance(series, kw.get("instance", 1), kw.get("sop") or demo.uid(path))
+    demo.write(instance, path)
+    return path.read_bytes()
+
+
+def output_files(sorter) -> dict[str, bytes]:
+    """Every file dcmsort placed in the output tree (state folder left out), by path."""
+    return {
+        str(p.relative_to(sorter.output_dir)): (
+            os.readlink(p).encode() if p.is_symlink() and p.is_dir() else p.read_bytes()
+        )
+        for p in sorter.output_dir.rglob("*")
+        if (p.is_file() or p.is_symlink()) and ".dcmsort" not in p.parts
+    }
+
+
+def touch_all(root: Path, seconds: int) -> None:
+    for path in root.rglob("*"):
+        if path.is_file():
+            os.utime(path, (seconds, seconds))
+
+
+def test_a_duplicate_of_a_file_never_written_is_not_lost(sorter):
+    # Issue 10 case 1: the same bytes twice, a run stopped after planning, both touched.
+    content = dicom(sorter.input_dir / "p" / "a.dcm", sop="9.9")
+    shutil.copyfile(sorter.input_dir / "p" / "a.dcm", sorter.input_dir / "b.dcm")
+    sorter.run("--until", "plan")
+    assert output_files(sorter) == {}
+    touch_all(sorter.input_dir, 1_700_000_000)
+    result = sorter.run()
+    assert list(output_files(sorter).values()) == [content]
+    summary = sorter.summary()
+    assert (summary["files_sorted"], summary["duplicates"], summary["conflicts"]) == (1, 1, 0)
+    assert "1 files sorted (1 new this run), 1 duplicates" in result.stderr
+    assert_every_file_accounted_for(sorter)
+
+
+def test_a_file_planned_but_never_written_keeps_its_plain_name_and_no_conflict(sorter):
+    dicom(sorter.input_dir / "p" / "c.dcm")
+    sorter.run("--until", "plan")
+    touch_all(sorter.input_dir, 1_700_000_000)
+    sorter.run()
+    assert list(output_files(sorter)) == ["DOE^JOHN_1/T1_1/c.dcm"]
+    assert sorter.summary()["conflicts"] == 0
+
+
+def test_a_file_that_changes_between_plan_and_transfer_is_copied_once(sorter):
+    # Issue 10 case 2: the plan read one version, the transfer finds another.
+    path = sorter.input_dir / "p" / "a.dcm"
+    dicom(path)
+    sorter.run("--until", "plan")
+    with path.open("ab") as handle:
+        handle.write(b"\0\0")  # still being written when the transfer comes
+    # Only the transfer and the report may run: the plan in hand is the stale one.
+    result = sorter.run("--allowed-rules", "transfer", "report")
+    assert output_files(sorter) == {}
+    assert "1 changed during the run (rerun to sort them)" in result.stderr
+    sorter.run()
+    assert list(output_files(sorter).values()) == [path.read_bytes()]
+    summary = sorter.summary()
+    assert (summary["files_sorted"], summary["conflicts"]) == (1, 0)
+    assert_every_file_accounted_for(sorter)
+
+
+@pytest.mark.parametrize("how", ["touch", "copy without -p"])
+def test_same_bytes_with_a_new_mtime_are_the_same_files(sorter, how):
+    # Issue 10 case 3.
+    demo.generate(sorter.input_dir, patients=2, series=1, instances=2, junk=False)
+    sorter.run()
+    before = output_files(sorter)
+    if how == "touch":
+        touch_all(sorter.input_dir, 1_800_000_000)
+    else:
+        copied = sorter.input_dir.with_name("copied")
+        shutil.copytree(sorter.input_dir, copied, copy_function=shutil.copyfile)
+        shutil.rmtree(sorter.input_dir)
+        copied.rename(sorter.input_dir)
+    sorter.run()
+    summary = sorter.summary()
+    assert output_files(sorter) == before, "no new copy"
+    assert (summary["duplicates"], summary["sources_gone"], summary["files_new"]) == (0, 0, 0)
+    assert summary["files_already_present"] == 4
+    assert_every_file_accounted_for(sorter)
+
+
+def test_files_deleted_after_an_interrupted_run_are_not_called_kept_copies(sorter):
+    # Issue 10 case 4, copies: nothing was copied, so nothing is "gone (copies kept)".
+    demo.generate(sorter.input_dir, patients=2, series=1, instances=2, junk=False)
+    sorter.run("--until", "plan")
+    shutil.rmtree(sorter.input_dir / "patient_2")
+    sorter.run()
+    summary = sorter.summary()
+    assert (summary["files_sorted"], summary["sources_gone"]) == (2, 0)
+    assert_every_file_accounted_for(sorter)
+
+
+def test_a_deleted_input_in_symlink_mode_is_a_dangling_link_not_a_kept_copy(sorter):
+    demo.generate(sorter.input_dir, patients=2, series=1, instances=1, junk=False)
+    sorter.run(transfer_mode="symlink")
+    shutil.rmtree(sorter.input_dir / "patient_2")
+    result = sorter.run(transfer_mode="symlink")
+    summary = sorter.summary()
+    assert (summary["sources_gone"], summary["dangling_links"]) == (1, 1)
+    assert "1 links dangling (their input is gone)" in result.stderr
+    assert "point to input files that are gone" in (sorter.state / "report.html").read_text()
+
+
+def test_a_failed_run_leaves_a_report_that_says_so_and_the_next_run_heals(sorter):
+    # Issue 10 case 5: a transfer fails (someone puts a file where the plan put ours).
+    dicom(sorter.input_dir / "first" / "IM1.dcm", name="FIRST")
+    sorter.run()
+    dicom(sorter.input_dir / "p" / "a.dcm")
+    sorter.run("--until", "plan")
+    planned = pq.read_table(sorter.state / "plan.parquet")["destination"][0].as_py()
+    (sorter.output_dir / planned).parent.mkdir(parents=True)
+    (sorter.output_dir / planned).write_bytes(b"someone else's file")
+    failed = sorter.run(check=False)
+    assert failed.returncode != 0
+    assert "could not place p/a.dcm" in failed.output
+    assert sorter.summary()["status"] == "failed"
+    assert "failed" in (sorter.state / "report.html").read_text()
+    healed = sorter.run()
+    assert sorter.summary()["status"] == "complete"
+    assert "dcmsort: 2 files sorted (1 new this run)" in healed.stderr
+    assert (sorter.output_dir / planned).read_bytes() == b"someone else's file"
+    assert_every_file_accounted_for(sorter)
+
+
+def test_a_report_of_a_run_that_stopped_early_says_it_is_stale(sorter):
+    demo.generate(sorter.input_dir, patients=1, series=1, instances=1, junk=False)
+    sorter.run()
+    demo.generate(sorter.input_dir, patients=1, series=1, instances=1, first_patient=9)
+    result = sorter.run("--until", "plan")
+    assert sorter.summary()["status"] == "stale"
+    assert "dcmsort [stale]: 1 files sorted" in result.stderr
+
+
+def test_a_rerun_plans_and_commits_only_the_new_files(sorter):
+    # Issue 10 case 6: the plan (and plan.csv) hold this run's new files only.
+    demo.generate(sorter.input_dir, patients=3, series=1, instances=2, junk=False)
+    sorter.run()
+    demo.generate(sorter.input_dir, patients=1, series=1, instances=2, first_patient=40)
+    sorter.run()
+    plan = pq.read_table(sorter.state / "plan.parquet")
+    assert {r.split("/")[0] for r in plan["relpath"].to_pylist()} == {"patient_40"}
+    assert len((sorter.state / "plan.csv").read_text().splitlines()) == 1 + 2
+    assert len(list(ledger.folder(sorter.state).glob("*.parquet"))) >= 2, "appended"
+    assert sorter.summary()["files_sorted"] == 8
+    assert_every_file_accounted_for(sorter)
+
+
+# --- issue 11: what the output folder already holds --------------------------------------
+
+
+def test_a_symlink_in_the_output_folder_is_never_followed(sorter, tmp_path):
+    dicom(sorter.input_dir / "p" / "a.dcm", name="ROE^JANE", pid="2")
+    dicom(sorter.input_dir / "q" / "b.dcm", name="OTHER", pid="3")
+    elsewhere = tmp_path / "elsewhere"
+    elsewhere.mkdir()
+    sorter.output_dir.mkdir()
+    (sorter.output_dir / "ROE^JANE_2").symlink_to(sorter.input_dir / "q")
+    (sorter.output_dir / "OTHER_3").symlink_to(elsewhere)
+    before = tree_snapshot(sorter.input_dir)
+    sorter.run()
+    assert tree_snapshot(sorter.input_dir) == before
+    assert list(elsewhere.iterdir()) == []
+    assert sorted(output_files(sorter)) == [
+        "OTHER_3",
+        "OTHER_3_2/T1_1/b.dcm",
+        "ROE^JANE_2",
+        "ROE^JANE_2_2/T1_1/a.dcm",
+    ]
+    assert_every_file_accounted_for(sorter)
+
+
+def test_a_regular_file_where_a_folder_must_go_is_a_taken_name(sorter):
+    dicom(sorter.input_dir / "p" / "a.dcm")
+    sorter.output_dir.mkdir()
+    (sorter.output_dir / "DOE^JOHN_1").write_bytes(b"not a folder")
+    sorter.run()
+    assert (sorter.output_dir / "DOE^JOHN_1").read_bytes() == b"not a folder"
+    assert "DOE^JOHN_1_2/T1_1/a.dcm" in output_files(sorter)
+    assert "Nothing to be done" in sorter.run().output
+
+
+def test_names_differing_only_in_case_are_distinct_destinations(sorter):
+    dicom(sorter.input_dir / "p1" / "IM1.dcm", name="Doe^John", desc="t1")
+    dicom(sorter.input_dir / "p2" / "IM1.dcm", name="DOE^JOHN", desc="T1")
+    sorter.run()
+    placed = list(output_files(sorter))
+    assert len(placed) == 2
+    assert len({fold(p) for p in placed}) == 2, placed
+    assert_every_file_accounted_for(sorter)

@@ -139,18 +139,22 @@ def test_sources_gone_count_placements_only_and_dangling_links_are_told_apart(tm
         {"relpath": "gone", "destination": "P/S/link", "mode": "symlink"},
         {"relpath": "replaced", "destination": "P/S/relinked", "mode": "symlink"},
         {"relpath": "replaced2", "destination": "P/S/relinked2", "mode": "symlink"},
+        # Its input is gone and its copy was deleted by hand: not a kept copy.
+        {"relpath": "deleted", "destination": "P/S/deleted"},
         # A duplicate whose input is gone is no placement: never counted as gone.
         {"relpath": "dup", "destination": "P/S/kept", "status": ledger.DUPLICATE},
     )
     summary, tables, page = report(tmp_path, files(("kept", 10, 1)), c, transfers())
-    assert summary["sources_gone"] == 4
+    assert summary["sources_gone"] == 3, "kept copies and links that still reach a file"
     assert sorted(tables["gone"]["destination"].to_pylist()) == [
         "P/S/copy",
+        "P/S/deleted",
         "P/S/link",
         "P/S/relinked",
         "P/S/relinked2",
     ]
     assert summary["dangling_links"] == 1
+    assert summary["gone_and_removed_from_output"] == 1
     assert "1 symbolic links point to input files that are gone" in page
     assert summary["duplicates"] == 0, "a duplicate whose input is gone is not current"
 

@@ -161,11 +161,11 @@ def test_a_symbolic_link_is_absolute_when_input_dir_is_given_relative(job, monke
 @pytest.mark.parametrize("mode", MODES)
 def test_put_twice_finds_the_file_in_place_and_never_doubles_it(job, mode):
     job.add("p/IM1")
-    row = Row(**{k: job.row("p/IM1", "IM1")[k] for k in Row.__dataclass_fields__})
+    row = Row(**{k: job.row("p/IM1", "IM1")[k] for k in Row.__dataclass_fields__ if k != "index"})
     fd = OutputTree(job.output).open_folder("")
     try:
         assert put(fd, row, job.input, mode, "size")[0] == (COPIED if mode == "copy" else LINKED)
-        assert put(fd, row, job.input, mode, "size")[0] in (COPIED, PRESENT)
+        assert put(fd, row, job.input, mode, "size")[0] == PRESENT
     finally:
         os.close(fd)
     assert sorted(p.name for p in job.output.iterdir()) == ["IM1"]

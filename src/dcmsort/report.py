@@ -16,6 +16,7 @@ import argparse
 import html
 import json
 import logging
+import os
 import sys
 import time
 from pathlib import Path
@@ -112,8 +113,17 @@ def summarise(
     placed = placements(committed)
     live_rows = ledger.live(committed, files)
     gone = gone_sources(committed, live_rows, placed)
-    links = gone.filter(pc.equal(gone["mode"], "symlink"))
-    dangling = [d for d in links["destination"].to_pylist() if not (output_dir / d).exists()]
+    # Only the gone placements are looked at on disk (few): is the copy still there, does
+    # a symbolic link still reach its input?
+    dangling, missing = 0, 0
+    for destination, mode in zip(
+        gone["destination"].to_pylist(), gone["mode"].to_pylist(), strict=True
+    ):
+        path = output_dir / destination
+        if mode == "symlink" and not path.exists():
+            dangling += 1
+        elif mode != "symlink" and not os.path.lexists(path):
+            missing += 1
     duplicates = live_rows.filter(pc.equal(live_rows["status"], ledger.DUPLICATE))
     skipped = files.filter(pc.invert(pc.fill_null(files["dicom"], False)))
     status = _count_by(transfers["status"]) if transfers.num_rows else {}
@@ -139,8 +149,9 @@ def summarise(
         "duplicates": duplicates.num_rows,
         "conflicts": conflicts.num_rows,
         "skipped": skipped.num_rows,
-        "sources_gone": gone.num_rows,
-        "dangling_links": len(dangling),
+        "sources_gone": gone.num_rows - dangling - missing,
+        "dangling_links": dangling,
+        "gone_and_removed_from_output": missing,
         "changed_during_run": status.get("changed", 0),
         "errors": status.get("error", 0),
         "skipped_by_reason": _count_by(skipped["skip_reason"]),

@@ -26,6 +26,11 @@ def summary_line(summary_file: Path) -> str:
     extra = ""
     if s.get("sources_gone"):
         extra += f", {s['sources_gone']:,} sources gone (copies kept)"
+    if s.get("gone_and_removed_from_output"):
+        extra += (
+            f", {s['gone_and_removed_from_output']:,} removed from the output by hand "
+            "(their input is gone too)"
+        )
     if s.get("dangling_links"):
         extra += f", {s['dangling_links']:,} links dangling (their input is gone)"
     if s.get("changed_during_run"):

@@ -129,7 +129,7 @@ class OutputTree:
         self.root = Path(root)
         permissions.make_folders(self.root)
 
-    def open_folder(self, folder: str) -> int:
+    def open_folder(self, folder: str, create: bool = True) -> int:
         fd = os.open(self.root, os.O_RDONLY | os.O_DIRECTORY)
         try:
             for component in folder.split("/") if folder else []:
@@ -137,6 +137,8 @@ class OutputTree:
                 try:
                     child = os.open(component, flags, dir_fd=fd)
                 except FileNotFoundError:
+                    if not create:
+                        raise
                     try:
                         os.mkdir(component, permissions.OWNER_DIR, dir_fd=fd)
                         created = True
@@ -159,6 +161,21 @@ class OutputTree:
                 ) from error
             raise
         return fd
+
+    def holds(self, destination: str) -> bool:
+        """Is there something at destination, reached without following any link?"""
+        folder, _, name = destination.rpartition("/")
+        try:
+            fd = self.open_folder(folder, create=False)
+        except (OSError, TransferError):
+            return False
+        try:
+            os.stat(name, dir_fd=fd, follow_symlinks=False)
+            return True
+        except OSError:
+            return False
+        finally:
+            os.close(fd)
 
 
 def _existing_is_same(folder_fd: int, name: str, source: str, digest: str | None) -> bool:
@@ -226,45 +243,48 @@ def _copy(folder_fd: int, name: str, source: str, row: Row, verify: str) -> tupl
                 os.utime(fd_out, ns=(before.st_atime_ns, before.st_mtime_ns))
             finally:
                 os.close(fd_out)
-            _link_into_place(folder_fd, tmp, name, source, digest)
+            placed = _link_into_place(folder_fd, tmp, name, source, digest)
         finally:
             with contextlib.suppress(FileNotFoundError):
                 os.unlink(tmp, dir_fd=folder_fd)
     finally:
         os.close(fd_in)
-    return COPIED, digest
+    return (COPIED if placed else PRESENT), digest
 
 
-def _link_into_place(folder_fd: int, tmp: str, name: str, source: str, digest: str | None):
+def _link_into_place(folder_fd: int, tmp: str, name: str, source: str, digest: str | None) -> bool:
     """Give the checked temporary file its name, never replacing what holds the name:
-    renameat2(RENAME_NOREPLACE) in one call, else a hard link (which also never replaces)."""
+    renameat2(RENAME_NOREPLACE) in one call, else a hard link (which also never replaces).
+    Returns False when the name already held this content (nothing was placed)."""
     try:
         rename_no_replace(tmp, name, folder_fd)
-        return
+        return True
     except FileExistsError:
         if not _existing_is_same(folder_fd, name, source, digest):
             raise _occupied() from None
-        return
+        return False
     except OSError as error:
         if error.errno not in (errno.ENOSYS, errno.EINVAL, errno.EOPNOTSUPP):
             raise
     try:
         os.link(tmp, name, src_dir_fd=folder_fd, dst_dir_fd=folder_fd, follow_symlinks=False)
+        return True
     except FileExistsError:
         if not _existing_is_same(folder_fd, name, source, digest):
             raise _occupied() from None
+        return False
     except OSError as error:
         if error.errno not in _NO_HARD_LINKS:
             raise
-        # No hard links here: check, then rename (a narrow window, on such file systems only).
-        if _existing_is_same(folder_fd, name, source, digest):
-            return
-        try:
-            os.stat(name, dir_fd=folder_fd, follow_symlinks=False)
-        except FileNotFoundError:
-            os.rename(tmp, name, src_dir_fd=folder_fd, dst_dir_fd=folder_fd)
-            return
-        raise _occupied() from None
+    # No hard links here: check, then rename (a narrow window, on such file systems only).
+    if _existing_is_same(folder_fd, name, source, digest):
+        return False
+    try:
+        os.stat(name, dir_fd=folder_fd, follow_symlinks=False)
+    except FileNotFoundError:
+        os.rename(tmp, name, src_dir_fd=folder_fd, dst_dir_fd=folder_fd)
+        return True
+    raise _occupied()
 
 
 def _occupied() -> TransferError:
@@ -432,8 +452,8 @@ def transfer_plan(
     for row in rows:
         if row.action != "duplicate":
             continue
-        if (committed_before[row.index] or row.destination in placed_now) and os.path.lexists(
-            output_dir / row.destination
+        if (committed_before[row.index] or row.destination in placed_now) and tree.holds(
+            row.destination
         ):
             duplicates.append(Outcome(row, DUPLICATE, row.digest))
         else:

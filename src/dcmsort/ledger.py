@@ -32,7 +32,7 @@ import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
-from dcmsort.fileops import atomic_path
+from dcmsort.fileops import atomic_path, read_parquet
 
 log = logging.getLogger("dcmsort.ledger")
 
@@ -98,7 +98,7 @@ def read(state_dir: Path, columns: list[str] | None = None) -> pa.Table:
     tables = []
     for _, path in ([base] if base else []) + segments:
         try:
-            table = pq.read_table(path, columns=columns)
+            table = read_parquet(path, columns=columns)
         except (OSError, pa.ArrowException) as error:
             log.warning("ledger file %s is unreadable and ignored (%s)", path.name, error)
             continue

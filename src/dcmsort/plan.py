@@ -41,7 +41,7 @@ import pyarrow.csv as pacsv
 import pyarrow.parquet as pq
 
 from dcmsort import inventory, ledger, naming
-from dcmsort.fileops import atomic_path, file_digest
+from dcmsort.fileops import atomic_path, file_digest, read_parquet
 from dcmsort.naming import Naming
 from dcmsort.progress import peak_rss_mb
 from dcmsort.settings import ConfigError, check_layout
@@ -617,7 +617,7 @@ def read_manifests(paths: list[Path], settings: Naming) -> pa.Table:
     tables = []
     for path in paths:
         names = pq.read_schema(path).names
-        tables.append(pq.read_table(path, columns=[c for c in wanted if c in names]))
+        tables.append(read_parquet(path, columns=[c for c in wanted if c in names]))
     if not tables:
         return pa.table(
             {

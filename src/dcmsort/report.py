@@ -26,7 +26,7 @@ import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
 from dcmsort import ledger
-from dcmsort.fileops import atomic_path
+from dcmsort.fileops import atomic_path, read_parquet
 from dcmsort.progress import peak_rss_mb
 from dcmsort.status import (
     COMPLETE,
@@ -311,7 +311,7 @@ def read_manifests(paths: list[Path]) -> tuple[pa.Table, list[dict]]:
     columns = [*ledger.SOURCE_KEY, "dicom", "skip_reason"]
     tables, meta = [], []
     for path in paths:
-        tables.append(pq.read_table(path, columns=columns))
+        tables.append(read_parquet(path, columns=columns))
         metadata = pq.read_schema(path).metadata or {}
         meta.append({k.decode(): v.decode() for k, v in metadata.items()})
     if not tables:
@@ -344,7 +344,7 @@ def main(argv: list[str] | None = None) -> int:
 
     files, meta = read_manifests(args.manifests)
     committed = ledger.read(args.state_dir, LEDGER_COLUMNS)
-    transfers = pq.read_table(args.transfers)
+    transfers = read_parquet(args.transfers)
     history = args.state_dir / HISTORY
     summary, tables = summarise(
         files,

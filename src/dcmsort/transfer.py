@@ -44,7 +44,14 @@ import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
 from dcmsort import inventory, ledger, permissions
-from dcmsort.fileops import DIGEST, atomic_path, copy_range, rename_no_replace, temp_path_for
+from dcmsort.fileops import (
+    DIGEST,
+    atomic_path,
+    copy_range,
+    read_parquet,
+    rename_no_replace,
+    temp_path_for,
+)
 from dcmsort.progress import Progress, peak_rss_mb
 
 log = logging.getLogger("dcmsort.transfer")
@@ -413,7 +420,7 @@ def transfer_plan(
     workers: int,
 ) -> pa.Table:
     """Carry out every pending plan row and commit what is in place; one result per row."""
-    plan = pending_rows(pq.read_table(plan_file), ledger.read(state_dir, ledger.SOURCE_KEY))
+    plan = pending_rows(read_parquet(plan_file), ledger.read(state_dir, ledger.SOURCE_KEY))
     fields = ["relpath", "size", "mtime_ns", "action", "destination", "digest"]
     rows = [
         Row(*values, index=i)

@@ -321,13 +321,23 @@ def _previous_manifest(
 FINGERPRINTS = "folder_fingerprints"  # batch manifest metadata: folder -> fingerprint
 
 
-def _previous_batch(output: Path, schema: pa.Schema) -> tuple[pa.Table, dict[str, str]]:
-    """The last batch manifest and the fingerprint of each folder it holds: a rerun takes
+def _earlier_versions(path: Path, batch: int) -> list[Path]:
+    """The batch's earlier manifests or logs beside path (``batch-<n>-<fingerprint>.*``),
+    newest first: its name changes whenever the batch's files do."""
+    siblings = path.parent.glob(f"batch-{batch}-*{path.suffix}")
+    return sorted((p for p in siblings if p != path), key=lambda p: p.stat().st_mtime, reverse=True)
+
+
+def _previous_batch(output: Path, batch: int, schema: pa.Schema) -> tuple[pa.Table, dict[str, str]]:
+    """The batch's last manifest and the fingerprint of each folder it holds: a rerun takes
     the rows of unchanged folders from it in one read, instead of one read per folder
-    (1,000 folder manifests took seconds). Empty if it is missing, unreadable or lacks a
-    column now needed (a template may ask for a new keyword)."""
+    (1,000 folder manifests took seconds). Empty if there is none, it is unreadable or it
+    lacks a column now needed (a template may ask for a new keyword)."""
+    earlier_files = _earlier_versions(output, batch)
+    if not earlier_files:
+        return schema.empty_table(), {}
     try:
-        earlier = read_parquet(output)
+        earlier = read_parquet(earlier_files[0])
         fingerprints = json.loads((earlier.schema.metadata or {}).get(FINGERPRINTS.encode(), b"{}"))
     except (OSError, ValueError, pa.ArrowException):
         return schema.empty_table(), {}
@@ -446,9 +456,11 @@ def extract_batch(
     manifests: Path,
     output: Path,
     workers: int = 1,
+    log_file: Path | None = None,
 ) -> dict[str, int]:
     """Update the manifest of every folder in one batch, reading only new or changed files,
-    and write the batch manifest (all its folders' rows) for the plan stage."""
+    and write the batch manifest (all its folders' rows) for the plan stage. Earlier
+    versions of the batch manifest (and of ``log_file``) are removed."""
     keywords = list(dict.fromkeys(MANIFEST_TAGS + keywords))
     schema = manifest_schema(keywords)
     folders = [
@@ -459,7 +471,7 @@ def extract_batch(
     current: dict[str, pa.Table] = {}
     changed: dict[str, tuple[list[inventory.Entry], str, dict]] = {}
     fingerprints: dict[str, str] = {}
-    earlier, earlier_fingerprints = _previous_batch(output, schema)
+    earlier, earlier_fingerprints = _previous_batch(output, batch, schema)
     to_read = 0
     for folder in folders:
         entries = inventory.walk_folder(input_dir, folder)
@@ -516,6 +528,11 @@ def extract_batch(
     )
     with atomic_path(output) as tmp:
         pq.write_table(combined, tmp, row_group_size=ROW_GROUP)
+    for stale in _earlier_versions(output, batch):  # replaced by the one just written
+        stale.unlink(missing_ok=True)
+    if log_file is not None:
+        for stale in _earlier_versions(log_file, batch):
+            stale.unlink(missing_ok=True)
     return stats
 
 
@@ -530,6 +547,7 @@ def main(argv: list[str] | None = None) -> int:
     )
     parser.add_argument("--output", type=Path, required=True, help="the batch manifest")
     parser.add_argument("--workers", type=int, default=1, help="processes reading headers")
+    parser.add_argument("--log", type=Path, help="this job's log (earlier ones are removed)")
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s", stream=sys.stderr)
     started = time.perf_counter()
@@ -541,6 +559,7 @@ def main(argv: list[str] | None = None) -> int:
         args.manifests,
         args.output,
         args.workers,
+        args.log,
     )
     log.info(
         "batch %d: %d folders (%d changed), %d files, %d headers read, %d not sortable, "

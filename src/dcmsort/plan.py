@@ -45,6 +45,7 @@ from dcmsort.fileops import atomic_path, file_digest, read_parquet
 from dcmsort.naming import Naming
 from dcmsort.progress import peak_rss_mb
 from dcmsort.settings import ConfigError, check_layout
+from dcmsort.transfer import PENDING, settle
 
 log = logging.getLogger("dcmsort.plan")
 
@@ -127,6 +128,12 @@ class Disk:
                     pass
             self._children[folder] = found
         return self._children[folder]
+
+    def holds(self, path: str) -> bool:
+        """Is anything at path (a file or a link), reached through real folders only?"""
+        folder, _, name = path.rpartition("/")
+        held = self.children(folder).get(fold(name))
+        return held is not None and held[0] == name
 
     def size(self, path: str) -> int | None:
         try:
@@ -301,7 +308,12 @@ def known_contents(committed: pa.Table, files: pa.Table, new: pa.Table) -> list[
         ),
     )
     rows = committed.filter(pc.fill_null(wanted, False))
-    live = {d for d in ledger.live(rows, files)["destination"].to_pylist()}
+    # A placement is held by a current input only through a placed row: one whose file
+    # was touched or renamed is taken over by its new version (present), even when a
+    # current duplicate points to it.
+    current = ledger.live(rows, files)
+    placed = current.filter(pc.equal(current["status"], ledger.PLACED))
+    live = set(placed["destination"].to_pylist())
     contents: dict[str, Content] = {}
     for row in rows.to_pylist():
         destination = row["destination"]
@@ -480,6 +492,19 @@ class Planner:
         if self.contents.candidates(sop, size):
             digest = self.digest_of_input(relpath)
             twin = self.contents.twin(sop, size, digest) if digest else None
+            if twin is not None and twin.committed and not self.disk.holds(twin.destination):
+                # The ledger's file was removed from the output: this file goes back there
+                # (the placement stays true), and later twins are its duplicates.
+                twin.committed, twin.live = False, True
+                return {
+                    "action": SORT,
+                    "destination": twin.destination,
+                    "committed": False,
+                    "digest": digest,
+                    "base_folder": self.renderer.base_folder(row),
+                    "conflict": False,
+                    "reason": "its identical copy was removed from the output: put back",
+                }
             if twin is not None:
                 action = DUPLICATE if twin.live else PRESENT
                 twin.live = True
@@ -647,6 +672,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--plan", type=Path, required=True)
     parser.add_argument("--plan-csv", type=Path, required=True)
     parser.add_argument("--skipped", type=Path, required=True)
+    parser.add_argument("--mode", default="copy", help="transfer_mode (to settle a killed one)")
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s", stream=sys.stderr)
     started = time.perf_counter()
@@ -657,6 +683,14 @@ def main(argv: list[str] | None = None) -> int:
     except ConfigError as error:
         log.error("dcmsort: error: %s", error)
         return 2
+    # What a killed transfer of the previous plan put in place is committed first, so the
+    # new plan sees it (its inputs may have been renamed or deleted since).
+    settled = settle(args.plan, args.input_dir, args.output_dir, args.state_dir, args.previous_mode)
+    if settled:
+        log.info("committed %d files a killed transfer had placed", settled)
+    if args.manifests:  # a batch count no longer used leaves manifests nobody reads
+        for stale in set(args.manifests[0].parent.glob("batch-*.parquet")) - set(args.manifests):
+            stale.unlink()
     files = read_manifests(args.manifests, settings)
     committed = ledger.read(args.state_dir)
     hashed = []
@@ -672,6 +706,10 @@ def main(argv: list[str] | None = None) -> int:
     with atomic_path(layout_file) as tmp:
         tmp.write_text(json.dumps(asdict(settings), indent=2))
     with atomic_path(args.plan) as tmp:
+        pq.write_table(plan, tmp)
+    # Snakemake removes a job's outputs before it runs again: the copy under another name
+    # is what tells the next plan what a killed transfer may have left.
+    with atomic_path(pending) as tmp:
         pq.write_table(plan, tmp)
     write_csv(plan.drop_columns(["committed", "digest", "base_folder"]), args.plan_csv)
     skipped = files.filter(pc.invert(pc.fill_null(files["dicom"], False)))

@@ -78,6 +78,9 @@ RESULT_SCHEMA = pa.schema(
     ]
 )
 COMMIT_EVERY_S = 2.0
+# A copy of the plan kept until its transfer has finished: after a killed transfer, the
+# next plan settles it first (Snakemake removes plan.parquet before the plan job runs).
+PENDING = "pending.parquet"
 _NOT_A_FOLDER = {errno.ELOOP, errno.ENOTDIR, errno.EMLINK}
 # Link-based no-replace rename is refused by file systems without hard links.
 _NO_HARD_LINKS = {errno.EPERM, errno.EOPNOTSUPP, errno.ENOSYS, errno.EXDEV, errno.EMLINK}
@@ -354,6 +357,7 @@ class Outcome:
     status: str
     digest: str | None = None
     detail: str | None = None
+    mode: str | None = None  # how it was placed, when not this run's transfer_mode
 
 
 def _place_folder(
@@ -392,7 +396,7 @@ def _ledger_rows(outcomes: list[Outcome], plan: pa.Table, mode: str) -> pa.Table
             "status": [ledger.DUPLICATE if o.status == DUPLICATE else ledger.PLACED for o in done],
             "destination": planned["destination"],
             "digest": [o.digest for o in done],
-            "mode": [mode] * len(done),
+            "mode": [o.mode or mode for o in done],
             "base_folder": planned["base_folder"],
             "series_uid": planned["SeriesInstanceUID"],
             "sop_uid": planned["SOPInstanceUID"],
@@ -402,6 +406,69 @@ def _ledger_rows(outcomes: list[Outcome], plan: pa.Table, mode: str) -> pa.Table
         },
         schema=ledger.SCHEMA,
     )
+
+
+def settle(plan_file: Path, input_dir: Path, output_dir: Path, state_dir: Path, mode: str) -> int:
+    """Commit what a killed transfer of this plan had put in place, and remove the
+    temporary files it left. A file reaches its name only after it was checked, so a
+    pending row's destination holding a file with its input version's size and mtime (or a
+    link to its input) is that row's placement. Run before a plan replaces this one (the
+    inputs may have been renamed meanwhile: nobody would adopt those copies) and before a
+    transfer retries it. Returns how many rows it committed."""
+    try:
+        plan = pending_rows(read_parquet(plan_file), ledger.read(state_dir, ledger.SOURCE_KEY))
+    except FileNotFoundError:
+        return 0
+    if plan.num_rows == 0 or not output_dir.is_dir():
+        return 0
+    fields = ["relpath", "size", "mtime_ns", "action", "destination", "digest"]
+    rows = [
+        Row(*values, index=i)
+        for i, values in enumerate(zip(*(plan[f].to_pylist() for f in fields), strict=True))
+    ]
+    tree = OutputTree(output_dir)
+    found: list[Outcome] = []
+    placed: set[str] = set()
+    for folder, folder_rows in _folder_rows([r for r in rows if r.action != "duplicate"]):
+        try:
+            fd = tree.open_folder(folder, create=False)
+        except (OSError, TransferError):
+            continue
+        try:
+            for row in folder_rows:
+                name = row.destination.rpartition("/")[2]
+                with contextlib.suppress(FileNotFoundError):
+                    os.unlink(temp_path_for(Path(name)).name, dir_fd=fd)
+                how = _holds_version(fd, name, row, inventory.source_path(input_dir, row.relpath))
+                if how:
+                    found.append(Outcome(row, PRESENT, row.digest, mode=how))
+                    placed.add(row.destination)
+        finally:
+            os.close(fd)
+    committed = plan["committed"].to_pylist()
+    found += [
+        Outcome(row, DUPLICATE, row.digest)
+        for row in rows
+        if row.action == "duplicate" and (committed[row.index] or row.destination in placed)
+    ]
+    ledger.append(state_dir, _ledger_rows(found, plan, mode))
+    return len(found)
+
+
+def _holds_version(folder_fd: int, name: str, row: Row, source: str) -> str | None:
+    """How name holds the row's input version: "symlink" (a link to it), "copy" (a file
+    with its size and mtime; a hard link is one too), or None."""
+    try:
+        info = os.stat(name, dir_fd=folder_fd, follow_symlinks=False)
+    except OSError:
+        return None
+    if stat.S_ISLNK(info.st_mode):
+        return "symlink" if os.readlink(name, dir_fd=folder_fd) == os.path.abspath(source) else None
+    same = stat.S_ISREG(info.st_mode) and (info.st_size, info.st_mtime_ns) == (
+        row.size,
+        row.mtime_ns,
+    )
+    return ("hardlink" if info.st_nlink > 1 else "copy") if same else None
 
 
 def pending_rows(plan: pa.Table, committed: pa.Table) -> pa.Table:
@@ -420,6 +487,7 @@ def transfer_plan(
     workers: int,
 ) -> pa.Table:
     """Carry out every pending plan row and commit what is in place; one result per row."""
+    settle(plan_file, input_dir, output_dir, state_dir, mode)  # after a killed transfer
     plan = pending_rows(read_parquet(plan_file), ledger.read(state_dir, ledger.SOURCE_KEY))
     fields = ["relpath", "size", "mtime_ns", "action", "destination", "digest"]
     rows = [
@@ -477,6 +545,7 @@ def transfer_plan(
     uncommitted += duplicates
     commit()
     progress.finish()
+    (state_dir / PENDING).unlink(missing_ok=True)  # every row is committed or reported
     ledger.compact(state_dir)
     return pa.table(
         {

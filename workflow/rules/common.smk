@@ -64,7 +64,8 @@ for _folder in FOLDERS:
 
 @cache
 def batch_fingerprint(batch):
-    """Names, sizes and mtimes of a batch's files: the extract job reruns when it changes."""
+    """Names, sizes and mtimes of a batch's files (stat only): part of the name of the
+    batch's manifest, so a change makes the extract job run again."""
     return inventory.batch_fingerprint(SETTINGS.input_dir, FOLDERS_OF_BATCH[int(batch)])
 
 
@@ -79,8 +80,21 @@ def threads_per_batch(wildcards):
     return max(1, cores // max(1, len(FOLDERS_OF_BATCH)))
 
 
-def batch_manifests():
-    return [f"{STATE}/manifests/batch-{b}.parquet" for b in sorted(FOLDERS_OF_BATCH)]
+def batch_manifests(wildcards=None):
+    """The current manifest of every batch. An input function, so that the input is walked
+    only when a plan or report job is in the DAG (not in each cluster job's own parse)."""
+    return [
+        f"{STATE}/manifests/batch-{b}-{batch_fingerprint(b)}.parquet"
+        for b in sorted(FOLDERS_OF_BATCH)
+    ]
+
+
+def run_started():
+    """run.lock is rewritten when a run starts (onstart): a report older than it was not
+    written by the last run that started (killed, failed, stopped early), so the next run
+    writes it again, even when it has nothing else to do."""
+    lock = Path(STATE) / "run.lock"
+    return [str(lock)] if lock.exists() else []
 
 
 def get_final_output():
@@ -89,6 +103,7 @@ def get_final_output():
 
 wildcard_constraints:
     batch=r"\d+",
+    fingerprint=r"[0-9a-f]{16}",
 
 
 onstart:
@@ -141,9 +156,7 @@ class NothingNewLine(logging.Handler):
 
     def emit(self, record):
         if record.getMessage() == NOTHING_TO_BE_DONE_MSG and not workflow.dryrun:
-            from dcmsort.report import summary_line
-
-            line = summary_line(Path(STATE) / "summary.json")
+            line = status.summary_line(Path(STATE) / "summary.json")
             line = line.replace("dcmsort: ", "dcmsort: nothing new; last run: ", 1)
             print(line.replace(" new this run)", " new in it)"), file=sys.stderr)
 

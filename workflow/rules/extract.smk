@@ -3,17 +3,18 @@
 
 rule extract:
     output:
-        manifest=f"{STATE}/manifests/batch-{{batch}}.parquet",
+        # The batch's fingerprint (names, sizes, mtimes of its files) is in the name: a
+        # change in the input is a missing output, whatever .snakemake/ remembers (another
+        # working directory, or none, sees it too).
+        manifest=f"{STATE}/manifests/batch-{{batch}}-{{fingerprint}}.parquet",
     log:
-        f"{STATE}/logs/extract/batch-{{batch}}.log",
+        f"{STATE}/logs/extract/batch-{{batch}}-{{fingerprint}}.log",
     threads: threads_per_batch
     resources:
         mem_mb=1000,
         runtime=60,
     params:
         dcmsort=DCMSORT,
-        # Not used by the command: a change makes Snakemake rerun this batch (params trigger).
-        fingerprint=lambda wildcards: batch_fingerprint(wildcards.batch),
         input_dir=SETTINGS.input_dir,
         batches=BATCHES,
         keywords=",".join(SETTINGS.keywords),
@@ -22,4 +23,4 @@ rule extract:
         "{params.dcmsort} headers --input-dir {params.input_dir:q}"
         " --batch {wildcards.batch} --batches {params.batches}"
         " --keywords {params.keywords:q} --manifests {params.manifests:q}"
-        " --output {output.manifest:q} --workers {threads} 2> {log:q}"
+        " --output {output.manifest:q} --log {log:q} --workers {threads} 2> {log:q}"

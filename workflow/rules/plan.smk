@@ -3,7 +3,7 @@
 
 rule plan:
     input:
-        manifests=batch_manifests(),
+        manifests=batch_manifests,
     output:
         plan=f"{STATE}/plan.parquet",
         csv=f"{STATE}/plan.csv",
@@ -20,9 +20,11 @@ rule plan:
         input_dir=SETTINGS.input_dir,
         output_dir=SETTINGS.output_dir,
         state_dir=STATE,
+        mode=SETTINGS.transfer_mode,
     shell:
         "{params.dcmsort} plan --manifests {input.manifests:q}"
         " --input-dir {params.input_dir:q} --output-dir {params.output_dir:q}"
         " --state-dir {params.state_dir:q} --naming {params.naming:q}"
         " --plan {output.plan:q} --plan-csv {output.csv:q} --skipped {output.skipped:q}"
+        " --mode {params.mode}"
         " 2> {log:q}"

@@ -8,7 +8,8 @@ localrules:
 rule report:
     input:
         transfers=rules.transfer.output.results,
-        manifests=batch_manifests(),
+        manifests=batch_manifests,
+        started=run_started(),
     output:
         html=report(
             f"{STATE}/report.html",

@@ -506,3 +506,13 @@ test_state_across_runs = Sorting.TestCase
 
 
 # --- stories the machine found, kept as plain tests ------------------------------------
+
+
+A = Spec(patient=0, series=0, instance=0)
+
+
+def test_a_folder_emptied_by_the_user_is_sorted_without_error(tmp_path):
+    world = World(tmp_path)
+    world.add("p1/IM1.dcm", A)
+    world.delete("p1/IM1.dcm")  # p1/ stays, empty
+    world.run()

@@ -414,6 +414,8 @@ def transfer_plan(
 
     # A duplicate is committed only against a committed destination that is still there.
     placed_now = {o.row.destination for o in outcomes if o.status in COMMITTED}
+    # A twin whose input changed while the run went on is not a failure (nor its copies).
+    changed_now = {o.row.destination for o in outcomes if o.status == CHANGED}
     duplicates = []
     for row in rows:
         if row.action != "duplicate":
@@ -423,6 +425,15 @@ def transfer_plan(
             output_dir / row.destination
         ):
             duplicates.append(Outcome(row, DUPLICATE, row.digest))
+        elif row.destination in changed_now:
+            duplicates.append(
+                Outcome(
+                    row,
+                    CHANGED,
+                    detail="its identical twin changed after its header was read; it is "
+                    "sorted by the next run",
+                )
+            )
         else:
             duplicates.append(
                 Outcome(

@@ -527,3 +527,13 @@ def test_a_duplicate_whose_twin_vanishes_during_the_run_is_left_for_the_next_run
     world.write("p2/IM1.dcm", dicom_bytes(A), A.sop)
     world.run_with_change_during_transfer(0, "delete")  # p1/IM1.dcm, the one to be copied
     world.run()
+
+
+def test_a_copy_made_by_a_killed_run_is_committed_even_if_its_input_is_then_deleted(
+    tmp_path,
+):
+    world = World(tmp_path)
+    world.add("p1/IM1.dcm", A)
+    world.run_killed_in_transfer(committed=0, copied=1, temp=False)  # placed, not committed
+    world.delete("p1/IM1.dcm")
+    world.run()  # the copy is in the tree: the ledger and the summary must say so

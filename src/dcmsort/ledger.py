@@ -12,7 +12,11 @@ DuckDB locking, which NFS and Lustre do not honour):
 - ``seg-<n>.parquet``: one append (a transfer commits every few seconds);
 - ``base-<n>.parquet``: every row of segments ``<= n``, written by ``compact``; a reader
   takes the newest base and only the segments after it, so a crash between writing a base
-  and removing what it replaces changes nothing.
+  and removing what it replaces changes nothing;
+- ``intent.parquet``: the rows a transfer is about to put in place, written before it
+  writes any file and removed once it has committed them. A run killed between placing a
+  file and committing it leaves the intent behind, and the next plan or transfer commits
+  the files it finds in place (``recover``), whether or not their input is still there.
 
 A file that cannot be read (a damaged disk, a partial copy of the state folder) is ignored
 with a warning, never fatal: its placements are on disk and the next plan finds them there
@@ -26,13 +30,15 @@ from __future__ import annotations
 import logging
 import os
 import re
+import stat
+import time
 from pathlib import Path
 
 import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
-from dcmsort.fileops import atomic_path
+from dcmsort.fileops import atomic_path, file_digest
 
 log = logging.getLogger("dcmsort.ledger")
 
@@ -64,6 +70,7 @@ COLUMNS = SCHEMA.names
 # Compacting rewrites every row; past this many segments a reader pays more in file opens.
 MAX_SEGMENTS = 32
 _NAME = re.compile(r"^(seg|base)-(\d{10})\.parquet$")
+INTENT = "intent.parquet"
 
 
 def folder(state_dir: Path) -> Path:
@@ -161,3 +168,66 @@ def placed_destinations(ledger: pa.Table) -> pa.Array:
     """Every destination holding a placed file (each once)."""
     placed = ledger.filter(pc.equal(ledger["status"], PLACED))
     return pc.unique(placed["destination"])
+
+
+def intend(state_dir: Path, rows: pa.Table) -> None:
+    """Before a transfer writes anything: the plan rows it is about to put in place (with a
+    ``mode`` column), so that what a killed run placed can still be committed."""
+    if rows.num_rows:
+        with atomic_path(folder(state_dir) / INTENT) as tmp:
+            pq.write_table(rows, tmp)
+
+
+def forget_intent(state_dir: Path) -> None:
+    """After a transfer committed everything it placed."""
+    (folder(state_dir) / INTENT).unlink(missing_ok=True)
+
+
+def recover(state_dir: Path, output_dir: Path) -> int:
+    """Commit what a killed transfer put in place but never committed: rows of its intent
+    the ledger lacks whose destination holds a regular file of the planned size and either
+    the planned digest or the input's mtime (a copy gets it only once it is complete and
+    checked, a hard link shares it). Such a file stays in the output whatever happens to
+    its input since, so it is a placement: without this row it would be a file nothing
+    accounts for, and a later copy of the same content would be written again."""
+    path = folder(state_dir) / INTENT
+    try:
+        intent = pq.read_table(path)
+    except FileNotFoundError:
+        return 0
+    except (OSError, pa.ArrowException) as error:
+        log.warning("transfer intent %s is unreadable and ignored (%s)", path.name, error)
+        path.unlink(missing_ok=True)
+        return 0
+    rows = []
+    for row in rows_by_key(intent, read(state_dir, SOURCE_KEY), keep="missing").to_pylist():
+        destination = Path(output_dir) / row["destination"]
+        try:
+            info = os.lstat(destination)
+        except OSError:
+            continue
+        if not stat.S_ISREG(info.st_mode) or info.st_size != row["size"]:
+            continue
+        digest = file_digest(destination)
+        if digest != row["digest"] and info.st_mtime_ns != row["mtime_ns"]:
+            continue
+        rows.append(
+            {
+                **{key: row[key] for key in SOURCE_KEY},
+                "status": PLACED,
+                "destination": row["destination"],
+                "digest": digest,
+                "mode": row["mode"],
+                "base_folder": row["base_folder"],
+                "series_uid": row["SeriesInstanceUID"],
+                "sop_uid": row["SOPInstanceUID"],
+                "study_uid": row["StudyInstanceUID"],
+                "modality": row["Modality"],
+                "committed_at": time.time(),
+            }
+        )
+    append(state_dir, pa.Table.from_pylist(rows, schema=SCHEMA))
+    path.unlink()
+    if rows:
+        log.info("committed %d files a killed transfer had put in place", len(rows))
+    return len(rows)

@@ -609,6 +609,8 @@ def main(argv: list[str] | None = None) -> int:
         log.error("dcmsort: error: %s", error)
         return 2
     files = read_manifests(args.manifests, settings)
+    # Files a killed transfer placed are placements, whatever became of their inputs.
+    ledger.recover(args.state_dir, args.output_dir)
     committed = ledger.read(args.state_dir)
     hashed = []
 

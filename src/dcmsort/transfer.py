@@ -380,6 +380,7 @@ def transfer_plan(
     workers: int,
 ) -> pa.Table:
     """Carry out every pending plan row and commit what is in place; one result per row."""
+    ledger.recover(state_dir, output_dir)  # what a killed attempt placed is committed
     plan = pending_rows(pq.read_table(plan_file), ledger.read(state_dir, ledger.SOURCE_KEY))
     by_relpath = {r["relpath"]: r for r in plan.to_pylist()}
     rows = [
@@ -387,6 +388,8 @@ def transfer_plan(
         for r in by_relpath.values()
     ]
     placing = [r for r in rows if r.action != "duplicate"]
+    intent = plan.filter(pc.not_equal(plan["action"], "duplicate"))
+    ledger.intend(state_dir, intent.append_column("mode", pa.array([mode] * intent.num_rows)))
     tree = OutputTree(output_dir)
     progress = Progress("transfer", len(rows), log)
     outcomes: list[Outcome] = []
@@ -447,6 +450,7 @@ def transfer_plan(
     outcomes += duplicates
     uncommitted += duplicates
     commit()
+    ledger.forget_intent(state_dir)
     progress.finish()
     ledger.compact(state_dir)
     return pa.table(

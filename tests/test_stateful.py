@@ -419,10 +419,13 @@ picks = st.integers(0, 31)
 class Sorting(RuleBasedStateMachine):
     """Rules: what a user's world does to the input, and runs of every kind."""
 
-    @initialize()
-    def make_world(self) -> None:
+    @initialize(files=st.lists(st.tuples(paths, specs), min_size=1, max_size=4))
+    def make_world(self, files: list[tuple[str, Spec]]) -> None:
+        """A world with a few files already (steps are too few to spend them adding)."""
         self.tmp = tempfile.mkdtemp(prefix="dcmsort-stateful-")
         self.world = World(Path(self.tmp))
+        for relpath, spec in files:
+            self.add_dicom(relpath, spec)
 
     def teardown(self) -> None:
         if hasattr(self, "tmp"):

@@ -540,3 +540,20 @@ def test_a_copy_made_by_a_killed_run_is_committed_even_if_its_input_is_then_dele
     world.run_killed_in_transfer(committed=0, copied=1, temp=False)  # placed, not committed
     world.delete("p1/IM1.dcm")
     world.run()  # the copy is in the tree: the ledger and the summary must say so
+
+
+def test_a_rerun_of_a_killed_transfer_commits_a_duplicate_of_a_file_it_committed(tmp_path):
+    world = World(tmp_path)
+    world.add("p1/IM1.dcm", A)
+    world.add("p1/IM2.dcm", A)  # the same bytes: a duplicate of IM1.dcm
+    # Killed after committing IM1.dcm, before its duplicate: the same plan runs again.
+    world.run_killed_in_transfer(committed=1, copied=0, temp=False)
+    world.run()
+
+
+def test_a_rerun_of_a_killed_transfer_commits_a_duplicate_of_a_file_it_placed(tmp_path):
+    world = World(tmp_path)
+    world.add("p1/IM1.dcm", A)
+    world.add("p1/IM2.dcm", A)
+    world.run_killed_in_transfer(committed=0, copied=1, temp=False)  # IM1.dcm in place
+    world.run()

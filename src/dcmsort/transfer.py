@@ -419,14 +419,24 @@ def transfer_plan(
     placed_now = {o.row.destination for o in outcomes if o.status in COMMITTED}
     # A twin whose input changed while the run went on is not a failure (nor its copies).
     changed_now = {o.row.destination for o in outcomes if o.status == CHANGED}
+    # A twin committed after the plan was made (by an earlier, killed attempt at this plan,
+    # or recovered from its intent) is committed too: ask the ledger, once, if needed.
+    committed_since: set[str] | None = None
+
+    def committed(row: Row) -> bool:
+        nonlocal committed_since
+        if by_relpath[row.relpath]["committed"] or row.destination in placed_now:
+            return True
+        if committed_since is None:
+            placed = ledger.read(state_dir, ["status", "destination"])
+            committed_since = set(ledger.placed_destinations(placed).to_pylist())
+        return row.destination in committed_since
+
     duplicates = []
     for row in rows:
         if row.action != "duplicate":
             continue
-        committed_before = bool(by_relpath[row.relpath]["committed"])
-        if (committed_before or row.destination in placed_now) and os.path.lexists(
-            output_dir / row.destination
-        ):
+        if committed(row) and os.path.lexists(output_dir / row.destination):
             duplicates.append(Outcome(row, DUPLICATE, row.digest))
         elif row.destination in changed_now:
             duplicates.append(

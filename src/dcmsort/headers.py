@@ -517,7 +517,8 @@ def extract_batch(
         "folders_changed": len(changed),
         "files": combined.num_rows,
         "headers_read": to_read,
-        "not_sortable": combined.num_rows - pc.sum(combined["dicom"]).as_py() if tables else 0,
+        # The sum of no rows is null: a folder the user emptied has none.
+        "not_sortable": combined.num_rows - (pc.sum(combined["dicom"]).as_py() or 0),
     }
     combined = combined.replace_schema_metadata(
         {

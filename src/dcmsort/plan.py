@@ -685,7 +685,8 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     # What a killed transfer of the previous plan put in place is committed first, so the
     # new plan sees it (its inputs may have been renamed or deleted since).
-    settled = settle(args.plan, args.input_dir, args.output_dir, args.state_dir, args.previous_mode)
+    pending = args.state_dir / PENDING  # the last plan, until its transfer finished
+    settled = settle(pending, args.input_dir, args.output_dir, args.state_dir, args.mode)
     if settled:
         log.info("committed %d files a killed transfer had placed", settled)
     if args.manifests:  # a batch count no longer used leaves manifests nobody reads

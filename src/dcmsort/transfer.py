@@ -523,14 +523,36 @@ def transfer_plan(
 
     # A duplicate is committed only against a committed destination that is still there.
     placed_now = {o.row.destination for o in outcomes if o.status in COMMITTED}
+    # A twin whose input changed while the run went on is not a failure (nor its copies).
+    changed_now = {o.row.destination for o in outcomes if o.status == CHANGED}
+    # A twin committed after the plan was made (by an earlier, killed attempt at this plan,
+    # or settled from it) is committed too: ask the ledger, once, if needed.
+    committed_since: set[str] | None = None
+
+    def committed(row: Row) -> bool:
+        nonlocal committed_since
+        if committed_before[row.index] or row.destination in placed_now:
+            return True
+        if committed_since is None:
+            placed = ledger.read(state_dir, ["status", "destination"])
+            committed_since = set(ledger.placed_destinations(placed).to_pylist())
+        return row.destination in committed_since
+
     duplicates = []
     for row in rows:
         if row.action != "duplicate":
             continue
-        if (committed_before[row.index] or row.destination in placed_now) and tree.holds(
-            row.destination
-        ):
+        if committed(row) and tree.holds(row.destination):
             duplicates.append(Outcome(row, DUPLICATE, row.digest))
+        elif row.destination in changed_now:
+            duplicates.append(
+                Outcome(
+                    row,
+                    CHANGED,
+                    detail="its identical twin changed after its header was read; it is "
+                    "sorted by the next run",
+                )
+            )
         else:
             duplicates.append(
                 Outcome(

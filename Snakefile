@@ -19,4 +19,4 @@ include: "workflow/rules/report.smk"
 rule all:
     default_target: True
     input:
-        get_final_output(),
+        get_final_output,

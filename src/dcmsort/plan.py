@@ -11,7 +11,10 @@ per known file), and gives each one action:
   copy made by a run killed before it could commit); nothing is written, the transfer
   confirms it is there and commits it;
 - ``duplicate``: its content is at ``destination`` for another current input; nothing is
-  written.
+  written;
+- ``restore``: its content is that of a placement whose file was removed from the output
+  by hand while another current input holds it: the file is written back to
+  ``destination`` and this input is recorded as that placement's duplicate.
 
 Content identity is (size, digest), never (size, mtime): a digest is computed only for a
 file that shares size (and SOPInstanceUID, when it has one) with another, or whose name is
@@ -49,7 +52,7 @@ from dcmsort.transfer import PENDING, settle
 
 log = logging.getLogger("dcmsort.plan")
 
-SORT, PRESENT, DUPLICATE = "sort", "present", "duplicate"
+SORT, PRESENT, DUPLICATE, RESTORE = "sort", "present", "duplicate", "restore"
 SOURCE_KEY = ledger.SOURCE_KEY
 # Tags carried into the plan (for the ledger, the report and people reading plan.csv).
 PLAN_TAGS = [
@@ -493,11 +496,14 @@ class Planner:
             digest = self.digest_of_input(relpath)
             twin = self.contents.twin(sop, size, digest) if digest else None
             if twin is not None and twin.committed and not self.disk.holds(twin.destination):
-                # The ledger's file was removed from the output: this file goes back there
-                # (the placement stays true), and later twins are its duplicates.
+                # The ledger's file was removed from the output: this file's bytes go back
+                # there (the placement stays true); it is that placement's duplicate when a
+                # current input still holds it, else its new source. Later twins are
+                # duplicates of it.
+                action = RESTORE if twin.live else SORT
                 twin.committed, twin.live = False, True
                 return {
-                    "action": SORT,
+                    "action": action,
                     "destination": twin.destination,
                     "committed": False,
                     "digest": digest,

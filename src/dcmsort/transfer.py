@@ -393,7 +393,13 @@ def _ledger_rows(outcomes: list[Outcome], plan: pa.Table, mode: str) -> pa.Table
             "relpath": planned["relpath"],
             "size": planned["size"],
             "mtime_ns": planned["mtime_ns"],
-            "status": [ledger.DUPLICATE if o.status == DUPLICATE else ledger.PLACED for o in done],
+            # A restored copy belongs to the placement it restores: this input is its twin.
+            "status": [
+                ledger.DUPLICATE
+                if o.status == DUPLICATE or o.row.action == "restore"
+                else ledger.PLACED
+                for o in done
+            ],
             "destination": planned["destination"],
             "digest": [o.digest for o in done],
             "mode": [o.mode or mode for o in done],
@@ -445,11 +451,11 @@ def settle(plan_file: Path, input_dir: Path, output_dir: Path, state_dir: Path, 
                     placed.add(row.destination)
         finally:
             os.close(fd)
-    committed = plan["committed"].to_pylist()
+    # Duplicates of what was just settled (of anything else: the transfer decides).
     found += [
         Outcome(row, DUPLICATE, row.digest)
         for row in rows
-        if row.action == "duplicate" and (committed[row.index] or row.destination in placed)
+        if row.action == "duplicate" and row.destination in placed
     ]
     ledger.append(state_dir, _ledger_rows(found, plan, mode))
     return len(found)

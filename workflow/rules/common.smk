@@ -8,6 +8,7 @@ from pathlib import Path
 
 from snakemake.common import NOTHING_TO_BE_DONE_MSG
 from snakemake.exceptions import WorkflowError
+from snakemake.settings.types import DeploymentMethod
 from snakemake.utils import validate
 
 REPO = Path(workflow.basedir)  # the top-level Snakefile's folder
@@ -43,11 +44,21 @@ except settings.ConfigError as error:
 # Here, so every job inherits it, also on a cluster where each job parses this file again.
 permissions.narrow_umask(SETTINGS.output_dir, SETTINGS.input_dir)
 
-# Every job runs `<this python> workflow/scripts/dcmsort_stage.py <stage> ...`.
+# Every job runs `python workflow/scripts/dcmsort_stage.py <stage> ...` from this checkout:
+# with this very interpreter, or with the one of the job's conda environment (built from
+# environment.yml) when Snakemake deploys them (--sdm conda).
+CONDA_ENV = "../../environment.yml"
 DCMSORT = " ".join(
     shlex.quote(str(part))
     # The checkout's own file (workflow.source_path would give a cached copy without src/).
-    for part in (sys.executable, REPO / "workflow" / "scripts" / "dcmsort_stage.py")
+    for part in (
+        (
+            "python"
+            if DeploymentMethod.CONDA in workflow.deployment_settings.deployment_method
+            else sys.executable
+        ),
+        REPO / "workflow" / "scripts" / "dcmsort_stage.py",
+    )
 )
 STATE = str(SETTINGS.state_dir)
 # Folders under STATE the rules write into: made in onstart with the state folder's mode
@@ -82,7 +93,8 @@ def threads_per_batch(wildcards):
 
 def batch_manifests(wildcards=None):
     """The current manifest of every batch. An input function, so that the input is walked
-    only when a plan or report job is in the DAG (not in each cluster job's own parse)."""
+    only when a plan or report job is in the DAG (not in each cluster job's own parse).
+    """
     return [
         f"{STATE}/manifests/batch-{b}-{batch_fingerprint(b)}.parquet"
         for b in sorted(FOLDERS_OF_BATCH)

@@ -9,6 +9,8 @@ rule extract:
         manifest=f"{STATE}/manifests/batch-{{batch}}-{{fingerprint}}.parquet",
     log:
         f"{STATE}/logs/extract/batch-{{batch}}-{{fingerprint}}.log",
+    conda:
+        CONDA_ENV
     threads: threads_per_batch
     resources:
         mem_mb=1000,

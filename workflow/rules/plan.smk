@@ -10,6 +10,8 @@ rule plan:
         skipped=f"{STATE}/skipped.csv",
     log:
         f"{STATE}/logs/plan.log",
+    conda:
+        CONDA_ENV
     resources:
         mem_mb=2000,
         runtime=60,
@@ -19,7 +21,8 @@ rule plan:
         naming=lambda wildcards: SETTINGS.naming_json,
         input_dir=SETTINGS.input_dir,
         output_dir=SETTINGS.output_dir,
-        state_dir=STATE,
+        # The state folder, from an output (not a fixed prefix: snakemake --lint).
+        state_dir=lambda wildcards, output: os.path.dirname(output.plan),
         mode=SETTINGS.transfer_mode,
     shell:
         "{params.dcmsort} plan --manifests {input.manifests:q}"

@@ -20,12 +20,15 @@ rule report:
         removed=f"{STATE}/removed_sources.csv",
     log:
         f"{STATE}/logs/report.log",
+    conda:
+        CONDA_ENV
     resources:
         mem_mb=2000,
         runtime=30,
     params:
         dcmsort=DCMSORT,
-        state_dir=STATE,
+        # The state folder, from an output (not a fixed prefix: snakemake --lint).
+        state_dir=lambda wildcards, output: os.path.dirname(output.summary),
         output_dir=SETTINGS.output_dir,
         mode=SETTINGS.transfer_mode,
     shell:

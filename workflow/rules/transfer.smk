@@ -9,6 +9,8 @@ rule transfer:
         results=f"{STATE}/transfers.parquet",
     log:
         f"{STATE}/logs/transfer.log",
+    conda:
+        CONDA_ENV
     threads: 4
     resources:
         mem_mb=2000,
@@ -17,7 +19,8 @@ rule transfer:
         dcmsort=DCMSORT,
         input_dir=SETTINGS.input_dir,
         output_dir=SETTINGS.output_dir,
-        state_dir=STATE,
+        # The state folder, from an output (not a fixed prefix: snakemake --lint).
+        state_dir=lambda wildcards, output: os.path.dirname(output.results),
         mode=SETTINGS.transfer_mode,
         verify=SETTINGS.verify,
     shell:

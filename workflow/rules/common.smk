@@ -101,14 +101,6 @@ def batch_manifests(wildcards=None):
     ]
 
 
-def run_started():
-    """run.lock is rewritten when a run starts (onstart): a report older than it was not
-    written by the last run that started (killed, failed, stopped early), so the next run
-    writes it again, even when it has nothing else to do."""
-    lock = Path(STATE) / "run.lock"
-    return [str(lock)] if lock.exists() else []
-
-
 def get_final_output(wildcards=None):
     """The report, and each batch's current manifest: a manifest whose name (fingerprint)
     is new is missing, which makes the run start from its extract job. Snakemake 9 runs a
@@ -164,6 +156,30 @@ onsuccess:
     print(status.summary_line(Path(STATE) / "summary.json"), file=sys.stderr)
 
 
+def rewrite_report():
+    """The report job's work, in this process: a run killed (or failed, or stopped early)
+    left a report marked as not current, and a later run with nothing to do would
+    otherwise never replace it."""
+    from dcmsort.report import main as write_report
+
+    write_report(
+        [
+            "--transfers",
+            rules.transfer.output.results,
+            "--manifests",
+            *batch_manifests(),
+        ]
+        + ["--state-dir", STATE, "--output-dir", str(SETTINGS.output_dir)]
+        + ["--mode", SETTINGS.transfer_mode, "--html", rules.report.output.html]
+        + [
+            "--summary",
+            rules.report.output.summary,
+            "--removed",
+            rules.report.output.removed,
+        ]
+    )
+
+
 class NothingNewLine(logging.Handler):
     """The summary line of a run with nothing to do. Snakemake 9 calls neither onstart nor
     onsuccess then: Workflow.execute logs NOTHING_TO_BE_DONE_MSG and returns, so the line
@@ -172,6 +188,8 @@ class NothingNewLine(logging.Handler):
 
     def emit(self, record):
         if record.getMessage() == NOTHING_TO_BE_DONE_MSG and not workflow.dryrun:
+            if status.status_of(STATE) not in (None, status.COMPLETE):
+                rewrite_report()
             line = status.summary_line(Path(STATE) / "summary.json")
             line = line.replace("dcmsort: ", "dcmsort: nothing new; last run: ", 1)
             print(line.replace(" new this run)", " new in it)"), file=sys.stderr)

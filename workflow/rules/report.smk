@@ -9,7 +9,6 @@ rule report:
     input:
         transfers=rules.transfer.output.results,
         manifests=batch_manifests,
-        started=run_started(),
     output:
         html=report(
             f"{STATE}/report.html",

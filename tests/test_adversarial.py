@@ -1,6 +1,6 @@
-"""Adversarial end-to-end tests: each one breaks a promise of README.md, config/README.md
-or docs/design.md (they fail on the code they were written against). Real files, the real
-Snakemake, small inputs."""
+"""Adversarial end-to-end tests: each one broke a promise of README.md, config/README.md or
+docs/design.md when it was written (a fresh clone, attacked as a user would), and guards
+its fix. Real files, the real Snakemake, small inputs."""
 
 from __future__ import annotations
 

@@ -30,7 +30,7 @@ demo: $(INSTALLED)
 	@echo
 	@echo "Sorted tree:  demo/Classified/"
 	@echo "Report:       demo/Classified/.dcmsort/report.html  (open it in a browser)"
-	@echo "Plan:         demo/Classified/.dcmsort/plan.csv, skipped files: .../skipped.csv"
+	@echo "This run:     demo/Classified/.dcmsort/plan.csv (its decisions), skipped.csv (why not sorted)"
 
 test: $(INSTALLED)
 	$(BIN)/python -m pytest

@@ -12,7 +12,7 @@ from pathlib import Path
 import pandas as pd
 import pytest
 
-from dcmsort import inventory, ledger, report
+from dcmsort import demo, inventory, ledger, report
 from dcmsort.runner import snakemake_command
 
 OPEN_COUNTER = Path(__file__).resolve().parent / "opencounter"
@@ -36,6 +36,26 @@ def tree_snapshot(root: Path) -> dict[str, tuple]:
         else:
             snapshot[rel] = ("dir", path.stat().st_mode)
     return snapshot
+
+
+def write_dicom(
+    path: Path, name: str = "DOE^JOHN", pid: str = "1", desc: str = "T1", **kw
+) -> bytes:
+    """One real DICOM file from the project's generator (series ``desc`` of patient
+    ``pid``; ``sop``, ``instance``, ``number``, ``rows`` as keywords); returns its bytes."""
+    series = demo.Series(
+        name,
+        pid,
+        demo.uid("study", pid),
+        "20240101",
+        demo.uid("series", pid, desc),
+        kw.get("number", 1),
+        desc,
+    )
+    sop = kw.get("sop") or demo.uid(path)
+    instance = demo.make_instance(series, kw.get("instance", 1), sop, rows=kw.get("rows", 16))
+    demo.write(instance, path)
+    return path.read_bytes()
 
 
 @dataclass

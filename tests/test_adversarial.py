@@ -11,25 +11,7 @@ import subprocess
 import time
 from pathlib import Path
 
-from conftest import assert_every_file_accounted_for
-from dcmsort import demo
-
-
-def dicom(path: Path, name: str = "DOE^JOHN", pid: str = "1", desc: str = "T1", **kw) -> bytes:
-    """One real DICOM file (rows x rows pixels); returns its bytes."""
-    series = demo.Series(
-        name,
-        pid,
-        demo.uid("study", pid),
-        "20240101",
-        demo.uid("series", pid, desc),
-        kw.get("number", 1),
-        desc,
-    )
-    sop = kw.get("sop") or demo.uid(path)
-    instance = demo.make_instance(series, kw.get("instance", 1), sop, rows=kw.get("rows", 16))
-    demo.write(instance, path)
-    return path.read_bytes()
+from conftest import assert_every_file_accounted_for, write_dicom
 
 
 def tree_files(output_dir: Path) -> list[str]:
@@ -48,10 +30,12 @@ def test_new_files_are_sorted_when_the_next_run_starts_from_another_folder(sorte
     # README "Where to run from": run from the checkout or from any folder with -s; "Adding
     # new data": put new files into input_dir and run the same command again.
     for i in range(3):
-        dicom(sorter.input_dir / "p1" / f"IM{i}.dcm", instance=i + 1)
+        write_dicom(sorter.input_dir / "p1" / f"IM{i}.dcm", instance=i + 1)
     sorter.run()
     for i in range(3):
-        dicom(sorter.input_dir / "p2" / f"IM{i}.dcm", name="ROE^JANE", pid="2", instance=i + 1)
+        write_dicom(
+            sorter.input_dir / "p2" / f"IM{i}.dcm", name="ROE^JANE", pid="2", instance=i + 1
+        )
     elsewhere = tmp_path / "elsewhere"
     elsewhere.mkdir()
     sorter.workdir = elsewhere  # e.g. yesterday from the checkout, today from /data
@@ -63,10 +47,10 @@ def test_new_files_are_sorted_when_the_next_run_starts_from_another_folder(sorte
 def test_new_files_are_sorted_after_dot_snakemake_is_removed(sorter):
     # The state "travels with the output"; Snakemake's bookkeeping in the working directory
     # is not part of it, yet losing it makes new files invisible.
-    dicom(sorter.input_dir / "p1" / "IM0.dcm")
+    write_dicom(sorter.input_dir / "p1" / "IM0.dcm")
     sorter.run()
     shutil.rmtree(sorter.workdir / ".snakemake")
-    dicom(sorter.input_dir / "p1" / "IM1.dcm", instance=2)
+    write_dicom(sorter.input_dir / "p1" / "IM1.dcm", instance=2)
     sorter.run()
     assert_every_file_accounted_for(sorter)
 
@@ -74,7 +58,8 @@ def test_new_files_are_sorted_after_dot_snakemake_is_removed(sorter):
 # --- 2. what a killed transfer leaves behind -----------------------------------------------
 
 
-def _kill_when_a_temp_file_appears(sorter, timeout: float = 120) -> None:
+def kill_when(sorter, condition, timeout: float = 120) -> None:
+    """Start a run and SIGKILL its whole process group as soon as condition() holds."""
     proc = subprocess.Popen(
         sorter.command(),
         stdout=subprocess.DEVNULL,
@@ -84,13 +69,17 @@ def _kill_when_a_temp_file_appears(sorter, timeout: float = 120) -> None:
     )
     deadline = time.monotonic() + timeout
     try:
-        while time.monotonic() < deadline and proc.poll() is None:
-            if any(n.endswith(".dcmsort-tmp") for n in tree_files(sorter.output_dir)):
-                break
+        while time.monotonic() < deadline and proc.poll() is None and not condition():
             time.sleep(0.005)
     finally:
         os.killpg(proc.pid, signal.SIGKILL)
         proc.wait()
+
+
+def _kill_when_a_temp_file_appears(sorter) -> None:
+    kill_when(
+        sorter, lambda: any(n.endswith(".dcmsort-tmp") for n in tree_files(sorter.output_dir))
+    )
 
 
 def test_no_temp_file_or_unrecorded_copy_is_left_after_a_killed_run_and_a_rename(sorter):
@@ -98,9 +87,11 @@ def test_no_temp_file_or_unrecorded_copy_is_left_after_a_killed_run_and_a_rename
     # replaces"; no temp files after a successful run; the summary equals the tree.
     # A big file (its copy takes a while) in one folder, small ones in others.
     for i in range(2):
-        dicom(sorter.input_dir / "big" / f"IM{i}.dcm", name="BIG", pid="9", rows=6000, instance=i)
+        write_dicom(
+            sorter.input_dir / "big" / f"IM{i}.dcm", name="BIG", pid="9", rows=6000, instance=i
+        )
     for i in range(20):
-        dicom(sorter.input_dir / "small" / f"IM{i}.dcm", instance=i + 1)
+        write_dicom(sorter.input_dir / "small" / f"IM{i}.dcm", instance=i + 1)
     _kill_when_a_temp_file_appears(sorter)
     temps = [n for n in tree_files(sorter.output_dir) if n.endswith(".dcmsort-tmp")]
     assert temps, "the run was not killed during a copy; retry"
@@ -123,7 +114,7 @@ def test_no_temp_file_or_unrecorded_copy_is_left_after_a_killed_run_and_a_rename
 def test_touching_a_placed_file_that_has_a_twin_does_not_make_it_a_duplicate(sorter):
     # README "Adding new data": a file with the same bytes but a new mtime "is recognised by
     # content: nothing is copied again, and it is neither a duplicate nor gone".
-    dicom(sorter.input_dir / "p" / "IM1.dcm", sop="1.2.3")
+    write_dicom(sorter.input_dir / "p" / "IM1.dcm", sop="1.2.3")
     (sorter.input_dir / "q").mkdir()
     shutil.copyfile(sorter.input_dir / "p" / "IM1.dcm", sorter.input_dir / "q" / "copy.dcm")
     sorter.run()
@@ -144,7 +135,7 @@ def test_a_copy_removed_from_the_output_does_not_make_every_later_run_fail(sorte
     # README: a failed transfer "makes the run exit non-zero ... and the next run plans those
     # files again"; the log says "it is planned again by the next run". Here no run ever
     # succeeds again: the plan keeps pointing the file at the removed copy.
-    dicom(sorter.input_dir / "p" / "IM1.dcm", sop="1.2.3")
+    write_dicom(sorter.input_dir / "p" / "IM1.dcm", sop="1.2.3")
     sorter.run(verify="checksum")
     (sorter.output_dir / "DOE^JOHN_1" / "T1_1" / "IM1.dcm").unlink()
     # The same image arrives again in a later export.
@@ -164,24 +155,10 @@ def test_a_killed_run_followed_by_nothing_to_do_does_not_leave_the_report_runnin
     # only while a run is going ("Rerun to update them"). A user drops a folder in by
     # mistake, stops the run, takes the folder out and reruns: the report must not say
     # "running" for good (it did: a run with nothing to do never cleared it).
-    dicom(sorter.input_dir / "p" / "IM1.dcm")
+    write_dicom(sorter.input_dir / "p" / "IM1.dcm")
     sorter.run()
-    dicom(sorter.input_dir / "mistake" / "IM1.dcm", name="X", pid="2")
-    proc = subprocess.Popen(
-        sorter.command(),
-        stdout=subprocess.DEVNULL,
-        stderr=subprocess.DEVNULL,
-        stdin=subprocess.DEVNULL,
-        start_new_session=True,
-    )
-    try:
-        for _ in range(6000):
-            if '"running"' in (sorter.state / "summary.json").read_text():
-                break
-            time.sleep(0.005)
-    finally:
-        os.killpg(proc.pid, signal.SIGKILL)
-        proc.wait()
+    write_dicom(sorter.input_dir / "mistake" / "IM1.dcm", name="X", pid="2")
+    kill_when(sorter, lambda: '"running"' in (sorter.state / "summary.json").read_text(), 30)
     shutil.rmtree(sorter.input_dir / "mistake")
     result = sorter.run()  # nothing to sort, but the report is rewritten: it was stale
     assert sorter.summary()["status"] == "complete", result.output[-600:]

@@ -13,26 +13,10 @@ from pathlib import Path
 import pyarrow.parquet as pq
 import pytest
 
-from conftest import assert_every_file_accounted_for, tree_snapshot
+from conftest import assert_every_file_accounted_for, tree_snapshot, write_dicom
 from dcmsort import demo, ledger
 from dcmsort.plan import fold
 from dcmsort.runner import REPO
-
-
-def dicom(path: Path, name: str = "DOE^JOHN", pid: str = "1", desc: str = "T1", **kw) -> bytes:
-    """Write one real DICOM file; returns its bytes."""
-    series = demo.Series(
-        name,
-        pid,
-        demo.uid("study", pid),
-        "20240101",
-        demo.uid("series", pid, desc),
-        kw.get("number", 1),
-        desc,
-    )
-    instance = demo.make_instance(series, kw.get("instance", 1), kw.get("sop") or demo.uid(path))
-    demo.write(instance, path)
-    return path.read_bytes()
 
 
 def output_files(sorter) -> dict[str, bytes]:
@@ -54,7 +38,7 @@ def touch_all(root: Path, seconds: int) -> None:
 
 def test_a_duplicate_of_a_file_never_written_is_not_lost(sorter):
     # Issue 10 case 1: the same bytes twice, a run stopped after planning, both touched.
-    content = dicom(sorter.input_dir / "p" / "a.dcm", sop="9.9")
+    content = write_dicom(sorter.input_dir / "p" / "a.dcm", sop="9.9")
     shutil.copyfile(sorter.input_dir / "p" / "a.dcm", sorter.input_dir / "b.dcm")
     sorter.run("--until", "plan")
     assert output_files(sorter) == {}
@@ -68,7 +52,7 @@ def test_a_duplicate_of_a_file_never_written_is_not_lost(sorter):
 
 
 def test_a_file_planned_but_never_written_keeps_its_plain_name_and_no_conflict(sorter):
-    dicom(sorter.input_dir / "p" / "c.dcm")
+    write_dicom(sorter.input_dir / "p" / "c.dcm")
     sorter.run("--until", "plan")
     touch_all(sorter.input_dir, 1_700_000_000)
     sorter.run()
@@ -79,7 +63,7 @@ def test_a_file_planned_but_never_written_keeps_its_plain_name_and_no_conflict(s
 def test_a_file_that_changes_between_plan_and_transfer_is_copied_once(sorter):
     # Issue 10 case 2: the plan read one version, the transfer finds another.
     path = sorter.input_dir / "p" / "a.dcm"
-    dicom(path)
+    write_dicom(path)
     sorter.run("--until", "plan")
     with path.open("ab") as handle:
         handle.write(b"\0\0")  # still being written when the transfer comes
@@ -150,9 +134,9 @@ def test_a_deleted_input_in_symlink_mode_is_a_dangling_link_not_a_kept_copy(sort
 
 def test_a_failed_run_leaves_a_report_that_says_so_and_the_next_run_heals(sorter):
     # Issue 10 case 5: a transfer fails (someone puts a file where the plan put ours).
-    dicom(sorter.input_dir / "first" / "IM1.dcm", name="FIRST")
+    write_dicom(sorter.input_dir / "first" / "IM1.dcm", name="FIRST")
     sorter.run()
-    dicom(sorter.input_dir / "p" / "a.dcm")
+    write_dicom(sorter.input_dir / "p" / "a.dcm")
     sorter.run("--until", "plan")
     planned = pq.read_table(sorter.state / "plan.parquet")["destination"][0].as_py()
     (sorter.output_dir / planned).parent.mkdir(parents=True)
@@ -196,8 +180,8 @@ def test_a_rerun_plans_and_commits_only_the_new_files(sorter):
 
 
 def test_a_symlink_in_the_output_folder_is_never_followed(sorter, tmp_path):
-    dicom(sorter.input_dir / "p" / "a.dcm", name="ROE^JANE", pid="2")
-    dicom(sorter.input_dir / "q" / "b.dcm", name="OTHER", pid="3")
+    write_dicom(sorter.input_dir / "p" / "a.dcm", name="ROE^JANE", pid="2")
+    write_dicom(sorter.input_dir / "q" / "b.dcm", name="OTHER", pid="3")
     elsewhere = tmp_path / "elsewhere"
     elsewhere.mkdir()
     sorter.output_dir.mkdir()
@@ -217,7 +201,7 @@ def test_a_symlink_in_the_output_folder_is_never_followed(sorter, tmp_path):
 
 
 def test_a_regular_file_where_a_folder_must_go_is_a_taken_name(sorter):
-    dicom(sorter.input_dir / "p" / "a.dcm")
+    write_dicom(sorter.input_dir / "p" / "a.dcm")
     sorter.output_dir.mkdir()
     (sorter.output_dir / "DOE^JOHN_1").write_bytes(b"not a folder")
     sorter.run()
@@ -227,8 +211,8 @@ def test_a_regular_file_where_a_folder_must_go_is_a_taken_name(sorter):
 
 
 def test_names_differing_only_in_case_are_distinct_destinations(sorter):
-    dicom(sorter.input_dir / "p1" / "IM1.dcm", name="Doe^John", desc="t1")
-    dicom(sorter.input_dir / "p2" / "IM1.dcm", name="DOE^JOHN", desc="T1")
+    write_dicom(sorter.input_dir / "p1" / "IM1.dcm", name="Doe^John", desc="t1")
+    write_dicom(sorter.input_dir / "p2" / "IM1.dcm", name="DOE^JOHN", desc="T1")
     sorter.run()
     placed = list(output_files(sorter))
     assert len(placed) == 2

@@ -105,16 +105,16 @@ MUTANTS = [
     Mutant(
         "transfer: a copy is renamed into place, replacing what is there",
         TRANSFER_PY,
-        "os.link(tmp, name, src_dir_fd=folder_fd, dst_dir_fd=folder_fd, follow_symlinks=False)",
-        "os.rename(tmp, name, src_dir_fd=folder_fd, dst_dir_fd=folder_fd)",
+        "lambda: rename_no_replace(tmp, name, folder_fd)",
+        "lambda: os.rename(tmp, name, src_dir_fd=folder_fd, dst_dir_fd=folder_fd)",
         (TRANSFER,),
     ),
     Mutant(
         "transfer: a copy counts as placed when a different file holds its name",
         TRANSFER_PY,
-        "        if not _existing_is_same(folder_fd, name, source, digest):\n"
-        "            raise _occupied() from None\n",
-        "        pass\n",
+        "    if not _existing_is_same(folder_fd, name, source, digest):\n"
+        "        raise _occupied() from None\n",
+        "    pass\n",
         (TRANSFER,),
     ),
     Mutant(
@@ -171,16 +171,16 @@ MUTANTS = [
     Mutant(
         "transfer: the ledger is appended before the files are placed",
         TRANSFER_PY,
-        "    tree = OutputTree(output_dir)\n",
+        "    tree = OutputTree(output_dir)\n    progress = ",
         "    ledger.append(state_dir, _ledger_rows([Outcome(r, COPIED) for r in placing], "
-        "by_relpath, mode))\n    tree = OutputTree(output_dir)\n",
+        "plan, mode))\n    tree = OutputTree(output_dir)\n    progress = ",
         (TRANSFER,),
     ),
     Mutant(
         "transfer: a changed or failed row is committed to the ledger",
         TRANSFER_PY,
-        "        if outcome.status not in COMMITTED:\n            continue\n",
-        "",
+        "    done = [o for o in outcomes if o.status in COMMITTED]\n",
+        "    done = list(outcomes)\n",
         (TRANSFER,),
     ),
     Mutant(
@@ -193,15 +193,15 @@ MUTANTS = [
     Mutant(
         "transfer: a duplicate is committed though its destination was not placed",
         TRANSFER_PY,
-        "(committed_before or row.destination in placed_now)",
-        "True",
+        "        if committed(row) and tree.holds(row.destination):",
+        "        if tree.holds(row.destination):",
         (TRANSFER,),
     ),
     Mutant(
         "transfer: a duplicate of a committed placement is committed though it is gone",
         TRANSFER_PY,
-        " and os.path.lexists(\n            output_dir / row.destination\n        ):",
-        ":",
+        "        if committed(row) and tree.holds(row.destination):",
+        "        if committed(row):",
         (TRANSFER,),
     ),
     Mutant(
@@ -459,8 +459,8 @@ MUTANTS = [
     Mutant(
         "report: dangling links are not told apart",
         REPORT_PY,
-        "if not (output_dir / d).exists()]",
-        "if (output_dir / d).exists()]",
+        'if mode == "symlink" and not path.exists():',
+        'if mode == "symlink" and path.exists():',
         (REPORT,),
     ),
     Mutant(

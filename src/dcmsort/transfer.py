@@ -264,37 +264,44 @@ def _copy(folder_fd: int, name: str, source: str, row: Row, verify: str) -> tupl
 
 def _link_into_place(folder_fd: int, tmp: str, name: str, source: str, digest: str | None) -> bool:
     """Give the checked temporary file its name, never replacing what holds the name:
-    renameat2(RENAME_NOREPLACE) in one call, else a hard link (which also never replaces).
-    Returns False when the name already held this content (nothing was placed)."""
-    try:
-        rename_no_replace(tmp, name, folder_fd)
-        return True
-    except FileExistsError:
-        if not _existing_is_same(folder_fd, name, source, digest):
-            raise _occupied() from None
-        return False
-    except OSError as error:
-        if error.errno not in (errno.ENOSYS, errno.EINVAL, errno.EOPNOTSUPP):
-            raise
-    try:
-        os.link(tmp, name, src_dir_fd=folder_fd, dst_dir_fd=folder_fd, follow_symlinks=False)
-        return True
-    except FileExistsError:
-        if not _existing_is_same(folder_fd, name, source, digest):
-            raise _occupied() from None
-        return False
-    except OSError as error:
-        if error.errno not in _NO_HARD_LINKS:
-            raise
-    # No hard links here: check, then rename (a narrow window, on such file systems only).
-    if _existing_is_same(folder_fd, name, source, digest):
-        return False
+    renameat2(RENAME_NOREPLACE) in one call, else a hard link (which also never replaces),
+    else (a file system with neither) check, then rename. Returns False when the name
+    already held this content (nothing was placed); raises when it held another file."""
+    no_replace = (
+        (
+            lambda: rename_no_replace(tmp, name, folder_fd),
+            {errno.ENOSYS, errno.EINVAL, errno.EOPNOTSUPP},
+        ),
+        (
+            lambda: os.link(
+                tmp, name, src_dir_fd=folder_fd, dst_dir_fd=folder_fd, follow_symlinks=False
+            ),
+            _NO_HARD_LINKS,
+        ),
+    )
+    for attempt, unsupported in no_replace:
+        try:
+            attempt()
+            return True
+        except FileExistsError:
+            return _taken_by_twin(folder_fd, name, source, digest)
+        except OSError as error:
+            if error.errno not in unsupported:
+                raise
+    # Neither: check, then rename (a narrow window, on such file systems only).
     try:
         os.stat(name, dir_fd=folder_fd, follow_symlinks=False)
     except FileNotFoundError:
         os.rename(tmp, name, src_dir_fd=folder_fd, dst_dir_fd=folder_fd)
         return True
-    raise _occupied()
+    return _taken_by_twin(folder_fd, name, source, digest)
+
+
+def _taken_by_twin(folder_fd: int, name: str, source: str, digest: str | None) -> bool:
+    """The name is held: by this content (False: nothing to place), else never replaced."""
+    if not _existing_is_same(folder_fd, name, source, digest):
+        raise _occupied() from None
+    return False
 
 
 def _occupied() -> TransferError:

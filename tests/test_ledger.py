@@ -114,3 +114,11 @@ def test_rows_by_key_matches_on_the_whole_file_version(tmp_path):
     assert ledger.rows_by_key(table, known, keep="found")["x"].to_pylist() == [1]
     assert ledger.rows_by_key(table, known, keep="missing")["x"].to_pylist() == [2, 3]
     assert ledger.rows_by_key(table, rows(), keep="missing").num_rows == 3
+
+
+def test_the_ledger_prints_as_csv_where_every_file_went(tmp_path, capsysbinary):
+    ledger.append(tmp_path, rows("a.dcm", "b.dcm"))
+    assert ledger.main([str(tmp_path)]) == 0
+    lines = capsysbinary.readouterr().out.decode().splitlines()
+    assert lines[0].startswith('"relpath","size","mtime_ns","status","destination"')
+    assert [line.split(",")[4] for line in lines[1:]] == ['"P/S/a.dcm"', '"P/S/b.dcm"']

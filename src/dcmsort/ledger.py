@@ -171,3 +171,25 @@ def placed_destinations(ledger: pa.Table) -> pa.Array:
     """Every destination holding a placed file (each once)."""
     placed = ledger.filter(pc.equal(ledger["status"], PLACED))
     return pc.unique(placed["destination"])
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Print every placement as CSV: where each input file version went."""
+    import argparse
+    import sys
+
+    import pyarrow.csv as pacsv
+
+    parser = argparse.ArgumentParser(
+        prog="python -m dcmsort.ledger",
+        description="Print the ledger (every placement confirmed on disk) as CSV.",
+    )
+    parser.add_argument("state_dir", type=Path, help="output_dir/.dcmsort, or your state_dir")
+    args = parser.parse_args(argv)
+    columns = [*SOURCE_KEY, "status", "destination", "digest", "mode", "committed_at"]
+    pacsv.write_csv(read(args.state_dir, columns), sys.stdout.buffer)
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -187,7 +187,10 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("state_dir", type=Path, help="output_dir/.dcmsort, or your state_dir")
     args = parser.parse_args(argv)
     columns = [*SOURCE_KEY, "status", "destination", "digest", "mode", "committed_at"]
-    pacsv.write_csv(read(args.state_dir, columns), sys.stdout.buffer)
+    try:
+        pacsv.write_csv(read(args.state_dir, columns), sys.stdout.buffer)
+    except BrokenPipeError:  # `| head`: the reader has all it wanted
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
     return 0
 
 

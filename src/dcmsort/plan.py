@@ -256,11 +256,6 @@ class Names:
             resolved = f"{resolved}/{candidate}" if resolved else candidate
         return resolved
 
-    def is_free_folder(self, path: str) -> bool:
-        """No component of path is held yet (under case folding)."""
-        head, _, leaf = path.rpartition("/")
-        return fold(leaf) not in self._folder(self.folder_path(head) if head else "")
-
     def claim_file(self, folder: str, name: str, adopt: Callable[[str], bool]) -> tuple[str, bool]:
         """A free name for a file in folder, or a held one whose file ``adopt`` accepts
         (already holds this content). Returns (destination, adopted). Linear in the names

@@ -128,6 +128,15 @@ class Row:
     index: int = -1
 
 
+def plan_rows(plan: pa.Table) -> list[Row]:
+    """The rows of a plan table to carry out, each knowing its position in the table."""
+    fields = ["relpath", "size", "mtime_ns", "action", "destination", "digest"]
+    return [
+        Row(*values, index=i)
+        for i, values in enumerate(zip(*(plan[f].to_pylist() for f in fields), strict=True))
+    ]
+
+
 class OutputTree:
     """Folders of output_dir, opened and created one component at a time, never through a
     link: ``O_NOFOLLOW`` makes a link (or a file) where a folder should be an error. A
@@ -434,11 +443,7 @@ def settle(plan_file: Path, input_dir: Path, output_dir: Path, state_dir: Path, 
         return 0
     if plan.num_rows == 0 or not output_dir.is_dir():
         return 0
-    fields = ["relpath", "size", "mtime_ns", "action", "destination", "digest"]
-    rows = [
-        Row(*values, index=i)
-        for i, values in enumerate(zip(*(plan[f].to_pylist() for f in fields), strict=True))
-    ]
+    rows = plan_rows(plan)
     tree = OutputTree(output_dir)
     found: list[Outcome] = []
     placed: set[str] = set()
@@ -502,11 +507,7 @@ def transfer_plan(
     """Carry out every pending plan row and commit what is in place; one result per row."""
     settle(plan_file, input_dir, output_dir, state_dir, mode)  # after a killed transfer
     plan = pending_rows(read_parquet(plan_file), ledger.read(state_dir, ledger.SOURCE_KEY))
-    fields = ["relpath", "size", "mtime_ns", "action", "destination", "digest"]
-    rows = [
-        Row(*values, index=i)
-        for i, values in enumerate(zip(*(plan[f].to_pylist() for f in fields), strict=True))
-    ]
+    rows = plan_rows(plan)
     committed_before = plan["committed"].to_pylist()
     placing = [r for r in rows if r.action != "duplicate"]
     tree = OutputTree(output_dir)

@@ -32,7 +32,7 @@ from pydicom import config as pydicom_config
 from pydicom.datadict import dictionary_VR, tag_for_keyword
 from pydicom.multival import MultiValue
 
-from dcmsort import inventory, permissions
+from dcmsort import inventory, permissions, scanner
 from dcmsort.fileops import atomic_path, read_parquet
 from dcmsort.progress import Progress, peak_rss_mb
 
@@ -120,8 +120,11 @@ def split_keywords(keywords: list[str]) -> tuple[list[str], list[str]]:
     return [k for k, _, _ in dataset], list(dict.fromkeys(FILE_META_TAGS + meta))
 
 
+_UID_CHARACTERS = frozenset("0123456789.")
+
+
 def _looks_like_uid(value: str | None) -> bool:
-    return bool(value) and len(value) <= 64 and all(c.isdigit() or c == "." for c in value)
+    return bool(value) and len(value) <= 64 and _UID_CHARACTERS.issuperset(value)
 
 
 # Values of these VRs are ASCII by definition: decoded here from the raw bytes, exactly as
@@ -134,11 +137,20 @@ _SPLIT_TEXT_VRS = frozenset({"LO", "SH", "PN", "UC"})
 _TEXT_VRS = frozenset({"LT", "ST", "UT"})
 
 
-def _fast_text(raw: bytes, vr: str) -> str | None:
-    """The value as pydicom would print it, or None when pydicom must decode it."""
-    if not raw.isascii() or b"\x1b" in raw:
+def _fast_text(raw: bytes, vr: str, codec: str | None = None) -> str | None:
+    """The value as pydicom would print it, or None when pydicom must decode it. ``codec``:
+    the single-byte or UTF-8 character set that text values are in, when known."""
+    if b"\x1b" in raw:
         return None
-    text = raw.decode("ascii")
+    if raw.isascii():
+        text = raw.decode("ascii")
+    elif codec is not None and (vr in _SPLIT_TEXT_VRS or vr in _TEXT_VRS):
+        try:
+            text = raw.decode(codec)
+        except UnicodeDecodeError:
+            return None  # pydicom decodes with replacement characters (and warns)
+    else:
+        return None
     if vr in _ASCII_VRS:
         return text.rstrip(" \x00")
     if vr in _NUMBER_VRS:
@@ -230,6 +242,84 @@ def _read(path: str, keywords: list[str]) -> tuple[pydicom.Dataset | None, bool,
         return dataset, False, size
 
 
+@cache
+def _scan_plan(keywords: tuple[str, ...]) -> scanner.Wanted | None:
+    """What the scanner looks for, or None when a keyword's VR is one it leaves to pydicom
+    (only values ``_fast_text`` prints as pydicom does are scanned)."""
+    dataset_tags, meta_keywords = _tags(keywords)
+    meta = dict.fromkeys(FILE_META_TAGS + meta_keywords + ["MediaStorageSOPInstanceUID"])
+    dataset = {tag: (keyword, vr) for keyword, tag, vr in dataset_tags}
+    dataset[_CHARACTER_SET_TAG] = (_CHARACTER_SET, "CS")
+    meta_tags = {_META_TAG[k][0]: (k, _META_TAG[k][1]) for k in meta}
+    if any(vr not in _SCANNED_VRS for _, vr in [*dataset.values(), *meta_tags.values()]):
+        return None
+    return scanner.Wanted(dataset, meta_tags)
+
+
+_SCANNED_VRS = _ASCII_VRS | _NUMBER_VRS | _SPLIT_TEXT_VRS | _TEXT_VRS
+_CHARACTER_SET, _CHARACTER_SET_TAG = "SpecificCharacterSet", 0x00080005
+# Character sets decoded here without escape sequences, as pydicom names their codecs.
+_CODECS = {b"ISO_IR 100": "latin_1", b"ISO_IR 192": "UTF8"}
+# Most headers end well within this; a longer one is read again up to CHUNK_BYTES.
+FIRST_READ_BYTES = 16384
+
+
+def _scanned_header(path: str, keywords: list[str]) -> dict[str, str | None] | None:
+    """read_header's result for the usual sortable file, from the scanner; None for
+    anything else (then pydicom reads it, and decides any skip reason)."""
+    wanted = _scan_plan(tuple(keywords))
+    if wanted is None:
+        return None
+    try:
+        fd = os.open(path, os.O_RDONLY)
+    except OSError:
+        return None
+    try:
+        data = os.read(fd, FIRST_READ_BYTES)
+        try:
+            found = scanner.scan(data, wanted, len(data) < FIRST_READ_BYTES)
+        except scanner.NeedMore:
+            data += os.read(fd, CHUNK_BYTES - len(data))
+            try:
+                found = scanner.scan(data, wanted, len(data) < CHUNK_BYTES)
+            except scanner.NeedMore:
+                return None
+    except OSError:
+        return None
+    finally:
+        os.close(fd)
+    if found is None:
+        return None
+    values, meta = found
+    character_set = values.get(_CHARACTER_SET)
+    codec = _CODECS.get(character_set.rstrip(b" \x00")) if character_set else None
+    result: dict[str, str | None] = {}
+    for raw, (keyword, vr) in [
+        *((values.get(k), (k, vr)) for k, vr in wanted.dataset.values()),
+        *((meta.get(k), (k, vr)) for k, vr in wanted.meta.values()),
+    ]:
+        if raw is None:
+            result[keyword] = None
+            continue
+        text = _fast_text(raw, vr, codec)
+        if text is None:
+            return None
+        result[keyword] = text if text.strip() else None
+    if _CHARACTER_SET not in keywords:
+        del result[_CHARACTER_SET]
+    instance_in_meta = result.pop("MediaStorageSOPInstanceUID")
+    if "MediaStorageSOPInstanceUID" in keywords:
+        result["MediaStorageSOPInstanceUID"] = instance_in_meta
+    if "SOPInstanceUID" in result and not result["SOPInstanceUID"]:
+        # Part 10 repeats the instance UID in the file meta; anonymisers keep it.
+        result["SOPInstanceUID"] = instance_in_meta
+    if DICOMDIR_SOP_CLASS in (result.get("MediaStorageSOPClassUID"), result.get("SOPClassUID")):
+        return None
+    if not any(_looks_like_uid(result.get(k)) for k in _IDENTIFYING_UIDS):
+        return None
+    return {**result, "skip_reason": None}
+
+
 def read_header(path: str, keywords: list[str]) -> dict[str, str | None]:
     """The requested tags of one file (file-meta keywords from its file meta), plus
     ``skip_reason`` (None when it is sortable DICOM).
@@ -239,6 +329,10 @@ def read_header(path: str, keywords: list[str]) -> dict[str, str | None]:
     them), or any file carrying a SOP, series or study UID. Never raises for a bad file:
     the reason goes into the result instead.
     """
+    return _scanned_header(path, keywords) or _header_by_pydicom(path, keywords)
+
+
+def _header_by_pydicom(path: str, keywords: list[str]) -> dict[str, str | None]:
     dataset_tags, meta_keywords = _tags(tuple(keywords))
     wanted = [keyword for keyword, _, _ in dataset_tags]
     result: dict[str, str | None] = dict.fromkeys(wanted + FILE_META_TAGS + meta_keywords)

@@ -2,6 +2,7 @@
 import logging
 import shlex
 import sys
+import threading
 import time
 from functools import cache
 from pathlib import Path
@@ -145,7 +146,17 @@ onstart:
         )
 
 
+def stop_rate_limit_timers():
+    """Snakemake starts a 1 s threading.Timer after each scheduling pass (its job rate
+    limit, --max-jobs-per-timespan), and Python waits for the last one at exit: up to 1 s
+    added to every run. Called once the run is over, when they have nothing left to do."""
+    for thread in threading.enumerate():
+        if isinstance(thread, threading.Timer):
+            thread.cancel()
+
+
 onsuccess:
+    stop_rate_limit_timers()
     if status.status_of(STATE) == status.RUNNING:
         status.mark(
             STATE,
@@ -200,6 +211,7 @@ if workflow.is_main_process:
 
 
 onerror:
+    stop_rate_limit_timers()
     status.mark(
         STATE,
         status.FAILED,

@@ -5,7 +5,8 @@ folder it writes one parquet manifest, one row per file, and it reads a header o
 file is new or changed: rows of unchanged files (same path, size and mtime) are taken from the
 folder's previous manifest. Then it writes the batch manifest the plan stage reads.
 
-Imports pydicom and pyarrow only (no pandas): this is the job that runs many times.
+Imports pyarrow, and pydicom only once a file needs it: the scanner reads the usual file
+without it. No pandas: this is the job that runs many times.
 """
 
 from __future__ import annotations
@@ -23,24 +24,34 @@ from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from functools import cache, partial
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.parquet as pq
-import pydicom
-from pydicom import config as pydicom_config
-from pydicom.datadict import dictionary_VR, tag_for_keyword
-from pydicom.multival import MultiValue
 
-from dcmsort import inventory, permissions, scanner
+from dcmsort import dictionary, inventory, permissions, scanner
 from dcmsort.fileops import atomic_path, read_parquet
 from dcmsort.progress import Progress, peak_rss_mb
 
+if TYPE_CHECKING:
+    import pydicom
+
 log = logging.getLogger("dcmsort.headers")
 
-# Values are recorded as text, never trusted: validating them on read only costs time and
-# fills logs with warnings about the very files this tool exists to cope with.
-pydicom_config.settings.reading_validation_mode = pydicom_config.IGNORE
+
+@cache
+def _pydicom():
+    """pydicom, imported when a file first needs it (~0.26 s)."""
+    import pydicom
+    from pydicom import config
+
+    # Values are recorded as text, never trusted: validating them on read only costs time
+    # and fills logs with warnings about the very files this tool exists to cope with.
+    config.settings.reading_validation_mode = config.IGNORE
+    return pydicom
+
+
 _CHUNK = 32  # files per task handed to a worker
 
 # Tags every manifest has; templates may add more keywords.
@@ -83,6 +94,8 @@ SKIP_REASONS = {
 def _text(value: object) -> str | None:
     if value is None:
         return None
+    from pydicom.multival import MultiValue
+
     if isinstance(value, MultiValue | list | tuple):
         return "\\".join(str(v) for v in value)
     text = str(value)
@@ -95,18 +108,17 @@ def _tags(keywords: tuple[str, ...]) -> tuple[list[tuple[str, int, str]], list[s
     a template may ask for either, and file-meta keywords are read from the file meta."""
     dataset, meta = [], []
     for keyword in dict.fromkeys(keywords):
-        tag = tag_for_keyword(keyword)
+        tag = dictionary.tag_for_keyword(keyword)
         if tag >> 16 == 0x0002:
             meta.append(keyword)
         else:
-            dataset.append((keyword, tag, dictionary_VR(tag)))
+            dataset.append((keyword, tag, dictionary.vr_for_keyword(keyword)))
     return dataset, meta
 
 
 class _MetaTags(dict):
     def __missing__(self, keyword: str) -> tuple[int, str]:
-        tag = tag_for_keyword(keyword)
-        self[keyword] = (tag, dictionary_VR(tag))
+        self[keyword] = (dictionary.tag_for_keyword(keyword), dictionary.vr_for_keyword(keyword))
         return self[keyword]
 
 
@@ -199,7 +211,9 @@ def _parse(data: bytes, tags: list[str], force: bool, whole: bool) -> pydicom.Da
     data is the entire file, so whatever is parsed is all there is)."""
     buffer = io.BytesIO(data)
     try:
-        dataset = pydicom.dcmread(buffer, stop_before_pixels=True, specific_tags=tags, force=force)
+        dataset = _pydicom().dcmread(
+            buffer, stop_before_pixels=True, specific_tags=tags, force=force
+        )
     except Exception:
         if whole:
             raise
@@ -229,7 +243,9 @@ def _read(path: str, keywords: list[str]) -> tuple[pydicom.Dataset | None, bool,
             dataset = _parse(data, keywords, False, len(data) >= size)
             if dataset is None:  # a long header: parse it from the file
                 handle.seek(0)
-                dataset = pydicom.dcmread(handle, stop_before_pixels=True, specific_tags=keywords)
+                dataset = _pydicom().dcmread(
+                    handle, stop_before_pixels=True, specific_tags=keywords
+                )
             return dataset, True, size
         # Forced reads of junk make pydicom warn about what it guesses; the skip reason
         # says what matters, so the job log is not flooded.

@@ -17,6 +17,8 @@ from collections.abc import Mapping
 from dataclasses import dataclass
 from functools import cache
 
+from dcmsort import dictionary
+
 REPLACEMENT = "_"
 MARKER = "~"
 # 255 bytes is the limit of ext4, APFS and NTFS (NTFS counts UTF-16 units; 255 UTF-8 bytes
@@ -146,10 +148,7 @@ def render_person_name(value: str) -> str:
 
 @cache
 def _is_person_name(keyword: str) -> bool:
-    from pydicom.datadict import dictionary_VR, tag_for_keyword
-
-    tag = tag_for_keyword(keyword)
-    return tag is not None and dictionary_VR(tag) == "PN"
+    return dictionary.vr_for_keyword(keyword) == "PN"
 
 
 @cache
@@ -168,8 +167,6 @@ def template_fields(template: str) -> list[tuple[str, str]]:
 
 def template_problems(template: str) -> list[str]:
     """Why a template cannot be used (empty list when it can)."""
-    from pydicom.datadict import tag_for_keyword
-
     try:
         fields = template_fields(template)
     except ValueError as error:
@@ -180,7 +177,7 @@ def template_problems(template: str) -> list[str]:
     for field, _ in fields:
         if not field:
             problems.append("has an empty field '{}'")
-        elif field not in FILE_FIELDS and tag_for_keyword(field) is None:
+        elif field not in FILE_FIELDS and dictionary.tag_for_keyword(field) is None:
             problems.append(
                 f"uses '{{{field}}}', which is not a DICOM keyword "
                 f"(examples: PatientID, SeriesNumber, StudyDate) nor one of {sorted(FILE_FIELDS)}"

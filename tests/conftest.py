@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import csv
 import hashlib
 import json
 import os
@@ -9,7 +10,6 @@ import subprocess
 from dataclasses import dataclass, field
 from pathlib import Path
 
-import pandas as pd
 import pytest
 
 from dcmsort import demo, inventory, ledger, report
@@ -122,7 +122,7 @@ class Sorter:
             raise AssertionError(f"snakemake failed ({proc.returncode}):\n{result.output[-4000:]}")
         return result
 
-    def outcomes(self) -> pd.DataFrame:
+    def outcomes(self) -> Outcomes:
         """One row per current input file: relpath, action (sort, duplicate, skip),
         destination, reason, conflict; from the ledger and skipped.csv, as a user would
         read them."""
@@ -154,73 +154,90 @@ def input_files(input_dir: Path) -> dict[str, os.stat_result | None]:
     return found
 
 
-def outcomes(input_dir: Path, output_dir: Path, state: Path) -> pd.DataFrame:
-    committed = ledger.read(state).to_pandas()
+class Outcomes(list[dict]):
+    """Outcome rows, one dict per input file with the keys relpath, action (sort, duplicate,
+    skip), destination, reason, conflict, size and SOPInstanceUID (None where not set)."""
+
+    def column(self, name: str) -> list:
+        return [row[name] for row in self]
+
+    def where(self, **equal: object) -> Outcomes:
+        """The rows whose values equal the ones given, e.g. ``where(action="sort")``."""
+        return Outcomes(row for row in self if all(row[k] == v for k, v in equal.items()))
+
+    def by_relpath(self) -> dict[str, dict]:
+        """The rows by relpath (a file with two outcomes fails the test)."""
+        rows = {row["relpath"]: row for row in self}
+        assert len(rows) == len(self), "a file has two outcomes"
+        return rows
+
+
+def outcomes(input_dir: Path, output_dir: Path, state: Path) -> Outcomes:
+    committed = ledger.read(state)
     current = {
-        (relpath, info.st_size, info.st_mtime_ns): relpath
+        (relpath, info.st_size, info.st_mtime_ns)
         for relpath, info in input_files(input_dir).items()
         if info is not None
     }
-    keys = list(zip(committed["relpath"], committed["size"], committed["mtime_ns"], strict=True))
-    live = committed[[key in current for key in keys]].drop_duplicates("relpath", keep="last")
-    placed = report.placements(ledger.read(state))
+    # The last committed row of each input file that is still there as it was committed.
+    live = {
+        r["relpath"]: r
+        for r in committed.to_pylist()
+        if (r["relpath"], r["size"], r["mtime_ns"]) in current
+    }
+    placed = report.placements(committed)
     conflicted = set(report.conflicted(placed)["destination"].to_pylist())
-    skipped = pd.read_csv(state / "skipped.csv", keep_default_na=False, dtype=str)
-    rows = [
-        {
-            "relpath": r.relpath,
-            "action": "sort" if r.status == ledger.PLACED else "duplicate",
-            "destination": r.destination,
-            "reason": None,
-            "conflict": r.status == ledger.PLACED and r.destination in conflicted,
-            "size": r.size,
-            "SOPInstanceUID": r.sop_uid,
-        }
-        for r in live.itertuples()
-    ] + [
-        {
-            "relpath": r.relpath,
-            "action": "skip",
-            "destination": None,
-            "reason": r.reason,
-            "conflict": False,
-            "size": int(r.size),
-            "SOPInstanceUID": None,
-        }
-        for r in skipped.itertuples()
-    ]
-    return pd.DataFrame(
-        rows,
-        columns=[
-            "relpath",
-            "action",
-            "destination",
-            "reason",
-            "conflict",
-            "size",
-            "SOPInstanceUID",
-        ],
+    with open(state / "skipped.csv", newline="", encoding="utf-8") as f:
+        skipped = list(csv.DictReader(f))
+    return Outcomes(
+        [
+            {
+                "relpath": r["relpath"],
+                "action": "sort" if r["status"] == ledger.PLACED else "duplicate",
+                "destination": r["destination"],
+                "reason": None,
+                "conflict": r["status"] == ledger.PLACED and r["destination"] in conflicted,
+                "size": r["size"],
+                "SOPInstanceUID": r["sop_uid"],
+            }
+            for r in live.values()
+        ]
+        + [
+            {
+                "relpath": r["relpath"],
+                "action": "skip",
+                "destination": None,
+                "reason": r["reason"],
+                "conflict": False,
+                "size": int(r["size"]),
+                "SOPInstanceUID": None,
+            }
+            for r in skipped
+        ]
     )
 
 
-def assert_every_file_accounted_for(sorter: Sorter) -> pd.DataFrame:
+def assert_every_file_accounted_for(sorter: Sorter) -> Outcomes:
     """The central invariant: every input file's content is at its destination,
     byte-identical (placed, or a duplicate of a placed file), or the file is skipped with a
     reason; and every placement the ledger holds is on disk. Returns the outcomes."""
     result = sorter.outcomes()
     inputs = set(input_files(sorter.input_dir))
-    assert set(result["relpath"]) == inputs, (
-        f"not accounted for: {sorted(inputs - set(result['relpath']))[:5]}, "
-        f"unknown: {sorted(set(result['relpath']) - inputs)[:5]}"
+    relpaths = result.column("relpath")
+    assert set(relpaths) == inputs, (
+        f"not accounted for: {sorted(inputs - set(relpaths))[:5]}, "
+        f"unknown: {sorted(set(relpaths) - inputs)[:5]}"
     )
-    assert result["relpath"].is_unique, "a file has two outcomes"
-    placed = result[result["action"] == "sort"]
-    assert placed["destination"].is_unique, "two current files were given one destination"
-    for row in result[result["action"] != "skip"].itertuples():
-        destination = sorter.output_dir / row.destination
-        source = Path(inventory.source_path(sorter.input_dir, row.relpath))
-        assert destination.is_file(), f"{row.relpath} missing at {row.destination}"
-        assert destination.read_bytes() == source.read_bytes(), row.relpath
+    assert len(set(relpaths)) == len(relpaths), "a file has two outcomes"
+    placed = result.where(action="sort").column("destination")
+    assert len(set(placed)) == len(placed), "two current files were given one destination"
+    for row in result:
+        if row["action"] == "skip":
+            continue
+        destination = sorter.output_dir / row["destination"]
+        source = Path(inventory.source_path(sorter.input_dir, row["relpath"]))
+        assert destination.is_file(), f"{row['relpath']} missing at {row['destination']}"
+        assert destination.read_bytes() == source.read_bytes(), row["relpath"]
         # Inside output_dir by its path (a symlink's target is the input, by design).
         assert Path(os.path.normpath(destination)).is_relative_to(sorter.output_dir)
         assert not any(
@@ -230,6 +247,6 @@ def assert_every_file_accounted_for(sorter: Sorter) -> pd.DataFrame:
         )
     for destination in report.placements(ledger.read(sorter.state))["destination"].to_pylist():
         assert os.path.lexists(sorter.output_dir / destination), f"ledger lies: {destination}"
-    skipped = result[result["action"] == "skip"]
-    assert skipped["reason"].notna().all() and (skipped["reason"].str.len() > 0).all()
+    skipped = result.where(action="skip")
+    assert all(isinstance(r, str) and r for r in skipped.column("reason")), "skip without reason"
     return result

@@ -125,7 +125,7 @@ def test_touching_a_placed_file_that_has_a_twin_does_not_make_it_a_duplicate(sor
     after = sorter.summary()
     result = assert_every_file_accounted_for(sorter)
     assert (after["files_sorted"], after["duplicates"]) == (1, 1), after
-    assert sorted(result["action"]) == ["duplicate", "sort"]
+    assert sorted(result.column("action")) == ["duplicate", "sort"]
 
 
 # --- 4. a sorted copy removed by hand: every later run fails -------------------------------

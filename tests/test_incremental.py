@@ -53,11 +53,8 @@ def test_new_and_replaced_files_in_an_existing_folder_are_the_only_ones_read(sor
     sorter = sorted_once
     folder = sorter.input_dir / "patient_1" / "study_1" / "series_1"
     replaced = folder / "IM0001.dcm"
-    old_destination = (
-        sorter.outcomes()
-        .set_index("relpath")
-        .loc["patient_1/study_1/series_1/IM0001.dcm", "destination"]
-    )
+    before = sorter.outcomes().by_relpath()
+    old_destination = before["patient_1/study_1/series_1/IM0001.dcm"]["destination"]
     old_copy = (sorter.output_dir / old_destination).read_bytes()
     replaced.write_bytes(replaced.read_bytes() + b"\0\0")  # re-exported: other size
     added = folder / "IM0099.dcm"
@@ -69,10 +66,10 @@ def test_new_and_replaced_files_in_an_existing_folder_are_the_only_ones_read(sor
         "patient_1/study_1/series_1/IM0099.dcm",
         "patient_1/study_1/series_1/IM0002.dcm",
     }  # digest of a duplicate pair
-    plan = assert_every_file_accounted_for(sorter).set_index("relpath")
+    plan = assert_every_file_accounted_for(sorter).by_relpath()
     assert (sorter.output_dir / old_destination).read_bytes() == old_copy  # old copy stays
-    assert plan.loc["patient_1/study_1/series_1/IM0001.dcm", "destination"] != old_destination
-    assert plan.loc["patient_1/study_1/series_1/IM0099.dcm", "action"] == "duplicate"
+    assert plan["patient_1/study_1/series_1/IM0001.dcm"]["destination"] != old_destination
+    assert plan["patient_1/study_1/series_1/IM0099.dcm"]["action"] == "duplicate"
 
 
 def test_a_removed_source_keeps_its_sorted_copy_and_is_reported(sorted_once):

@@ -43,9 +43,9 @@ def all_inputs(root: Path) -> set[str]:
 def assert_accounted_for(sorter) -> dict:
     """The central invariant (conftest), plus portable names. Returns rows by relpath."""
     result = assert_every_file_accounted_for(sorter)
-    for destination in result["destination"].dropna():
+    for destination in [d for d in result.column("destination") if d is not None]:
         assert all(naming.is_safe_component(part) for part in destination.split("/"))
-    return {row["relpath"]: row for row in result.to_dict("records")}
+    return result.by_relpath()
 
 
 # --- item 4: names that are not UTF-8 ------------------------------------------------------
@@ -222,12 +222,13 @@ def test_link_loops_and_too_long_paths_are_reported_as_what_they_are(sorter):
     finally:
         os.close(deep)
     sorter.run()
-    plan = sorter.outcomes().set_index("relpath")
-    assert plan.loc["p/IM1.dcm", "action"] == "sort"
-    assert plan.loc["p/loop", "reason"] == headers.SKIP_REASONS[inventory.SYMLINK_LOOP]
-    too_long = plan[plan["reason"].fillna("").str.contains("longer than the system allows")]
-    assert len(too_long) == 1 and too_long.index[0].startswith("00ddd")
-    assert "could not be listed" in too_long["reason"].iloc[0]
+    plan = sorter.outcomes()
+    by_relpath = plan.by_relpath()
+    assert by_relpath["p/IM1.dcm"]["action"] == "sort"
+    assert by_relpath["p/loop"]["reason"] == headers.SKIP_REASONS[inventory.SYMLINK_LOOP]
+    too_long = [r for r in plan if "longer than the system allows" in (r["reason"] or "")]
+    assert len(too_long) == 1 and too_long[0]["relpath"].startswith("00ddd")
+    assert "could not be listed" in too_long[0]["reason"]
 
 
 def test_walk_reports_a_file_whose_full_path_is_too_long(tmp_path):

@@ -291,12 +291,12 @@ def test_nothing_dcmsort_writes_is_more_open_than_the_input_or_the_output(
             assert mode & ~state_limit == 0 and mode & 0o600 == 0o600, (path, oct(mode))
     for name in ("run.lock", "history.jsonl"):  # opened in place by the next run
         assert mode_of(sorter.state / name) == state_limit
-    for row in plan[plan["action"] == "sort"].itertuples():
-        source, placed = sorter.input_dir / row.relpath, sorter.output_dir / row.destination
+    for row in plan.where(action="sort"):
+        source, placed = sorter.input_dir / row["relpath"], sorter.output_dir / row["destination"]
         if transfer_mode == "copy":
-            assert mode_of(placed) == copy_mode(mode_of(source), run_umask_), row.destination
+            assert mode_of(placed) == copy_mode(mode_of(source), run_umask_), row["destination"]
         elif transfer_mode == "hardlink":
             assert os.stat(placed).st_ino == os.stat(source).st_ino
         else:
             assert os.readlink(placed) == str(source)
-    assert {mode_of(sorter.input_dir / r) for r in plan["relpath"]} == {0o600, 0o640}
+    assert {mode_of(sorter.input_dir / r) for r in plan.column("relpath")} == {0o600, 0o640}

@@ -344,18 +344,17 @@ class World:
 
         # Every input: its content at its destination, or skipped with a reason.
         result = outcomes(self.input, self.output, self.state)
-        assert result["relpath"].is_unique, "a file has two outcomes"
-        by_path = {r.relpath: r for r in result.itertuples()}
+        by_path = result.by_relpath()  # asserts that no file has two outcomes
         for relpath, data in self.inputs.items():
             if relpath in changed:
                 continue  # changed while the run went on: the next run sorts it
             row = by_path.get(relpath)
             assert row is not None, f"lost: {relpath} is neither sorted nor skipped"
-            if row.action == "skip":
-                assert row.reason, relpath
+            if row["action"] == "skip":
+                assert row["reason"], relpath
             else:
-                destination = self.output / row.destination
-                assert destination.is_file(), f"{relpath}: nothing at {row.destination}"
+                destination = self.output / row["destination"]
+                assert destination.is_file(), f"{relpath}: nothing at {row['destination']}"
                 assert destination.read_bytes() == data, f"{relpath}: other bytes at dest."
 
         # The ledger names only what is there; the tree holds only what the ledger names
@@ -389,7 +388,7 @@ class World:
             1 for data in ours.values() if sops[self.sop_of[digest(data)]] > 1
         )
         if not changed:
-            actions = Counter(result["action"])
+            actions = Counter(result.column("action"))
             assert summary["input_files"] == len(self.inputs)
             assert summary["duplicates"] == actions["duplicate"]
             assert summary["skipped"] == actions["skip"]

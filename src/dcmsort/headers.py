@@ -277,7 +277,7 @@ _CHARACTER_SET, _CHARACTER_SET_TAG = "SpecificCharacterSet", 0x00080005
 # Character sets decoded here without escape sequences, as pydicom names their codecs.
 _CODECS = {b"ISO_IR 100": "latin_1", b"ISO_IR 192": "UTF8"}
 # Most headers end well within this; a longer one is read again up to CHUNK_BYTES.
-FIRST_READ_BYTES = 16384
+FIRST_READ_BYTES = 16 * 1024
 
 
 def _scanned_header(path: str, keywords: list[str]) -> dict[str, str | None] | None:

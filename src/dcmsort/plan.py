@@ -85,6 +85,8 @@ PLAN_SCHEMA = pa.schema(
         *[(tag, pa.string()) for tag in PLAN_TAGS],
     ]
 )
+# What Planner.decide returns for each row; the other plan columns are the row's own.
+DECISIONS = ("action", "destination", "committed", "digest", "base_folder", "conflict", "reason")
 DUPLICATE_REASON = "identical to the file already sorted at this destination"
 PRESENT_REASON = "its content is already at this destination"
 _CHUNK = 5_000  # new rows turned into Python values at a time (bounds memory)
@@ -388,6 +390,7 @@ class Renderer:
     def __init__(self, settings: Naming):
         self.settings = settings
         self._folder_fields = [f for f, _ in naming.template_fields(settings.folder_template)]
+        self._file_fields = [f for f, _ in naming.template_fields(settings.file_template)]
         self._cache: dict[tuple, str] = {}
         # The manifest columns the folder template reads.
         self.folder_columns = list(
@@ -398,11 +401,16 @@ class Renderer:
         )
 
     @staticmethod
-    def values(row: dict) -> dict[str, str]:
-        values = {k: v for k, v in row.items() if isinstance(v, str)}
-        if "relpath" in row:
-            values["filename"] = inventory.file_name(row["relpath"])
-        values["input_folder"] = inventory.decode_name(row.get("folder") or "")
+    def values(row: dict, fields: list[str]) -> dict[str, str]:
+        """The template values of one row: only its fields, each found once."""
+        values = {}
+        for field_name in fields:
+            if field_name == "filename":
+                values[field_name] = inventory.file_name(row["relpath"])
+            elif field_name == "input_folder":
+                values[field_name] = inventory.decode_name(row.get("folder") or "")
+            elif isinstance(value := row.get(field_name), str):
+                values[field_name] = value
         return values
 
     def base_folder(self, row: dict) -> str:
@@ -414,18 +422,22 @@ class Renderer:
         )
         if key not in self._cache:
             self._cache[key] = naming.render_path(
-                self.settings.folder_template, self.values(row), self.settings.placeholder
+                self.settings.folder_template,
+                self.values(row, self._folder_fields),
+                self.settings.placeholder,
             )
         return self._cache[key]
 
     def file_name(self, row: dict) -> str:
         rendered = naming.render_path(
-            self.settings.file_template, self.values(row), self.settings.placeholder
+            self.settings.file_template,
+            self.values(row, self._file_fields),
+            self.settings.placeholder,
         )
         return rendered.replace("/", "_")
 
 
-def _ordered_chunks(new: pa.Table) -> Iterator[list[dict]]:
+def _ordered_chunks(new: pa.Table) -> Iterator[pa.Table]:
     """New rows in planning order, a chunk of dicts at a time: by study date, study, series,
     then the file a person would keep of two identical ones (the shorter file name, then
     path order): ``IM1.dcm`` before ``copy_of_IM1.dcm`` and ``IM1 (2).dcm``."""
@@ -438,7 +450,7 @@ def _ordered_chunks(new: pa.Table) -> Iterator[list[dict]]:
         ],
     )
     for start in range(0, len(order), _CHUNK):
-        yield new.take(order[start : start + _CHUNK]).to_pylist()
+        yield new.take(order[start : start + _CHUNK])
 
 
 @dataclass
@@ -579,12 +591,9 @@ def make_plan(
     # values for one chunk of rows, not for every new file.
     tables = [PLAN_SCHEMA.empty_table()]
     for chunk in _ordered_chunks(new):
-        decisions = [planner.decide(row) for row in chunk]
+        decisions = [planner.decide(row) for row in chunk.to_pylist()]
         columns = {
-            name: [
-                d[name] if name in d else row.get(name)
-                for d, row in zip(decisions, chunk, strict=True)
-            ]
+            name: [d[name] for d in decisions] if name in DECISIONS else chunk[name]
             for name in PLAN_SCHEMA.names
         }
         tables.append(pa.table(columns, schema=PLAN_SCHEMA))

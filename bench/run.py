@@ -10,9 +10,11 @@
 For each shape it generates data with the project's generator and measures wall time, CPU
 time (user + sys of every process started) and peak RSS of:
 ``cp -r`` (the copy floor), a header-only pydicom read of every file (the parse floor),
-``dcm2niix -r y`` (the fastest tool users have today), dcmsort in copy and hardlink modes,
-dcmsort's no-op rerun, its rerun after 1 % new folders, and a bare Snakemake no-op (a
-one-rule workflow with nothing to do: what any Snakemake run costs). Each is repeated
+``dcm2niix -r y`` (the fastest tool users have today), the seed's script
+(bench/seed_script.py: a process per patient folder, pydicom and shutil.copy, as its
+write-up describes), dcmsort in copy and hardlink modes, dcmsort's no-op rerun, its rerun
+after 1 % new folders, and a bare Snakemake no-op (a one-rule workflow with nothing to do:
+what any Snakemake run costs). Each is repeated
 (``--repeat``), contenders alternating, and reported as median (min-max): single runs on a
 shared machine vary several-fold. The page cache is warm for all.
 
@@ -230,6 +232,17 @@ def run_shape(name: str, out: Path, cores: int, repeat: int) -> dict:
                     [dcm2niix, *DCM2NIIX_FLAGS, str(base / "dcm2niix"), str(source)],
                 )
                 shutil.rmtree(base / "dcm2niix", ignore_errors=True)
+            shutil.rmtree(base / "seed", ignore_errors=True)
+            record(
+                "seed script (a process per folder)",
+                [
+                    sys.executable,
+                    str(REPO / "bench" / "seed_script.py"),
+                    str(source),
+                    str(base / "seed"),
+                ],
+            )
+            shutil.rmtree(base / "seed", ignore_errors=True)
             link_out, link_work = base / "link", base / "work-link"
             for folder in (link_out, link_work):
                 shutil.rmtree(folder, ignore_errors=True)
@@ -316,6 +329,8 @@ def ratios(summary: dict) -> list[tuple[str, float, float]]:
         )
     if "dcm2niix -r y" in r:
         rows.append(("copy / dcm2niix -r y", copy / wall("dcm2niix -r y"), 1.0))
+    if "seed script (a process per folder)" in r:
+        rows.append(("copy / seed script", copy / wall("seed script (a process per folder)"), 1.0))
     rows.append(("copy: CPU / wall (cores busy)", r["dcmsort copy"]["cpu_s"]["median"] / copy, 1.8))
     return rows
 

@@ -624,7 +624,9 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s", stream=sys.stderr)
     started = time.perf_counter()
-    # Copying waits on the disk as much as on the CPU: two threads per core keep it busy.
+    # One thread per core: the work is the kernel's (creating and linking files), and more
+    # threads only contend for its locks and the GIL (measured: 4 threads on 2 cores used
+    # ~40 % more CPU than 2, for no less time).
     results = transfer_plan(
         args.plan,
         args.input_dir,
@@ -632,7 +634,7 @@ def main(argv: list[str] | None = None) -> int:
         args.state_dir,
         args.mode,
         args.verify,
-        2 * args.threads,
+        args.threads,
     )
     with atomic_path(args.results) as tmp:
         pq.write_table(results, tmp)

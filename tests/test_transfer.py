@@ -2,7 +2,8 @@
 
 Real files in a temporary folder throughout; faults the disk would have to produce (a short
 write, flipped bytes, a writer appending during the copy) are injected by replacing
-``dcmsort.transfer.copy_range``, the one call that moves the bytes.
+``dcmsort.transfer.copy_range``, the one call that moves the bytes and says how many it
+wrote, or the system calls under it.
 """
 
 from __future__ import annotations
@@ -278,23 +279,80 @@ def test_a_stale_temp_file_from_a_killed_run_is_replaced(job):
     assert list((job.output / "P").iterdir()) == [job.output / "P/IM1"]
 
 
+# --- file systems without renameat2(RENAME_NOREPLACE), or without hard links too -----------
+
+
+def _without(monkeypatch, calls: str) -> None:
+    """A file system refusing renameat2 (EINVAL), and with "link" hard links too (EPERM)."""
+
+    def refused(code: int):
+        def call(*_args, **_kwargs):
+            raise OSError(code, os.strerror(code))
+
+        return call
+
+    monkeypatch.setattr(transfer, "rename_no_replace", refused(errno.EINVAL))
+    if "link" in calls:
+        monkeypatch.setattr(os, "link", refused(errno.EPERM))
+
+
+@pytest.mark.parametrize("calls", ["renameat2", "renameat2 and link"])
+def test_a_copy_is_placed_without_renameat2_and_leaves_no_temp_file(job, monkeypatch, calls):
+    _without(monkeypatch, calls)
+    source = job.add("p/IM1")
+    job.plan(job.row("p/IM1", "P/S/IM1"))
+    assert job.transfer()["p/IM1"]["status"] == COPIED
+    assert (job.output / "P/S/IM1").read_bytes() == source.read_bytes()
+    assert (job.output / "P/S/IM1").stat().st_nlink == 1
+    assert job.temp_files() == []
+
+
+@pytest.mark.parametrize("calls", ["renameat2", "renameat2 and link"])
+@pytest.mark.parametrize("same", [True, False])
+def test_without_renameat2_a_taken_name_is_never_replaced_and_no_temp_file_is_left(
+    job, monkeypatch, calls, same
+):
+    _without(monkeypatch, calls)
+    source = job.add("p/IM1")
+    (job.output / "P").mkdir()
+    held = source.read_bytes() if same else b"someone else's file"
+    (job.output / "P/IM1").write_bytes(held)
+    job.plan(job.row("p/IM1", "P/IM1"))
+    assert job.transfer()["p/IM1"]["status"] == (PRESENT if same else ERROR)
+    assert (job.output / "P/IM1").read_bytes() == held
+    assert job.temp_files() == []
+
+
 # --- a copy is checked before it is linked into place ------------------------------------
 
 
-def test_a_short_copy_is_not_placed_and_not_committed(job, monkeypatch):
-    def short(fd_in, fd_out, size):
-        os.write(fd_out, os.pread(fd_in, size - 7, 0))  # a full disk, say
+def _short_write(fd_in, fd_out, size):
+    return os.write(fd_out, os.pread(fd_in, size - 7, 0))  # a full disk, say
 
-    monkeypatch.setattr(transfer, "copy_range", short)
-    job.add("p/IM1")
+
+def _stops_early(fd_in, fd_out, count, *_args, real=os.copy_file_range):
+    # copy_file_range writes part, then says 0 (no error), as a file system can.
+    return 0 if os.lseek(fd_out, 0, os.SEEK_CUR) else real(fd_in, fd_out, min(count, 100))
+
+
+# copy_range reports what it wrote; the real one counts what copy_file_range says it wrote.
+# The check goes by that count (there is no fstat of the copy).
+@pytest.mark.parametrize("fault", ["copy_range", "copy_file_range"])
+def test_a_short_copy_is_not_placed_and_not_committed(job, monkeypatch, fault):
+    if fault == "copy_range":
+        monkeypatch.setattr(transfer, "copy_range", _short_write)
+    else:
+        monkeypatch.setattr(os, "copy_file_range", _stops_early)
+    size = len(job.add("p/IM1").read_bytes())
     job.plan(job.row("p/IM1", "P/S/IM1"))
     result = job.transfer()["p/IM1"]
-    assert result["status"] == ERROR and "short copy" in result["detail"]
+    written = size - 7 if fault == "copy_range" else 100
+    assert result["status"] == ERROR and f"short copy: {written} of {size}" in result["detail"]
     assert_not_placed(job, "P/S/IM1")
 
 
 def test_a_short_copy_fails_the_job_and_says_so(job, monkeypatch, caplog):
-    monkeypatch.setattr(transfer, "copy_range", lambda fd_in, fd_out, size: None)
+    monkeypatch.setattr(transfer, "copy_range", lambda fd_in, fd_out, size: 0)
     job.add("p/IM1")
     job.plan(job.row("p/IM1", "P/S/IM1"))
     assert job.main() == 1
@@ -306,7 +364,7 @@ def test_a_copy_that_differs_from_its_source_is_not_placed_with_verify_checksum(
     def flipped(fd_in, fd_out, size):
         data = bytearray(os.pread(fd_in, size, 0))
         data[size // 2] ^= 0xFF  # a bad disk or controller: right size, wrong bytes
-        os.write(fd_out, bytes(data))
+        return os.write(fd_out, bytes(data))
 
     monkeypatch.setattr(transfer, "copy_range", flipped)
     job.add("p/IM1")
@@ -337,10 +395,11 @@ def test_a_source_changed_while_it_was_copied_is_not_placed(job, monkeypatch):
     source = job.add("p/IM1")
 
     def copy_while_written(fd_in, fd_out, size):
-        copy_range(fd_in, fd_out, size)
+        written = copy_range(fd_in, fd_out, size)
         with open(source, "r+b") as handle:  # rewritten in place during the copy
             handle.write(b"NEW!")
         os.utime(source, ns=(3_000_000_000, 3_000_000_000))
+        return written
 
     monkeypatch.setattr(transfer, "copy_range", copy_while_written)
     job.plan(job.row("p/IM1", "P/S/IM1"))

@@ -19,24 +19,29 @@ TEMP_SUFFIX = ".dcmsort-tmp"
 MAX_NAME_BYTES = 255  # ext4, XFS, APFS, NTFS (in UTF-16 units), Lustre
 
 
-def temp_path_for(path: Path) -> Path:
-    """The temporary name used while writing path: hidden, in the same folder (so the final
-    rename stays on one file system), and fixed, so a run killed half-way leaves a name the
-    next run recognises and replaces. A name too long for ``.<name>.dcmsort-tmp`` keeps a
-    prefix and a hash of the whole name instead, so it stays within 255 bytes."""
-    name = f".{path.name}{TEMP_SUFFIX}"
-    raw = os.fsencode(name)
-    if len(raw) <= MAX_NAME_BYTES:
-        return path.with_name(name)
-    digest = "~" + hashlib.sha256(os.fsencode(path.name)).hexdigest()[:16]
+def temp_name_for(name: str) -> str:
+    """The temporary name used while writing the file called name: hidden, in the same
+    folder (so the final rename stays on one file system), and fixed, so a run killed
+    half-way leaves a name the next run recognises and replaces. A name too long for
+    ``.<name>.dcmsort-tmp`` keeps a prefix and a hash of the whole name instead, so it stays
+    within 255 bytes."""
+    temp = f".{name}{TEMP_SUFFIX}"
+    if len(os.fsencode(temp)) <= MAX_NAME_BYTES:
+        return temp
+    digest = "~" + hashlib.sha256(os.fsencode(name)).hexdigest()[:16]
     room = MAX_NAME_BYTES - len(os.fsencode(digest + TEMP_SUFFIX))
     # Cut on a character boundary; undecodable bytes of the name are kept as they are.
-    prefix = os.fsencode(path.name)[: room - 1].decode("utf-8", "ignore")
+    prefix = os.fsencode(name)[: room - 1].decode("utf-8", "ignore")
     shortened = f".{prefix}{digest}{TEMP_SUFFIX}"
     while len(os.fsencode(shortened)) > MAX_NAME_BYTES:  # 'ignore' only ever shortens
         prefix = prefix[:-1]
         shortened = f".{prefix}{digest}{TEMP_SUFFIX}"
-    return path.with_name(shortened)
+    return shortened
+
+
+def temp_path_for(path: Path) -> Path:
+    """The temporary path used while writing path (``temp_name_for``, in its folder)."""
+    return path.with_name(temp_name_for(path.name))
 
 
 @contextmanager
@@ -70,9 +75,11 @@ def file_digest(path: str | Path) -> str:
 _NO_COPY_RANGE = {errno.EXDEV, errno.ENOSYS, errno.EINVAL, errno.EOPNOTSUPP, errno.EPERM}
 
 
-def copy_range(fd_in: int, fd_out: int, size: int) -> None:
-    """Copy size bytes between two open files, in the kernel where it can (copy_file_range:
-    no bytes through user space, reflinks where the file system has them)."""
+def copy_range(fd_in: int, fd_out: int, size: int) -> int:
+    """Copy size bytes from the start of fd_in to the start of the empty fd_out, in the
+    kernel where it can (copy_file_range: no bytes through user space, reflinks where the
+    file system has them). Returns how many bytes were written: fewer than size when the
+    input ended early (it shrank); a full disk raises."""
     try:
         left = size
         while left > 0:
@@ -80,6 +87,7 @@ def copy_range(fd_in: int, fd_out: int, size: int) -> None:
             if copied == 0:
                 break
             left -= copied
+        return size - left
     except OSError as error:
         if error.errno not in _NO_COPY_RANGE:
             raise
@@ -88,6 +96,7 @@ def copy_range(fd_in: int, fd_out: int, size: int) -> None:
         os.lseek(fd_out, 0, os.SEEK_SET)
         with open(fd_in, "rb", closefd=False) as src, open(fd_out, "wb", closefd=False) as dst:
             shutil.copyfileobj(src, dst, 1 << 20)
+        return os.fstat(fd_out).st_size
 
 
 _RENAME_NOREPLACE = 1

@@ -62,6 +62,18 @@ def test_names_in_latin1_and_utf8_are_scanned_and_decoded(tmp_path, charset, nam
     assert headers.read_header(str(path), TAGS)["PatientName"] == name
 
 
+def test_single_byte_sets_other_than_latin1_are_left_to_pydicom(tmp_path):
+    """ISO_IR 144 (Cyrillic) "аИ" is the bytes D0 B8, which are also valid UTF-8 ("и")."""
+    path = tmp_path / "f.dcm"
+    write_dicom(path)
+    ds = pydicom.dcmread(path)
+    ds.SpecificCharacterSet = "ISO_IR 144"
+    ds.PatientName = "аИ^аИ"
+    ds.save_as(path, enforce_file_format=True)
+    assert not _same_as_pydicom(path)
+    assert headers.read_header(str(path), TAGS)["PatientName"] == "аИ^аИ"
+
+
 def test_iso2022_names_are_left_to_pydicom(tmp_path):
     path = tmp_path / "f.dcm"
     write_dicom(path)
@@ -72,7 +84,7 @@ def test_iso2022_names_are_left_to_pydicom(tmp_path):
     assert not _same_as_pydicom(path)  # escape sequences: pydicom decodes them
 
 
-def _with_sequences(path: Path, depth: int, undefined: bool) -> None:
+def _with_sequences(path: Path, depth: int, undefined: bool, undefined_items: bool) -> None:
     """A file whose header has nested sequences before the patient tags."""
     write_dicom(path, name="SEQ^PATIENT", desc="WITH SEQUENCES")
     ds = pydicom.dcmread(path)
@@ -89,14 +101,16 @@ def _with_sequences(path: Path, depth: int, undefined: bool) -> None:
         if element.VR == "SQ":
             element.is_undefined_length = undefined
     for item in (i for e in ds.iterall() if e.VR == "SQ" for i in e.value):
-        item.is_undefined_length_sequence_item = undefined
+        item.is_undefined_length_sequence_item = undefined_items
     ds.save_as(path, enforce_file_format=True)
 
 
-@pytest.mark.parametrize("undefined", [True, False])
-def test_sequences_of_either_length_encoding_are_skipped(tmp_path, undefined):
+@pytest.mark.parametrize(
+    ("undefined", "undefined_items"), [(True, True), (True, False), (False, False)]
+)
+def test_sequences_of_either_length_encoding_are_skipped(tmp_path, undefined, undefined_items):
     path = tmp_path / "f.dcm"
-    _with_sequences(path, 3, undefined)
+    _with_sequences(path, 3, undefined, undefined_items)
     assert _same_as_pydicom(path)
     assert headers.read_header(str(path), TAGS)["PatientName"] == "SEQ^PATIENT"
 

@@ -44,6 +44,7 @@ PLAN = "tests/test_plan.py"
 # Unit tests first, one end-to-end run last (pytest -x stops at the first failure).
 REPORT = "tests/test_report.py"
 STATUS = "tests/test_status.py"
+SCANNER = "tests/test_scanner.py"
 E2E_SEED = (
     "tests/test_workflow.py::"
     "test_demo_data_is_sorted_into_the_seed_layout_and_the_input_is_untouched"
@@ -64,6 +65,8 @@ PLAN_PY = "src/dcmsort/plan.py"
 LEDGER_PY = "src/dcmsort/ledger.py"
 REPORT_PY = "src/dcmsort/report.py"
 STATUS_PY = "src/dcmsort/status.py"
+SCANNER_PY = "src/dcmsort/scanner.py"
+HEADERS_PY = "src/dcmsort/headers.py"
 
 MUTANTS = [
     # --- transfer: a file reaches its destination whole, checked, never over another ---
@@ -105,8 +108,8 @@ MUTANTS = [
     Mutant(
         "transfer: a copy is renamed into place, replacing what is there",
         TRANSFER_PY,
-        "lambda: rename_no_replace(tmp, name, folder_fd)",
-        "lambda: os.rename(tmp, name, src_dir_fd=folder_fd, dst_dir_fd=folder_fd)",
+        "        rename_no_replace(tmp, name, folder_fd)",
+        "        os.rename(tmp, name, src_dir_fd=folder_fd, dst_dir_fd=folder_fd)",
         (TRANSFER,),
     ),
     Mutant(
@@ -511,6 +514,28 @@ MUTANTS = [
         "{html.escape(message)}</p>",
         "{message}</p>",
         (STATUS,),
+    ),
+    # --- headers: the scanner reads what pydicom reads, or leaves the file to pydicom ---
+    Mutant(
+        "headers: a value stored with another VR than the dictionary's is scanned anyway",
+        SCANNER_PY,
+        "if vr is not None and vr.decode() != wanted.dataset[tag][1]:",
+        "if False:",
+        (SCANNER,),
+    ),
+    Mutant(
+        "headers: an item of a sequence is skipped by the wrong length",
+        SCANNER_PY,
+        "            pos += length\n",
+        "            pos += length + 2\n",
+        (SCANNER,),
+    ),
+    Mutant(
+        "headers: text in any character set is decoded as UTF-8",
+        HEADERS_PY,
+        'codec = _CODECS.get(character_set.rstrip(b" \\x00")) if character_set else None',
+        'codec = "UTF8"',
+        (SCANNER,),
     ),
 ]
 

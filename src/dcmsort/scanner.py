@@ -8,7 +8,9 @@ past the last wanted tag. It returns None for anything else (big endian, deflate
 that is not plain ASCII, a VR unlike the dictionary's, elements out of order, a sequence
 it cannot walk, a header longer than the bytes given): the caller then reads the file with
 pydicom, so every value is the one pydicom gives. tests/test_scanner.py compares the two
-on pydicom's own test files and on generated ones.
+on pydicom's own test files and on generated ones. One exception, for damaged headers only
+(DICOM requires ascending tags): a wanted tag repeated out of order *after* the last wanted
+tag is never reached, so its first value counts where pydicom keeps the last.
 """
 
 from __future__ import annotations

@@ -6,6 +6,8 @@ The scanner must also really be used for the usual file (else it is dead weight)
 from __future__ import annotations
 
 import os
+import random
+import struct
 from pathlib import Path
 
 import pydicom
@@ -149,3 +151,158 @@ def test_a_value_whose_vr_is_not_the_dictionarys_is_left_to_pydicom(tmp_path):
     ds.add_new(0x00200011, "LO", "5")  # SeriesNumber is IS in the dictionary
     ds.save_as(path, enforce_file_format=True)
     assert not _same_as_pydicom(path)
+
+
+# --- hand-made headers: what a damaged or unusual file holds, byte for byte -------------
+
+_LONG_VRS = {b"OB", b"OW", b"SQ", b"UN", b"UT", b"UC"}
+EXPLICIT, IMPLICIT = "1.2.840.10008.1.2.1", "1.2.840.10008.1.2"
+
+
+def _element(tag: int, vr: bytes, value: bytes | str, explicit: bool = True) -> bytes:
+    value = value if isinstance(value, bytes) else value.encode("latin-1")
+    if len(value) % 2:
+        value += b"\0" if vr == b"UI" else b" "
+    group, element = tag >> 16, tag & 0xFFFF
+    if not explicit:
+        return struct.pack("<HHL", group, element, len(value)) + value
+    if vr in _LONG_VRS:
+        return struct.pack("<HH2sHL", group, element, vr, 0, len(value)) + value
+    return struct.pack("<HH2sH", group, element, vr, len(value)) + value
+
+
+def _part10(elements: list, syntax: str = EXPLICIT, sop: bytes | str = "1.2.3.4.5") -> bytes:
+    meta = b"".join(
+        _element(*e)
+        for e in [
+            (0x00020001, b"OB", b"\0\1"),
+            (0x00020002, b"UI", "1.2.840.10008.5.1.4.1.1.4"),
+            (0x00020003, b"UI", sop),
+            (0x00020010, b"UI", syntax),
+        ]
+    )
+    head = b"\0" * 128 + b"DICM" + _element(0x00020000, b"UL", struct.pack("<L", len(meta)))
+    explicit = syntax != IMPLICIT
+    return head + meta + b"".join(_element(t, vr, v, explicit) for t, vr, v in elements)
+
+
+STANDARD = [
+    (0x00080016, b"UI", "1.2.840.10008.5.1.4.1.1.4"),
+    (0x00080018, b"UI", "1.2.3.4.5"),
+    (0x00080060, b"CS", "MR"),
+    (0x0008103E, b"LO", "T1"),
+    (0x00100010, b"PN", "DOE^JOHN"),
+    (0x00100020, b"LO", "12345"),
+    (0x0020000D, b"UI", "1.2.3.4.6"),
+    (0x0020000E, b"UI", "1.2.3.4.7"),
+    (0x00200011, b"IS", "3"),
+    (0x00200013, b"IS", "1"),
+    (0x00280010, b"US", b"\x04\x00"),
+    (0x7FE00010, b"OW", b"\0" * 32),
+]
+
+
+def _pydicom_value(path: Path, keyword: str) -> str | None:
+    """What pydicom itself makes of a value, printed as the manifests record it."""
+    ds = pydicom.dcmread(path, stop_before_pixels=True)
+    element = ds.file_meta.get(keyword) if keyword in ds.file_meta else ds.get(keyword)
+    value = headers._text(element) if element is not None else None
+    return value if value and value.strip() else None
+
+
+def _write(tmp_path: Path, data: bytes, name: str = "f") -> Path:
+    path = tmp_path / name
+    path.write_bytes(data)
+    return path
+
+
+def test_an_element_out_of_order_anywhere_before_the_pixels_leaves_the_file_to_pydicom(tmp_path):
+    early = _write(tmp_path, _part10([*STANDARD[:2], (0x00290010, b"LO", "CSA"), *STANDARD[2:]]))
+    late = _write(
+        tmp_path,
+        _part10(
+            [*STANDARD[:-1], (0x00290010, b"LO", "X"), (0x00200011, b"IS", "99"), STANDARD[-1]]
+        ),
+        "late",
+    )
+    for path in (early, late):
+        assert not _same_as_pydicom(path)
+    assert headers.read_header(str(early), TAGS)["PatientName"] == "DOE^JOHN"
+    assert headers.read_header(str(late), TAGS)["SeriesNumber"] == "99"  # pydicom's: the last
+
+
+def test_a_dataset_written_otherwise_than_its_transfer_syntax_says_is_read_as_pydicom_reads_it(
+    tmp_path,
+):
+    # Implicit VR by its syntax, but the first element's length is two capital letters
+    # ("XA": 16,728 bytes, which hold an explicit-VR name): pydicom reads on as explicit VR.
+    length = 0x4158
+    hidden = _element(0x00100010, b"PN", "EVIL^HIDDEN")
+    first = struct.pack("<HHL", 0x0008, 0x0001, length) + hidden.ljust(length, b"\0")
+    path = _write(
+        tmp_path,
+        _part10([], IMPLICIT)
+        + first
+        + b"".join(_element(t, vr, v, False) for t, vr, v in STANDARD),
+    )
+    assert not _same_as_pydicom(path)
+
+
+@pytest.mark.parametrize("charset", [None, "ISO_IR 100", "ISO_IR 192"])
+def test_person_names_and_uids_are_stripped_as_pydicom_strips_them(tmp_path, charset):
+    name = "MÜLLER \\X" if charset else "MULLER \\X"
+    encoded = name.encode("utf-8" if charset == "ISO_IR 192" else "latin-1")
+    elements = [(0x00080005, b"CS", charset)] if charset else []
+    elements += [e for e in STANDARD if e[0] not in (0x00100010, 0x0020000E)]
+    elements += [(0x00100010, b"PN", encoded), (0x0020000E, b"UI", " 1.2.3.4.7")]
+    path = _write(tmp_path, _part10(sorted(elements), sop=" 1.2.3.4.5"))
+    header = headers.read_header(str(path), TAGS)
+    assert header["PatientName"] == _pydicom_value(path, "PatientName") == name
+    assert header["SeriesInstanceUID"] == _pydicom_value(path, "SeriesInstanceUID") == "1.2.3.4.7"
+    _same_as_pydicom(path)
+
+
+def test_a_character_set_with_a_null_byte_gets_pydicoms_reason(tmp_path):
+    path = _write(tmp_path, _part10(sorted([*STANDARD, (0x00080005, b"CS", b"ISO_IR\x00100")])))
+    assert not _same_as_pydicom(path)
+    assert headers.read_header(str(path), TAGS)["skip_reason"].startswith("damaged DICOM header")
+
+
+def test_damaged_files_with_a_preamble_are_called_damaged_not_unreadable_or_not_dicom(tmp_path):
+    whole = _part10(STANDARD)
+    pixels = whole.index(b"\xe0\x7f\x10\x00")
+    cut = _write(tmp_path, whole[: pixels + 6], "cut")  # inside the pixel data's header
+    # A sequence of undefined length that never ends: pydicom raises a bare OSError.
+    endless = _write(
+        tmp_path,
+        _part10(STANDARD[:4])
+        + struct.pack("<HH2sHL", 0x0008, 0x1140, b"SQ", 0, 0xFFFFFFFF)
+        + struct.pack("<HHL", 0xFFFE, 0xE000, 0xFFFFFFFF),
+        "endless",
+    )
+    for path in (cut, endless):
+        reason = headers.read_header(str(path), TAGS)["skip_reason"] or ""
+        if reason:
+            assert reason.startswith("damaged DICOM"), (path.name, reason)
+        assert not reason.startswith(("unreadable", "not DICOM")), (path.name, reason)
+
+
+def test_a_file_cut_inside_its_file_meta_is_truncated_whatever_uid_survives(tmp_path):
+    whole = _part10(STANDARD)
+    meta_end = whole.index(b"\x08\x00\x16\x00")
+    for cut in range(140, meta_end):
+        path = _write(tmp_path, whole[:cut], f"cut{cut}")
+        header = headers.read_header(str(path), TAGS)
+        assert header["skip_reason"] is not None, cut
+        assert header["skip_reason"].startswith("damaged DICOM"), (cut, header["skip_reason"])
+
+
+def test_random_damage_never_crashes_and_never_makes_the_scanner_differ(tmp_path):
+    original = bytearray(_part10(STANDARD))
+    rng = random.Random(20261125)
+    for i in range(400):
+        data = bytearray(original)
+        for _ in range(rng.randint(1, 3)):
+            data[rng.randrange(132, len(data))] = rng.randrange(256)
+        path = _write(tmp_path, bytes(data), f"flip{i}")
+        _same_as_pydicom(path)

@@ -533,7 +533,7 @@ MUTANTS = [
     Mutant(
         "headers: text in any character set is decoded as UTF-8",
         HEADERS_PY,
-        'codec = _CODECS.get(character_set.rstrip(b" \\x00")) if character_set else None',
+        "codec = _CODECS.get(character_set)",
         'codec = "UTF8"',
         (SCANNER,),
     ),

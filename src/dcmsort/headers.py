@@ -162,14 +162,19 @@ def _fast_text(raw: bytes, vr: str, codec: str | None = None) -> str | None:
             return None  # pydicom decodes with replacement characters (and warns)
     else:
         return None
+    # Each VR as pydicom's converters (pydicom.values) strip it, values joined by "\\".
+    if vr == "UI":  # a UID strips both ends of each value
+        return "\\".join(v.strip() for v in text.rstrip(" \x00").split("\\"))
+    if vr == "AE":  # leading and trailing spaces are not significant
+        return "\\".join(v.strip() for v in text.split("\\"))
     if vr in _ASCII_VRS:
         return text.rstrip(" \x00")
     if vr in _NUMBER_VRS:
         return "\\".join(v.strip(" \x00") for v in text.rstrip(" \x00").split("\\"))
-    if vr in _SPLIT_TEXT_VRS:
-        return "\\".join(v.rstrip("\x00 ") for v in text.rstrip("\x00 ").split("\\"))
-    if vr in _TEXT_VRS:
+    if vr == "PN" or vr in _TEXT_VRS:  # a person name keeps each component as written
         return text.rstrip("\x00 ")
+    if vr in _SPLIT_TEXT_VRS:
+        return "\\".join(v.rstrip("\x00 ") for v in text.split("\\"))
     return None
 
 
@@ -218,6 +223,22 @@ def _parse(data: bytes, tags: list[str], force: bool, whole: bool) -> pydicom.Da
             raise
         return None  # most likely cut in the middle of an element
     return dataset if whole or buffer.tell() < len(data) else None
+
+
+TRUNCATED_META = "damaged DICOM: the file ends inside its file meta information (truncated)"
+
+
+def _damaged(path: str, error: Exception) -> str:
+    """The skip reason of a file pydicom could not parse: damaged DICOM when it has a DICM
+    preamble, else not DICOM (pydicom was only guessing)."""
+    try:
+        with open(path, "rb") as handle:
+            preamble = handle.read(132)[128:] == b"DICM"
+    except OSError:
+        preamble = False
+    if not preamble:
+        return NOT_DICOM
+    return f"damaged DICOM header: {type(error).__name__}: {error}"
 
 
 def _meta_state(meta: object, size: int) -> str:
@@ -306,8 +327,10 @@ def _scanned_header(path: str, keywords: list[str]) -> dict[str, str | None] | N
     if found is None:
         return None
     values, meta = found
-    character_set = values.get(_CHARACTER_SET)
-    codec = _CODECS.get(character_set.rstrip(b" \x00")) if character_set else None
+    character_set = (values.get(_CHARACTER_SET) or b"").rstrip(b" \x00")
+    if b"\x00" in character_set:
+        return None  # pydicom refuses it ("embedded null character")
+    codec = _CODECS.get(character_set)
     result: dict[str, str | None] = {}
     for raw, (keyword, vr) in [
         *((values.get(k), (k, vr)) for k, vr in wanted.dataset.values()),
@@ -351,7 +374,7 @@ def _header_by_pydicom(path: str, keywords: list[str]) -> dict[str, str | None]:
     dataset_tags, meta_keywords = _tags(tuple(keywords))
     wanted = [keyword for keyword, _, _ in dataset_tags]
     result: dict[str, str | None] = dict.fromkeys(wanted + FILE_META_TAGS + meta_keywords)
-    preamble = False
+    instance_from_meta = False
     try:
         dataset, preamble, size = _read(path, wanted)
         if size == 0:
@@ -367,16 +390,25 @@ def _header_by_pydicom(path: str, keywords: list[str]) -> dict[str, str | None]:
             if "SOPInstanceUID" in result and not result["SOPInstanceUID"]:
                 # Part 10 repeats the instance UID in the file meta; anonymisers keep it.
                 result["SOPInstanceUID"] = _value(meta, *_META_TAG["MediaStorageSOPInstanceUID"])
+                instance_from_meta = True
     except PermissionError:
         return {**result, "skip_reason": "unreadable: permission denied"}
     except OSError as error:
-        return {**result, "skip_reason": f"unreadable: {error.strerror or error}"}
+        if error.errno is not None:  # the system's error; pydicom raises bare OSErrors
+            return {**result, "skip_reason": f"unreadable: {error.strerror or error}"}
+        return {**result, "skip_reason": _damaged(path, error)}
     except Exception as error:  # pydicom raises many types on damaged data
-        if not preamble:
-            return {**result, "skip_reason": NOT_DICOM}
-        return {**result, "skip_reason": f"damaged DICOM header: {type(error).__name__}: {error}"}
+        return {**result, "skip_reason": _damaged(path, error)}
     if DICOMDIR_SOP_CLASS in (result.get("MediaStorageSOPClassUID"), result.get("SOPClassUID")):
         return {**result, "skip_reason": "DICOMDIR (an index of a DICOM medium, not an image)"}
+    own_uids = [k for k in _IDENTIFYING_UIDS if not (k == "SOPInstanceUID" and instance_from_meta)]
+    if (
+        preamble
+        and _meta_state(meta, size) == "truncated"
+        and not any(_looks_like_uid(result.get(k)) for k in own_uids)
+    ):
+        # Nothing after the file meta: an instance UID from it may be cut short too.
+        return {**result, "skip_reason": TRUNCATED_META}
     if any(_looks_like_uid(result.get(k)) for k in _IDENTIFYING_UIDS):
         return {**result, "skip_reason": None}
     if not preamble:
@@ -385,7 +417,7 @@ def _header_by_pydicom(path: str, keywords: list[str]) -> dict[str, str | None]:
     if state == "complete":
         return {**result, "skip_reason": None}
     if state == "truncated":
-        reason = "damaged DICOM: the file ends inside its file meta information (truncated)"
+        reason = TRUNCATED_META
     elif meta:
         reason = (
             "damaged DICOM: file meta information without a transfer syntax, and no SOP, "

@@ -2,22 +2,20 @@
 
 pydicom builds a Python object for every element it reads; the plan needs about fifteen
 values. For the usual file - a DICM preamble, a file meta group, a little-endian dataset in
-explicit or implicit VR, values in plain ASCII - ``scan`` walks the elements with ``struct``,
-skips the values it does not need without decoding them, and stops at the first element
-past the last wanted tag. It returns None for anything else (big endian, deflated, a value
-that is not plain ASCII, a VR unlike the dictionary's, elements out of order, a sequence
-it cannot walk, a header longer than the bytes given): the caller then reads the file with
-pydicom, so every value is the one pydicom gives. tests/test_scanner.py compares the two
-on pydicom's own test files and on generated ones. One exception, for damaged headers only
-(DICOM requires ascending tags): a wanted tag repeated out of order *after* the last wanted
-tag is never reached, so its first value counts where pydicom keeps the last.
+explicit or implicit VR, text in ASCII, Latin-1 or UTF-8 - ``scan`` walks the elements up to
+the pixel data with ``struct``, keeping the raw bytes of the values it needs and skipping
+the others without decoding them. It returns None for anything else (big endian,
+deflated, a VR unlike the dictionary's, elements out of order or repeated, a sequence it
+cannot walk, a header longer than the bytes given, damage before the pixel data): the
+caller then reads the file with pydicom, so every value is the one pydicom gives.
+tests/test_scanner.py compares the two on pydicom's own test files, generated ones and
+hand-made damaged ones.
 """
 
 from __future__ import annotations
 
 import struct
 from dataclasses import dataclass
-from functools import cached_property
 
 _TAG_LENGTH = struct.Struct("<HHL")  # group, element, 32-bit length (implicit VR, items)
 _SHORT = struct.Struct("<HH2sH")  # group, element, VR, 16-bit length (explicit VR)
@@ -55,10 +53,6 @@ class Wanted:
 
     dataset: dict[int, tuple[str, str]]  # tag -> (keyword, VR)
     meta: dict[int, tuple[str, str]]
-
-    @cached_property
-    def last(self) -> int:
-        return max(self.dataset, default=0)
 
 
 def _element(data: bytes, pos: int, explicit: bool) -> tuple[int, bytes | None, int, int]:
@@ -119,8 +113,13 @@ def scan(data: bytes, wanted: Wanted, whole: bool) -> tuple[dict, dict] | None:
         if not syntax or syntax.decode("ascii", "replace") in _NOT_SCANNED:
             return None
         explicit = syntax != _IMPLICIT_LITTLE.encode()
-        if not explicit and data[pos + 4 : pos + 6] in _SHORT_VRS | _LONG_VRS:
-            return None  # labelled implicit, written explicit: pydicom detects and copes
+        if len(data) < pos + 6:
+            raise NeedMore
+        letters = data[pos + 4 : pos + 6]
+        if explicit != (letters.isalpha() and letters.isupper()):
+            # pydicom reads the dataset as explicit VR when its first element has two
+            # upper-case letters where a VR would be, whatever the transfer syntax says
+            return None
         return _scan_dataset(data, pos, explicit, wanted, whole), meta
     except _Unsupported:
         return None
@@ -151,15 +150,18 @@ def _scan_meta(data: bytes, pos: int, wanted: Wanted) -> tuple[dict, int]:
 
 
 def _scan_dataset(data: bytes, pos: int, explicit: bool, wanted: Wanted, whole: bool) -> dict:
+    """The wanted values, walking every element up to the pixel data (or the end of the
+    file): pydicom reads that far, so an element out of order or repeated anywhere before
+    it leaves the file to pydicom, whose rules then decide."""
     values = {}
-    last, previous = wanted.last, -1
+    previous = -1
     while True:
         if whole and pos == len(data):
             return values  # the dataset ends with the file
         tag, vr, length, value = _element(data, pos, explicit)
         if tag <= previous:
             raise _Unsupported  # out of order or repeated: pydicom's rules decide
-        if tag > last or tag == _PIXEL_DATA:
+        if tag == _PIXEL_DATA:
             return values
         previous = tag
         if length == _UNDEFINED:

@@ -34,7 +34,7 @@ import stat
 import sys
 import time
 import unicodedata
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
@@ -87,6 +87,7 @@ PLAN_SCHEMA = pa.schema(
 )
 # What Planner.decide returns for each row; the other plan columns are the row's own.
 DECISIONS = ("action", "destination", "committed", "digest", "base_folder", "conflict", "reason")
+DECISION_SCHEMA = pa.schema([PLAN_SCHEMA.field(name) for name in DECISIONS])
 DUPLICATE_REASON = "identical to the file already sorted at this destination"
 PRESENT_REASON = "its content is already at this destination"
 _CHUNK = 5_000  # new rows turned into Python values at a time (bounds memory)
@@ -437,20 +438,18 @@ class Renderer:
         return rendered.replace("/", "_")
 
 
-def _ordered_chunks(new: pa.Table) -> Iterator[pa.Table]:
-    """New rows in planning order, a chunk of dicts at a time: by study date, study, series,
-    then the file a person would keep of two identical ones (the shorter file name, then
-    path order): ``IM1.dcm`` before ``copy_of_IM1.dcm`` and ``IM1 (2).dcm``."""
+def _planning_order(new: pa.Table) -> pa.Array:
+    """Row numbers of the new rows in planning order: by study date, study, series, then
+    the file a person would keep of two identical ones (the shorter file name, then path
+    order): ``IM1.dcm`` before ``copy_of_IM1.dcm`` and ``IM1 (2).dcm``."""
     names = pc.replace_substring_regex(new["relpath"], pattern=r"^.*/", replacement="")
     keyed = new.append_column("_name_length", pc.utf8_length(names)).append_column("_name", names)
-    order = pc.sort_indices(
+    return pc.sort_indices(
         keyed,
         sort_keys=[
             (c, "ascending", "at_start") for c in [*_ORDER, "_name_length", "_name", "relpath"]
         ],
     )
-    for start in range(0, len(order), _CHUNK):
-        yield new.take(order[start : start + _CHUNK])
 
 
 @dataclass
@@ -588,16 +587,26 @@ def make_plan(
         disk=disk,
     )
     # Decisions go into compact Arrow columns a chunk at a time, so memory holds Python
-    # values for one chunk of rows, not for every new file.
-    tables = [PLAN_SCHEMA.empty_table()]
-    for chunk in _ordered_chunks(new):
-        decisions = [planner.decide(row) for row in chunk.to_pylist()]
-        columns = {
-            name: [d[name] for d in decisions] if name in DECISIONS else chunk[name]
+    # values for one chunk of rows, not for every new file. One chunk of the table (one
+    # manifest per batch) first: taking rows from a chunked column joins its chunks on
+    # every call, which made a plan of 1,000,000 files quadratic in time and memory.
+    new = new.combine_chunks()
+    order = _planning_order(new)
+    decided = [pa.table({name: [] for name in DECISIONS}, schema=DECISION_SCHEMA)]
+    for start in range(0, len(order), _CHUNK):
+        rows = new.take(order[start : start + _CHUNK]).to_pylist()
+        decisions = [planner.decide(row) for row in rows]
+        columns = {name: [d[name] for d in decisions] for name in DECISIONS}
+        decided.append(pa.table(columns, schema=DECISION_SCHEMA))
+    decisions = pa.concat_tables(decided).combine_chunks()
+    ordered = new.take(order)
+    return pa.table(
+        {
+            name: decisions[name] if name in DECISIONS else ordered[name]
             for name in PLAN_SCHEMA.names
-        }
-        tables.append(pa.table(columns, schema=PLAN_SCHEMA))
-    return pa.concat_tables(tables)
+        },
+        schema=PLAN_SCHEMA,
+    )
 
 
 def repeated(new: pa.Table) -> tuple[set[tuple[str, int]], set[str]]:

@@ -504,8 +504,9 @@ def _holds_version(folder_fd: int, name: str, row: Row, source: str) -> str | No
 
 def pending_rows(plan: pa.Table, committed: pa.Table) -> pa.Table:
     """Plan rows whose file version the ledger does not hold yet (a rerun of a killed
-    transfer skips what it already committed)."""
-    return ledger.rows_by_key(plan, committed, keep="missing")
+    transfer skips what it already committed), in one chunk: each commit takes its rows
+    from this table, and taking from a chunked table joins its chunks on every call."""
+    return ledger.rows_by_key(plan, committed, keep="missing").combine_chunks()
 
 
 def transfer_plan(

@@ -149,7 +149,8 @@ onstart:
 def stop_rate_limit_timers():
     """Snakemake starts a 1 s threading.Timer after each scheduling pass (its job rate
     limit, --max-jobs-per-timespan), and Python waits for the last one at exit: up to 1 s
-    added to every run. Called once the run is over, when they have nothing left to do."""
+    added to every run. Called once the run is over, when they have nothing left to do.
+    """
     for thread in threading.enumerate():
         if isinstance(thread, threading.Timer):
             thread.cancel()

@@ -16,7 +16,8 @@ write-up describes), dcmsort in copy and hardlink modes, dcmsort's no-op rerun, 
 after 1 % new folders, and a bare Snakemake no-op (a one-rule workflow with nothing to do:
 what any Snakemake run costs). Each is repeated
 (``--repeat``), contenders alternating, and reported as median (min-max): single runs on a
-shared machine vary several-fold. The page cache is warm for all.
+shared machine vary several-fold. The page cache is warm for all, and each command starts
+after a ``sync`` (nothing of an earlier one still to be written back).
 
 Peak RSS is that of the largest single process (``wait4`` of the command), and the
 largest dcmsort job's own peak, which every job writes to its log ("peak RSS").
@@ -74,6 +75,10 @@ _JOB_PEAK = re.compile(rb"peak RSS (\d+) MB")
 def measure(command: list[str], job_logs: Path | None = None) -> dict:
     """Wall, CPU and peak RSS of one command and everything it starts. os.wait4 gives this
     child's own usage (RUSAGE_CHILDREN would report the largest child of the whole run)."""
+    # Every contender starts with nothing left to write back: the previous one's copies and
+    # the removal of earlier outputs (ext4 with discard) would otherwise land on whoever
+    # runs next, and they varied runs here several-fold.
+    os.sync()
     since = time.time()
     with tempfile.TemporaryFile() as output:
         started = time.perf_counter()

@@ -12,7 +12,7 @@ from pathlib import Path
 
 import pytest
 
-from dcmsort import demo, inventory, ledger, report
+from dcmsort import demo, inventory, ledger, report, routes
 from dcmsort.runner import snakemake_command
 
 OPEN_COUNTER = Path(__file__).resolve().parent / "opencounter"
@@ -130,6 +130,13 @@ class Sorter:
 
     def summary(self) -> dict:
         return json.loads((self.state / "summary.json").read_text())
+
+    def plan_files(self) -> list[Path]:
+        """The current plan file of each partition."""
+        return [self.state / "plan" / f"{job}.parquet" for _, job in self.jobs()]
+
+    def jobs(self) -> list[tuple[routes.Part, str]]:
+        return routes.jobs(self.state / routes.ROUTES)
 
 
 @pytest.fixture

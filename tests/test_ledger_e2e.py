@@ -72,9 +72,9 @@ def test_a_file_that_changes_between_plan_and_transfer_is_copied_once(sorter):
     transfer = subprocess.run(
         [
             *(sys.executable, str(REPO / "workflow" / "scripts" / "dcmsort_stage.py"), "transfer"),
-            *("--plan", str(state / "plan.parquet"), "--input-dir", str(sorter.input_dir)),
+            *("--plan", str(sorter.plan_files()[0]), "--input-dir", str(sorter.input_dir)),
             *("--output-dir", str(sorter.output_dir), "--state-dir", str(state)),
-            *("--results", str(state / "transfers.parquet")),
+            *("--partition", "p0of1", "--results", str(sorter.workdir / "results.parquet")),
         ],
         capture_output=True,
         text=True,
@@ -138,7 +138,7 @@ def test_a_failed_run_leaves_a_report_that_says_so_and_the_next_run_heals(sorter
     sorter.run()
     write_dicom(sorter.input_dir / "p" / "a.dcm")
     sorter.run("--until", "plan")
-    planned = pq.read_table(sorter.state / "plan.parquet")["destination"][0].as_py()
+    planned = pq.read_table(sorter.plan_files()[0])["destination"][0].as_py()
     (sorter.output_dir / planned).parent.mkdir(parents=True)
     (sorter.output_dir / planned).write_bytes(b"someone else's file")
     failed = sorter.run(check=False)
@@ -168,7 +168,8 @@ def test_a_rerun_plans_and_commits_only_the_new_files(sorter):
     sorter.run()
     demo.generate(sorter.input_dir, patients=1, series=1, instances=2, first_patient=40)
     sorter.run()
-    plan = pq.read_table(sorter.state / "plan.parquet")
+    (plan_file,) = sorter.plan_files()
+    plan = pq.read_table(plan_file)
     assert {r.split("/")[0] for r in plan["relpath"].to_pylist()} == {"patient_40"}
     assert len((sorter.state / "plan.csv").read_text().splitlines()) == 1 + 2
     assert len(list(ledger.folder(sorter.state).glob("*.parquet"))) >= 2, "appended"

@@ -32,7 +32,7 @@ from hypothesis import strategies as st
 from hypothesis.stateful import RuleBasedStateMachine, initialize, precondition, rule
 
 from conftest import outcomes
-from dcmsort import headers, ledger, plan, report, transfer
+from dcmsort import headers, ledger, partition, plan, report, routes, transfer
 from dcmsort.demo import Series, make_instance, uid
 from dcmsort.fileops import TEMP_SUFFIX, temp_path_for
 from dcmsort.naming import FILE_FIELDS, Naming
@@ -44,6 +44,8 @@ DESCRIPTIONS = ["T1", "T2"]
 # Few folders and names, so that names collide and patients spread over folders often.
 FOLDERS = ["p1", "p2", "p1/sub", ""]  # "" is a file lying directly in input_dir
 NAMES = ["IM1.dcm", "IM2.dcm", "IM1", "copy_of_IM1.dcm"]
+# With 4 partitions the two patients' folders fall into different ones (partition.key).
+PARTITIONS = 4
 
 
 @dataclass(frozen=True)
@@ -92,9 +94,9 @@ def killed_at_commit(keep: set[str]) -> Iterator[None]:
     reach the ledger, though their files are in place."""
     real_append = ledger.append
 
-    def append(state_dir: Path, rows: pa.Table) -> None:
+    def append(state_dir: Path, rows: pa.Table, part: routes.Part | None = None) -> None:
         mask = [relpath in keep for relpath in rows["relpath"].to_pylist()]
-        real_append(state_dir, rows.filter(pa.array(mask, pa.bool_())))
+        real_append(state_dir, rows.filter(pa.array(mask, pa.bool_())), part)
         if not all(mask):
             raise Killed
 
@@ -116,8 +118,9 @@ class World:
     truth about both kept beside them (what each input holds, what someone else put in
     the output), and runs driven stage by stage as the rules would drive them."""
 
-    def __init__(self, root: Path):
+    def __init__(self, root: Path, partitions: int = 1):
         self.root = Path(root)
+        self.partitions = partitions
         self.input, self.output = self.root / "in", self.root / "out"
         self.state = self.output / ".dcmsort"
         self.input.mkdir(parents=True)
@@ -127,8 +130,6 @@ class World:
         self.foreign: dict[str, bytes] = {}  # output path -> what someone else put there
         self.temps: set[str] = set()  # half-written temporary files a killed run left
         self.clock = 1_700_000_000 * 10**9
-        # The plan file describes the input as it is now: Snakemake would not plan again.
-        self.plan_is_current = False
 
     # --- the user's world -----------------------------------------------------------
 
@@ -148,35 +149,36 @@ class World:
         if sop:
             self.sop_of[digest(data)] = sop
         self._set_mtime(relpath, self._tick())
-        self.plan_is_current = False
 
     def add(self, relpath: str, spec: Spec) -> None:
         self.write(relpath, dicom_bytes(spec), spec.sop)
 
     def touch(self, relpath: str) -> None:
         self._set_mtime(relpath, self._tick())
-        self.plan_is_current = False
 
     def rename(self, relpath: str, new: str) -> None:
         (self.input / new).parent.mkdir(parents=True, exist_ok=True)
         os.rename(self.input / relpath, self.input / new)  # keeps the mtime
         self.inputs[new], self.mtimes[new] = self.inputs.pop(relpath), self.mtimes.pop(relpath)
-        self.plan_is_current = False
 
     def delete(self, relpath: str) -> None:
         (self.input / relpath).unlink()
         del self.inputs[relpath], self.mtimes[relpath]
-        self.plan_is_current = False
 
     # --- the stages ------------------------------------------------------------------
 
     @property
-    def plan_file(self) -> Path:
-        return self.state / "plan.parquet"
-
-    @property
     def manifest(self) -> Path:
         return self.state / "manifests" / "batch-0.parquet"
+
+    def jobs(self) -> list[tuple[routes.Part, str]]:
+        return routes.jobs(self.state / routes.ROUTES)
+
+    def plan_files(self) -> list[Path]:
+        return [self.state / "plan" / f"{job}.parquet" for _, job in self.jobs()]
+
+    def results_files(self) -> list[Path]:
+        return [self.state / "transfers" / f"{job}.parquet" for _, job in self.jobs()]
 
     def extract(self) -> None:
         headers.extract_batch(
@@ -184,41 +186,70 @@ class World:
         )
 
     def plan(self) -> None:
-        """Extract and plan, unless the plan on disk is current (Snakemake's rule)."""
+        """Extract, partition, and plan each partition whose plan (named by the
+        fingerprint of its files) is missing: Snakemake's rule."""
         self.extract()
-        if self.plan_is_current and self.plan_file.exists():
-            return
         assert (
-            plan.main(
+            partition.main(
                 [
                     *("--manifests", str(self.manifest)),
                     *("--input-dir", str(self.input), "--output-dir", str(self.output)),
                     *("--state-dir", str(self.state)),
                     *("--naming", json.dumps(asdict(NAMING))),
-                    *("--plan", str(self.plan_file)),
-                    *("--plan-csv", str(self.state / "plan.csv")),
+                    *("--partitions", str(self.partitions)),
+                    *("--routes", str(self.state / routes.ROUTES)),
                     *("--skipped", str(self.state / "skipped.csv")),
                 ]
             )
             == 0
         )
-        self.plan_is_current = True
+        for part, job in self.jobs():
+            plan_file = self.state / "plan" / f"{job}.parquet"
+            if plan_file.exists():
+                continue
+            assert (
+                plan.main(
+                    [
+                        *("--manifests", str(self.state / partition.PARTS / f"{job}.parquet")),
+                        *("--partition", part.name),
+                        *("--input-dir", str(self.input), "--output-dir", str(self.output)),
+                        *("--state-dir", str(self.state)),
+                        *("--naming", json.dumps(asdict(NAMING))),
+                        *("--plan", str(plan_file)),
+                    ]
+                )
+                == 0
+            )
 
     def transfer(self) -> int:
-        return transfer.main(
-            [
-                *("--plan", str(self.plan_file), "--input-dir", str(self.input)),
-                *("--output-dir", str(self.output), "--state-dir", str(self.state)),
-                *("--mode", "copy", "--verify", "size", "--threads", "1"),
-                *("--results", str(self.state / "transfers.parquet")),
-            ]
-        )
+        """Each partition's transfer whose results are missing; a failed one leaves none."""
+        failed = 0
+        for (part, _), plan_file, results in zip(
+            self.jobs(), self.plan_files(), self.results_files(), strict=True
+        ):
+            if results.exists():
+                continue
+            code = transfer.main(
+                [
+                    *("--plan", str(plan_file), "--input-dir", str(self.input)),
+                    *("--partition", part.name),
+                    *("--output-dir", str(self.output), "--state-dir", str(self.state)),
+                    *("--mode", "copy", "--verify", "size", "--threads", "1"),
+                    *("--results", str(results)),
+                ]
+            )
+            if code:
+                results.unlink(missing_ok=True)  # Snakemake removes a failed job's output
+                failed = code
+        return failed
 
     def report(self) -> dict:
         assert (
             report.main(
                 [
-                    *("--transfers", str(self.state / "transfers.parquet")),
+                    *("--transfers", *map(str, self.results_files())),
+                    *("--plans", *map(str, self.plan_files())),
+                    *("--plan-csv", str(self.state / "plan.csv")),
                     *("--manifests", str(self.manifest)),
                     *("--state-dir", str(self.state), "--output-dir", str(self.output)),
                     *("--mode", "copy", "--html", str(self.state / "report.html")),
@@ -231,9 +262,13 @@ class World:
         return json.loads((self.state / "summary.json").read_text())
 
     def pending(self) -> list[dict]:
-        """Rows of the plan on disk the ledger does not hold yet, in plan order."""
+        """Rows of the plans on disk the ledger does not hold yet, in plan order."""
         committed = ledger.read(self.state, ledger.SOURCE_KEY)
-        return transfer.pending_rows(pq.read_table(self.plan_file), committed).to_pylist()
+        return [
+            row
+            for plan_file in self.plan_files()
+            for row in transfer.pending_rows(pq.read_table(plan_file), committed).to_pylist()
+        ]
 
     # --- runs ------------------------------------------------------------------------
 
@@ -247,7 +282,8 @@ class World:
         """A run killed after planning (the plan file left, or not yet renamed into place)."""
         self.plan()
         if not keep_plan:
-            self.plan_file.unlink()
+            for plan_file in self.plan_files():
+                plan_file.unlink()
 
     def run_killed_in_transfer(self, committed: int, copied: int, temp: bool) -> None:
         """A transfer SIGKILLed half way: it got through the next ``committed + copied``
@@ -257,19 +293,22 @@ class World:
         rows = self.pending()
         keep = {r["relpath"] for r in rows[:committed]}
         reached = {r["relpath"] for r in rows[: committed + copied]}
-        table = pq.read_table(self.plan_file)
-        mask = pa.array([r in reached for r in table["relpath"].to_pylist()], pa.bool_())
-        with killed_at_commit(keep):
-            # The rows the killed transfer got to, through the real transfer.
-            transfer.transfer_plan(
-                self._plan_of(table.filter(mask)),
-                self.input,
-                self.output,
-                self.state,
-                "copy",
-                "size",
-                1,
-            )
+        for (part, _), plan_file in zip(self.jobs(), self.plan_files(), strict=True):
+            table = pq.read_table(plan_file)
+            mask = pa.array([r in reached for r in table["relpath"].to_pylist()], pa.bool_())
+            # Each partition's job: killed if it reached a row it could not commit.
+            with killed_at_commit(keep):
+                # The rows the killed transfer got to, through the real transfer.
+                transfer.transfer_plan(
+                    self._plan_of(table.filter(mask)),
+                    self.input,
+                    self.output,
+                    self.state,
+                    "copy",
+                    "size",
+                    1,
+                    part,
+                )
         sorts = [r for r in rows if r["action"] == plan.SORT and r["relpath"] not in reached]
         if temp and sorts:
             destination = self.output / sorts[0]["destination"]
@@ -298,8 +337,7 @@ class World:
                 destination.write_bytes(data)
                 self.foreign[row["destination"]] = data
         if self.transfer() != 0:
-            assert not self.plan_file.exists(), "a failed transfer leaves its plan behind"
-            self.plan_is_current = False
+            assert not all(p.exists() for p in self.plan_files()), "a failed plan is kept"
             return
         self.check(self.report())
 
@@ -316,7 +354,7 @@ class World:
         else:
             self.delete(relpath)
         assert self.transfer() == 0
-        results = pq.read_table(self.state / "transfers.parquet").to_pylist()
+        results = [r for f in self.results_files() for r in pq.read_table(f).to_pylist()]
         # Left for the next run: the changed file, and the duplicates of it.
         changed = {r["relpath"] for r in results if r["status"] == transfer.CHANGED}
         self.check(self.report(), changed=changed | {relpath})
@@ -508,6 +546,22 @@ Sorting.TestCase.settings = settings(
     suppress_health_check=[HealthCheck.too_slow, HealthCheck.filter_too_much],
 )
 test_state_across_runs = Sorting.TestCase
+
+
+class SortingInPartitions(Sorting):
+    """The same stories with the plan and the transfer split over partitions (each
+    partition's transfer is killed, or finishes, on its own)."""
+
+    @initialize(files=st.lists(st.tuples(paths, specs), min_size=1, max_size=4))
+    def make_world(self, files: list[tuple[str, Spec]]) -> None:
+        self.tmp = tempfile.mkdtemp(prefix="dcmsort-stateful-")
+        self.world = World(Path(self.tmp), partitions=PARTITIONS)
+        for relpath, spec in files:
+            self.add_dicom(relpath, spec)
+
+
+SortingInPartitions.TestCase.settings = Sorting.TestCase.settings
+test_state_across_runs_in_partitions = SortingInPartitions.TestCase
 
 
 # --- stories the machine found, kept as plain tests ------------------------------------

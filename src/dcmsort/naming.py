@@ -225,3 +225,28 @@ def render_path(template: str, values: Mapping[str, str | None], placeholder: st
         pieces.append(safe_value(text, keep_extension=field == "filename"))
     rendered = "".join(pieces)
     return "/".join(safe_component(part, placeholder) for part in rendered.split("/"))
+
+
+def top_level(template: str) -> str:
+    """The part of a folder template that renders the top-level folder."""
+    pieces = []
+    for literal, field, spec, conversion in string.Formatter().parse(template):
+        head, slash, _ = literal.partition("/")
+        pieces.append(head.replace("{", "{{").replace("}", "}}"))
+        if slash:
+            break
+        if field is not None:
+            pieces.append(
+                "{"
+                + field
+                + (f"!{conversion}" if conversion else "")
+                + (f":{spec}" if spec else "")
+                + "}"
+            )
+    return "".join(pieces)
+
+
+def top_level_from_headers(settings: Naming) -> bool:
+    """Is the top-level folder rendered from header values only (partitions can split)?"""
+    fields = {field for field, _ in template_fields(top_level(settings.folder_template))}
+    return not fields & FILE_FIELDS.keys()

@@ -40,15 +40,15 @@ from pathlib import Path
 
 import pyarrow as pa
 import pyarrow.compute as pc
-import pyarrow.csv as pacsv
 import pyarrow.parquet as pq
 
 from dcmsort import inventory, ledger, naming
-from dcmsort.fileops import atomic_path, file_digest, read_parquet
+from dcmsort.fileops import atomic_path, file_digest, read_parquet, remove_other_versions
 from dcmsort.naming import Naming
 from dcmsort.progress import peak_rss_mb
+from dcmsort.routes import parse_part
 from dcmsort.settings import ConfigError, check_layout
-from dcmsort.transfer import PENDING, settle
+from dcmsort.transfer import pending_file, settle
 
 log = logging.getLogger("dcmsort.plan")
 
@@ -83,6 +83,7 @@ PLAN_SCHEMA = pa.schema(
         ("conflict", pa.bool_()),
         ("reason", pa.string()),
         *[(tag, pa.string()) for tag in PLAN_TAGS],
+        ("part_key", pa.int64()),  # partition.key of the row's patient folder
     ]
 )
 # What Planner.decide returns for each row; the other plan columns are the row's own.
@@ -645,6 +646,8 @@ def _with_columns(files: pa.Table) -> pa.Table:
     for tag in PLAN_TAGS:
         if tag not in files.column_names:
             files = files.append_column(tag, pa.nulls(files.num_rows, pa.string()))
+    if "part_key" not in files.column_names:
+        files = files.append_column("part_key", pa.nulls(files.num_rows, pa.int64()))
     return files
 
 
@@ -655,7 +658,15 @@ def read_manifests(paths: list[Path], settings: Naming) -> pa.Table:
     """Every manifest row with the columns planning uses."""
     wanted = list(
         dict.fromkeys(
-            ["folder", *SOURCE_KEY, "dicom", "skip_reason", *PLAN_TAGS, *sorted(settings.fields)]
+            [
+                "folder",
+                *SOURCE_KEY,
+                "dicom",
+                "skip_reason",
+                *PLAN_TAGS,
+                *sorted(settings.fields),
+                "part_key",
+            ]
         )
     )
     tables = []
@@ -676,11 +687,6 @@ def read_manifests(paths: list[Path], settings: Naming) -> pa.Table:
     return pa.concat_tables(tables, promote_options="default")
 
 
-def write_csv(table: pa.Table, path: Path) -> None:
-    with atomic_path(path) as tmp:
-        pacsv.write_csv(table, tmp)
-
-
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m dcmsort.plan", description=__doc__)
     parser.add_argument("--manifests", type=Path, nargs="*", default=[])
@@ -689,13 +695,14 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--state-dir", type=Path, required=True)
     parser.add_argument("--naming", required=True, help="Naming settings as JSON")
     parser.add_argument("--plan", type=Path, required=True)
-    parser.add_argument("--plan-csv", type=Path, required=True)
-    parser.add_argument("--skipped", type=Path, required=True)
+    parser.add_argument("--partition", help="p<index>of<count>: the partition these rows are")
     parser.add_argument("--mode", default="copy", help="transfer_mode (to settle a killed one)")
+    parser.add_argument("--log", type=Path, help="this job's log (earlier ones are removed)")
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s", stream=sys.stderr)
     started = time.perf_counter()
     settings = Naming(**json.loads(args.naming))
+    part = parse_part(args.partition) if args.partition else None
     layout_file = args.state_dir / "layout.json"
     try:
         check_layout(layout_file, settings)
@@ -704,15 +711,12 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     # What a killed transfer of the previous plan put in place is committed first, so the
     # new plan sees it (its inputs may have been renamed or deleted since).
-    pending = args.state_dir / PENDING  # the last plan, until its transfer finished
-    settled = settle(pending, args.input_dir, args.output_dir, args.state_dir, args.mode)
+    pending = pending_file(args.state_dir, part)  # the last plan, until its transfer finished
+    settled = settle(pending, args.input_dir, args.output_dir, args.state_dir, args.mode, part)
     if settled:
         log.info("committed %d files a killed transfer had placed", settled)
-    if args.manifests:  # a batch count no longer used leaves manifests nobody reads
-        for stale in set(args.manifests[0].parent.glob("batch-*.parquet")) - set(args.manifests):
-            stale.unlink()
     files = read_manifests(args.manifests, settings)
-    committed = ledger.read(args.state_dir)
+    committed = ledger.read(args.state_dir, part=part)
     hashed = []
 
     def digest_of_input(relpath: str) -> str | None:
@@ -725,24 +729,23 @@ def main(argv: list[str] | None = None) -> int:
     plan = make_plan(files, committed, settings, Disk(args.output_dir), digest_of_input)
     with atomic_path(layout_file) as tmp:
         tmp.write_text(json.dumps(asdict(settings), indent=2))
+    # Earlier plans of this partition are done with (their transfers committed or their
+    # pending copy was settled above).
+    if part:
+        remove_other_versions(args.plan, part.name)
+        if args.log:
+            remove_other_versions(args.log, part.name)
     with atomic_path(args.plan) as tmp:
         pq.write_table(plan, tmp)
     # Snakemake removes a job's outputs before it runs again: the copy under another name
     # is what tells the next plan what a killed transfer may have left.
     with atomic_path(pending) as tmp:
         pq.write_table(plan, tmp)
-    write_csv(plan.drop_columns(["committed", "digest", "base_folder"]), args.plan_csv)
-    skipped = files.filter(pc.invert(pc.fill_null(files["dicom"], False)))
-    write_csv(
-        skipped.select(["relpath", "size", "skip_reason"]).rename_columns(
-            ["relpath", "size", "reason"]
-        ),
-        args.skipped,
-    )
     actions = plan["action"].to_pylist()
     log.info(
-        "plan: %d files, %d committed earlier, %d new: %d to sort, %d already present, "
-        "%d duplicates, %d conflicts; %d skipped; %d digests; %.2f s, peak RSS %d MB",
+        "plan%s: %d files, %d committed earlier, %d new: %d to sort, %d already present, "
+        "%d duplicates, %d conflicts; %d digests; %.2f s, peak RSS %d MB",
+        f" {part.name}" if part else "",
         files.num_rows,
         committed.num_rows,
         plan.num_rows,
@@ -750,7 +753,6 @@ def main(argv: list[str] | None = None) -> int:
         actions.count(PRESENT),
         actions.count(DUPLICATE),
         pc.sum(plan["conflict"]).as_py() or 0,
-        skipped.num_rows,
         len(hashed),
         time.perf_counter() - started,
         peak_rss_mb(),

@@ -23,10 +23,12 @@ from pathlib import Path
 
 import pyarrow as pa
 import pyarrow.compute as pc
+import pyarrow.csv as pacsv
 import pyarrow.parquet as pq
 
 from dcmsort import ledger
 from dcmsort.fileops import atomic_path, read_parquet
+from dcmsort.plan import PLAN_SCHEMA
 from dcmsort.progress import peak_rss_mb
 from dcmsort.status import (
     COMPLETE,
@@ -37,6 +39,7 @@ from dcmsort.status import (
     last_history,
     summary_line,
 )
+from dcmsort.transfer import RESULT_SCHEMA
 
 log = logging.getLogger("dcmsort.report")
 
@@ -328,9 +331,23 @@ def read_manifests(paths: list[Path]) -> tuple[pa.Table, list[dict]]:
     return pa.concat_tables(tables), meta
 
 
+# Plan columns for the next stages, not for people reading plan.csv.
+PLAN_INTERNAL = ["committed", "digest", "base_folder", "part_key"]
+
+
+def _read_since(paths: list[Path], since: float, schema: pa.Schema) -> pa.Table:
+    """The rows of the files written after since (the last report), one after another."""
+    tables = [schema.empty_table()] + [
+        read_parquet(p) for p in paths if p.exists() and p.stat().st_mtime > since
+    ]
+    return pa.concat_tables(tables, promote_options="default")
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m dcmsort.report", description=__doc__)
-    parser.add_argument("--transfers", type=Path, required=True)
+    parser.add_argument("--transfers", type=Path, nargs="*", default=[])
+    parser.add_argument("--plans", type=Path, nargs="*", default=[])
+    parser.add_argument("--plan-csv", type=Path, help="this run's decisions, as CSV")
     parser.add_argument("--manifests", type=Path, nargs="*", default=[])
     parser.add_argument("--state-dir", type=Path, required=True)
     parser.add_argument("--output-dir", type=Path, required=True)
@@ -340,18 +357,23 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--removed", type=Path, required=True)
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s", stream=sys.stderr)
-    import pyarrow.csv as pacsv
-
     files, meta = read_manifests(args.manifests)
     committed = ledger.read(args.state_dir, LEDGER_COLUMNS)
-    transfers = read_parquet(args.transfers)
     history = args.state_dir / HISTORY
+    previous = last_history(history)
+    # This run's work: the partitions whose jobs ran since the last report.
+    since = (previous or {}).get("generated_at", 0)
+    transfers = _read_since(args.transfers, since, RESULT_SCHEMA)
+    if args.plan_csv:
+        plans = _read_since(args.plans, since, PLAN_SCHEMA)
+        with atomic_path(args.plan_csv) as tmp:
+            pacsv.write_csv(plans.drop_columns(PLAN_INTERNAL), tmp)
     summary, tables = summarise(
         files,
         committed,
         transfers,
         meta,
-        last_history(history),
+        previous,
         args.output_dir,
         args.mode,
         str(args.html),

@@ -15,7 +15,7 @@ from snakemake.utils import validate
 REPO = Path(workflow.basedir)  # the top-level Snakefile's folder
 sys.path.insert(0, str(REPO / "src"))
 
-from dcmsort import inventory, permissions, settings  # noqa: E402
+from dcmsort import inventory, permissions, routes, settings  # noqa: E402
 from dcmsort import status  # noqa: E402
 
 
@@ -64,7 +64,15 @@ DCMSORT = " ".join(
 STATE = str(SETTINGS.state_dir)
 # Folders under STATE the rules write into: made in onstart with the state folder's mode
 # (Snakemake would make them with the plain umask, closed to a sharing group).
-STATE_FOLDERS = ("logs/extract", "manifests/folders")
+STATE_FOLDERS = (
+    "logs/extract",
+    "logs/plan",
+    "logs/transfer",
+    "manifests/folders",
+    "parts",
+    "plan",
+    "transfers",
+)
 FOLDERS = inventory.list_folders(SETTINGS.input_dir)
 BATCHES = SETTINGS.batches or inventory.auto_batches(len(FOLDERS))
 FOLDERS_OF_BATCH = {}
@@ -102,6 +110,27 @@ def batch_manifests(wildcards=None):
     ]
 
 
+def transfer_results(wildcards=None):
+    """Every partition's transfer results: known once the partition checkpoint ran."""
+    done = checkpoints.partition.get().output.routes
+    return [f"{STATE}/transfers/{job}.parquet" for _, job in routes.jobs(done)]
+
+
+def partition_plans(wildcards=None):
+    done = checkpoints.partition.get().output.routes
+    return [f"{STATE}/plan/{job}.parquet" for _, job in routes.jobs(done)]
+
+
+def threads_per_partition(wildcards):
+    """Cores for one transfer job when every partition's runs at once (on a cluster the
+    profile's set-threads decides)."""
+    try:
+        cores = workflow.cores
+    except WorkflowError:
+        cores = 1
+    return max(1, cores // routes.parse_part(wildcards.part).count)
+
+
 def get_final_output(wildcards=None):
     """The report, and each batch's current manifest: a manifest whose name (fingerprint)
     is new is missing, which makes the run start from its extract job. Snakemake 9 runs a
@@ -112,6 +141,7 @@ def get_final_output(wildcards=None):
 
 wildcard_constraints:
     batch=r"\d+",
+    part=r"p\d+of\d+",
     fingerprint=r"[0-9a-f]{16}",
 
 
@@ -174,13 +204,15 @@ def rewrite_report():
     otherwise never replace it."""
     from dcmsort.report import main as write_report
 
+    try:
+        jobs = [job for _, job in routes.jobs(rules.partition.output.routes)]
+    except (OSError, ValueError):
+        jobs = []
     write_report(
-        [
-            "--transfers",
-            rules.transfer.output.results,
-            "--manifests",
-            *batch_manifests(),
-        ]
+        ["--transfers", *[f"{STATE}/transfers/{job}.parquet" for job in jobs]]
+        + ["--plans", *[f"{STATE}/plan/{job}.parquet" for job in jobs]]
+        + ["--plan-csv", rules.report.output.plan_csv]
+        + ["--manifests", *batch_manifests()]
         + ["--state-dir", STATE, "--output-dir", str(SETTINGS.output_dir)]
         + ["--mode", SETTINGS.transfer_mode, "--html", rules.report.output.html]
         + [

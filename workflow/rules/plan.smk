@@ -1,15 +1,14 @@
-# Stage 2: one job sees every manifest and the ledger, and decides where new files go.
+# Stage 3: one job per partition sees its files and its part of the ledger, and decides
+# where new files go.
 
 
 rule plan:
     input:
-        manifests=batch_manifests,
+        rows=f"{STATE}/parts/{{part}}-{{fingerprint}}.parquet",
     output:
-        plan=f"{STATE}/plan.parquet",
-        csv=f"{STATE}/plan.csv",
-        skipped=f"{STATE}/skipped.csv",
+        plan=f"{STATE}/plan/{{part}}-{{fingerprint}}.parquet",
     log:
-        f"{STATE}/logs/plan.log",
+        f"{STATE}/logs/plan/{{part}}-{{fingerprint}}.log",
     conda:
         CONDA_ENV
     resources:
@@ -22,12 +21,12 @@ rule plan:
         input_dir=SETTINGS.input_dir,
         output_dir=SETTINGS.output_dir,
         # The state folder, from an output (not a fixed prefix: snakemake --lint).
-        state_dir=lambda wildcards, output: os.path.dirname(output.plan),
+        state_dir=lambda wildcards, output: os.path.dirname(
+            os.path.dirname(output.plan)
+        ),
         mode=SETTINGS.transfer_mode,
     shell:
-        "{params.dcmsort} plan --manifests {input.manifests:q}"
+        "{params.dcmsort} plan --manifests {input.rows:q} --partition {wildcards.part}"
         " --input-dir {params.input_dir:q} --output-dir {params.output_dir:q}"
         " --state-dir {params.state_dir:q} --naming {params.naming:q}"
-        " --plan {output.plan:q} --plan-csv {output.csv:q} --skipped {output.skipped:q}"
-        " --mode {params.mode}"
-        " 2> {log:q}"
+        " --plan {output.plan:q} --mode {params.mode} --log {log:q} 2> {log:q}"

@@ -1,4 +1,4 @@
-# Stage 4: what is in place and what this run did, for people (HTML) and programs (JSON).
+# Stage 5: what is in place and what this run did, for people (HTML) and programs (JSON).
 
 
 localrules:
@@ -7,7 +7,8 @@ localrules:
 
 rule report:
     input:
-        transfers=rules.transfer.output.results,
+        transfers=transfer_results,
+        plans=partition_plans,
         manifests=batch_manifests,
     output:
         html=report(
@@ -17,6 +18,7 @@ rule report:
         ),
         summary=f"{STATE}/summary.json",
         removed=f"{STATE}/removed_sources.csv",
+        plan_csv=f"{STATE}/plan.csv",
     log:
         f"{STATE}/logs/report.log",
     conda:
@@ -31,7 +33,8 @@ rule report:
         output_dir=SETTINGS.output_dir,
         mode=SETTINGS.transfer_mode,
     shell:
-        "{params.dcmsort} report --transfers {input.transfers:q}"
+        "{params.dcmsort} report --transfers {input.transfers:q} --plans {input.plans:q}"
+        " --plan-csv {output.plan_csv:q}"
         " --manifests {input.manifests:q} --state-dir {params.state_dir:q}"
         " --output-dir {params.output_dir:q} --mode {params.mode}"
         " --html {output.html:q} --summary {output.summary:q}"

@@ -1,0 +1,34 @@
+# Stage 2: split the manifests' rows into partitions of patient folders, one file each,
+# named by a fingerprint of its rows: only partitions with new files get plan and transfer
+# jobs. A checkpoint, since the partitions (and their names) are known only once it ran.
+
+
+checkpoint partition:
+    input:
+        manifests=batch_manifests,
+    output:
+        routes=f"{STATE}/{routes.ROUTES}",
+        skipped=f"{STATE}/skipped.csv",
+    log:
+        f"{STATE}/logs/partition.log",
+    conda:
+        CONDA_ENV
+    resources:
+        mem_mb=1000,
+        runtime=60,
+    params:
+        dcmsort=DCMSORT,
+        # A function, so that the braces of the templates are not read as wildcards.
+        naming=lambda wildcards: SETTINGS.naming_json,
+        input_dir=SETTINGS.input_dir,
+        output_dir=SETTINGS.output_dir,
+        # The state folder, from an output (not a fixed prefix: snakemake --lint).
+        state_dir=lambda wildcards, output: os.path.dirname(output.routes),
+        mode=SETTINGS.transfer_mode,
+        partitions=SETTINGS.partitions or "auto",
+    shell:
+        "{params.dcmsort} partition --manifests {input.manifests:q}"
+        " --input-dir {params.input_dir:q} --output-dir {params.output_dir:q}"
+        " --state-dir {params.state_dir:q} --naming {params.naming:q}"
+        " --partitions {params.partitions} --mode {params.mode}"
+        " --routes {output.routes:q} --skipped {output.skipped:q} 2> {log:q}"

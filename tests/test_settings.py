@@ -73,6 +73,7 @@ def test_relative_folders_are_resolved_and_state_lives_with_the_output(tmp_path,
         ({"state_dir": "out/P_1/.state"}, "inside output_dir .*or one whose name starts with '.'"),
         ({"state_dir": "."}, "output_dir .* is inside state_dir .*; choose folders that do not"),
         ({"file_template": "a/{filename}"}, "file_template .* contains '/', but it names one file"),
+        ({"state_dir": "notes"}, "state_dir .*notes holds 'todo.txt' and no dcmsort state; choose"),
         (
             {"folder_template": "{PatientNmae}"},
             "folder_template .*PatientNmae.* not a DICOM keyword .*examples: PatientID",
@@ -91,6 +92,8 @@ def test_bad_config_is_one_clear_message_naming_the_key_and_the_fix(
     tmp_path, input_dir, values, message
 ):
     (tmp_path / "a_file").write_text("not a folder")
+    (tmp_path / "notes").mkdir()
+    (tmp_path / "notes" / "todo.txt").write_text("a user's own file")
     with pytest.raises(ConfigError, match=message):
         resolve(config(**{"input_dir": "in", "output_dir": "out", **values}), cwd=tmp_path)
 
@@ -305,3 +308,12 @@ def test_a_schema_violation_is_one_line_that_says_what_is_accepted(values, messa
     validator = jsonschema.Draft202012Validator(yaml.safe_load(SCHEMA.read_text()))
     error = next(validator.iter_errors({"input_dir": "in", "output_dir": "out", **values}))
     assert re.search(message, schema_message(error))
+
+
+def test_a_state_dir_of_dcmsort_or_snakemake_alone_is_accepted(tmp_path, input_dir):
+    state = tmp_path / "state"
+    (state / ".snakemake").mkdir(parents=True)  # the working directory is the state folder
+    resolve(config(input_dir="in", output_dir="out", state_dir="state"), cwd=tmp_path)
+    acquire_run_lock(state)
+    (state / "report.html").write_text("dcmsort's own")
+    resolve(config(input_dir="in", output_dir="out", state_dir="state"), cwd=tmp_path)

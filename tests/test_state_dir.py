@@ -84,3 +84,15 @@ def test_an_empty_state_dir_is_the_default_state_folder(sorter):
     demo.generate(sorter.input_dir, patients=1, series=1, instances=1, junk=False)
     sorter.run(state_dir='""')  # as the shell passes --config 'state_dir=""'
     assert (sorter.state / "report.html").is_file()
+
+
+def test_a_state_dir_holding_other_files_is_refused_and_they_are_kept(sorter, tmp_path):
+    demo.generate(sorter.input_dir, patients=1, series=1, instances=1)
+    folder = tmp_path / "project"
+    folder.mkdir()
+    (folder / "report.html").write_text("the user's own report")
+    result = sorter.run(check=False, state_dir=folder)
+    assert_refused(result, f"state_dir {folder} holds 'report.html' and no dcmsort state")
+    assert os.listdir(folder) == ["report.html"]
+    assert (folder / "report.html").read_text() == "the user's own report"
+    assert not sorter.output_dir.exists()

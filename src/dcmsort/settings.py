@@ -24,6 +24,9 @@ from dcmsort import naming, permissions
 from dcmsort.naming import Naming
 
 STATE_FOLDER = ".dcmsort"
+# Made at the start of every run in its state folder: a folder holding other files but not
+# this one is not a dcmsort state, and its files could be replaced by state files.
+LOCK_FILE = "run.lock"
 README = "config/README.md"
 # What a user must pass on every real run (config/config.yaml carries no folders).
 USAGE = "--config input_dir=/path/to/Unclassified output_dir=/path/to/Classified"
@@ -224,6 +227,19 @@ def _folder_problem(key: str, path: Path) -> str | None:
     return None
 
 
+def _foreign_file(state_dir: Path) -> str | None:
+    """The name of a file in an existing state_dir that is not dcmsort's (None if there is
+    none): one of a folder that holds no LOCK_FILE, except Snakemake's `.snakemake/` (the
+    working directory may be the state folder)."""
+    if not state_dir.is_dir() or (state_dir / LOCK_FILE).exists():
+        return None
+    try:
+        with os.scandir(state_dir) as entries:
+            return next((e.name for e in entries if e.name != ".snakemake"), None)
+    except OSError as error:
+        raise ConfigError(f"state_dir {state_dir} cannot be read ({error.strerror})") from error
+
+
 def resolve(config: dict, cwd: Path | None = None) -> Settings:
     """Settings from a schema-validated config; raises ConfigError naming key and fix."""
     cwd = (cwd or Path.cwd()).resolve()
@@ -289,6 +305,12 @@ def resolve(config: dict, cwd: Path | None = None) -> Settings:
         problem = _folder_problem(key, folder)
         if problem:
             raise ConfigError(problem)
+    foreign = _foreign_file(state_dir)
+    if foreign:
+        raise ConfigError(
+            f"state_dir {state_dir} holds {foreign!r} and no dcmsort state; choose a new or "
+            "empty folder (state files are written there by fixed names, replacing any other)"
+        )
     for key in ("folder_template", "file_template"):
         one_name = key == "file_template"
         problems = naming.template_problems(config[key], one_name) or [
@@ -412,8 +434,8 @@ def acquire_run_lock(state_dir: Path) -> None:
     made with a state file's mode, so in a group-shared output the next member can lock.
     """
     permissions.make_folders(state_dir)
-    permissions.create_state_file(state_dir / "run.lock")
-    handle = open(state_dir / "run.lock", "a+")  # noqa: SIM115 (held open on purpose)
+    permissions.create_state_file(state_dir / LOCK_FILE)
+    handle = open(state_dir / LOCK_FILE, "a+")  # noqa: SIM115 (held open on purpose)
     try:
         fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
     except BlockingIOError:

@@ -24,9 +24,9 @@ from dcmsort import naming, permissions
 from dcmsort.naming import Naming
 
 STATE_FOLDER = ".dcmsort"
-# Made at the start of every run in its state folder: a folder holding other files but not
-# this one is not a dcmsort state, and its files could be replaced by state files.
-LOCK_FILE = "run.lock"
+# Made first in a state folder: one holding other files but not this one is not a dcmsort
+# state, and its files could be replaced by state files.
+LOCK_FILE = permissions.LOCK_FILE
 README = "config/README.md"
 # What a user must pass on every real run (config/config.yaml carries no folders).
 USAGE = "--config input_dir=/path/to/Unclassified output_dir=/path/to/Classified"

@@ -165,12 +165,16 @@ def template_fields(template: str) -> list[tuple[str, str]]:
     ]
 
 
-def template_problems(template: str) -> list[str]:
-    """Why a template cannot be used (empty list when it can)."""
+def template_problems(template: str, one_name: bool = False) -> list[str]:
+    """Why a template cannot be used (empty list when it can). ``one_name``: the template
+    names one file (the file template), so a '/' of its own is refused, not made '_'."""
     try:
         fields = template_fields(template)
+        literals = [literal for literal, *_ in _parsed(template)]
     except ValueError as error:
         return [f"not a valid template ({error})"]
+    if one_name and any("/" in literal for literal in literals):
+        return ["contains '/', but it names one file; put folders in folder_template"]
     problems = []
     if not fields:
         problems.append("uses no field in braces, so every file would get the same name")

@@ -30,6 +30,9 @@ GROUP = 0o070
 OWNER_DIR = 0o700  # the owner always keeps rwx on what it creates (privacy is about others)
 OWNER_FILE = 0o600
 NO_EXEC = 0o666
+# The run's lock, in the state folder; made before anything else in it, so that a state
+# folder holding anything holds it (settings refuses a state_dir that holds other files).
+LOCK_FILE = "run.lock"
 
 
 def run_umask(umask: int, output_mode: int) -> int:
@@ -174,12 +177,14 @@ def prepare_run_folders(
     input_dir: Path, output_dir: Path, state_dir: Path, state_subfolders: tuple[str, ...] = ()
 ) -> None:
     """Create output_dir (no more open than input_dir) and state_dir (no more open than
-    output_dir) if missing, and the state subfolders Snakemake would otherwise create with
-    the plain umask (in a group-shared output, the group could not add to them later)."""
+    output_dir) if missing, the lock file first in it, and the state subfolders Snakemake
+    would otherwise create with the plain umask (in a group-shared output, the group could
+    not add to them later)."""
     umask = current_umask()
     if not output_dir.is_dir():
         make_folders(output_dir.parent)
         make_folders(output_dir, output_mode(output_dir, input_dir, umask))
     make_folders(state_dir, folder_mode(os.stat(output_dir).st_mode, umask))
+    create_state_file(state_dir / LOCK_FILE)
     for sub in state_subfolders:
         make_folders(state_dir / sub)

@@ -35,7 +35,7 @@ import sys
 import time
 import unicodedata
 from collections.abc import Callable
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import pyarrow as pa
@@ -47,7 +47,7 @@ from dcmsort import inventory, ledger, naming
 from dcmsort.fileops import atomic_path, file_digest, read_parquet
 from dcmsort.naming import Naming
 from dcmsort.progress import peak_rss_mb
-from dcmsort.settings import ConfigError, check_layout
+from dcmsort.settings import ConfigError, check_layout, layout_record
 from dcmsort.transfer import PENDING, settle
 
 log = logging.getLogger("dcmsort.plan")
@@ -698,7 +698,7 @@ def main(argv: list[str] | None = None) -> int:
     settings = Naming(**json.loads(args.naming))
     layout_file = args.state_dir / "layout.json"
     try:
-        check_layout(layout_file, settings)
+        check_layout(layout_file, settings, args.output_dir)
     except ConfigError as error:
         log.error("dcmsort: error: %s", error)
         return 2
@@ -724,7 +724,8 @@ def main(argv: list[str] | None = None) -> int:
 
     plan = make_plan(files, committed, settings, Disk(args.output_dir), digest_of_input)
     with atomic_path(layout_file) as tmp:
-        tmp.write_text(json.dumps(asdict(settings), indent=2))
+        record = layout_record(settings, args.output_dir, args.state_dir)
+        tmp.write_text(json.dumps(record, indent=2))
     with atomic_path(args.plan) as tmp:
         pq.write_table(plan, tmp)
     # Snakemake removes a job's outputs before it runs again: the copy under another name

@@ -38,7 +38,9 @@ except WorkflowError as error:
     fail(settings.schema_message(error.__context__ or error))
 try:
     SETTINGS = settings.resolve(config)
-    settings.check_layout(SETTINGS.state_dir / "layout.json", SETTINGS.naming)
+    settings.check_layout(
+        SETTINGS.state_dir / "layout.json", SETTINGS.naming, SETTINGS.output_dir
+    )
 except settings.ConfigError as error:
     fail(error)
 # Patient data: nothing this run (or Snakemake for it) creates is more open than output_dir.

@@ -140,13 +140,18 @@ def plan_rows(plan: pa.Table) -> list[Row]:
 class OutputTree:
     """Folders of output_dir, opened and created one component at a time, never through a
     link: ``O_NOFOLLOW`` makes a link (or a file) where a folder should be an error. A
-    folder created here is no more open than the one it is made in
-    (``permissions.folder_mode``): made ``0700``, then given its mode through its own
-    descriptor, so it is never more open, even for a moment."""
+    folder created here gets ``permissions.folder_mode`` of output_dir, worked out once:
+    never of the folder it is made in, whose mode another thread may not have set yet
+    (a thread that finds a folder made goes on at once). Made ``0700``, then given its
+    mode through its own descriptor, so it is never more open, even for a moment."""
 
     def __init__(self, root: Path):
         self.root = Path(root)
         permissions.make_folders(self.root)
+        # folder_mode of a folder_mode is itself: every level below gets the same mode.
+        self.folder_mode = permissions.folder_mode(
+            os.stat(self.root).st_mode, permissions.current_umask()
+        )
 
     def open_folder(self, folder: str, create: bool = True) -> int:
         fd = os.open(self.root, os.O_RDONLY | os.O_DIRECTORY)
@@ -165,10 +170,7 @@ class OutputTree:
                         created = False
                     child = os.open(component, flags, dir_fd=fd)
                     if created:
-                        mode = permissions.folder_mode(
-                            os.fstat(fd).st_mode, permissions.current_umask()
-                        )
-                        os.fchmod(child, mode)
+                        os.fchmod(child, self.folder_mode)
                 os.close(fd)
                 fd = child
         except OSError as error:

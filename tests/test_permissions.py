@@ -206,7 +206,7 @@ def test_the_transfer_copies_with_the_source_mode_masked_by_the_umask(
     assert mode_of(copy_into(source, tmp_path / "out2")) == source_mode & 0o700
 
 
-def test_a_temp_file_left_with_another_mode_does_not_lend_it_to_the_copy(tmp_path, umask_022):
+def test_a_file_at_a_temporary_name_lends_its_mode_to_no_copy(tmp_path, umask_022):
     source = tmp_path / "IM1"
     source.write_bytes(b"DICOM" * 10)
     os.chmod(source, 0o600)
@@ -216,7 +216,7 @@ def test_a_temp_file_left_with_another_mode_does_not_lend_it_to_the_copy(tmp_pat
     stale.write_bytes(b"half")
     os.chmod(stale, 0o666)
     assert mode_of(copy_into(source, target.parent)) == 0o600
-    assert not stale.exists()
+    assert stale.read_bytes() == b"half"  # not ours (no token): never touched
 
 
 def test_state_folders_made_by_atomic_writes_take_the_parents_mode(tmp_path, umask_022):

@@ -13,7 +13,7 @@ import pytest
 
 from conftest import assert_every_file_accounted_for, tree_snapshot
 from dcmsort import demo, headers, inventory, naming
-from dcmsort.fileops import MAX_NAME_BYTES, TEMP_SUFFIX, temp_path_for
+from dcmsort.fileops import MAX_NAME_BYTES, TEMP_SUFFIX, temp_name_for, temp_path_for
 
 
 def write_instance(path: str | bytes, name: str = "DOE^JOHN", number: int = 1) -> bytes:
@@ -106,20 +106,23 @@ def test_the_manifest_of_a_removed_long_folder_is_removed(tmp_path):
     assert [p.name for p in manifests.iterdir()] == ["short.parquet"]
 
 
-@pytest.mark.parametrize("length", [1, 200, 242, 243, 250, 255])
+@pytest.mark.parametrize("length", [1, 200, 230, 242, 243, 250, 255])
 @pytest.mark.parametrize("char", ["x", "é", "山"])
-def test_temporary_names_fit_255_bytes_stay_hidden_fixed_and_recognisable(length, char):
+@pytest.mark.parametrize("token", ["", "0123456789ab"])
+def test_temporary_names_fit_255_bytes_stay_hidden_fixed_and_recognisable(length, char, token):
     name = (char * length).encode()[:255].decode("utf-8", "ignore")
-    tmp = temp_path_for(Path("/out/folder") / name)
-    assert len(os.fsencode(tmp.name)) <= MAX_NAME_BYTES
-    assert tmp.name.startswith(".") and tmp.name.endswith(TEMP_SUFFIX)
-    assert tmp.parent == Path("/out/folder")
-    assert tmp == temp_path_for(Path("/out/folder") / name)
-    assert temp_path_for(Path("/out/folder") / (name[:-1] + "z")) != tmp
+    tmp = temp_name_for(name, token)
+    assert len(os.fsencode(tmp)) <= MAX_NAME_BYTES
+    assert tmp.startswith(".") and tmp.endswith(f".{token}{TEMP_SUFFIX}" if token else TEMP_SUFFIX)
+    assert tmp == temp_name_for(name, token)
+    assert temp_name_for(name[:-1] + "z", token) != tmp
+    assert temp_name_for(name, "ba9876543210") != tmp
+    assert temp_path_for(Path("/out/folder") / name) == Path("/out/folder") / temp_name_for(name)
 
 
 def test_ordinary_temporary_names_are_unchanged():
     assert temp_path_for(Path("/o/IM1.dcm")).name == f".IM1.dcm{TEMP_SUFFIX}"
+    assert temp_name_for("IM1.dcm", "0a1b") == f".IM1.dcm.0a1b{TEMP_SUFFIX}"
 
 
 # --- item 7: file-meta keywords in templates -----------------------------------------------

@@ -1,8 +1,10 @@
 """State across runs, tested as a model: a user's world (add, duplicate, touch, replace,
-rename, delete) and runs that finish, stop after planning, are killed half way through the
-transfer or fail, in any order. After every run that finishes, the promise holds: every
-input's content is in the output (or the input is skipped with a reason), no content is
-written twice, the ledger and the summary say what the tree shows, inputs are untouched.
+rename, delete, files of someone else's in the output) and runs that finish, stop after
+planning, are killed half way through the transfer or fail, in any order. After every run
+that finishes, the promise holds: every input's content is in the output (or the input is
+skipped with a reason), no content is written twice, the ledger and the summary say what
+the tree shows, inputs are untouched. After every step, whatever run it was: files of
+someone else's in the output are never removed or changed.
 
 Real DICOM files (the project's generator, tiny images) in a temporary folder; the stages
 are called in-process (extract, plan, transfer, report), as the Snakemake rules call them.
@@ -27,14 +29,21 @@ from pathlib import Path
 import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
+import pytest
 from hypothesis import HealthCheck, settings
 from hypothesis import strategies as st
-from hypothesis.stateful import RuleBasedStateMachine, initialize, precondition, rule
+from hypothesis.stateful import (
+    RuleBasedStateMachine,
+    initialize,
+    invariant,
+    precondition,
+    rule,
+)
 
 from conftest import outcomes
 from dcmsort import headers, ledger, plan, report, transfer
 from dcmsort.demo import Series, make_instance, uid
-from dcmsort.fileops import TEMP_SUFFIX, temp_path_for
+from dcmsort.fileops import TEMP_SUFFIX, temp_name_for, temp_path_for
 from dcmsort.naming import FILE_FIELDS, Naming
 
 NAMING = Naming("{PatientName}_{PatientID}/{SeriesDescription}_{SeriesNumber}", "{filename}")
@@ -111,6 +120,13 @@ def digest(data: bytes) -> str:
     return hashlib.sha256(data).hexdigest()
 
 
+def read(path: Path) -> bytes | None:
+    """What a path in the output holds: a file's bytes, where a link points, or None."""
+    if path.is_symlink():
+        return b"link to " + os.fsencode(os.readlink(path))
+    return path.read_bytes() if path.exists() else None
+
+
 class World:
     """An input folder a user changes and an output folder dcmsort sorts into, with the
     truth about both kept beside them (what each input holds, what someone else put in
@@ -125,6 +141,7 @@ class World:
         self.mtimes: dict[str, int] = {}
         self.sop_of: dict[str, str] = {}  # content digest -> SOPInstanceUID
         self.foreign: dict[str, bytes] = {}  # output path -> what someone else put there
+        self.elsewhere: dict[Path, bytes] = {}  # files outside both, which their links name
         self.temps: set[str] = set()  # half-written temporary files a killed run left
         self.clock = 1_700_000_000 * 10**9
         # The plan file describes the input as it is now: Snakemake would not plan again.
@@ -275,8 +292,10 @@ class World:
             destination = self.output / sorts[0]["destination"]
             destination.parent.mkdir(parents=True, exist_ok=True)
             data = (self.input / sorts[0]["relpath"]).read_bytes()
-            temp_path_for(destination).write_bytes(data[: len(data) // 2])
-            self.temps.add(str(temp_path_for(destination).relative_to(self.output)))
+            token = transfer.temp_token(table)  # the killed transfer's temporary name
+            temp = destination.with_name(temp_name_for(destination.name, token))
+            temp.write_bytes(data[: len(data) // 2])
+            self.temps.add(str(temp.relative_to(self.output)))
 
     def _plan_of(self, table: pa.Table) -> Path:
         path = self.root / "partial-plan.parquet"
@@ -302,6 +321,36 @@ class World:
             self.plan_is_current = False
             return
         self.check(self.report())
+
+    def put_foreign_file_at_temp_name(self, pick: int, link: bool) -> None:
+        """Someone else puts a file, or a link to a file elsewhere, at the name that
+        temporary files of dcmsort used to have (``.<name>.dcmsort-tmp``) beside a
+        destination the plan chose: it is theirs, whatever runs come next."""
+        self.plan()
+        sorts = [r for r in self.pending() if r["action"] == plan.SORT]
+        if not sorts:
+            return
+        path = temp_path_for(self.output / sorts[pick % len(sorts)]["destination"])
+        if os.path.lexists(path):
+            return
+        path.parent.mkdir(parents=True, exist_ok=True)
+        data = b"someone else's %d" % pick
+        if link:
+            target = self.root / f"elsewhere-{pick}"
+            target.write_bytes(data)
+            self.elsewhere[target] = data
+            path.symlink_to(target)
+        else:
+            path.write_bytes(data)
+        self.foreign[str(path.relative_to(self.output))] = read(path)
+
+    def check_foreign(self) -> None:
+        """Files of someone else's in the output (and what their links name) are as they
+        were put there."""
+        for path, data in self.foreign.items():
+            assert read(self.output / path) == data, f"someone else's file changed: {path}"
+        for target, data in self.elsewhere.items():
+            assert target.read_bytes() == data, f"a file outside the output changed: {target}"
 
     def run_with_change_during_transfer(self, pick: int, how: str) -> None:
         """An input changes between planning and transfer (a file still being written):
@@ -331,7 +380,7 @@ class World:
                 dirs.remove(".dcmsort")
             for name in names:
                 path = Path(top) / name
-                found[str(path.relative_to(self.output))] = path.read_bytes()
+                found[str(path.relative_to(self.output))] = read(path)
         return found
 
     def check(self, summary: dict, changed: frozenset[str] | set[str] = frozenset()) -> None:
@@ -364,8 +413,9 @@ class World:
         for destination in set(committed["destination"].to_pylist()):
             assert destination in tree, f"the ledger names a missing file: {destination}"
         placed = set(report.placements(committed)["destination"].to_pylist())
-        # A killed run's temporary file stays until its destination is written again.
-        leftovers = {p for p in tree if p.endswith(TEMP_SUFFIX)} - self.temps
+        self.check_foreign()
+        # A killed run's temporary file may stay (when no pending plan names it any more).
+        leftovers = {p for p in tree if p.endswith(TEMP_SUFFIX)} - self.temps - set(self.foreign)
         assert not leftovers, f"temporary files left: {sorted(leftovers)}"
         tree = {p: data for p, data in tree.items() if not p.endswith(TEMP_SUFFIX)}
         ours = {p: tree[p] for p in tree if p not in self.foreign or p in placed}
@@ -373,8 +423,6 @@ class World:
             f"in the tree, not in the ledger: {sorted(set(ours) - placed)}; "
             f"in the ledger, not in the tree: {sorted(placed - set(ours))}"
         )
-        for path, data in self.foreign.items():
-            assert tree.get(path) == data, f"someone else's file changed: {path}"
         twice = [d for d, n in Counter(map(digest, ours.values())).items() if n > 1]
         assert not twice, "the same content written twice: " + ", ".join(
             sorted(p for p, data in ours.items() if digest(data) in twice)
@@ -477,6 +525,10 @@ class Sorting(RuleBasedStateMachine):
     def delete(self, pick: int) -> None:
         self.world.delete(self._pick(pick))
 
+    @rule(pick=picks, link=st.booleans())
+    def put_someone_elses_file_at_a_temporary_name(self, pick: int, link: bool) -> None:
+        self.world.put_foreign_file_at_temp_name(pick, link)
+
     @rule()
     def run(self) -> None:
         self.world.run()
@@ -497,6 +549,11 @@ class Sorting(RuleBasedStateMachine):
     @rule(pick=picks, how=st.sampled_from(["touch", "append", "delete"]))
     def run_while_an_input_changes(self, pick: int, how: str) -> None:
         self.world.run_with_change_during_transfer(pick, how)
+
+    @invariant()
+    def files_of_someone_elses_in_the_output_are_never_removed_or_changed(self) -> None:
+        if hasattr(self, "world"):
+            self.world.check_foreign()
 
 
 Sorting.TestCase.settings = settings(
@@ -556,3 +613,15 @@ def test_a_rerun_of_a_killed_transfer_commits_a_duplicate_of_a_file_it_placed(tm
     world.add("p1/IM2.dcm", A)
     world.run_killed_in_transfer(committed=0, copied=1, temp=False)  # IM1.dcm in place
     world.run()
+
+
+@pytest.mark.parametrize("link", [False, True])
+def test_a_file_of_someone_elses_at_a_temporary_name_is_left_as_it_is(tmp_path, link):
+    world = World(tmp_path)
+    world.add("p1/IM1.dcm", A)
+    world.put_foreign_file_at_temp_name(0, link)  # before the very first transfer
+    world.run()
+    world.add("p1/IM2.dcm", Spec(patient=0, series=0, instance=1))
+    world.run_killed_in_transfer(committed=0, copied=0, temp=True)
+    world.run()  # settles the killed transfer: removes its temporary file, not theirs
+    assert not world.temps & set(world.tree())

@@ -18,7 +18,7 @@ import pyarrow.parquet as pq
 import pytest
 
 from dcmsort import ledger, permissions, transfer
-from dcmsort.fileops import TEMP_SUFFIX, copy_range, file_digest, temp_path_for
+from dcmsort.fileops import TEMP_SUFFIX, copy_range, file_digest, temp_name_for, temp_path_for
 from dcmsort.plan import PLAN_SCHEMA
 from dcmsort.transfer import (
     CHANGED,
@@ -78,8 +78,16 @@ class Job:
         }
 
     def plan(self, *rows: dict) -> Path:
-        pq.write_table(pa.Table.from_pylist(list(rows), schema=PLAN_SCHEMA), self.plan_file)
+        """A plan file of rows, with a token for its temporary files, as the plan writes it."""
+        table = transfer.with_temp_token(pa.Table.from_pylist(list(rows), schema=PLAN_SCHEMA))
+        pq.write_table(table, self.plan_file)
         return self.plan_file
+
+    def temp_path(self, destination: str) -> Path:
+        """The temporary path a transfer of the current plan writes destination under."""
+        token = transfer.temp_token(pq.read_table(self.plan_file))
+        path = self.output / destination
+        return path.with_name(temp_name_for(path.name, token))
 
     def transfer(self, mode: str = "copy", verify: str = "size", workers: int = 2) -> dict:
         """Results by relpath."""
@@ -268,15 +276,68 @@ def test_a_successful_transfer_job_exits_0_and_keeps_the_plan(job):
     assert pq.read_table(job.root / "r.pq")["status"].to_pylist() == [COPIED]
 
 
-def test_a_stale_temp_file_from_a_killed_run_is_replaced(job):
+def test_a_temp_file_a_killed_transfer_of_the_plan_left_is_removed(job):
     source = job.add("p/IM1")
     (job.output / "P").mkdir()
-    stale = temp_path_for(job.output / "P/IM1")
-    stale.write_bytes(b"half a fi")
     job.plan(job.row("p/IM1", "P/IM1"))
+    job.temp_path("P/IM1").write_bytes(b"half a fi")  # the plan's token: ours
     assert job.transfer()["p/IM1"]["status"] == COPIED
     assert (job.output / "P/IM1").read_bytes() == source.read_bytes()
     assert list((job.output / "P").iterdir()) == [job.output / "P/IM1"]
+
+
+@pytest.mark.parametrize("kind", ["file", "link", "folder"])
+def test_what_stands_at_a_temporary_name_without_the_plans_token_is_never_touched(job, kind):
+    # A user's file at the name temporary files had before they carried a token, one at
+    # another plan's temporary name, a link to a file elsewhere, a folder.
+    source = job.add("p/IM1")
+    (job.output / "P").mkdir()
+    elsewhere = job.root / "elsewhere"
+    elsewhere.write_bytes(b"someone's")
+    job.plan(job.row("p/IM1", "P/IM1"))
+    theirs = [temp_path_for(job.output / "P/IM1"), job.output / "P" / temp_name_for("IM1", "0")]
+    for path in theirs:
+        if kind == "file":
+            path.write_bytes(b"someone's")
+        elif kind == "link":
+            path.symlink_to(elsewhere)
+        else:
+            path.mkdir()
+    assert transfer.settle(job.plan_file, job.input, job.output, job.state, "copy") == 0
+    assert job.transfer()["p/IM1"]["status"] == COPIED
+    assert (job.output / "P/IM1").read_bytes() == source.read_bytes()
+    for path in theirs:
+        assert os.path.lexists(path)
+        if kind == "file":
+            assert path.read_bytes() == b"someone's"
+        elif kind == "link":
+            assert os.readlink(path) == str(elsewhere)
+    assert elsewhere.read_bytes() == b"someone's"
+
+
+def test_something_at_the_plans_temporary_name_during_the_transfer_is_never_touched(
+    job, monkeypatch
+):
+    # After settle, only someone else can have put it there: the file is not placed, the
+    # plan is dropped, and the next plan's token gives another temporary name.
+    job.add("p/IM1")
+    job.add("p/IM2")
+    job.plan(job.row("p/IM1", "P/IM1"), job.row("p/IM2", "P/IM2"))
+    (job.output / "P").mkdir()
+    theirs = job.temp_path("P/IM1")
+    real_settle = transfer._settle
+
+    def settle_then_someone_writes(*args):
+        settled = real_settle(*args)
+        theirs.write_bytes(b"someone's")
+        return settled
+
+    monkeypatch.setattr(transfer, "_settle", settle_then_someone_writes)
+    assert job.main() == 1
+    assert theirs.read_bytes() == b"someone's"
+    assert not (job.output / "P/IM1").exists()
+    assert [r["relpath"] for r in job.committed()] == ["p/IM2"]
+    assert not job.plan_file.exists(), "the next run must plan the file again"
 
 
 # --- file systems without renameat2(RENAME_NOREPLACE), or without hard links too -----------

@@ -221,6 +221,23 @@ MUTANTS = [
         "pass",
         (TRANSFER,),
     ),
+    Mutant(
+        "transfer: settle removes a user's file at the untokened temporary name",
+        TRANSFER_PY,
+        "os.unlink(temp_name_for(name, token), dir_fd=fd)",
+        "os.unlink(temp_name_for(name), dir_fd=fd)",
+        (TRANSFER,),
+    ),
+    Mutant(
+        "transfer: a new folder's mode is read from a parent another thread may be making",
+        TRANSFER_PY,
+        "os.fchmod(child, self.folder_mode)",
+        "os.fchmod(child, permissions.folder_mode(os.fstat(fd).st_mode, 0o022))",
+        (
+            "tests/test_permissions.py::"
+            "test_the_transfer_makes_folders_with_the_output_folders_mode_in_any_folder",
+        ),
+    ),
     # --- fileops: atomic writes, the copy fallback ---
     Mutant(
         "fileops: a write goes straight to its final name (not atomic)",

@@ -19,23 +19,26 @@ TEMP_SUFFIX = ".dcmsort-tmp"
 MAX_NAME_BYTES = 255  # ext4, XFS, APFS, NTFS (in UTF-16 units), Lustre
 
 
-def temp_name_for(name: str) -> str:
+def temp_name_for(name: str, token: str = "") -> str:
     """The temporary name used while writing the file called name: hidden, in the same
-    folder (so the final rename stays on one file system), and fixed, so a run killed
-    half-way leaves a name the next run recognises and replaces. A name too long for
-    ``.<name>.dcmsort-tmp`` keeps a prefix and a hash of the whole name instead, so it stays
-    within 255 bytes."""
-    temp = f".{name}{TEMP_SUFFIX}"
+    folder (so the final rename stays on one file system), ``.<name>.<token>.dcmsort-tmp``.
+    The transfer's token is its plan's (``transfer.temp_token``), recorded before any such
+    file exists: it is how the cleanup after a killed run tells its own files from anyone
+    else's. State files (``atomic_path``, in dcmsort's own folder) have none: their fixed
+    name is replaced by the next write. A name too long for that keeps a prefix and a hash
+    of the whole name instead, so it stays within 255 bytes."""
+    suffix = f".{token}{TEMP_SUFFIX}" if token else TEMP_SUFFIX
+    temp = f".{name}{suffix}"
     if len(os.fsencode(temp)) <= MAX_NAME_BYTES:
         return temp
     digest = "~" + hashlib.sha256(os.fsencode(name)).hexdigest()[:16]
-    room = MAX_NAME_BYTES - len(os.fsencode(digest + TEMP_SUFFIX))
+    room = MAX_NAME_BYTES - len(os.fsencode(digest + suffix))
     # Cut on a character boundary; undecodable bytes of the name are kept as they are.
     prefix = os.fsencode(name)[: room - 1].decode("utf-8", "ignore")
-    shortened = f".{prefix}{digest}{TEMP_SUFFIX}"
+    shortened = f".{prefix}{digest}{suffix}"
     while len(os.fsencode(shortened)) > MAX_NAME_BYTES:  # 'ignore' only ever shortens
         prefix = prefix[:-1]
-        shortened = f".{prefix}{digest}{TEMP_SUFFIX}"
+        shortened = f".{prefix}{digest}{suffix}"
     return shortened
 
 

@@ -48,7 +48,7 @@ from dcmsort.fileops import atomic_path, file_digest, read_parquet
 from dcmsort.naming import Naming
 from dcmsort.progress import peak_rss_mb
 from dcmsort.settings import ConfigError, check_layout, layout_record
-from dcmsort.transfer import PENDING, settle
+from dcmsort.transfer import PENDING, settle, with_temp_token
 
 log = logging.getLogger("dcmsort.plan")
 
@@ -723,6 +723,7 @@ def main(argv: list[str] | None = None) -> int:
             return None
 
     plan = make_plan(files, committed, settings, Disk(args.output_dir), digest_of_input)
+    plan = with_temp_token(plan)  # written before any temporary file with it exists
     with atomic_path(layout_file) as tmp:
         record = layout_record(settings, args.output_dir, args.state_dir)
         tmp.write_text(json.dumps(record, indent=2))

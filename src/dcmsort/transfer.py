@@ -5,7 +5,10 @@ Decides nothing about names. For each plan row not yet in the ledger:
 - ``sort``: write the file under a temporary name in its destination folder, check it
   (size; a source that changed while it was copied is not placed; the digest too with
   ``verify: checksum``), and link it to its name, which fails rather than replace anything;
-  a hard or symbolic link is made in one call, which also never replaces;
+  a hard or symbolic link is made in one call, which also never replaces. The temporary
+  name carries the plan's token (``temp_token``) and is created exclusively: whatever
+  stands at it is never opened or removed, and a killed run's leftovers are removed only
+  by their token;
 - ``present``: check that the destination holds a file of the right size (the plan
   compared digests);
 - ``duplicate``: commit once its destination is committed.
@@ -31,6 +34,7 @@ import errno
 import hashlib
 import logging
 import os
+import secrets
 import stat
 import sys
 import time
@@ -81,6 +85,8 @@ COMMIT_EVERY_S = 2.0
 # A copy of the plan kept until its transfer has finished: after a killed transfer, the
 # next plan settles it first (Snakemake removes plan.parquet before the plan job runs).
 PENDING = "pending.parquet"
+# Where a plan keeps the token that names its transfer's temporary files (temp_token).
+TEMP_TOKEN = b"dcmsort.temp_token"
 _NOT_A_FOLDER = {errno.ELOOP, errno.ENOTDIR, errno.EMLINK}
 # Link-based no-replace rename is refused by file systems without hard links.
 _NO_HARD_LINKS = {errno.EPERM, errno.EOPNOTSUPP, errno.ENOSYS, errno.EXDEV, errno.EMLINK}
@@ -128,6 +134,28 @@ class Row:
     index: int = -1
 
 
+def with_temp_token(plan: pa.Table) -> pa.Table:
+    """The plan, carrying a new random token that every temporary file its transfer makes
+    has in its name (``fileops.temp_name_for``). The plan and its copy ``pending.parquet``
+    are written before any such file exists, so a file with the token of a pending plan is
+    one a killed transfer made: ``settle`` removes those, and only those. Nothing else is
+    ever removed, whoever's it is (a user's file at ``.<name>.dcmsort-tmp``, a leftover of
+    a plan without a token)."""
+    metadata = {**(plan.schema.metadata or {}), TEMP_TOKEN: secrets.token_hex(6).encode()}
+    return plan.replace_schema_metadata(metadata)
+
+
+def temp_token(plan: pa.Table) -> str | None:
+    """The token of a plan's temporary files (with_temp_token); None for a plan without."""
+    token = (plan.schema.metadata or {}).get(TEMP_TOKEN)
+    return token.decode() if token else None
+
+
+# For a plan without a token (written by hand or by an older version): one of this
+# process's own. Nothing records it, so what a killed run leaves with it stays (hidden).
+_UNRECORDED_TOKEN = secrets.token_hex(6)
+
+
 def plan_rows(plan: pa.Table) -> list[Row]:
     """The rows of a plan table to carry out, each knowing its position in the table."""
     fields = ["relpath", "size", "mtime_ns", "action", "destination", "digest"]
@@ -140,13 +168,18 @@ def plan_rows(plan: pa.Table) -> list[Row]:
 class OutputTree:
     """Folders of output_dir, opened and created one component at a time, never through a
     link: ``O_NOFOLLOW`` makes a link (or a file) where a folder should be an error. A
-    folder created here is no more open than the one it is made in
-    (``permissions.folder_mode``): made ``0700``, then given its mode through its own
-    descriptor, so it is never more open, even for a moment."""
+    folder created here gets ``permissions.folder_mode`` of output_dir, worked out once:
+    never of the folder it is made in, whose mode another thread may not have set yet
+    (a thread that finds a folder made goes on at once). Made ``0700``, then given its
+    mode through its own descriptor, so it is never more open, even for a moment."""
 
     def __init__(self, root: Path):
         self.root = Path(root)
         permissions.make_folders(self.root)
+        # folder_mode of a folder_mode is itself: every level below gets the same mode.
+        self.folder_mode = permissions.folder_mode(
+            os.stat(self.root).st_mode, permissions.current_umask()
+        )
 
     def open_folder(self, folder: str, create: bool = True) -> int:
         fd = os.open(self.root, os.O_RDONLY | os.O_DIRECTORY)
@@ -165,10 +198,7 @@ class OutputTree:
                         created = False
                     child = os.open(component, flags, dir_fd=fd)
                     if created:
-                        mode = permissions.folder_mode(
-                            os.fstat(fd).st_mode, permissions.current_umask()
-                        )
-                        os.fchmod(child, mode)
+                        os.fchmod(child, self.folder_mode)
                 os.close(fd)
                 fd = child
         except OSError as error:
@@ -227,20 +257,25 @@ def _check_version(info: os.stat_result, row: Row) -> None:
         )
 
 
-def _copy(folder_fd: int, name: str, source: str, row: Row, verify: str) -> tuple[str, str | None]:
+def _copy(
+    folder_fd: int, name: str, source: str, row: Row, verify: str, token: str
+) -> tuple[str, str | None]:
     """Copy to a temporary name, check, then link to name (never replacing)."""
     fd_in = os.open(source, os.O_RDONLY)
     try:
         before = os.fstat(fd_in)
         _check_version(before, row)
-        tmp = temp_name_for(name)
+        tmp = temp_name_for(name, token)
         flags = os.O_RDWR | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW  # read back by checksum
         mode = permissions.copy_mode(before.st_mode, permissions.current_umask())
         try:
             fd_out = os.open(tmp, flags, mode, dir_fd=folder_fd)
-        except FileExistsError:  # left by a killed run (fixed name): never reuse its mode
-            os.unlink(tmp, dir_fd=folder_fd)
-            fd_out = os.open(tmp, flags, mode, dir_fd=folder_fd)
+        except FileExistsError:
+            # Not this plan's killed transfer's (settle removed those): never touched.
+            raise TransferError(
+                f"something stands at the temporary name {tmp!r}, which is never opened or "
+                "removed; nothing was placed: rerun, and the next plan uses another name"
+            ) from None
         digest = row.digest
         try:
             try:
@@ -343,16 +378,22 @@ def _link(folder_fd: int, name: str, source: str, row: Row, mode: str) -> str:
 
 
 def put(
-    folder_fd: int, row: Row, input_dir: Path, mode: str, verify: str
+    folder_fd: int,
+    row: Row,
+    input_dir: Path,
+    mode: str,
+    verify: str,
+    token: str = _UNRECORDED_TOKEN,
 ) -> tuple[str, str | None]:
-    """Put one row's file in place; returns (status, digest if known)."""
+    """Put one row's file in place; returns (status, digest if known). token: the plan's,
+    for the temporary name of a copy (temp_token)."""
     name = row.destination.rpartition("/")[2]
     source = inventory.source_path(input_dir, row.relpath)
     try:
         if row.action == "present" and _existing_is_same(folder_fd, name, source, row.digest):
             return PRESENT, row.digest
         if mode == "copy":
-            return _copy(folder_fd, name, source, row, verify)
+            return _copy(folder_fd, name, source, row, verify, token)
         return _link(folder_fd, name, source, row, mode), row.digest
     except FileNotFoundError as error:
         if error.filename in (source, None):
@@ -384,7 +425,13 @@ class Outcome:
 
 
 def _place_folder(
-    tree: OutputTree, folder: str, rows: list[Row], input_dir: Path, mode: str, verify: str
+    tree: OutputTree,
+    folder: str,
+    rows: list[Row],
+    input_dir: Path,
+    mode: str,
+    verify: str,
+    token: str,
 ) -> list[Outcome]:
     try:
         folder_fd = tree.open_folder(folder)
@@ -395,7 +442,7 @@ def _place_folder(
     try:
         for row in rows:
             try:
-                status, digest = put(folder_fd, row, input_dir, mode, verify)
+                status, digest = put(folder_fd, row, input_dir, mode, verify, token)
                 outcomes.append(Outcome(row, status, digest))
             except SourceChanged as error:
                 outcomes.append(Outcome(row, CHANGED, detail=str(error)))
@@ -439,22 +486,30 @@ def _ledger_rows(outcomes: list[Outcome], plan: pa.Table, mode: str) -> pa.Table
 
 def settle(plan_file: Path, input_dir: Path, output_dir: Path, state_dir: Path, mode: str) -> int:
     """Commit what a killed transfer of this plan had put in place, and remove the
-    temporary files it left. A file reaches its name only after it was checked, so a
-    pending row's destination holding a file with its input version's size and mtime (or a
-    link to its input) is that row's placement. Run before a plan replaces this one (the
-    inputs may have been renamed meanwhile: nobody would adopt those copies) and before a
-    transfer retries it. Returns how many rows it committed."""
+    temporary files it left (those with the plan's token: no other file is ours to
+    remove). A file reaches its name only after it was checked, so a pending row's
+    destination holding a file with its input version's size and mtime (or a link to its
+    input) is that row's placement. Run before a plan replaces this one (the inputs may
+    have been renamed meanwhile: nobody would adopt those copies) and before a transfer
+    retries it. Returns how many rows it committed."""
     try:
-        plan = pending_rows(read_parquet(plan_file), ledger.read(state_dir, ledger.SOURCE_KEY))
+        table = read_parquet(plan_file)
     except FileNotFoundError:
         return 0
-    return _settle(plan, plan_rows(plan), input_dir, output_dir, state_dir, mode)
+    plan = pending_rows(table, ledger.read(state_dir, ledger.SOURCE_KEY))
+    return _settle(plan, plan_rows(plan), input_dir, output_dir, state_dir, mode, temp_token(table))
 
 
 def _settle(
-    plan: pa.Table, rows: list[Row], input_dir: Path, output_dir: Path, state_dir: Path, mode: str
+    plan: pa.Table,
+    rows: list[Row],
+    input_dir: Path,
+    output_dir: Path,
+    state_dir: Path,
+    mode: str,
+    token: str | None,
 ) -> int:
-    """settle, for the pending rows of a plan already read."""
+    """settle, for the pending rows of a plan already read (token: the plan's)."""
     if plan.num_rows == 0 or not output_dir.is_dir():
         return 0
     tree = OutputTree(output_dir)
@@ -468,8 +523,9 @@ def _settle(
         try:
             for row in folder_rows:
                 name = row.destination.rpartition("/")[2]
-                with contextlib.suppress(FileNotFoundError):
-                    os.unlink(temp_name_for(name), dir_fd=fd)
+                if token:  # a name with it was made by a transfer of this plan
+                    with contextlib.suppress(FileNotFoundError):
+                        os.unlink(temp_name_for(name, token), dir_fd=fd)
                 how = _holds_version(fd, name, row, inventory.source_path(input_dir, row.relpath))
                 if how:
                     found.append(Outcome(row, PRESENT, row.digest, mode=how))
@@ -519,14 +575,17 @@ def transfer_plan(
     workers: int,
 ) -> pa.Table:
     """Carry out every pending plan row and commit what is in place; one result per row."""
-    plan = pending_rows(read_parquet(plan_file), ledger.read(state_dir, ledger.SOURCE_KEY))
+    table = read_parquet(plan_file)
+    token = temp_token(table)
+    plan = pending_rows(table, ledger.read(state_dir, ledger.SOURCE_KEY))
     rows = plan_rows(plan)
     # After a killed transfer of this plan; what it commits is no longer pending.
-    if _settle(plan, rows, input_dir, output_dir, state_dir, mode):
+    if _settle(plan, rows, input_dir, output_dir, state_dir, mode, token):
         plan = pending_rows(plan, ledger.read(state_dir, ledger.SOURCE_KEY))
         rows = plan_rows(plan)
     committed_before = plan["committed"].to_pylist()
     placing = [r for r in rows if r.action != "duplicate"]
+    temp = token or _UNRECORDED_TOKEN  # the token of this transfer's temporary names
     tree = OutputTree(output_dir)
     progress = Progress("transfer", len(rows), log)
     outcomes: list[Outcome] = []
@@ -540,7 +599,7 @@ def transfer_plan(
 
     with ThreadPoolExecutor(max_workers=max(1, workers)) as pool:
         tasks = [
-            pool.submit(_place_folder, tree, folder, folder_rows, input_dir, mode, verify)
+            pool.submit(_place_folder, tree, folder, folder_rows, input_dir, mode, verify, temp)
             for folder, folder_rows in _folder_rows(placing)
         ]
         for task in tasks:

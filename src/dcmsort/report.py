@@ -146,6 +146,8 @@ def summarise(
         "files_new": status.get("copied", 0) + status.get("linked", 0),
         "bytes_written": pc.sum(transfers["bytes"]).as_py() or 0,
         "files_already_present": status.get("present", 0),
+        # Links whose input was renamed, pointed at its new path (same content).
+        "files_relinked": status.get("relinked", 0),
         "duplicates": duplicates.num_rows,
         "conflicts": conflicts.num_rows,
         "skipped": skipped.num_rows,
@@ -244,6 +246,7 @@ def render_html(summary: dict, tables: dict[str, pa.Table]) -> str:
         ("Files sorted", summary["files_sorted"]),
         ("Size sorted", f"{summary['bytes_sorted'] / 1e6:,.1f} MB"),
         ("New this run", summary["files_new"]),
+        ("Relinked this run", summary["files_relinked"]),
         ("Duplicates", summary["duplicates"]),
         ("Conflicts", summary["conflicts"]),
         ("Skipped", summary["skipped"]),

@@ -639,3 +639,22 @@ def test_a_rerun_of_a_killed_transfer_commits_a_duplicate_of_a_file_it_placed(tm
     world.add("p1/IM2.dcm", A)
     world.run_killed_in_transfer(committed=0, copied=1, temp=False)  # IM1.dcm in place
     world.run()
+
+
+def test_a_renamed_folder_in_symlink_mode_is_followed_not_sorted_twice(tmp_path):
+    world = World(tmp_path, "symlink")
+    world.add("p1/IM1.dcm", A)
+    world.add("p1/sub/IM2.dcm", Spec(patient=0, series=0, instance=1))
+    world.run()
+    world.rename_folder("p1", "p3")
+    world.run()  # every link resolves to its input's new path, nothing written twice
+    assert all(world.tree().values()), "no link dangles"
+
+
+def test_a_link_whose_input_is_deleted_while_a_duplicate_stays_is_reported(tmp_path):
+    world = World(tmp_path, "symlink")
+    world.add("p1/IM1.dcm", A)
+    world.write("p2/IM1.dcm", dicom_bytes(A), A.sop)  # its duplicate
+    world.run()
+    world.delete("p1/IM1.dcm")
+    world.run()  # p2/IM1.dcm's content is behind a dangling link: reported

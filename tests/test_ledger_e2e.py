@@ -30,6 +30,15 @@ def output_files(sorter) -> dict[str, bytes]:
     }
 
 
+def output_names(sorter) -> list[str]:
+    """Every file or link in the output tree (state folder left out), dangling or not."""
+    return sorted(
+        str(p.relative_to(sorter.output_dir))
+        for p in sorter.output_dir.rglob("*")
+        if (p.is_symlink() or p.is_file()) and ".dcmsort" not in p.parts
+    )
+
+
 def touch_all(root: Path, seconds: int) -> None:
     for path in root.rglob("*"):
         if path.is_file():
@@ -218,3 +227,28 @@ def test_names_differing_only_in_case_are_distinct_destinations(sorter):
     assert len(placed) == 2
     assert len({fold(p) for p in placed}) == 2, placed
     assert_every_file_accounted_for(sorter)
+
+
+# --- symlink mode: an input folder renamed --------------------------------------------------
+
+
+def test_a_renamed_patient_folder_in_symlink_mode_is_relinked_not_a_conflict(sorter):
+    write_dicom(sorter.input_dir / "p1" / "a.dcm", sop="1.1")
+    write_dicom(sorter.input_dir / "p1" / "b.dcm", sop="1.2", instance=2)
+    write_dicom(sorter.input_dir / "p2" / "c.dcm", name="ROE^JANE", pid="2")
+    sorter.run(transfer_mode="symlink")
+    before = output_names(sorter)
+    (sorter.input_dir / "p1").rename(sorter.input_dir / "p1_renamed")
+    result = sorter.run(transfer_mode="symlink")
+    assert output_names(sorter) == before, "the same destinations, no _2 names"
+    for name in ("a.dcm", "b.dcm"):
+        link = sorter.output_dir / "DOE^JOHN_1" / "T1_1" / name
+        assert os.readlink(link) == str(sorter.input_dir / "p1_renamed" / name)
+        assert link.read_bytes() == (sorter.input_dir / "p1_renamed" / name).read_bytes()
+    summary = sorter.summary()
+    assert summary["files_relinked"] == 2
+    assert (summary["conflicts"], summary["files_new"], summary["duplicates"]) == (0, 0, 0)
+    assert (summary["sources_gone"], summary["dangling_links"]) == (0, 0)
+    assert "2 relinked (their input moved)" in result.stderr
+    assert_every_file_accounted_for(sorter)
+    assert "Nothing to be done" in sorter.run(transfer_mode="symlink").output

@@ -59,6 +59,12 @@ class World:
         self.rows[relpath] = row
         return row
 
+    def rename(self, relpath: str, new: str) -> None:
+        """As ``mv`` does it: the same file (and mtime) under another path."""
+        (self.input / new).parent.mkdir(parents=True, exist_ok=True)
+        (self.input / relpath).rename(self.input / new)
+        self.rows[new] = {**self.rows.pop(relpath), "relpath": new, "folder": new.split("/")[0]}
+
     def touch(self, relpath: str, mtime_ns: int) -> None:
         os.utime(self.input / relpath, ns=(mtime_ns, mtime_ns))
         self.rows[relpath]["mtime_ns"] = mtime_ns
@@ -75,14 +81,15 @@ class World:
             lambda relpath: file_digest(self.input / relpath),
         )
 
-    def run(self) -> dict[str, dict]:
+    def run(self, mode: str = "copy") -> dict[str, dict]:
         """Plan and transfer (the real one, committing to the ledger); plan rows by path."""
         plan = self.plan()
         pq.write_table(plan, self.state / "plan.parquet")
         results = transfer_plan(
-            self.state / "plan.parquet", self.input, self.output, self.state, "copy", "size", 2
+            self.state / "plan.parquet", self.input, self.output, self.state, mode, "size", 2
         )
-        assert set(results["status"].to_pylist()) <= {"copied", "present", "duplicate"}
+        done = {"copied", "linked", "relinked", "present", "duplicate"}
+        assert set(results["status"].to_pylist()) <= done
         return {r["relpath"]: r for r in plan.to_pylist()}
 
 
@@ -281,3 +288,59 @@ def test_a_name_the_ledger_holds_is_never_reused_even_when_its_file_was_removed(
     world.add("p2/IM1", b"another file")
     plan = world.run()
     assert plan["p2/IM1"]["destination"] == "DOE^JOHN_1/LOCALIZER_1/IM1_2"
+
+
+# --- an input renamed: its placement follows it -----------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("mode", "action"), [("copy", "present"), ("hardlink", "present"), ("symlink", "relink")]
+)
+def test_a_renamed_input_keeps_its_destination_and_a_link_is_pointed_at_it(world, mode, action):
+    world.add("p1/IM1", b"content", SOPInstanceUID="9.1")
+    first = world.run(mode)
+    world.rename("p1/IM1", "p2/IM1")
+    again = world.run(mode)["p2/IM1"]
+    assert (again["action"], again["conflict"]) == (action, False)
+    assert again["destination"] == first["p1/IM1"]["destination"]
+    assert again["previous_relpath"] == ("p1/IM1" if mode == "symlink" else None)
+    placed = world.output / again["destination"]
+    assert sorted(p.name for p in placed.parent.iterdir()) == ["IM1"]
+    assert placed.read_bytes() == b"content"
+    if mode == "symlink":
+        assert os.readlink(placed) == str(world.input / "p2/IM1")
+        world.rename("p2/IM1", "p3/IM1")  # and again: the link follows the newest path
+        assert world.run(mode)["p3/IM1"]["previous_relpath"] == "p2/IM1"
+        assert os.readlink(placed) == str(world.input / "p3/IM1")
+
+
+def test_a_renamed_input_with_other_content_is_sorted_anew_and_its_old_link_left(world):
+    world.add("p1/IM1", b"version one", SOPInstanceUID="9.1")
+    world.run("symlink")
+    (world.input / "p1/IM1").unlink()
+    del world.rows["p1/IM1"]
+    world.add("p2/IM1", b"version two", SOPInstanceUID="9.1")  # same size, other bytes
+    plan = world.run("symlink")["p2/IM1"]
+    assert (plan["action"], plan["conflict"]) == ("sort", True)
+    assert plan["destination"] == "DOE^JOHN_1/LOCALIZER_1/IM1_2"
+    old = world.output / "DOE^JOHN_1/LOCALIZER_1/IM1"
+    assert os.readlink(old) == str(world.input / "p1/IM1"), "never re-pointed to other bytes"
+
+
+def test_a_renamed_input_and_a_copy_of_it_are_one_relink_and_one_duplicate(world):
+    world.add("p1/IM1", b"content", SOPInstanceUID="9.1")
+    world.run("symlink")
+    world.rename("p1/IM1", "p2/IM1")
+    world.add("p3/IM1", b"content", SOPInstanceUID="9.1")
+    plan = world.run("symlink")
+    assert sorted(r["action"] for r in plan.values()) == ["duplicate", "relink"]
+    assert {r["destination"] for r in plan.values()} == {"DOE^JOHN_1/LOCALIZER_1/IM1"}
+
+
+def test_a_link_whose_old_input_is_still_there_is_not_relinked(world):
+    world.add("p1/IM1", b"content", SOPInstanceUID="9.1")
+    world.run("symlink")
+    world.add("p2/IM1", b"content", SOPInstanceUID="9.1")  # a copy: p1/IM1 stays
+    assert world.run("symlink")["p2/IM1"]["action"] == "duplicate"
+    placed = world.output / "DOE^JOHN_1/LOCALIZER_1/IM1"
+    assert os.readlink(placed) == str(world.input / "p1/IM1")

@@ -3,6 +3,7 @@ honest about a run that did not finish."""
 
 from __future__ import annotations
 
+import json
 import os
 from pathlib import Path
 
@@ -157,6 +158,34 @@ def test_sources_gone_count_placements_only_and_dangling_links_are_told_apart(tm
     assert summary["gone_and_removed_from_output"] == 1
     assert "1 symbolic links point to input files that are gone" in page
     assert summary["duplicates"] == 0, "a duplicate whose input is gone is not current"
+
+
+def test_a_link_whose_input_is_gone_dangles_even_when_a_duplicate_is_current(tmp_path):
+    out = tmp_path / "out"
+    (out / "P/S").mkdir(parents=True)
+    (out / "P/S/link").symlink_to(tmp_path / "in/deleted")
+    c = committed(
+        {"relpath": "deleted", "destination": "P/S/link", "mode": "symlink"},
+        {"relpath": "copy", "destination": "P/S/link", "status": ledger.DUPLICATE},
+    )
+    summary, tables, _ = report(tmp_path, files(("copy", 10, 1)), c, transfers())
+    assert (summary["dangling_links"], summary["sources_gone"], summary["duplicates"]) == (1, 0, 1)
+    assert tables["gone"]["destination"].to_pylist() == ["P/S/link"], "listed"
+
+
+def test_relinked_files_are_counted_and_said_in_the_summary_line(tmp_path):
+    c = committed(
+        {"relpath": "old/a", "destination": "P/S/a", "mode": "symlink"},
+        {"relpath": "new/a", "destination": "P/S/a", "mode": "symlink"},
+    )
+    t = transfers(("new/a", "P/S/a", "relinked"))
+    summary, _, page = report(tmp_path, files(("new/a", 10, 1)), c, t)
+    assert (summary["files_relinked"], summary["files_new"], summary["dangling_links"]) == (1, 0, 0)
+    assert summary["sources_gone"] == 0
+    assert "Relinked this run" in page
+    summary_file = tmp_path / "summary.json"
+    summary_file.write_text(json.dumps({**summary, "report": "r.html"}))
+    assert ", 1 relinked (their input moved) ·" in status.summary_line(summary_file)
 
 
 def test_conflicts_are_placements_sharing_a_sop_uid(tmp_path):

@@ -27,6 +27,7 @@ from dcmsort.transfer import (
     ERROR,
     LINKED,
     PRESENT,
+    RELINKED,
     OutputTree,
     Row,
     TransferError,
@@ -74,6 +75,7 @@ class Job:
             "SOPInstanceUID": f"1.2.3.{relpath}",
             "StudyInstanceUID": "1.2",
             "Modality": "MR",
+            "previous_relpath": None,
             **extra,
         }
 
@@ -382,6 +384,129 @@ def test_without_renameat2_a_taken_name_is_never_replaced_and_no_temp_file_is_le
     assert job.transfer()["p/IM1"]["status"] == (PRESENT if same else ERROR)
     assert (job.output / "P/IM1").read_bytes() == held
     assert job.temp_files() == []
+
+
+# --- symlink mode: a link follows its renamed input -----------------------------------------
+
+
+def test_symlink_mode_records_the_digest_a_relink_needs_later(job):
+    source = job.add("p/IM1")
+    job.plan(job.row("p/IM1", "P/IM1"))
+    job.transfer("symlink")
+    assert [r["digest"] for r in job.committed()] == [file_digest(source)]
+
+
+def renamed_link(job: Job, held: str = "old link") -> dict:
+    """p/IM1 linked at P/IM1 by an earlier run, then renamed to q/IM1: the relink row.
+    ``held``: what P/IM1 holds now (the old link, or what someone put in its place)."""
+    source = job.add("p/IM1")
+    (job.output / "P").mkdir()
+    place = job.output / "P/IM1"
+    if held == "old link":
+        place.symlink_to(source)
+    elif held == "link elsewhere":
+        place.symlink_to(job.root / "elsewhere")
+    elif held == "other file":
+        place.write_bytes(b"someone else's file")
+    elif held == "same bytes":
+        place.write_bytes(source.read_bytes())
+    (job.input / "q").mkdir()
+    source.rename(job.input / "q/IM1")
+    return job.row(
+        "q/IM1",
+        "P/IM1",
+        "relink",
+        digest=file_digest(job.input / "q/IM1"),
+        previous_relpath="p/IM1",
+    )
+
+
+@pytest.mark.parametrize("swap", ["exchange", "no exchange"])
+def test_a_relink_points_the_link_at_the_renamed_input_in_place(job, monkeypatch, swap):
+    if swap == "no exchange":  # a file system without renameat2(RENAME_EXCHANGE)
+        monkeypatch.setattr(transfer, "exchange", refuse(errno.EINVAL))
+    job.plan(renamed_link(job))
+    assert job.transfer("copy")["q/IM1"]["status"] == RELINKED, "whatever this run's mode"
+    assert os.readlink(job.output / "P/IM1") == str(job.input / "q/IM1")
+    assert sorted(p.name for p in (job.output / "P").iterdir()) == ["IM1"], "no temp left"
+    [row] = job.committed()
+    assert (row["relpath"], row["status"], row["mode"]) == ("q/IM1", ledger.PLACED, "symlink")
+    assert row["digest"] == file_digest(job.input / "q/IM1")
+    assert job.transfer("symlink") == {}, "committed: a rerun of the plan does nothing"
+
+
+def test_a_link_already_pointing_at_the_new_path_is_present(job):
+    row = renamed_link(job)
+    (job.output / "P/IM1").unlink()
+    (job.output / "P/IM1").symlink_to(job.input / "q/IM1")  # a run killed before its commit
+    fd = OutputTree(job.output).open_folder("P")
+    try:
+        fields = {k: row[k] for k in Row.__dataclass_fields__ if k != "index"}
+        assert put(fd, Row(**fields), job.input, "symlink", "size")[0] == PRESENT
+    finally:
+        os.close(fd)
+    job.plan(row)
+    job.transfer("symlink")  # settled: committed as it is
+    assert [(r["relpath"], r["mode"]) for r in job.committed()] == [("q/IM1", "symlink")]
+    assert os.readlink(job.output / "P/IM1") == str(job.input / "q/IM1")
+
+
+@pytest.mark.parametrize("held", ["link elsewhere", "other file"])
+def test_a_relink_never_replaces_what_is_not_the_old_link(job, held):
+    job.plan(renamed_link(job, held))
+    before = tree_of(job.output)
+    result = job.transfer("symlink")["q/IM1"]
+    assert result["status"] == ERROR and "never replaced" in result["detail"]
+    assert tree_of(job.output) == before
+    assert job.committed() == []
+
+
+def test_a_file_with_the_same_bytes_in_the_links_place_is_present(job):
+    job.plan(renamed_link(job, "same bytes"))
+    assert job.transfer("symlink")["q/IM1"]["status"] == PRESENT
+    assert not (job.output / "P/IM1").is_symlink()
+
+
+def test_a_link_replaced_during_the_relink_is_swapped_back_not_lost(job, monkeypatch):
+    job.plan(renamed_link(job))
+    real_exchange = transfer.exchange
+
+    def someone_first(name, other, dir_fd):  # a file takes the link's place just before
+        if not (job.output / "P/IM1").is_file():
+            (job.output / "P/IM1").unlink()
+            (job.output / "P/IM1").write_bytes(b"someone else's file")
+        real_exchange(name, other, dir_fd)
+
+    monkeypatch.setattr(transfer, "exchange", someone_first)
+    result = job.transfer("symlink")["q/IM1"]
+    assert result["status"] == ERROR and "never replaced" in result["detail"]
+    assert sorted(p.name for p in (job.output / "P").iterdir()) == ["IM1"]
+    assert (job.output / "P/IM1").read_bytes() == b"someone else's file"
+
+
+def test_a_duplicate_of_a_failed_relink_is_not_committed(job):
+    row = renamed_link(job, "other file")
+    job.add("r/IM1", (job.input / "q/IM1").read_bytes())
+    duplicate = job.row("r/IM1", "P/IM1", "duplicate", committed=True)
+    job.plan(row, duplicate)
+    results = job.transfer("symlink")
+    assert (results["q/IM1"]["status"], results["r/IM1"]["status"]) == (ERROR, ERROR)
+    assert job.committed() == []
+
+
+def refuse(code: int):
+    def refused(*_args, **_kwargs):
+        raise OSError(code, os.strerror(code))
+
+    return refused
+
+
+def tree_of(root: Path) -> dict[str, object]:
+    return {
+        str(p.relative_to(root)): os.readlink(p) if p.is_symlink() else p.read_bytes()
+        for p in root.rglob("*")
+        if p.is_symlink() or p.is_file()
+    }
 
 
 # --- a copy is checked before it is linked into place ------------------------------------

@@ -102,7 +102,7 @@ def copy_range(fd_in: int, fd_out: int, size: int) -> int:
         return os.fstat(fd_out).st_size
 
 
-_RENAME_NOREPLACE = 1
+_RENAME_NOREPLACE, _RENAME_EXCHANGE = 1, 2
 _libc = None
 
 
@@ -110,6 +110,17 @@ def rename_no_replace(name: str, new_name: str, dir_fd: int) -> None:
     """Rename name to new_name in one folder, failing with FileExistsError rather than
     replace anything: renameat2(RENAME_NOREPLACE), one atomic call. Raises OSError(ENOSYS
     or EINVAL) where the kernel, C library or file system lacks it (callers fall back)."""
+    _renameat2(name, new_name, dir_fd, _RENAME_NOREPLACE)
+
+
+def exchange(name: str, other: str, dir_fd: int) -> None:
+    """Swap what two names in one folder hold, atomically: renameat2(RENAME_EXCHANGE).
+    Nothing is removed, so what comes out can be looked at and swapped back. Raises
+    OSError(ENOSYS, EINVAL or EOPNOTSUPP) where it is not supported (callers fall back)."""
+    _renameat2(name, other, dir_fd, _RENAME_EXCHANGE)
+
+
+def _renameat2(name: str, new_name: str, dir_fd: int, flags: int) -> None:
     global _libc
     if _libc is None:
         _libc = ctypes.CDLL(None, use_errno=True)
@@ -117,9 +128,7 @@ def rename_no_replace(name: str, new_name: str, dir_fd: int) -> None:
             _libc = False
     if _libc is False:
         raise OSError(errno.ENOSYS, "renameat2 is not available")
-    result = _libc.renameat2(
-        dir_fd, os.fsencode(name), dir_fd, os.fsencode(new_name), _RENAME_NOREPLACE
-    )
+    result = _libc.renameat2(dir_fd, os.fsencode(name), dir_fd, os.fsencode(new_name), flags)
     if result != 0:
         code = ctypes.get_errno()
         raise OSError(code, os.strerror(code), new_name)

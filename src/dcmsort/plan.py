@@ -10,6 +10,9 @@ per known file), and gives each one action:
 - ``present``: its content is already at ``destination`` (a touched or renamed input, or a
   copy made by a run killed before it could commit); nothing is written, the transfer
   confirms it is there and commits it;
+- ``relink``: its content is that of a symbolic link dcmsort made to another input path
+  that holds it no more (the input was renamed or moved): the link at ``destination`` is
+  pointed at this file instead (``previous_relpath``: where it points now);
 - ``duplicate``: its content is at ``destination`` for another current input; nothing is
   written;
 - ``restore``: its content is that of a placement whose file was removed from the output
@@ -52,7 +55,7 @@ from dcmsort.transfer import PENDING, settle, with_temp_token
 
 log = logging.getLogger("dcmsort.plan")
 
-SORT, PRESENT, DUPLICATE, RESTORE = "sort", "present", "duplicate", "restore"
+SORT, PRESENT, DUPLICATE, RESTORE, RELINK = "sort", "present", "duplicate", "restore", "relink"
 SOURCE_KEY = ledger.SOURCE_KEY
 # Tags carried into the plan (for the ledger, the report and people reading plan.csv).
 PLAN_TAGS = [
@@ -82,14 +85,18 @@ PLAN_SCHEMA = pa.schema(
         ("base_folder", pa.string()),
         ("conflict", pa.bool_()),
         ("reason", pa.string()),
+        # relink: the input path dcmsort's link at destination points to now.
+        ("previous_relpath", pa.string()),
         *[(tag, pa.string()) for tag in PLAN_TAGS],
     ]
 )
 # What Planner.decide returns for each row; the other plan columns are the row's own.
 DECISIONS = ("action", "destination", "committed", "digest", "base_folder", "conflict", "reason")
+DECISIONS += ("previous_relpath",)
 DECISION_SCHEMA = pa.schema([PLAN_SCHEMA.field(name) for name in DECISIONS])
 DUPLICATE_REASON = "identical to the file already sorted at this destination"
 PRESENT_REASON = "its content is already at this destination"
+RELINK_REASON = "its content is at this destination, by a link to its earlier path: re-pointed"
 _CHUNK = 5_000  # new rows turned into Python values at a time (bounds memory)
 
 
@@ -166,6 +173,8 @@ class Content:
     committed: bool  # in the ledger
     live: bool  # some current input file has this content
     source: str | None = None  # the input it comes from, when planned in this run
+    # The input path dcmsort's symbolic link at destination points to, if it is one.
+    link_source: str | None = None
 
 
 class ContentIndex:
@@ -325,6 +334,11 @@ def known_contents(committed: pa.Table, files: pa.Table, new: pa.Table) -> list[
             )
         if content is not None and content.digest is None:
             content.digest = row["digest"]
+        # A link points to the input of its newest placed row (a relink's, or a touched
+        # input's): a placement linked once is a link (the transfer checks what is there).
+        linked = row["mode"] == "symlink" or (content and content.link_source is not None)
+        if content is not None and row["status"] == ledger.PLACED and linked:
+            content.link_source = row["relpath"]
     return list(contents.values())
 
 
@@ -517,6 +531,21 @@ class Planner:
                     "conflict": False,
                     "reason": "its identical copy was removed from the output: put back",
                 }
+            if twin is not None and not twin.live and twin.link_source not in (None, relpath):
+                # dcmsort's link to an input path that holds this content no more (renamed
+                # or moved): pointed here instead, no second name. Later twins are its
+                # duplicates.
+                previous, twin.link_source, twin.live = twin.link_source, relpath, True
+                return {
+                    "action": RELINK,
+                    "destination": twin.destination,
+                    "committed": twin.committed,
+                    "digest": digest,
+                    "base_folder": None,
+                    "conflict": False,
+                    "reason": RELINK_REASON,
+                    "previous_relpath": previous,
+                }
             if twin is not None:
                 action = DUPLICATE if twin.live else PRESENT
                 twin.live = True
@@ -596,7 +625,7 @@ def make_plan(
     for start in range(0, len(order), _CHUNK):
         rows = new.take(order[start : start + _CHUNK]).to_pylist()
         decisions = [planner.decide(row) for row in rows]
-        columns = {name: [d[name] for d in decisions] for name in DECISIONS}
+        columns = {name: [d.get(name) for d in decisions] for name in DECISIONS}
         decided.append(pa.table(columns, schema=DECISION_SCHEMA))
     decisions = pa.concat_tables(decided).combine_chunks()
     ordered = new.take(order)
@@ -744,12 +773,14 @@ def main(argv: list[str] | None = None) -> int:
     actions = plan["action"].to_pylist()
     log.info(
         "plan: %d files, %d committed earlier, %d new: %d to sort, %d already present, "
-        "%d duplicates, %d conflicts; %d skipped; %d digests; %.2f s, peak RSS %d MB",
+        "%d to relink, %d duplicates, %d conflicts; %d skipped; %d digests; %.2f s, "
+        "peak RSS %d MB",
         files.num_rows,
         committed.num_rows,
         plan.num_rows,
         actions.count(SORT),
         actions.count(PRESENT),
+        actions.count(RELINK),
         actions.count(DUPLICATE),
         pc.sum(plan["conflict"]).as_py() or 0,
         skipped.num_rows,

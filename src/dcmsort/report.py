@@ -113,17 +113,28 @@ def summarise(
     placed = placements(committed)
     live_rows = ledger.live(committed, files)
     gone = gone_sources(committed, live_rows, placed)
-    # Only the gone placements are looked at on disk (few): is the copy still there, does
-    # a symbolic link still reach its input?
-    dangling, missing = 0, 0
-    for destination, mode in zip(
-        gone["destination"].to_pylist(), gone["mode"].to_pylist(), strict=True
-    ):
-        path = output_dir / destination
-        if mode == "symlink" and not path.exists():
-            dangling += 1
-        elif mode != "symlink" and not os.path.lexists(path):
-            missing += 1
+    # A link whose own input is gone dangles even when a duplicate still holds its
+    # content: such links are gone placements plus these (few) ones.
+    orphaned = gone_sources(
+        committed, _where(live_rows, pc.equal(live_rows["status"], ledger.PLACED)), placed
+    )
+    links = orphaned.filter(pc.equal(orphaned["mode"], "symlink"))
+    # Only these are looked at on disk (few): is the copy still there, does a symbolic
+    # link still reach its input?
+    dangling = {d for d in links["destination"].to_pylist() if not (output_dir / d).exists()}
+    missing = sum(
+        1
+        for destination, mode in zip(
+            gone["destination"].to_pylist(), gone["mode"].to_pylist(), strict=True
+        )
+        if mode != "symlink" and not os.path.lexists(output_dir / destination)
+    )
+    # Every dangling link is listed with the gone sources, also one whose content a
+    # duplicate still holds.
+    is_gone = pc.is_in(orphaned["destination"], value_set=gone["destination"])
+    is_dangling = pc.is_in(orphaned["destination"], value_set=pa.array(dangling, pa.string()))
+    listed = orphaned.filter(pc.or_(is_gone, is_dangling))
+    gone_dangling = pc.sum(pc.and_(is_gone, is_dangling)).as_py() or 0
     duplicates = live_rows.filter(pc.equal(live_rows["status"], ledger.DUPLICATE))
     skipped = files.filter(pc.invert(pc.fill_null(files["dicom"], False)))
     status = _count_by(transfers["status"]) if transfers.num_rows else {}
@@ -146,11 +157,13 @@ def summarise(
         "files_new": status.get("copied", 0) + status.get("linked", 0),
         "bytes_written": pc.sum(transfers["bytes"]).as_py() or 0,
         "files_already_present": status.get("present", 0),
+        # Links whose input was renamed, pointed at its new path (same content).
+        "files_relinked": status.get("relinked", 0),
         "duplicates": duplicates.num_rows,
         "conflicts": conflicts.num_rows,
         "skipped": skipped.num_rows,
-        "sources_gone": gone.num_rows - dangling - missing,
-        "dangling_links": dangling,
+        "sources_gone": gone.num_rows - gone_dangling - missing,
+        "dangling_links": len(dangling),
         "gone_and_removed_from_output": missing,
         "changed_during_run": status.get("changed", 0),
         "errors": status.get("error", 0),
@@ -170,7 +183,7 @@ def summarise(
         "duplicates": duplicates.select(["relpath", "destination"]),
         "unplaced": unplaced.select(["relpath", "destination", "status", "detail"]),
         "added": _per_folder(added["destination"], "new files"),
-        "gone": gone.select(["relpath", "destination", "mode"]),
+        "gone": listed.select(["relpath", "destination", "mode"]),
         "series": _series_table(placed),
     }
     return summary, tables
@@ -244,6 +257,7 @@ def render_html(summary: dict, tables: dict[str, pa.Table]) -> str:
         ("Files sorted", summary["files_sorted"]),
         ("Size sorted", f"{summary['bytes_sorted'] / 1e6:,.1f} MB"),
         ("New this run", summary["files_new"]),
+        ("Relinked this run", summary["files_relinked"]),
         ("Duplicates", summary["duplicates"]),
         ("Conflicts", summary["conflicts"]),
         ("Skipped", summary["skipped"]),

@@ -24,6 +24,8 @@ def summary_line(summary_file: Path) -> str:
     except (OSError, ValueError):
         return f"dcmsort: finished; no summary at {summary_file}"
     extra = ""
+    if s.get("files_relinked"):
+        extra += f", {s['files_relinked']:,} relinked (their input moved)"
     if s.get("sources_gone"):
         extra += f", {s['sources_gone']:,} sources gone (copies kept)"
     if s.get("gone_and_removed_from_output"):

@@ -11,6 +11,9 @@ Decides nothing about names. For each plan row not yet in the ledger:
   by their token;
 - ``present``: check that the destination holds a file of the right size (the plan
   compared digests);
+- ``relink``: the input of a symbolic link dcmsort made was renamed (same content, by
+  digest): a new link at a temporary name takes the old one's place in one atomic swap,
+  only while that place holds exactly the link to the input's previous path;
 - ``duplicate``: commit once its destination is committed.
 
 Folders are opened one component at a time with ``O_NOFOLLOW`` and everything is created
@@ -52,6 +55,7 @@ from dcmsort.fileops import (
     DIGEST,
     atomic_path,
     copy_range,
+    exchange,
     read_parquet,
     rename_no_replace,
     temp_name_for,
@@ -63,15 +67,16 @@ log = logging.getLogger("dcmsort.transfer")
 MODES = ("copy", "hardlink", "symlink")
 VERIFY = ("size", "checksum")
 # Outcomes of one row.
-COPIED, LINKED, PRESENT, DUPLICATE, CHANGED, ERROR = (
+COPIED, LINKED, RELINKED, PRESENT, DUPLICATE, CHANGED, ERROR = (
     "copied",
     "linked",
+    "relinked",
     "present",
     "duplicate",
     "changed",
     "error",
 )
-COMMITTED = {COPIED, LINKED, PRESENT, DUPLICATE}
+COMMITTED = {COPIED, LINKED, RELINKED, PRESENT, DUPLICATE}
 RESULT_SCHEMA = pa.schema(
     [
         ("relpath", pa.string()),
@@ -131,6 +136,7 @@ class Row:
     action: str
     destination: str
     digest: str | None
+    previous_relpath: str | None = None  # relink: the input path the link points to now
     index: int = -1
 
 
@@ -159,6 +165,7 @@ _UNRECORDED_TOKEN = secrets.token_hex(6)
 def plan_rows(plan: pa.Table) -> list[Row]:
     """The rows of a plan table to carry out, each knowing its position in the table."""
     fields = ["relpath", "size", "mtime_ns", "action", "destination", "digest"]
+    fields += ["previous_relpath"]
     return [
         Row(*values, index=i)
         for i, values in enumerate(zip(*(plan[f].to_pylist() for f in fields), strict=True))
@@ -255,6 +262,19 @@ def _check_version(info: os.stat_result, row: Row) -> None:
         raise SourceChanged(
             "the input changed after its header was read; it is sorted by the next run"
         )
+
+
+def _version_digest(source: str, row: Row) -> str:
+    """The digest of the row's input version (SourceChanged if the input is another
+    version, or changes while it is read)."""
+    fd = os.open(source, os.O_RDONLY)
+    try:
+        _check_version(os.fstat(fd), row)
+        digest = _digest_fd(fd)
+        _check_version(os.fstat(fd), row)
+    finally:
+        os.close(fd)
+    return digest
 
 
 def _copy(
@@ -362,19 +382,79 @@ def _occupied() -> TransferError:
     )
 
 
-def _link(folder_fd: int, name: str, source: str, row: Row, mode: str) -> str:
-    info = os.stat(source)
-    _check_version(info, row)
+def _link(folder_fd: int, name: str, source: str, row: Row, mode: str) -> tuple[str, str | None]:
+    digest = row.digest
+    if mode == "symlink" and digest is None:
+        # A link holds no content of its own: once its input is renamed it dangles, and
+        # only this digest lets the next plan find the content at the new path (relink).
+        digest = _version_digest(source, row)
+    else:
+        _check_version(os.stat(source), row)
     try:
         if mode == "hardlink":
             os.link(source, name, dst_dir_fd=folder_fd)
         else:
             os.symlink(os.path.abspath(source), name, dir_fd=folder_fd)
     except FileExistsError:
-        if _existing_is_same(folder_fd, name, source, row.digest):
-            return PRESENT
+        if _existing_is_same(folder_fd, name, source, digest):
+            return PRESENT, digest
         raise _occupied() from None
-    return LINKED
+    return LINKED, digest
+
+
+def _link_target(folder_fd: int, name: str) -> str | None:
+    """Where the symbolic link name points, or None (not a link, or nothing there)."""
+    try:
+        return os.readlink(name, dir_fd=folder_fd)
+    except OSError:
+        return None
+
+
+def _relink(folder_fd: int, name: str, source: str, previous: str, row: Row, token: str) -> str:
+    """Point dcmsort's link at name to source instead of previous (the input's old path:
+    the plan found the same content, by digest, at the new one). Only that exact link is
+    replaced, never a file or a link to anywhere else: a new link at the temporary name
+    is swapped with it in one atomic call (what comes out is checked, and swapped back if
+    it was not ours), so name is never missing and never anything else's."""
+    _check_version(os.stat(source), row)
+    target, ours = os.path.abspath(source), os.path.abspath(previous)
+    held = _link_target(folder_fd, name)
+    if held == target:  # re-pointed by a run killed before it committed
+        return PRESENT
+    if held != ours:
+        if _existing_is_same(folder_fd, name, source, row.digest):
+            return PRESENT  # a file with this content took the link's place
+        raise _not_our_link()
+    # The plan's temporary name: one a killed transfer of this plan left was removed by
+    # settle; anything else there is someone else's (FileExistsError: not placed).
+    tmp = temp_name_for(name, token)
+    os.symlink(target, tmp, dir_fd=folder_fd)
+    try:
+        exchange(tmp, name, folder_fd)
+    except OSError as error:
+        if error.errno not in {errno.ENOSYS, errno.EINVAL, errno.EOPNOTSUPP}:
+            os.unlink(tmp, dir_fd=folder_fd)
+            raise
+        # No atomic swap here: check, then rename over (a narrow window, on such file
+        # systems only).
+        if _link_target(folder_fd, name) != ours:
+            os.unlink(tmp, dir_fd=folder_fd)
+            raise _not_our_link() from None
+        os.rename(tmp, name, src_dir_fd=folder_fd, dst_dir_fd=folder_fd)
+        return RELINKED
+    if _link_target(folder_fd, tmp) != ours:  # replaced since it was looked at
+        exchange(tmp, name, folder_fd)  # put back (what fails here is left at tmp)
+        os.unlink(tmp, dir_fd=folder_fd)
+        raise _not_our_link()
+    os.unlink(tmp, dir_fd=folder_fd)  # the link to the old path
+    return RELINKED
+
+
+def _not_our_link() -> TransferError:
+    return TransferError(
+        "the destination is no longer the link dcmsort made to the input's earlier path, "
+        "and is never replaced; move it away and rerun"
+    )
 
 
 def put(
@@ -392,9 +472,12 @@ def put(
     try:
         if row.action == "present" and _existing_is_same(folder_fd, name, source, row.digest):
             return PRESENT, row.digest
+        if row.action == "relink":
+            previous = inventory.source_path(input_dir, row.previous_relpath)
+            return _relink(folder_fd, name, source, previous, row, token), row.digest
         if mode == "copy":
             return _copy(folder_fd, name, source, row, verify, token)
-        return _link(folder_fd, name, source, row, mode), row.digest
+        return _link(folder_fd, name, source, row, mode)
     except FileNotFoundError as error:
         if error.filename in (source, None):
             raise SourceChanged("the input is gone since its header was read") from error
@@ -443,7 +526,9 @@ def _place_folder(
         for row in rows:
             try:
                 status, digest = put(folder_fd, row, input_dir, mode, verify, token)
-                outcomes.append(Outcome(row, status, digest))
+                # A relinked destination stays a link, whatever this run's mode.
+                how = "symlink" if row.action == "relink" else None
+                outcomes.append(Outcome(row, status, digest, mode=how))
             except SourceChanged as error:
                 outcomes.append(Outcome(row, CHANGED, detail=str(error)))
             except TransferError as error:
@@ -526,9 +611,14 @@ def _settle(
                 if token:  # a name with it was made by a transfer of this plan
                     with contextlib.suppress(FileNotFoundError):
                         os.unlink(temp_name_for(name, token), dir_fd=fd)
-                how = _holds_version(fd, name, row, inventory.source_path(input_dir, row.relpath))
+                source = inventory.source_path(input_dir, row.relpath)
+                how = _holds_version(fd, name, row, source)
                 if how:
-                    found.append(Outcome(row, PRESENT, row.digest, mode=how))
+                    digest = row.digest
+                    if how == "symlink" and digest is None:  # what a later relink needs
+                        with contextlib.suppress(OSError, SourceChanged):
+                            digest = _version_digest(source, row)
+                    found.append(Outcome(row, PRESENT, digest, mode=how))
                     placed.add(row.destination)
         finally:
             os.close(fd)
@@ -615,6 +705,9 @@ def transfer_plan(
     placed_now = {o.row.destination for o in outcomes if o.status in COMMITTED}
     # A twin whose input changed while the run went on is not a failure (nor its copies).
     changed_now = {o.row.destination for o in outcomes if o.status == CHANGED}
+    # A destination this run failed to confirm (a relink or a present row) holds no
+    # content for its duplicates, whatever the ledger said before.
+    unplaced_now = {o.row.destination for o in outcomes if o.status not in COMMITTED}
     # A twin committed after the plan was made (by an earlier, killed attempt at this plan,
     # or settled from it) is committed too: ask the ledger, once, if needed.
     committed_since: set[str] | None = None
@@ -632,7 +725,7 @@ def transfer_plan(
     for row in rows:
         if row.action != "duplicate":
             continue
-        if committed(row) and tree.holds(row.destination):
+        if committed(row) and row.destination not in unplaced_now and tree.holds(row.destination):
             duplicates.append(Outcome(row, DUPLICATE, row.digest))
         elif row.destination in changed_now:
             duplicates.append(
@@ -700,11 +793,12 @@ def main(argv: list[str] | None = None) -> int:
         pq.write_table(results, tmp)
     statuses = results["status"].to_pylist()
     log.info(
-        "transfer (%s): %d copied, %d linked, %d already present, %d duplicates, "
-        "%d changed since read, %d errors, %.1f MB, %.2f s, peak RSS %d MB",
+        "transfer (%s): %d copied, %d linked, %d relinked, %d already present, "
+        "%d duplicates, %d changed since read, %d errors, %.1f MB, %.2f s, peak RSS %d MB",
         args.mode,
         statuses.count(COPIED),
         statuses.count(LINKED),
+        statuses.count(RELINKED),
         statuses.count(PRESENT),
         statuses.count(DUPLICATE),
         statuses.count(CHANGED),

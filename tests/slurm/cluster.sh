@@ -2,7 +2,7 @@
 # A real SLURM cluster of three compute nodes on this one machine, for the cluster tests
 # (Debian's slurm-wlm, as root, no systemd):
 #   tests/slurm/cluster.sh start    install if needed, configure, start munged, slurmctld and
-#                                   the nodes n1..n3; wait until every node is idle
+#                                   the nodes n1..n3; wait until every node takes jobs
 #   tests/slurm/cluster.sh stop     cancel the jobs left, stop every daemon by its pid file
 #   tests/slurm/cluster.sh status   each daemon and each node's state (exit 1 if one is not up)
 # Each node is its own slurmd in its own UTS namespace (`hostname` in a job prints n1, n2 or
@@ -39,6 +39,9 @@ SlurmctldHost=localhost(127.0.0.1)
 SlurmUser=root
 SlurmdUser=root
 AuthType=auth/munge
+# The controller listens on its loopback address only. (NoInAddrAny would bind each slurmd
+# to its node's address too, but then an srun inside a job never gets its I/O connection.)
+CommunicationParameters=NoCtldInAddrAny
 StateSaveLocation=/var/spool/slurmctld
 SlurmctldPidFile=$RUN/slurmctld.pid
 SlurmctldLogFile=$LOGS/slurmctld.log
@@ -64,15 +67,19 @@ CONF
   echo "PartitionName=debug Nodes=$NODE_LIST Default=YES MaxTime=INFINITE State=UP"
 }
 
-# Whether the pid file names a live process of that program (not a stale pid reused).
-alive() {
-  local pidfile=$1 program=$2 pid
-  [ -s "$pidfile" ] || return 1
-  pid=$(cat "$pidfile")
-  [ "$(cat "/proc/$pid/comm" 2>/dev/null)" = "$program" ]
+# Whether pid is a live process of that program: not a stale pid reused, nor a killed one
+# that init has not reaped yet (a zombie).
+running() {
+  local pid=$1 program=$2 comm stat
+  read -r comm stat < <(ps -o comm=,stat= -p "$pid" 2>/dev/null) || return 1
+  [ "$comm" = "$program" ] && [ "${stat:0:1}" != Z ]
 }
 
-daemons() {  # pid file and program of each daemon, in stop order
+alive() {  # whether the pid file names a live process of that program
+  [ -s "$1" ] && running "$(cat "$1")" "$2"
+}
+
+daemons() {  # pid file and program of each daemon
   local node
   for node in "${NODES[@]}"; do echo "$RUN/slurmd-$node.pid slurmd"; done
   echo "$RUN/slurmctld.pid slurmctld"
@@ -83,6 +90,16 @@ nodes_up() {  # every node answers and takes jobs
   local states
   states=$(sinfo -h -N -o '%N %T' 2>/dev/null) || return 1
   [ "$(grep -cE ' (idle|mixed|allocated|completing)$' <<<"$states")" -eq "${#NODES[@]}" ]
+}
+
+wait_for() {  # name, a test command, a log to show if it never passes
+  for _ in $(seq 30); do
+    if sh -c "$2" >/dev/null 2>&1; then return 0; fi
+    sleep 0.5
+  done
+  echo "slurm: $1 did not come up; see $3" >&2
+  tail -n 20 "$3" >&2 || true
+  return 1
 }
 
 start() {
@@ -103,12 +120,13 @@ start() {
   if ! alive "$MUNGE_PID" munged; then
     runuser -u munge -- /usr/sbin/munged --pid-file="$MUNGE_PID"
   fi
-  for _ in $(seq 20); do munge -n | unmunge >/dev/null 2>&1 && break; sleep 0.5; done
+  # Every SLURM command waits and retries for long when munge does not answer.
+  wait_for "munged" "munge -n | unmunge" /var/log/munge/munged.log
   if ! alive "$RUN/slurmctld.pid" slurmctld; then
     # -c: a test cluster starts without the jobs of an earlier life.
     /usr/sbin/slurmctld -c
   fi
-  for _ in $(seq 30); do scontrol ping 2>/dev/null | grep -q UP && break; sleep 0.5; done
+  wait_for "slurmctld" "scontrol ping | grep -q UP" "$LOGS/slurmctld.log"
   for node in "${NODES[@]}"; do
     if ! alive "$RUN/slurmd-$node.pid" slurmd; then
       mkdir -p "/var/spool/slurmd-$node"
@@ -139,25 +157,31 @@ start() {
 
 stop() {
   # Jobs left running would leave their slurmstepd behind the stopped slurmd.
-  if alive "$RUN/slurmctld.pid" slurmctld && [ -n "$(squeue -h -t active -o %i 2>/dev/null)" ]; then
-    scancel --state=PENDING >/dev/null 2>&1 || true
-    squeue -h -t active -o %i | xargs -r scancel >/dev/null 2>&1 || true
+  if alive "$MUNGE_PID" munged && alive "$RUN/slurmctld.pid" slurmctld \
+    && [ -n "$(squeue -h -o %i 2>/dev/null)" ]; then
+    squeue -h -o %i | xargs -r scancel || true
     for _ in $(seq 20); do
-      [ -z "$(squeue -h -t active -o %i 2>/dev/null)" ] && break
+      [ -z "$(squeue -h -o %i 2>/dev/null)" ] && break
       sleep 0.5
     done
   fi
-  local pidfile program pid
+  # TERM to all, then wait for each.
+  local pidfile program pid stopping=()
   while read -r pidfile program; do
     if alive "$pidfile" "$program"; then
       pid=$(cat "$pidfile")
-      kill "$pid"
-      for _ in $(seq 40); do [ -d "/proc/$pid" ] || break; sleep 0.25; done
-      if [ -d "/proc/$pid" ]; then kill -KILL "$pid" 2>/dev/null || true; fi
-      [ "${1:-}" = quiet ] || echo "stopped $program ($(basename "$pidfile" .pid))"
+      kill "$pid" || true
+      stopping+=("$pid $program $(basename "$pidfile" .pid)")
     fi
     rm -f "$pidfile"
   done < <(daemons)
+  local entry name
+  for entry in "${stopping[@]}"; do
+    read -r pid program name <<<"$entry"
+    for _ in $(seq 40); do running "$pid" "$program" || break; sleep 0.25; done
+    if running "$pid" "$program"; then kill -KILL "$pid" || true; fi
+    [ "${1:-}" = quiet ] || echo "stopped $program ($name)"
+  done
 }
 
 status() {

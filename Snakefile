@@ -13,6 +13,7 @@ include: "workflow/rules/common.smk"
 include: "workflow/rules/extract.smk"
 include: "workflow/rules/plan.smk"
 include: "workflow/rules/transfer.smk"
+include: "workflow/rules/check.smk"
 include: "workflow/rules/report.smk"
 
 

@@ -5,28 +5,33 @@ run only when asked (``check: true``, ``size`` or ``checksum``), looks at every 
 
 - **size**: one ``lstat`` per placement, relative to its open folder (never following a
   link): a copy or hard link must be a regular file of the recorded size; a symbolic link
-  must be a link whose target is a regular file of that size;
+  must be a link to one of the placement's inputs, and reach a regular file of that size;
 - **checksum**: the same, then the content is digested and compared with the digest the
   ledger holds, or, where it holds none, with the digest of the input that still holds the
   placement's content (a placement with neither is checked by size only).
 
 A placement that is missing or differs is **restored** from an input that still holds its
-content: a ledger row of that destination whose input file still has the (size, mtime) it
-had when it was committed, and, when a digest is known, still that digest. It is put back
-by the transfer's own mechanics (``transfer.put``: a temporary name, checked, then linked
-into place without replacing anything), in the placement's transfer mode. Whatever stood at
-the name first is kept, renamed in its folder to ``<name>.dcmsort-damaged-<n>`` (never
-replacing another file; a symbolic link dcmsort made to one of the placement's inputs is
-the only thing removed). A placement with no such input is reported **damaged** with the
-reason and left as it is. Nothing is ever deleted.
+content: an input of one of that destination's ledger rows that still has the size and
+mtime the row recorded, or, when the content's digest is known, that size and digest (a
+touched input holds the same bytes). With a known digest, the input is digested first. It
+is put back by the transfer's own mechanics (``transfer.put``: a temporary name, checked,
+then linked into place without replacing anything), in the placement's transfer mode.
+Whatever stood at the name first is kept, renamed in its folder to
+``<name>.dcmsort-damaged-<n>`` (never replacing another file); a symbolic link to one of
+the placement's own inputs is the only thing removed. A placement with no such input is
+reported **damaged**, with the reason, and left as it is. Nothing is ever deleted.
 
-Results: one row per placement that was not whole (``check.csv`` for people, a parquet
-table for the report). Imports pyarrow only.
+Runs before the plan, so that the plan decides against a whole tree (a placement it finds
+damaged would otherwise stay a twin of new files forever). Results: one row per placement
+that was not whole (``check.csv`` for people, a parquet table for the report).
+
+Imports pyarrow only.
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import errno
 import logging
 import os
@@ -35,7 +40,7 @@ import sys
 import time
 from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from itertools import count
 from pathlib import Path
 
@@ -80,14 +85,25 @@ _NO_RENAME_NOREPLACE = {errno.ENOSYS, errno.EINVAL, errno.EOPNOTSUPP}
 
 
 @dataclass(frozen=True, slots=True)
+class Source:
+    """An input file that a ledger row of a destination names, with the mtimes its rows
+    recorded (each is a version of it that held the destination's content)."""
+
+    relpath: str
+    mtimes: frozenset[int]
+
+
+@dataclass(frozen=True, slots=True)
 class Placement:
     """What the ledger says is at destination: a file of size bytes, placed by mode, with
-    this content digest when one was recorded."""
+    this content digest when one was recorded; for a symbolic link, the paths it may point
+    to (its inputs)."""
 
     destination: str
     size: int
     mode: str
     digest: str | None
+    targets: frozenset[str] = field(default=frozenset())
 
 
 @dataclass(slots=True)
@@ -124,6 +140,28 @@ def placements(committed: pa.Table) -> list[Placement]:
     ]
 
 
+def sources_by_destination(committed: pa.Table, destinations: set[str]) -> dict[str, list[Source]]:
+    """The inputs the ledger says held each destination's content, most recently committed
+    first (columnar: only rows of these destinations become Python values)."""
+    if not destinations:
+        return {}
+    value_set = pa.array(sorted(destinations), pa.string())
+    rows = committed.filter(pc.is_in(committed["destination"], value_set=value_set))
+    mtimes: dict[str, dict[str, set[int]]] = {}
+    columns = (rows[c].to_pylist() for c in ("destination", "relpath", "mtime_ns"))
+    for destination, relpath, mtime_ns in reversed(list(zip(*columns, strict=True))):
+        mtimes.setdefault(destination, {}).setdefault(relpath, set()).add(mtime_ns)
+    return {
+        destination: [Source(relpath, frozenset(m)) for relpath, m in by_relpath.items()]
+        for destination, by_relpath in mtimes.items()
+    }
+
+
+def link_target(input_dir: Path, relpath: str) -> str:
+    """What a symbolic link to an input holds (as the transfer writes it)."""
+    return os.path.abspath(inventory.source_path(input_dir, relpath))
+
+
 # --- looking: one stat per placement (and a digest with checksum) --------------------------
 
 
@@ -137,18 +175,20 @@ def inspect(folder_fd: int, name: str, placement: Placement, how: str) -> Findin
         return Finding(placement, MISSING)
     if placement.mode == "symlink":
         if not stat.S_ISLNK(info.st_mode):
-            return Finding(placement, "not a symbolic link")
+            return Finding(placement, f"not a symbolic link ({_kind(info.st_mode)})")
+        if os.readlink(name, dir_fd=folder_fd) not in placement.targets:
+            return Finding(placement, "the link points to another file than its input")
         try:
             info = os.stat(name, dir_fd=folder_fd)  # the input it points to
         except OSError:
-            return Finding(placement, "the link dangles")
+            return Finding(placement, "the link dangles (its input is gone)")
     if not stat.S_ISREG(info.st_mode):
         return Finding(placement, f"not a regular file ({_kind(info.st_mode)})")
     if info.st_size != placement.size:
         return Finding(placement, f"wrong size: {info.st_size:,} of {placement.size:,} bytes")
     if how != "checksum":
         return None
-    # A symbolic link is followed to its input (the lstat above saw it is one).
+    # A symbolic link is followed to its input (the lstat above saw that it is one).
     flags = os.O_RDONLY | (0 if placement.mode == "symlink" else os.O_NOFOLLOW)
     try:
         with open(os.open(name, flags, dir_fd=folder_fd), "rb") as handle:
@@ -161,6 +201,8 @@ def inspect(folder_fd: int, name: str, placement: Placement, how: str) -> Findin
 
 
 def _kind(mode: int) -> str:
+    if stat.S_ISREG(mode):
+        return "a file"
     if stat.S_ISLNK(mode):
         return "a symbolic link"
     if stat.S_ISDIR(mode):
@@ -195,44 +237,12 @@ def _inspect_folder(
 # --- restoring: from an input that still holds the content --------------------------------
 
 
-@dataclass(frozen=True, slots=True)
-class Source:
-    """A ledger row's input file version: (relpath, size, mtime_ns) when it was committed."""
-
-    relpath: str
-    size: int
-    mtime_ns: int
-
-
-def sources_by_destination(committed: pa.Table, destinations: set[str]) -> dict[str, list[Source]]:
-    """The input versions the ledger says hold each destination's content, newest first
-    (columnar: only rows of these destinations become Python values)."""
-    if not destinations:
-        return {}
-    rows = committed.filter(
-        pc.is_in(committed["destination"], value_set=pa.array(sorted(destinations), pa.string()))
-    )
-    found: dict[str, list[Source]] = {}
-    for destination, relpath, size, mtime_ns in reversed(
-        list(
-            zip(
-                *(rows[c].to_pylist() for c in ["destination", *ledger.SOURCE_KEY]),
-                strict=True,
-            )
-        )
-    ):
-        source = Source(relpath, size, mtime_ns)
-        if source not in found.setdefault(destination, []):
-            found[destination].append(source)
-    return found
-
-
 def live_source(
-    sources: list[Source], input_dir: Path, digest: str | None, compute: bool = False
-) -> tuple[Source | None, str | None, str]:
-    """The first source whose input file is still the version the ledger recorded (and
-    has digest, when one is known): (source, its digest when computed, why none).
-    ``compute``: digest the source even when no digest is known."""
+    sources: list[Source], size: int, input_dir: Path, digest: str | None, compute: bool = False
+) -> tuple[Row | None, str]:
+    """An input that still holds the content (size bytes, digest when known), as a row for
+    ``transfer.put`` naming its version now; else None and why. Without a known digest,
+    only a version the ledger recorded counts (``compute``: digest it all the same)."""
     gone = True
     for source in sources:
         path = inventory.source_path(input_dir, source.relpath)
@@ -241,20 +251,19 @@ def live_source(
         except OSError:
             continue
         gone = False
-        if not stat.S_ISREG(info.st_mode) or (info.st_size, info.st_mtime_ns) != (
-            source.size,
-            source.mtime_ns,
-        ):
+        if not stat.S_ISREG(info.st_mode) or info.st_size != size:
+            continue
+        if digest is None and info.st_mtime_ns not in source.mtimes:
             continue
         try:
             actual = file_digest(path) if digest or compute else None
         except OSError:
             continue
         if digest is None or actual == digest:
-            return source, actual, ""
+            return Row(source.relpath, size, info.st_mtime_ns, "sort", "", actual), ""
     if gone:
-        return None, None, "its input is gone: nothing to restore it from"
-    return None, None, "its input changed since it was sorted: nothing to restore it from"
+        return None, "its input is gone: nothing to restore it from"
+    return None, "its input changed since it was sorted: nothing to restore it from"
 
 
 def aside_name(name: str, number: int) -> str:
@@ -262,8 +271,8 @@ def aside_name(name: str, number: int) -> str:
     <n>`` in its folder (visible, and no longer ending in the original extension, so no
     program takes it for the image); a name that would pass 255 bytes keeps a prefix."""
     suffix = f"{ASIDE_SUFFIX}{number}"
-    encoded = os.fsencode(name)
     room = MAX_NAME_BYTES - len(suffix)
+    encoded = os.fsencode(name)
     if len(encoded) > room:
         name = encoded[:room].decode("utf-8", "ignore")  # cut on a character boundary
     return f"{name}{suffix}"
@@ -290,73 +299,62 @@ def set_aside(folder_fd: int, name: str) -> str:
     raise AssertionError("unreachable")
 
 
-def _our_link(folder_fd: int, name: str, sources: list[Source], input_dir: Path) -> bool:
-    """Is name a symbolic link dcmsort made, to one of the placement's inputs?"""
-    try:
-        target = os.readlink(name, dir_fd=folder_fd)
-    except OSError:
-        return False
-    return any(
-        target == os.path.abspath(inventory.source_path(input_dir, s.relpath)) for s in sources
-    )
-
-
 def restore(
-    tree: OutputTree,
-    placement: Placement,
-    source: Source,
-    sources: list[Source],
-    input_dir: Path,
-    digest: str | None,
-    how: str,
+    tree: OutputTree, placement: Placement, source: Row, input_dir: Path, how: str
 ) -> str | None:
-    """Put the placement back from source (its content is digest, when known); returns the
-    aside name of what stood there. Raises TransferError (the aside file is moved back
-    first)."""
+    """Put the placement back from source (``live_source``); returns the name what stood
+    there was kept under. Raises TransferError or OSError (having moved that back)."""
     folder, _, name = placement.destination.rpartition("/")
     folder_fd = tree.open_folder(folder)  # folders removed by hand are made again
     try:
         aside = None
         try:
-            os.stat(name, dir_fd=folder_fd, follow_symlinks=False)
+            info = os.stat(name, dir_fd=folder_fd, follow_symlinks=False)
         except FileNotFoundError:
             pass
         else:
-            if _our_link(folder_fd, name, sources, input_dir):
-                os.unlink(name, dir_fd=folder_fd)
+            if (
+                stat.S_ISLNK(info.st_mode)
+                and placement.mode == "symlink"
+                and (os.readlink(name, dir_fd=folder_fd) in placement.targets)
+            ):
+                os.unlink(name, dir_fd=folder_fd)  # its own link, dangling: not user data
             else:
                 aside = set_aside(folder_fd, name)
         row = Row(
-            source.relpath, source.size, source.mtime_ns, "sort", placement.destination, digest
+            source.relpath,
+            source.size,
+            source.mtime_ns,
+            "sort",
+            placement.destination,
+            source.digest,
         )
-        verify = "checksum" if digest or how == "checksum" else "size"
+        verify = "checksum" if source.digest or how == "checksum" else "size"
         try:
             put(folder_fd, row, input_dir, placement.mode, verify)
-        except TransferError:
+        except BaseException:
             if aside is not None:
-                try:
+                # Back to its name; if even that fails, it stays under the aside name.
+                with contextlib.suppress(OSError):
                     rename_no_replace(aside, name, folder_fd)
-                    aside = None
-                except OSError:
-                    pass  # reported under its aside name
             raise
         return aside
     finally:
         os.close(folder_fd)
 
 
-def _resolve(
+def resolve(
     finding: Finding, sources: list[Source], tree: OutputTree, input_dir: Path, how: str
 ) -> dict | None:
-    """Restore a finding if an input holds its content; its result row (None: whole)."""
+    """Restore a finding if an input holds its content: its result row (None: whole)."""
     placement, problem = finding.placement, finding.problem
-    if problem is None:  # checksum without a recorded digest: compare with its input
-        source, digest, why = live_source(sources, input_dir, None, compute=True)
-        if source is None or digest == finding.digest:
-            return None  # whole, or (no input holds it any more) checked by size only
+    if problem is None:  # checksum without a recorded digest: compare with its input's
+        source, why = live_source(sources, placement.size, input_dir, None, compute=True)
+        if source is None or source.digest == finding.digest:
+            return None  # whole; or, with no input of its version left, checked by size
         problem = "content differs from its input"
     else:
-        source, digest, why = live_source(sources, input_dir, placement.digest)
+        source, why = live_source(sources, placement.size, input_dir, placement.digest)
     row = {
         "destination": placement.destination,
         "mode": placement.mode,
@@ -364,17 +362,17 @@ def _resolve(
         "outcome": DAMAGED,
         "source": None,
         "kept_as": None,
-        "detail": why or None,
+        "detail": why,
     }
     if source is None:
         return row
     try:
-        aside = restore(tree, placement, source, sources, input_dir, digest, how)
+        aside = restore(tree, placement, source, input_dir, how)
     except (TransferError, OSError) as error:
         detail = str(error) if isinstance(error, TransferError) else error.strerror
         return {**row, "detail": f"could not restore it: {detail}"}
     folder = placement.destination.rpartition("/")[0]
-    kept = f"{folder}/{aside}" if folder and aside else aside
+    kept = aside and (f"{folder}/{aside}" if folder else aside)
     return {**row, "outcome": RESTORED, "source": source.relpath, "kept_as": kept, "detail": None}
 
 
@@ -385,9 +383,24 @@ def check_tree(
     columns = [*ledger.SOURCE_KEY, "status", "destination", "digest", "mode"]
     committed = ledger.read(state_dir, columns)
     wanted = placements(committed)
+    links = {p.destination for p in wanted if p.mode == "symlink"}
+    if links:  # a link must point to one of its inputs
+        sources = sources_by_destination(committed, links)
+        wanted = [
+            Placement(
+                p.destination,
+                p.size,
+                p.mode,
+                p.digest,
+                frozenset(link_target(input_dir, s.relpath) for s in sources[p.destination]),
+            )
+            if p.destination in links
+            else p
+            for p in wanted
+        ]
     tree = OutputTree(output_dir)
-    progress = Progress("check", len(wanted), log)
     findings: list[Finding] = []
+    progress = Progress("check", len(wanted), log)
     with ThreadPoolExecutor(max_workers=max(1, workers)) as pool:
         tasks = [
             (len(items), pool.submit(_inspect_folder, tree, folder, items, how))
@@ -398,12 +411,17 @@ def check_tree(
             progress.advance(size)
     progress.finish()
     sources = sources_by_destination(committed, {f.placement.destination for f in findings})
+    results = []
+    progress = Progress("check: compare and restore", len(findings), log)
     with ThreadPoolExecutor(max_workers=max(1, workers)) as pool:
-        rows = pool.map(
-            lambda f: _resolve(f, sources.get(f.placement.destination, []), tree, input_dir, how),
+        for row in pool.map(
+            lambda f: resolve(f, sources.get(f.placement.destination, []), tree, input_dir, how),
             findings,
-        )
-        results = [r for r in rows if r is not None]
+        ):
+            progress.advance()
+            if row is not None:
+                results.append(row)
+    progress.finish()
     results.sort(key=lambda r: r["destination"])
     return pa.Table.from_pylist(results, schema=RESULT_SCHEMA), len(wanted)
 
@@ -444,18 +462,19 @@ def main(argv: list[str] | None = None) -> int:
     for earlier in args.results.parent.glob("*.parquet"):
         if earlier != args.results:
             earlier.unlink(missing_ok=True)
-    outcomes = results["outcome"].to_pylist()
     for row in results.to_pylist()[:50]:
-        say = log.info if row["outcome"] == RESTORED else log.error
-        say(
-            "%s: %s; %s",
-            row["destination"],
-            row["problem"],
-            f"restored from {row['source']}"
-            + (f", the file found there kept as {row['kept_as']}" if row["kept_as"] else "")
-            if row["outcome"] == RESTORED
-            else row["detail"],
-        )
+        if row["outcome"] == RESTORED:
+            kept = f"; what stood there is kept as {row['kept_as']}" if row["kept_as"] else ""
+            log.info(
+                "%s: %s; restored from %s%s",
+                row["destination"],
+                row["problem"],
+                row["source"],
+                kept,
+            )
+        else:
+            log.error("%s: %s; %s", row["destination"], row["problem"], row["detail"])
+    outcomes = results["outcome"].to_pylist()
     log.info(
         "check (%s): %d placements, %d restored, %d damaged, %.2f s, peak RSS %d MB",
         args.how,

@@ -1,11 +1,9 @@
-# Stage 3b, only with the config key `check`: every placement the ledger holds is on disk
+# Stage 2a, only with the config key `check`: every placement the ledger holds is on disk
 # and whole, or is restored from its input; what is not is listed (check.csv, the report).
+# Before the plan, so that the plan decides against a whole tree.
 
 
 rule check:
-    input:
-        # After the transfer: it checks the tree this run leaves.
-        transfers=rules.transfer.output.results,
     output:
         # Named after the run (CHECK_RUN), so that every run asked to check does.
         results=f"{STATE}/check/{{run}}.parquet",

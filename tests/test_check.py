@@ -10,11 +10,11 @@ import os
 from pathlib import Path
 
 import pytest
+from test_transfer import Job
 
 from dcmsort import check, transfer
 from dcmsort.check import DAMAGED, MISSING, RESTORED, aside_name, check_tree, set_aside
 from dcmsort.fileops import MAX_NAME_BYTES, file_digest
-from test_transfer import Job
 
 DESTINATION = "P/S/IM1"
 

@@ -13,6 +13,7 @@ from dcmsort.naming import Naming
 from dcmsort.settings import (
     ConfigError,
     acquire_run_lock,
+    check_how,
     check_layout,
     discard_logs,
     format_spec_problem,
@@ -297,6 +298,7 @@ SCHEMA = Path(__file__).resolve().parents[1] / "workflow" / "schemas" / "config.
         ({"batches": "many"}, "batches must be a whole number from 1 to 10000, or auto"),
         ({"transfer_mode": "move"}, "transfer_mode must be one of copy, hardlink, symlink"),
         ({"keep_series_apart": "maybe"}, "keep_series_apart must be true or false"),
+        ({"check": "yes please"}, "check must be true or false, or one of size, checksum"),
         (
             {"placeholder": 7},
             """placeholder must be text.*quote the value: --config 'placeholder=""",
@@ -317,3 +319,26 @@ def test_a_state_dir_of_dcmsort_or_snakemake_alone_is_accepted(tmp_path, input_d
     acquire_run_lock(state)
     (state / "report.html").write_text("dcmsort's own")
     resolve(config(input_dir="in", output_dir="out", state_dir="state"), cwd=tmp_path)
+
+
+@pytest.mark.parametrize(
+    ("typed", "verify", "how"),
+    [
+        ("true", "size", "size"),
+        ("True", "checksum", "checksum"),  # true checks as verify does
+        ("false", "checksum", None),
+        ("size", "checksum", "size"),
+        ("checksum", "size", "checksum"),
+    ],
+)
+def test_check_on_the_command_line_says_how_a_run_checks(typed, verify, how):
+    # Snakemake reads --config check=true as the text "true" (only True is a boolean).
+    given = {"check": typed, "verify": verify}
+    fixed = from_command_line({"input_dir": "in", "output_dir": "out", **given}, given)
+    assert check_how(fixed["check"], verify) == how
+
+
+def test_keep_series_apart_false_on_the_command_line_is_a_boolean():
+    given = {"keep_series_apart": "false"}
+    fixed = from_command_line({"input_dir": "in", "output_dir": "out", **given}, given)
+    assert fixed["keep_series_apart"] is False

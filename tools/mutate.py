@@ -67,6 +67,8 @@ REPORT_PY = "src/dcmsort/report.py"
 STATUS_PY = "src/dcmsort/status.py"
 SCANNER_PY = "src/dcmsort/scanner.py"
 HEADERS_PY = "src/dcmsort/headers.py"
+CHECK_PY = "src/dcmsort/check.py"
+CHECK = "tests/test_check.py"
 
 MUTANTS = [
     # --- transfer: a file reaches its destination whole, checked, never over another ---
@@ -588,6 +590,35 @@ MUTANTS = [
         "codec = _CODECS.get(character_set)",
         'codec = "UTF8"',
         (SCANNER,),
+    ),
+    # --- check: a placement changed by hand is found, restored only from its content ---
+    Mutant(
+        "check: a truncated copy passes as whole",
+        CHECK_PY,
+        "if info.st_size != placement.size:",
+        "if False:",
+        (CHECK,),
+    ),
+    Mutant(
+        "check: a copy is restored from an input touched since, without a known digest",
+        CHECK_PY,
+        "if digest is None and info.st_mtime_ns not in source.mtimes:",
+        "if False:",
+        (CHECK,),
+    ),
+    Mutant(
+        "check: the damaged file is renamed aside over an earlier one",
+        CHECK_PY,
+        "            rename_no_replace(name, aside, folder_fd)\n",
+        "            os.rename(name, aside, src_dir_fd=folder_fd, dst_dir_fd=folder_fd)\n",
+        (CHECK,),
+    ),
+    Mutant(
+        "check: checksum compares nothing",
+        CHECK_PY,
+        'return None if digest == placement.digest else Finding(placement, "content differs")',
+        "return None",
+        (CHECK,),
     ),
 ]
 

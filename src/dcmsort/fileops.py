@@ -10,6 +10,7 @@ import shutil
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
+from typing import BinaryIO
 
 from dcmsort import permissions
 
@@ -71,7 +72,12 @@ DIGEST = "blake2b"  # content identity: (size, digest), never (size, mtime)
 def file_digest(path: str | Path) -> str:
     """Content digest used to tell exact duplicates from conflicts and to verify copies."""
     with open(path, "rb") as handle:
-        return hashlib.file_digest(handle, DIGEST).hexdigest()[:32]
+        return digest_of(handle)
+
+
+def digest_of(handle: BinaryIO) -> str:
+    """``file_digest`` of a file already open for reading (from its current position)."""
+    return hashlib.file_digest(handle, DIGEST).hexdigest()[:32]
 
 
 # copy_file_range is refused across some file systems and by some (older) kernels.

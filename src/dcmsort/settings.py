@@ -40,6 +40,10 @@ NAMING_EXAMPLES = {
 TEXT_KEYS = (*FOLDER_KEYS, *NAMING_EXAMPLES)
 # The key of layout.json that records the output folder a state describes.
 OUTPUT_KEY = "output_dir"
+# Keys that take true or false. Snakemake reads `--config key=true` as the text "true"
+# (only "True" and "False" become booleans), which the schema would refuse.
+BOOLEAN_KEYS = ("keep_series_apart", "check")
+_BOOLEAN_WORDS = {"true": True, "false": False}
 
 
 class ConfigError(Exception):
@@ -55,6 +59,9 @@ class Settings:
     transfer_mode: str
     verify: str
     batches: int | None  # None: chosen from the number of folders (auto)
+    # How this run checks every placement after the transfer: "size", "checksum", or None
+    # (a plain run trusts the ledger and looks at no placed file).
+    check: str | None = None
 
     @property
     def naming_json(self) -> str:
@@ -107,6 +114,7 @@ def from_command_line(config: dict, given: Mapping[str, Any]) -> dict:
     arrives as the mapping ``{'PatientID': ''}``, and ``folder_template={}`` (an empty
     mapping merged into the config file's text) silently leaves the default in place.
     ``given`` is what the command line held (``workflow.config_settings.overwrite_config``).
+    ``true`` and ``false`` (any case) become booleans for the keys that take them.
     A one-field template is turned back into its text; anything else that is not text is
     refused with the quoting that works. Missing folders are refused here too, before the
     schema would call them merely "required".
@@ -132,6 +140,10 @@ def from_command_line(config: dict, given: Mapping[str, Any]) -> dict:
                 f"{key} was read as YAML ({value!r}), not as text; quote it on the "
                 f"command line: --config '{key}=\"{typed}\"'"
             )
+    for key in BOOLEAN_KEYS:
+        value = given.get(key)
+        if isinstance(value, str) and value.lower() in _BOOLEAN_WORDS:
+            config[key] = _BOOLEAN_WORDS[value.lower()]
     missing = [key for key in ("input_dir", "output_dir") if not config.get(key)]
     if missing:
         raise ConfigError(
@@ -344,7 +356,15 @@ def resolve(config: dict, cwd: Path | None = None) -> Settings:
         transfer_mode=config["transfer_mode"],
         verify=config["verify"],
         batches=None if config["batches"] == "auto" else int(config["batches"]),
+        check=check_how(config.get("check", False), config["verify"]),
     )
+
+
+def check_how(check: bool | str, verify: str) -> str | None:
+    """What ``check`` asks for: true checks as ``verify`` does (size, or checksum)."""
+    if check is True:
+        return verify
+    return check or None
 
 
 def discard_logs(logfiles: list[str]) -> None:

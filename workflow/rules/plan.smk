@@ -4,6 +4,8 @@
 rule plan:
     input:
         manifests=batch_manifests,
+        # With `check`: after the check has made the tree whole again.
+        check=check_results,
     output:
         plan=f"{STATE}/plan.parquet",
         csv=f"{STATE}/plan.csv",

@@ -9,6 +9,7 @@ rule report:
     input:
         transfers=rules.transfer.output.results,
         manifests=batch_manifests,
+        check=check_results,
     output:
         html=report(
             f"{STATE}/report.html",
@@ -35,4 +36,4 @@ rule report:
         " --manifests {input.manifests:q} --state-dir {params.state_dir:q}"
         " --output-dir {params.output_dir:q} --mode {params.mode}"
         " --html {output.html:q} --summary {output.summary:q}"
-        " --removed {output.removed:q} 2> {log:q}"
+        " --removed {output.removed:q} --check {input.check:q} 2> {log:q}"

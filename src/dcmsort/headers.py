@@ -2,8 +2,8 @@
 
 The extract job (``python -m dcmsort.headers``) handles one batch of input folders. For each
 folder it writes one parquet manifest, one row per file, and it reads a header only when the
-file is new or changed: rows of unchanged files (same path, size and mtime) are taken from the
-folder's previous manifest. Then it writes the batch manifest the plan stage reads.
+file is new or changed: rows of unchanged files (same path, size, mtime, ctime and inode) are
+taken from the folder's previous manifest. Then it writes the batch manifest the plan stage reads.
 
 Imports pyarrow, and pydicom only once a file needs it: the scanner reads the usual file
 without it. No pandas: this is the job that runs many times.
@@ -434,6 +434,8 @@ def manifest_schema(keywords: list[str]) -> pa.Schema:
         pa.field("relpath", pa.string()),
         pa.field("size", pa.int64()),
         pa.field("mtime_ns", pa.int64()),
+        pa.field("ctime_ns", pa.int64()),
+        pa.field("ino", pa.uint64()),
         pa.field("dicom", pa.bool_()),
         pa.field("skip_reason", pa.string()),
     ]
@@ -444,10 +446,11 @@ def manifest_schema(keywords: list[str]) -> pa.Schema:
 
 def _previous_manifest(
     manifest: Path, fingerprint: str, schema: pa.Schema
-) -> tuple[pa.Table | None, dict[tuple[str, int, int], dict]]:
+) -> tuple[pa.Table | None, dict[tuple[str, int, int, int, int], dict]]:
     """One read of a folder's last manifest: the whole table if nothing in the folder
-    changed, else its rows by (relpath, size, mtime) to reuse for unchanged files. Either
-    only if it has every column now needed (a template may ask for a new keyword)."""
+    changed, else its rows by file version (inventory.Entry.version) to reuse for unchanged
+    files. Either only if it has every column now needed (a template may ask for a new
+    keyword; a v0.3 manifest has no ctime or inode, so its files are read again)."""
     try:
         previous = read_parquet(manifest)
     except (OSError, pa.ArrowException):
@@ -456,7 +459,10 @@ def _previous_manifest(
         return None, {}
     if (previous.schema.metadata or {}).get(b"fingerprint") == fingerprint.encode():
         return previous.select(schema.names).cast(schema), {}
-    return None, {(r["relpath"], r["size"], r["mtime_ns"]): r for r in previous.to_pylist()}
+    rows = previous.to_pylist()
+    return None, {
+        (r["relpath"], r["size"], r["mtime_ns"], r["ctime_ns"], r["ino"]): r for r in rows
+    }
 
 
 FINGERPRINTS = "folder_fingerprints"  # batch manifest metadata: folder -> fingerprint
@@ -550,11 +556,7 @@ ROW_GROUP = 16_384
 
 def _to_read(entries: list[inventory.Entry], reusable: dict) -> list[str]:
     """Files of a folder whose header must be read: new, or changed since the last read."""
-    return [
-        e.relpath
-        for e in entries
-        if e.kind == inventory.FILE and (e.relpath, e.size, e.mtime_ns) not in reusable
-    ]
+    return [e.relpath for e in entries if e.kind == inventory.FILE and e.version not in reusable]
 
 
 def _write_folder_manifest(
@@ -572,7 +574,7 @@ def _write_folder_manifest(
         if entry.relpath in headers:
             header = headers[entry.relpath]
         elif entry.kind == inventory.FILE:
-            rows.append(reusable[(entry.relpath, entry.size, entry.mtime_ns)])
+            rows.append(reusable[entry.version])
             continue
         else:
             header = {"skip_reason": SKIP_REASONS[entry.kind]}
@@ -582,6 +584,8 @@ def _write_folder_manifest(
                 "relpath": entry.relpath,
                 "size": entry.size,
                 "mtime_ns": entry.mtime_ns,
+                "ctime_ns": entry.ctime_ns,
+                "ino": entry.ino,
                 **header,
                 "dicom": header["skip_reason"] is None,
             }

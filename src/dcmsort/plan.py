@@ -3,8 +3,8 @@
 The plan is a pure function of (manifests, ledger, naming settings) plus two windows on
 the world, asked only when a decision needs them: the content digest of a file, and the
 names already present in an output folder. It looks only at *new* file versions, those
-whose (relpath, size, mtime) the ledger does not hold (a columnar anti-join, no Python
-per known file), and gives each one action:
+whose (relpath, size, mtime, ctime, inode) the ledger does not hold (a columnar anti-join,
+no Python per known file), and gives each one action:
 
 - ``sort``: write (copy or link) to ``destination``, a name nobody holds;
 - ``present``: its content is already at ``destination`` (a touched or renamed input, or a
@@ -73,6 +73,8 @@ PLAN_SCHEMA = pa.schema(
         ("relpath", pa.string()),
         ("size", pa.int64()),
         ("mtime_ns", pa.int64()),
+        ("ctime_ns", pa.int64()),
+        ("ino", pa.uint64()),
         ("action", pa.string()),
         ("destination", pa.string()),
         # True when destination's content is committed in the ledger (a duplicate or present
@@ -284,7 +286,7 @@ class Names:
 
 
 def new_files(files: pa.Table, committed: pa.Table) -> pa.Table:
-    """Sortable files whose version (relpath, size, mtime) the ledger does not hold."""
+    """Sortable files whose version (ledger.SOURCE_KEY) the ledger does not hold."""
     dicom = files.filter(pc.fill_null(files["dicom"], False))
     return ledger.rows_by_key(dicom, committed, keep="missing")
 
@@ -669,6 +671,8 @@ def read_manifests(paths: list[Path], settings: Naming) -> pa.Table:
                 "relpath": pa.array([], pa.string()),
                 "size": pa.array([], pa.int64()),
                 "mtime_ns": pa.array([], pa.int64()),
+                "ctime_ns": pa.array([], pa.int64()),
+                "ino": pa.array([], pa.uint64()),
                 "dicom": pa.array([], pa.bool_()),
                 "skip_reason": pa.array([], pa.string()),
             }
@@ -731,7 +735,8 @@ def main(argv: list[str] | None = None) -> int:
     # is what tells the next plan what a killed transfer may have left.
     with atomic_path(pending) as tmp:
         pq.write_table(plan, tmp)
-    write_csv(plan.drop_columns(["committed", "digest", "base_folder"]), args.plan_csv)
+    internal = ["ctime_ns", "ino", "committed", "digest", "base_folder"]
+    write_csv(plan.drop_columns(internal), args.plan_csv)
     skipped = files.filter(pc.invert(pc.fill_null(files["dicom"], False)))
     write_csv(
         skipped.select(["relpath", "size", "skip_reason"]).rename_columns(

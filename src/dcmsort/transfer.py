@@ -117,7 +117,8 @@ def _digest_at(folder_fd: int, name: str) -> str | None:
 
 @dataclass(frozen=True, slots=True)
 class Row:
-    """One plan row to carry out (``index``: its position in the plan table)."""
+    """One plan row to carry out (``index``: its position in the plan table). ctime_ns and
+    ino are None in a plan written by v0.3."""
 
     relpath: str
     size: int
@@ -125,12 +126,15 @@ class Row:
     action: str
     destination: str
     digest: str | None
+    ctime_ns: int | None = None
+    ino: int | None = None
     index: int = -1
 
 
 def plan_rows(plan: pa.Table) -> list[Row]:
     """The rows of a plan table to carry out, each knowing its position in the table."""
-    fields = ["relpath", "size", "mtime_ns", "action", "destination", "digest"]
+    plan = ledger.with_version_columns(plan)
+    fields = ["relpath", "size", "mtime_ns", "action", "destination", "digest", "ctime_ns", "ino"]
     return [
         Row(*values, index=i)
         for i, values in enumerate(zip(*(plan[f].to_pylist() for f in fields), strict=True))
@@ -221,7 +225,11 @@ def _existing_is_same(folder_fd: int, name: str, source: str, digest: str | None
 
 
 def _check_version(info: os.stat_result, row: Row) -> None:
-    if (info.st_size, info.st_mtime_ns) != (row.size, row.mtime_ns):
+    """The input is still the version the plan decided on: the same size, mtime, ctime and
+    inode (what a plan of v0.3 does not know is not compared)."""
+    seen = (info.st_size, info.st_mtime_ns, info.st_ctime_ns, info.st_ino)
+    planned = (row.size, row.mtime_ns, row.ctime_ns, row.ino)
+    if any(now != then for now, then in zip(seen, planned, strict=True) if then is not None):
         raise SourceChanged(
             "the input changed after its header was read; it is sorted by the next run"
         )
@@ -327,33 +335,57 @@ def _occupied() -> TransferError:
     )
 
 
-def _link(folder_fd: int, name: str, source: str, row: Row, mode: str) -> str:
+def _linked_ctime(folder_fd: int, name: str, row: Row) -> int | None:
+    """The input's ctime once name is a hard link to it: linking changed it (the link
+    count is part of the inode). The ledger records the version as it is now, or the next
+    run would see every linked input as a new version and hash it. None when name is not
+    (or no longer) the row's version: then the next run finds it by content."""
+    try:
+        info = os.stat(name, dir_fd=folder_fd, follow_symlinks=False)
+    except OSError:
+        return None
+    same = stat.S_ISREG(info.st_mode) and (info.st_size, info.st_mtime_ns) == (
+        row.size,
+        row.mtime_ns,
+    )
+    return info.st_ctime_ns if same and info.st_ino == row.ino else None
+
+
+def _link(folder_fd: int, name: str, source: str, row: Row, mode: str) -> tuple[str, int | None]:
+    """(status, the input's ctime after a new hard link changed it, else None)."""
     info = os.stat(source)
-    _check_version(info, row)
+    try:
+        _check_version(info, row)
+    except SourceChanged:
+        if mode == "hardlink" and _linked_ctime(folder_fd, name, row) == info.st_ctime_ns:
+            return PRESENT, info.st_ctime_ns  # linked by an earlier attempt at this row
+        raise
     try:
         if mode == "hardlink":
             os.link(source, name, dst_dir_fd=folder_fd)
-        else:
-            os.symlink(os.path.abspath(source), name, dir_fd=folder_fd)
+            return LINKED, _linked_ctime(folder_fd, name, row)
+        os.symlink(os.path.abspath(source), name, dir_fd=folder_fd)
     except FileExistsError:
         if _existing_is_same(folder_fd, name, source, row.digest):
-            return PRESENT
+            return PRESENT, None
         raise _occupied() from None
-    return LINKED
+    return LINKED, None
 
 
 def put(
     folder_fd: int, row: Row, input_dir: Path, mode: str, verify: str
-) -> tuple[str, str | None]:
-    """Put one row's file in place; returns (status, digest if known)."""
+) -> tuple[str, str | None, int | None]:
+    """Put one row's file in place; returns (status, digest if known, the input's ctime
+    when placing it changed it: a new hard link's, else None)."""
     name = row.destination.rpartition("/")[2]
     source = inventory.source_path(input_dir, row.relpath)
     try:
         if row.action == "present" and _existing_is_same(folder_fd, name, source, row.digest):
-            return PRESENT, row.digest
+            return PRESENT, row.digest, None
         if mode == "copy":
-            return _copy(folder_fd, name, source, row, verify)
-        return _link(folder_fd, name, source, row, mode), row.digest
+            return *_copy(folder_fd, name, source, row, verify), None
+        status, ctime_ns = _link(folder_fd, name, source, row, mode)
+        return status, row.digest, ctime_ns
     except FileNotFoundError as error:
         if error.filename in (source, None):
             raise SourceChanged("the input is gone since its header was read") from error
@@ -381,6 +413,7 @@ class Outcome:
     digest: str | None = None
     detail: str | None = None
     mode: str | None = None  # how it was placed, when not this run's transfer_mode
+    ctime_ns: int | None = None  # the input's ctime, when placing it changed it (hard link)
 
 
 def _place_folder(
@@ -395,8 +428,8 @@ def _place_folder(
     try:
         for row in rows:
             try:
-                status, digest = put(folder_fd, row, input_dir, mode, verify)
-                outcomes.append(Outcome(row, status, digest))
+                status, digest, ctime_ns = put(folder_fd, row, input_dir, mode, verify)
+                outcomes.append(Outcome(row, status, digest, ctime_ns=ctime_ns))
             except SourceChanged as error:
                 outcomes.append(Outcome(row, CHANGED, detail=str(error)))
             except TransferError as error:
@@ -408,14 +441,31 @@ def _place_folder(
 
 def _ledger_rows(outcomes: list[Outcome], plan: pa.Table, mode: str) -> pa.Table:
     """The ledger rows of the committed outcomes: what the plan knew of each file (taken
-    columnar from the plan table) and what the transfer found."""
+    columnar from the plan table) and what the transfer found. A new hard link changed its
+    input's ctime: its placement is committed for both versions, the planned one (a rerun
+    of this plan sees it done) and the one the input is now (the next plan sees nothing
+    new)."""
     done = [o for o in outcomes if o.status in COMMITTED]
+    relinked = [o for o in done if o.ctime_ns is not None]
+    rows = _rows(done, plan, mode)
+    if not relinked:
+        return rows
+    now = _rows(relinked, plan, mode)
+    ctimes = pa.array([o.ctime_ns for o in relinked], pa.int64())
+    return pa.concat_tables(
+        [rows, now.set_column(now.schema.get_field_index("ctime_ns"), "ctime_ns", ctimes)]
+    )
+
+
+def _rows(done: list[Outcome], plan: pa.Table, mode: str) -> pa.Table:
     planned = plan.take(pa.array([o.row.index for o in done], pa.int64()))
     return pa.table(
         {
             "relpath": planned["relpath"],
             "size": planned["size"],
             "mtime_ns": planned["mtime_ns"],
+            "ctime_ns": planned["ctime_ns"],
+            "ino": planned["ino"],
             # A restored copy belongs to the placement it restores: this input is its twin.
             "status": [
                 ledger.DUPLICATE
@@ -472,7 +522,8 @@ def _settle(
                     os.unlink(temp_name_for(name), dir_fd=fd)
                 how = _holds_version(fd, name, row, inventory.source_path(input_dir, row.relpath))
                 if how:
-                    found.append(Outcome(row, PRESENT, row.digest, mode=how))
+                    ctime_ns = _linked_ctime(fd, name, row) if how == "hardlink" else None
+                    found.append(Outcome(row, PRESENT, row.digest, mode=how, ctime_ns=ctime_ns))
                     placed.add(row.destination)
         finally:
             os.close(fd)
@@ -505,8 +556,10 @@ def _holds_version(folder_fd: int, name: str, row: Row, source: str) -> str | No
 def pending_rows(plan: pa.Table, committed: pa.Table) -> pa.Table:
     """Plan rows whose file version the ledger does not hold yet (a rerun of a killed
     transfer skips what it already committed), in one chunk: each commit takes its rows
-    from this table, and taking from a chunked table joins its chunks on every call."""
-    return ledger.rows_by_key(plan, committed, keep="missing").combine_chunks()
+    from this table, and taking from a chunked table joins its chunks on every call. A
+    plan of v0.3 gets null ctime and inode columns."""
+    pending = ledger.rows_by_key(plan, committed, keep="missing")
+    return ledger.with_version_columns(pending).combine_chunks()
 
 
 def transfer_plan(

@@ -20,7 +20,7 @@ import os
 import sys
 import time
 import warnings
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
 from functools import cache
@@ -31,7 +31,7 @@ import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
-from dcmsort import dictionary, inventory, permissions, scanner
+from dcmsort import dictionary, inventory, ledger, permissions, scanner
 from dcmsort.fileops import atomic_path, read_parquet
 from dcmsort.progress import Progress, peak_rss_mb
 
@@ -559,6 +559,38 @@ def _to_read(entries: list[inventory.Entry], reusable: dict) -> list[str]:
     return [e.relpath for e in entries if e.kind == inventory.FILE and e.version not in reusable]
 
 
+def _reuse_after_linking(changed: Iterable[tuple[list, str, dict]], state_dir: Path) -> None:
+    """Add to each folder's reusable rows the files whose one change since their header was
+    read is a hard link dcmsort made to them: linking changes an input's ctime (its link
+    count), and the transfer commits a new link's input as it is after linking. A file
+    whose earlier row differs from it in ctime alone, and whose current version the ledger
+    holds as hard-linked, is that file as it was read: hardlink mode reads no header twice.
+    The ledger is read once, and only when such a file exists."""
+    candidates: dict[tuple, tuple[dict, dict]] = {}  # version -> (reusable, earlier row)
+    for entries, _, reusable in changed:
+        if not reusable:
+            continue
+        by_inode = {
+            (r["relpath"], r["size"], r["mtime_ns"], r["ino"]): r for r in reusable.values()
+        }
+        for entry in entries:
+            if entry.kind == inventory.FILE and entry.version not in reusable:
+                row = by_inode.get((entry.relpath, entry.size, entry.mtime_ns, entry.ino))
+                if row is not None:
+                    candidates[entry.version] = (reusable, row)
+    if not candidates:
+        return
+    committed = ledger.read(state_dir, [*ledger.SOURCE_KEY, "mode"])
+    linked = committed.filter(pc.equal(committed["mode"], "hardlink"))
+    versions = pa.table(
+        {name: [v[i] for v in candidates] for i, name in enumerate(ledger.SOURCE_KEY)}
+    )
+    held = ledger.rows_by_key(versions, linked, keep="found")
+    for version in zip(*(held[name].to_pylist() for name in ledger.SOURCE_KEY), strict=True):
+        reusable, row = candidates[version]
+        reusable[version] = {**row, "ctime_ns": version[3]}
+
+
 def _write_folder_manifest(
     folder: str,
     entries: list[inventory.Entry],
@@ -607,10 +639,12 @@ def extract_batch(
     output: Path,
     workers: int = 1,
     log_file: Path | None = None,
+    state_dir: Path | None = None,
 ) -> dict[str, int]:
     """Update the manifest of every folder in one batch, reading only new or changed files,
     and write the batch manifest (all its folders' rows) for the plan stage. Earlier
-    versions of the batch manifest (and of ``log_file``) are removed."""
+    versions of the batch manifest (and of ``log_file``) are removed. ``state_dir``: where
+    the ledger is, which tells which inputs changed only by a hard link dcmsort made."""
     keywords = list(dict.fromkeys(MANIFEST_TAGS + keywords))
     schema = manifest_schema(keywords)
     folders = [
@@ -622,7 +656,6 @@ def extract_batch(
     changed: dict[str, tuple[list[inventory.Entry], str, dict]] = {}
     fingerprints: dict[str, str] = {}
     earlier, earlier_fingerprints = _previous_batch(output, batch, schema)
-    to_read = 0
     for folder in folders:
         entries = inventory.walk_folder(input_dir, folder)
         fingerprint = fingerprints[folder] = inventory.fingerprint(entries)
@@ -636,7 +669,9 @@ def extract_batch(
             current[folder] = table
             continue
         changed[folder] = (entries, fingerprint, reusable)
-        to_read += len(_to_read(entries, reusable))
+    if state_dir is not None:
+        _reuse_after_linking(changed.values(), state_dir)
+    to_read = sum(len(_to_read(entries, reusable)) for entries, _, reusable in changed.values())
     progress = Progress("extract", to_read, log)
     reader = _FolderReader(input_dir, tuple(keywords), schema, manifests)
     with _folder_reader(reader, workers) as read_folders:
@@ -687,6 +722,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--output", type=Path, required=True, help="the batch manifest")
     parser.add_argument("--workers", type=int, default=1, help="processes reading headers")
     parser.add_argument("--log", type=Path, help="this job's log (earlier ones are removed)")
+    parser.add_argument("--state-dir", type=Path, help="the state folder (holds the ledger)")
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s", stream=sys.stderr)
     started = time.perf_counter()
@@ -699,6 +735,7 @@ def main(argv: list[str] | None = None) -> int:
         args.output,
         args.workers,
         args.log,
+        args.state_dir,
     )
     log.info(
         "batch %d: %d folders (%d changed), %d files, %d headers read, %d not sortable, "

@@ -93,6 +93,13 @@ DECISION_SCHEMA = pa.schema([PLAN_SCHEMA.field(name) for name in DECISIONS])
 DUPLICATE_REASON = "identical to the file already sorted at this destination"
 PRESENT_REASON = "its content is already at this destination"
 _CHUNK = 5_000  # new rows turned into Python values at a time (bounds memory)
+# The plan job's output inside the ledger folder, named by the workflow's target: a ledger
+# removed or emptied by hand takes it along, so the next run plans every file again (each
+# found on disk by content) instead of saying "nothing new" with an empty ledger.
+LEDGER_MARKER = (
+    "The last plan was made against this ledger. Removing the ledger removes this file too;\n"
+    "the next run then plans every input file again and finds the sorted ones by content.\n"
+)
 
 
 def fold(name: str) -> str:
@@ -696,6 +703,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--plan-csv", type=Path, required=True)
     parser.add_argument("--skipped", type=Path, required=True)
     parser.add_argument("--mode", default="copy", help="transfer_mode (to settle a killed one)")
+    parser.add_argument(
+        "--ledger-marker", type=Path, help="written into the ledger folder once planned"
+    )
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s", stream=sys.stderr)
     started = time.perf_counter()
@@ -737,6 +747,9 @@ def main(argv: list[str] | None = None) -> int:
         pq.write_table(plan, tmp)
     internal = ["ctime_ns", "ino", "committed", "digest", "base_folder"]
     write_csv(plan.drop_columns(internal), args.plan_csv)
+    if args.ledger_marker is not None:
+        with atomic_path(args.ledger_marker) as tmp:
+            tmp.write_text(LEDGER_MARKER)
     skipped = files.filter(pc.invert(pc.fill_null(files["dicom"], False)))
     write_csv(
         skipped.select(["relpath", "size", "skip_reason"]).rename_columns(

@@ -498,15 +498,15 @@ def settle(plan_file: Path, input_dir: Path, output_dir: Path, state_dir: Path, 
         plan = pending_rows(read_parquet(plan_file), ledger.read(state_dir, ledger.SOURCE_KEY))
     except FileNotFoundError:
         return 0
-    return _settle(plan, plan_rows(plan), input_dir, output_dir, state_dir, mode)
+    return len(_settle(plan, plan_rows(plan), input_dir, output_dir, state_dir, mode))
 
 
 def _settle(
     plan: pa.Table, rows: list[Row], input_dir: Path, output_dir: Path, state_dir: Path, mode: str
-) -> int:
-    """settle, for the pending rows of a plan already read."""
+) -> list[Outcome]:
+    """settle, for the pending rows of a plan already read; returns what it committed."""
     if plan.num_rows == 0 or not output_dir.is_dir():
-        return 0
+        return []
     tree = OutputTree(output_dir)
     found: list[Outcome] = []
     placed: set[str] = set()
@@ -534,7 +534,7 @@ def _settle(
         if row.action == "duplicate" and row.destination in placed
     ]
     ledger.append(state_dir, _ledger_rows(found, plan, mode))
-    return len(found)
+    return found
 
 
 def _holds_version(folder_fd: int, name: str, row: Row, source: str) -> str | None:
@@ -574,15 +574,18 @@ def transfer_plan(
     """Carry out every pending plan row and commit what is in place; one result per row."""
     plan = pending_rows(read_parquet(plan_file), ledger.read(state_dir, ledger.SOURCE_KEY))
     rows = plan_rows(plan)
-    # After a killed transfer of this plan; what it commits is no longer pending.
-    if _settle(plan, rows, input_dir, output_dir, state_dir, mode):
+    # After a killed transfer of this plan, or a row whose file is in place already (an
+    # input rewritten with its own bytes, its mtime set back): what it commits is no longer
+    # pending, and is reported as present.
+    settled = _settle(plan, rows, input_dir, output_dir, state_dir, mode)
+    if settled:
         plan = pending_rows(plan, ledger.read(state_dir, ledger.SOURCE_KEY))
         rows = plan_rows(plan)
     committed_before = plan["committed"].to_pylist()
     placing = [r for r in rows if r.action != "duplicate"]
     tree = OutputTree(output_dir)
     progress = Progress("transfer", len(rows), log)
-    outcomes: list[Outcome] = []
+    outcomes: list[Outcome] = list(settled)
     uncommitted: list[Outcome] = []
     last_commit = time.monotonic()
 

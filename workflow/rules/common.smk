@@ -64,7 +64,7 @@ DCMSORT = " ".join(
 STATE = str(SETTINGS.state_dir)
 # Folders under STATE the rules write into: made in onstart with the state folder's mode
 # (Snakemake would make them with the plain umask, closed to a sharing group).
-STATE_FOLDERS = ("logs/extract", "manifests/folders")
+STATE_FOLDERS = ("logs/extract", "manifests/folders", "ledger")
 FOLDERS = inventory.list_folders(SETTINGS.input_dir)
 BATCHES = SETTINGS.batches or inventory.auto_batches(len(FOLDERS))
 FOLDERS_OF_BATCH = {}
@@ -103,11 +103,17 @@ def batch_manifests(wildcards=None):
 
 
 def get_final_output(wildcards=None):
-    """The report, and each batch's current manifest: a manifest whose name (fingerprint)
-    is new is missing, which makes the run start from its extract job. Snakemake 9 runs a
-    job for a missing intermediate file only when a job that needs it runs, so the target
-    names them itself."""
-    return [f"{STATE}/report.html", f"{STATE}/summary.json", *batch_manifests()]
+    """The report, each batch's current manifest and the plan's marker in the ledger
+    folder: a manifest whose name (fingerprint) is new is missing, which makes the run
+    start from its extract job; a marker removed with the ledger makes it plan again.
+    Snakemake 9 runs a job for a missing intermediate file only when a job that needs it
+    runs, so the target names them itself."""
+    return [
+        f"{STATE}/report.html",
+        f"{STATE}/summary.json",
+        *batch_manifests(),
+        rules.plan.output.ledger_marker,
+    ]
 
 
 wildcard_constraints:

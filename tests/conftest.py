@@ -180,7 +180,7 @@ class Outcomes(list[dict]):
 def outcomes(input_dir: Path, output_dir: Path, state: Path) -> Outcomes:
     committed = ledger.read(state)
     current = {
-        (relpath, info.st_size, info.st_mtime_ns)
+        (relpath, info.st_size, info.st_mtime_ns, info.st_ctime_ns, info.st_ino)
         for relpath, info in input_files(input_dir).items()
         if info is not None
     }
@@ -188,7 +188,7 @@ def outcomes(input_dir: Path, output_dir: Path, state: Path) -> Outcomes:
     live = {
         r["relpath"]: r
         for r in committed.to_pylist()
-        if (r["relpath"], r["size"], r["mtime_ns"]) in current
+        if tuple(r[k] for k in ledger.SOURCE_KEY) in current
     }
     placed = report.placements(committed)
     conflicted = set(report.conflicted(placed)["destination"].to_pylist())

@@ -65,6 +65,19 @@ def test_a_truncated_copy_is_restored_and_the_damaged_file_kept_beside_it(job):
     assert run_check(job) == {}, "a second check finds it whole"
 
 
+def test_an_input_replaced_with_the_same_size_and_old_mtime_is_no_source_to_restore_from(job):
+    placed(job)  # verify size: the ledger records no digest
+    first = original(job)
+    (job.output / DESTINATION).write_bytes(first[:100])
+    source = job.input / "p/IM1"
+    old = source.stat()
+    source.write_bytes(bytes(reversed(first)))  # cp -p of a corrected file: the same size
+    os.utime(source, ns=(old.st_atime_ns, old.st_mtime_ns))
+    row = run_check(job)[DESTINATION]
+    assert (row["outcome"], row["source"]) == (DAMAGED, None)
+    assert (job.output / DESTINATION).read_bytes() == first[:100], "left as it is"
+
+
 @pytest.mark.parametrize("mode", ["copy", "hardlink", "symlink"])
 def test_a_deleted_placement_is_put_back_in_its_mode(job, mode):
     placed(job, mode)

@@ -55,7 +55,7 @@ class World:
         os.utime(path, ns=(tags.get("mtime_ns", 10**9),) * 2)
         info = path.stat()
         row = {**DEFAULTS, **tags, "relpath": relpath, "size": info.st_size}
-        row["mtime_ns"] = info.st_mtime_ns
+        row.update(mtime_ns=info.st_mtime_ns, ctime_ns=info.st_ctime_ns, ino=info.st_ino)
         self.rows[relpath] = row
         return row
 
@@ -63,11 +63,14 @@ class World:
         """As ``mv`` does it: the same file (and mtime) under another path."""
         (self.input / new).parent.mkdir(parents=True, exist_ok=True)
         (self.input / relpath).rename(self.input / new)
-        self.rows[new] = {**self.rows.pop(relpath), "relpath": new, "folder": new.split("/")[0]}
+        moved = {"relpath": new, "folder": new.split("/")[0]}
+        moved["ctime_ns"] = (self.input / new).stat().st_ctime_ns  # a rename changes it
+        self.rows[new] = {**self.rows.pop(relpath), **moved}
 
     def touch(self, relpath: str, mtime_ns: int) -> None:
         os.utime(self.input / relpath, ns=(mtime_ns, mtime_ns))
-        self.rows[relpath]["mtime_ns"] = mtime_ns
+        info = (self.input / relpath).stat()
+        self.rows[relpath].update(mtime_ns=mtime_ns, ctime_ns=info.st_ctime_ns)
 
     def files(self) -> pa.Table:
         return pa.Table.from_pylist(sorted(self.rows.values(), key=lambda r: r["relpath"]))

@@ -1,12 +1,13 @@
 """State across runs, tested as a model: a user's world (add, duplicate, touch, replace,
-rename, delete, files of someone else's in the output, a sorted copy truncated by hand) and
-runs that finish, check the tree, stop after planning, are killed half way through the
-transfer or fail, in any order. After every run that finishes, the promise holds: every
-input's content is in the output (or the input is skipped with a reason), no content is
-written twice, the ledger and the summary say what the tree shows, inputs are untouched;
-after a run with check, also every copy truncated by hand is whole again, or reported
-damaged when no input holds its bytes any more. After every step, whatever run it was:
-files of someone else's in the output are never removed or changed.
+replace keeping the size and the old mtime, rename, delete, files of someone else's in the
+output, a sorted copy truncated by hand) and runs that finish, check the tree, stop after
+planning, are killed half way through the transfer or fail, in any order. After every run
+that finishes, the promise holds: every input's content is in the output (or the input is
+skipped with a reason), no content is written twice, the ledger and the summary say what
+the tree shows, inputs are untouched; after a run with check, also every copy truncated by
+hand is whole again, or reported damaged when no input holds its bytes any more. After
+every step, whatever run it was: files of someone else's in the output are never removed
+or changed.
 
 Real DICOM files (the project's generator, tiny images) in a temporary folder; the stages
 are called in-process (extract, plan, transfer, report), as the Snakemake rules call them.
@@ -45,7 +46,7 @@ from hypothesis.stateful import (
 )
 
 from conftest import outcomes
-from dcmsort import check, headers, ledger, plan, report, transfer
+from dcmsort import check, headers, inventory, ledger, plan, report, transfer
 from dcmsort.demo import Series, make_instance, uid
 from dcmsort.fileops import TEMP_SUFFIX, temp_name_for, temp_path_for
 from dcmsort.naming import FILE_FIELDS, Naming
@@ -147,6 +148,7 @@ class World:
         # (relpath, mtime) -> content of every input version ever: what a link was made to.
         self.versions: dict[tuple[str, int], bytes] = {}
         self.sop_of: dict[str, str] = {}  # content digest -> SOPInstanceUID
+        self.spec_of: dict[str, Spec] = {}  # content digest -> what it is made of
         self.foreign: dict[str, bytes] = {}  # output path -> what someone else put there
         self.elsewhere: dict[Path, bytes] = {}  # files outside both, which their links name
         self.temps: set[str] = set()  # half-written temporary files a killed run left
@@ -159,6 +161,9 @@ class World:
         self.clock = 1_700_000_000 * 10**9
         # The plan file describes the input as it is now: Snakemake would not plan again.
         self.plan_is_current = False
+        # What the rules see of the input when they decide whether to plan again (the
+        # batch fingerprint in the manifest's name), as it was at the last plan.
+        self.planned_fingerprint: str | None = None
 
     # --- the user's world -----------------------------------------------------------
 
@@ -182,7 +187,35 @@ class World:
         self.plan_is_current = False
 
     def add(self, relpath: str, spec: Spec) -> None:
+        self.spec_of[digest(dicom_bytes(spec))] = spec
         self.write(relpath, dicom_bytes(spec), spec.sop)
+
+    def replace_keeping_mtime(self, relpath: str, spec: Spec, in_place: bool) -> None:
+        """Other bytes of the same size, with the old mtime set back (``cp -p``,
+        ``rsync -t``, an unzip with stored times): written in place or renamed over it.
+        Only the fingerprint (what the rules see) tells the next run to plan again."""
+        old = self.inputs[relpath]
+        current = self.spec_of.get(digest(old))
+        if current is None:  # not DICOM: other text of the same length
+            new, sop = old.swapcase(), None
+        else:
+            same_size = [spec, Spec(**{**asdict(current), "variant": 1 - current.variant})]
+            spec = next(s for s in same_size if len(dicom_bytes(s)) == len(old))
+            new, sop = dicom_bytes(spec), spec.sop
+            self.spec_of[digest(new)] = spec
+        if new == old:
+            return
+        path = self.input / relpath
+        if in_place:
+            path.write_bytes(new)
+        else:
+            temporary = path.with_name(path.name + ".part")
+            temporary.write_bytes(new)
+            os.replace(temporary, path)
+        os.utime(path, ns=(self.mtimes[relpath], self.mtimes[relpath]))
+        self.inputs[relpath] = new
+        if sop:
+            self.sop_of[digest(new)] = sop
 
     def touch(self, relpath: str) -> None:
         self._set_mtime(relpath, self._tick())
@@ -252,8 +285,11 @@ class World:
     def plan(self) -> None:
         """Extract and plan, unless the plan on disk is current (Snakemake's rule)."""
         self.extract()
-        if self.plan_is_current and self.plan_file.exists():
+        fingerprint = inventory.batch_fingerprint(self.input, inventory.list_folders(self.input))
+        current = self.plan_is_current and fingerprint == self.planned_fingerprint
+        if current and self.plan_file.exists():
             return
+        self.planned_fingerprint = fingerprint
         assert (
             plan.main(
                 [
@@ -671,6 +707,11 @@ class Sorting(RuleBasedStateMachine):
         self.world.add(self._pick(pick), spec)
 
     @has_inputs
+    @rule(pick=picks, spec=specs, in_place=st.booleans())
+    def replace_keeping_size_and_mtime(self, pick: int, spec: Spec, in_place: bool) -> None:
+        self.world.replace_keeping_mtime(self._pick(pick), spec, in_place)
+
+    @has_inputs
     @rule(pick=picks, relpath=paths)
     def rename(self, pick: int, relpath: str) -> None:
         if self._free(relpath):
@@ -740,6 +781,9 @@ class SortingLinks(Sorting):
     # Not here: an input rewritten in place (a link shows the new bytes, also to its
     # duplicates; not what this machine is about, and not reported: see the README).
     def replace_content(self, pick: int, spec: Spec) -> None:
+        pass
+
+    def replace_keeping_size_and_mtime(self, pick: int, spec: Spec, in_place: bool) -> None:
         pass
 
     @Sorting.has_inputs
@@ -859,3 +903,11 @@ def test_a_truncated_copy_whose_input_is_gone_is_reported_by_a_run_with_check(tm
     world.delete("p1/IM1.dcm")
     world.run_with_check("checksum")
     assert list(world.damaged) == ["DOE^JOHN_1/T1_1/IM1.dcm"]
+
+
+def test_a_file_replaced_with_the_same_size_and_its_old_mtime_is_sorted(tmp_path):
+    world = World(tmp_path)
+    world.add("p1/IM1.dcm", A)
+    world.run()
+    world.replace_keeping_mtime("p1/IM1.dcm", Spec(patient=1, series=0, instance=0), True)
+    world.run()  # the new content, of another patient, is sorted; the old copy stays

@@ -65,6 +65,8 @@ class Job:
             "relpath": relpath,
             "size": info.st_size,
             "mtime_ns": info.st_mtime_ns,
+            "ctime_ns": info.st_ctime_ns,
+            "ino": info.st_ino,
             "action": action,
             "destination": destination,
             "committed": False,
@@ -149,14 +151,28 @@ def test_each_mode_places_the_file_and_a_rerun_of_the_plan_commits_nothing_twice
         assert os.readlink(placed) == str(source.absolute())
     assert os.path.samefile(placed, source) == (mode != "copy")
     assert job.temp_files() == []
-    [committed] = job.committed()
-    assert (committed["relpath"], committed["destination"]) == ("p/IM1", "P/S/IM1")
-    assert (committed["status"], committed["mode"]) == (ledger.PLACED, mode)
-    assert (committed["size"], committed["mtime_ns"]) == (source.stat().st_size, 2_000_000_000)
+    planned = job.row("p/IM1", "P/S/IM1")  # as the input is now
+    committed = job.committed()
+    # A new hard link changed the input's ctime (its link count): the placement is
+    # committed for the planned version and for the one the input is now.
+    assert len(committed) == (2 if mode == "hardlink" else 1)
+    assert committed[-1]["ctime_ns"] == planned["ctime_ns"]
+    for row in committed:
+        assert (row["relpath"], row["destination"]) == ("p/IM1", "P/S/IM1")
+        assert (row["status"], row["mode"]) == (ledger.PLACED, mode)
+        assert (row["size"], row["mtime_ns"]) == (source.stat().st_size, 2_000_000_000)
+        assert row["ino"] == source.stat().st_ino
 
     # The same plan again (Snakemake reruns a transfer job whose report failed): nothing to do.
     assert job.transfer(mode) == {}
-    assert len(job.committed()) == 1
+    assert len(job.committed()) == len(committed)
+    # Nor a plan of the input as it is now.
+    assert (
+        ledger.rows_by_key(
+            pa.Table.from_pylist([planned]), ledger.read(job.state), "missing"
+        ).num_rows
+        == 0
+    )
 
 
 def test_a_symbolic_link_is_absolute_when_input_dir_is_given_relative(job, monkeypatch):

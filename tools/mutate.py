@@ -45,6 +45,7 @@ PLAN = "tests/test_plan.py"
 REPORT = "tests/test_report.py"
 STATUS = "tests/test_status.py"
 SCANNER = "tests/test_scanner.py"
+LEDGER_E2E = "tests/test_ledger_e2e.py"
 E2E_SEED = (
     "tests/test_workflow.py::"
     "test_demo_data_is_sorted_into_the_seed_layout_and_the_input_is_untouched"
@@ -96,8 +97,8 @@ MUTANTS = [
     Mutant(
         "transfer: a link is made to a source that changed since the plan",
         TRANSFER_PY,
-        "    info = os.stat(source)\n    _check_version(info, row)\n",
-        "    info = os.stat(source)\n",
+        "    try:\n        _check_version(info, row)\n    except SourceChanged:\n",
+        "    try:\n        pass\n    except SourceChanged:\n",
         (TRANSFER,),
     ),
     Mutant(
@@ -126,8 +127,8 @@ MUTANTS = [
         "transfer: a link counts as present where a different file holds its name",
         TRANSFER_PY,
         "        if _existing_is_same(folder_fd, name, source, row.digest):\n"
-        "            return PRESENT\n",
-        "        if True:\n            return PRESENT\n",
+        "            return PRESENT, None\n",
+        "        if True:\n            return PRESENT, None\n",
         (TRANSFER,),
     ),
     Mutant(
@@ -191,8 +192,8 @@ MUTANTS = [
     Mutant(
         "transfer: a rerun of the plan commits rows the ledger already holds",
         TRANSFER_PY,
-        'return ledger.rows_by_key(plan, committed, keep="missing")',
-        "return plan",
+        'pending = ledger.rows_by_key(plan, committed, keep="missing")',
+        "pending = plan",
         (TRANSFER,),
     ),
     Mutant(
@@ -290,6 +291,37 @@ MUTANTS = [
         "number = segments[-1][0]",
         "number = segments[0][0]",
         (LEDGER,),
+    ),
+    Mutant(
+        "ledger: a file replaced with the same size and its old mtime is the old version",
+        LEDGER_PY,
+        'SOURCE_KEY = ["relpath", "size", "mtime_ns", "ctime_ns", "ino"]',
+        'SOURCE_KEY = ["relpath", "size", "mtime_ns"]',
+        (
+            LEDGER,
+            f"{LEDGER_E2E}::test_a_file_replaced_with_the_same_size_and_its_old_mtime_is_sorted",
+        ),
+    ),
+    Mutant(
+        "headers: a file rewritten in place keeps the header of its old content",
+        HEADERS_PY,
+        'held = ledger.rows_by_key(versions, linked, keep="found")',
+        "held = versions",
+        (f"{LEDGER_E2E}::test_a_file_replaced_with_the_same_size_and_its_old_mtime_is_sorted",),
+    ),
+    Mutant(
+        "transfer: the run after a hardlink run hashes every linked input",
+        TRANSFER_PY,
+        "    if not relinked:\n        return rows\n",
+        "    if True:\n        return rows\n",
+        (f"{LEDGER_E2E}::test_a_rerun_after_a_hardlink_run_reads_no_input_again",),
+    ),
+    Mutant(
+        "workflow: a run after the ledger was removed says nothing new",
+        "workflow/rules/common.smk",
+        "        rules.plan.output.ledger_marker,\n",
+        "",
+        (f"{LEDGER_E2E}::test_a_run_after_the_ledger_was_removed_finds_every_sorted_file_again",),
     ),
     # --- naming: every component safe, nothing escapes output_dir, nothing merges ---
     Mutant(

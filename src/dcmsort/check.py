@@ -87,11 +87,23 @@ _NO_RENAME_NOREPLACE = {errno.ENOSYS, errno.EINVAL, errno.EOPNOTSUPP}
 
 @dataclass(frozen=True, slots=True)
 class Source:
-    """An input file that a ledger row of a destination names, with the mtimes its rows
-    recorded (each is a version of it that held the destination's content)."""
+    """An input file that a ledger row of a destination names, with the versions (mtime,
+    ctime, inode) its rows recorded: each held the destination's content."""
 
     relpath: str
-    mtimes: frozenset[int]
+    versions: frozenset[tuple[int, int | None, int | None]]
+
+    def holds(self, info: os.stat_result, hard_linked: bool = False) -> bool:
+        """Is the file now one of the versions recorded? ctime and inode are compared where
+        the ledger has them (not in rows of v0.3): a same-size replacement that kept its
+        mtime is another version, whose bytes are not the placement's. Not the ctime of a
+        hard-linked input: removing the link from the output changed it."""
+        return any(
+            mtime == info.st_mtime_ns
+            and (hard_linked or ctime in (None, info.st_ctime_ns))
+            and ino in (None, info.st_ino)
+            for mtime, ctime, ino in self.versions
+        )
 
 
 @dataclass(frozen=True, slots=True)
@@ -148,13 +160,14 @@ def sources_by_destination(committed: pa.Table, destinations: set[str]) -> dict[
         return {}
     value_set = pa.array(sorted(destinations), pa.string())
     rows = committed.filter(pc.is_in(committed["destination"], value_set=value_set))
-    mtimes: dict[str, dict[str, set[int]]] = {}
-    columns = (rows[c].to_pylist() for c in ("destination", "relpath", "mtime_ns"))
-    for destination, relpath, mtime_ns in reversed(list(zip(*columns, strict=True))):
-        mtimes.setdefault(destination, {}).setdefault(relpath, set()).add(mtime_ns)
+    versions: dict[str, dict[str, set[tuple]]] = {}
+    names = ("destination", "relpath", "mtime_ns", "ctime_ns", "ino")
+    columns = (rows[c].to_pylist() for c in names)
+    for destination, relpath, *version in reversed(list(zip(*columns, strict=True))):
+        versions.setdefault(destination, {}).setdefault(relpath, set()).add(tuple(version))
     return {
-        destination: [Source(relpath, frozenset(m)) for relpath, m in by_relpath.items()]
-        for destination, by_relpath in mtimes.items()
+        destination: [Source(relpath, frozenset(v)) for relpath, v in by_relpath.items()]
+        for destination, by_relpath in versions.items()
     }
 
 
@@ -239,7 +252,12 @@ def _inspect_folder(
 
 
 def live_source(
-    sources: list[Source], size: int, input_dir: Path, digest: str | None, compute: bool = False
+    sources: list[Source],
+    size: int,
+    input_dir: Path,
+    digest: str | None,
+    compute: bool = False,
+    hard_linked: bool = False,
 ) -> tuple[Row | None, str]:
     """An input that still holds the content (size bytes, digest when known), as a row for
     ``transfer.put`` naming its version now; else None and why. Without a known digest,
@@ -254,7 +272,7 @@ def live_source(
         gone = False
         if not stat.S_ISREG(info.st_mode) or info.st_size != size:
             continue
-        if digest is None and info.st_mtime_ns not in source.mtimes:
+        if digest is None and not source.holds(info, hard_linked):
             continue
         try:
             actual = file_digest(path) if digest or compute else None
@@ -349,13 +367,18 @@ def resolve(
 ) -> dict | None:
     """Restore a finding if an input holds its content: its result row (None: whole)."""
     placement, problem = finding.placement, finding.problem
+    hard_linked = placement.mode == "hardlink"
     if problem is None:  # checksum without a recorded digest: compare with its input's
-        source, why = live_source(sources, placement.size, input_dir, None, compute=True)
+        source, why = live_source(
+            sources, placement.size, input_dir, None, compute=True, hard_linked=hard_linked
+        )
         if source is None or source.digest == finding.digest:
             return None  # whole; or, with no input of its version left, checked by size
         problem = "content differs from its input"
     else:
-        source, why = live_source(sources, placement.size, input_dir, placement.digest)
+        source, why = live_source(
+            sources, placement.size, input_dir, placement.digest, hard_linked=hard_linked
+        )
     row = {
         "destination": placement.destination,
         "mode": placement.mode,

@@ -36,18 +36,26 @@ import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
-from dcmsort.fileops import atomic_path, read_parquet
+from dcmsort.fileops import atomic_path
 
 log = logging.getLogger("dcmsort.ledger")
 
 PLACED, DUPLICATE = "placed", "duplicate"
-SOURCE_KEY = ["relpath", "size", "mtime_ns"]
+# The input file version, all from one stat (inventory.Entry): any change a stat can see.
+SOURCE_KEY = ["relpath", "size", "mtime_ns", "ctime_ns", "ino"]
+# Written by v0.3 and earlier without them: read as null, and a row with null never equals
+# a current file (whose ctime may have changed since): it is found again by content.
+ADDED_IN_V04 = ("ctime_ns", "ino")
 SCHEMA = pa.schema(
     [
-        # The input file version: path relative to input_dir, size and mtime from stat.
+        # The input file version: path relative to input_dir, size, mtime, ctime and inode
+        # number from stat. For a hard link, ctime as it was after linking (the new link
+        # changed it).
         ("relpath", pa.string()),
         ("size", pa.int64()),
         ("mtime_ns", pa.int64()),
+        ("ctime_ns", pa.int64()),
+        ("ino", pa.uint64()),
         # PLACED: its content is at destination (written, linked or found there).
         # DUPLICATE: its content equals the file at destination, placed from another input.
         ("status", pa.string()),
@@ -102,14 +110,28 @@ def read(state_dir: Path, columns: list[str] | None = None) -> pa.Table:
     tables = []
     for _, path in ([base] if base else []) + segments:
         try:
-            table = read_parquet(path, columns=columns)
+            with pq.ParquetFile(path) as parquet:
+                names = parquet.schema_arrow.names
+                older = [c for c in columns if c not in names and c in ADDED_IN_V04]
+                table = parquet.read(columns=[c for c in columns if c not in older])
+            table = with_version_columns(table) if older else table
         except (OSError, pa.ArrowException) as error:
             log.warning("ledger file %s is unreadable and ignored (%s)", path.name, error)
             continue
-        tables.append(table.cast(pa.schema([SCHEMA.field(c) for c in columns])))
+        tables.append(table.select(columns).cast(pa.schema([SCHEMA.field(c) for c in columns])))
     if not tables:
         return pa.schema([SCHEMA.field(c) for c in columns]).empty_table()
     return pa.concat_tables(tables)
+
+
+def with_version_columns(table: pa.Table) -> pa.Table:
+    """table with ctime_ns and ino, null where it was written without them (a ledger
+    segment, a manifest or a plan of v0.3)."""
+    for name in ADDED_IN_V04:
+        if name not in table.column_names:
+            field = SCHEMA.field(name)
+            table = table.append_column(field, pa.nulls(table.num_rows, field.type))
+    return table
 
 
 def _next_number(state_dir: Path) -> int:
@@ -142,18 +164,23 @@ def compact(state_dir: Path, max_segments: int = MAX_SEGMENTS) -> bool:
 
 
 def _key(table: pa.Table) -> pa.ChunkedArray:
-    """(relpath, size, mtime_ns) as one string: NUL cannot occur in a path, so it is
-    unambiguous."""
+    """SOURCE_KEY as one string: NUL cannot occur in a path, so it is unambiguous. A
+    missing ctime or inode (a v0.3 row) is the empty text, which no stat gives: such a row
+    equals only another v0.3 row of the same (relpath, size, mtime), as it did in v0.3."""
+    table = with_version_columns(table)
     return pc.binary_join_element_wise(
-        table["relpath"],
-        pc.cast(table["size"], pa.string()),
-        pc.cast(table["mtime_ns"], pa.string()),
+        *(
+            table[name]
+            if name == "relpath"
+            else pc.fill_null(pc.cast(table[name], pa.string()), "")
+            for name in SOURCE_KEY
+        ),
         "\0",
     )
 
 
 def rows_by_key(table: pa.Table, other: pa.Table, keep: str) -> pa.Table:
-    """Rows of table whose (relpath, size, mtime_ns) is ``"found"`` in other, or
+    """Rows of table whose file version (SOURCE_KEY) is ``"found"`` in other, or
     ``"missing"`` from it. Columnar (one hash set of other's keys), so a rerun pays no
     Python per known file, and far less memory than a hash join."""
     if other.num_rows == 0 or table.num_rows == 0:

@@ -3,8 +3,8 @@
 The plan is a pure function of (manifests, ledger, naming settings) plus two windows on
 the world, asked only when a decision needs them: the content digest of a file, and the
 names already present in an output folder. It looks only at *new* file versions, those
-whose (relpath, size, mtime) the ledger does not hold (a columnar anti-join, no Python
-per known file), and gives each one action:
+whose (relpath, size, mtime, ctime, inode) the ledger does not hold (a columnar anti-join,
+no Python per known file), and gives each one action:
 
 - ``sort``: write (copy or link) to ``destination``, a name nobody holds;
 - ``present``: its content is already at ``destination`` (a touched or renamed input, or a
@@ -76,6 +76,8 @@ PLAN_SCHEMA = pa.schema(
         ("relpath", pa.string()),
         ("size", pa.int64()),
         ("mtime_ns", pa.int64()),
+        ("ctime_ns", pa.int64()),
+        ("ino", pa.uint64()),
         ("action", pa.string()),
         ("destination", pa.string()),
         # True when destination's content is committed in the ledger (a duplicate or present
@@ -98,6 +100,13 @@ DUPLICATE_REASON = "identical to the file already sorted at this destination"
 PRESENT_REASON = "its content is already at this destination"
 RELINK_REASON = "its content is at this destination, by a link to its earlier path: re-pointed"
 _CHUNK = 5_000  # new rows turned into Python values at a time (bounds memory)
+# The plan job's output inside the ledger folder, named by the workflow's target: a ledger
+# removed or emptied by hand takes it along, so the next run plans every file again (each
+# found on disk by content) instead of saying "nothing new" with an empty ledger.
+LEDGER_MARKER = (
+    "The last plan was made against this ledger. Removing the ledger removes this file too;\n"
+    "the next run then plans every input file again and finds the sorted ones by content.\n"
+)
 
 
 def fold(name: str) -> str:
@@ -293,7 +302,7 @@ class Names:
 
 
 def new_files(files: pa.Table, committed: pa.Table) -> pa.Table:
-    """Sortable files whose version (relpath, size, mtime) the ledger does not hold."""
+    """Sortable files whose version (ledger.SOURCE_KEY) the ledger does not hold."""
     dicom = files.filter(pc.fill_null(files["dicom"], False))
     return ledger.rows_by_key(dicom, committed, keep="missing")
 
@@ -698,6 +707,8 @@ def read_manifests(paths: list[Path], settings: Naming) -> pa.Table:
                 "relpath": pa.array([], pa.string()),
                 "size": pa.array([], pa.int64()),
                 "mtime_ns": pa.array([], pa.int64()),
+                "ctime_ns": pa.array([], pa.int64()),
+                "ino": pa.array([], pa.uint64()),
                 "dicom": pa.array([], pa.bool_()),
                 "skip_reason": pa.array([], pa.string()),
             }
@@ -721,6 +732,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--plan-csv", type=Path, required=True)
     parser.add_argument("--skipped", type=Path, required=True)
     parser.add_argument("--mode", default="copy", help="transfer_mode (to settle a killed one)")
+    parser.add_argument(
+        "--ledger-marker", type=Path, help="written into the ledger folder once planned"
+    )
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s", stream=sys.stderr)
     started = time.perf_counter()
@@ -762,7 +776,11 @@ def main(argv: list[str] | None = None) -> int:
     # is what tells the next plan what a killed transfer may have left.
     with atomic_path(pending) as tmp:
         pq.write_table(plan, tmp)
-    write_csv(plan.drop_columns(["committed", "digest", "base_folder"]), args.plan_csv)
+    internal = ["ctime_ns", "ino", "committed", "digest", "base_folder"]
+    write_csv(plan.drop_columns(internal), args.plan_csv)
+    if args.ledger_marker is not None:
+        with atomic_path(args.ledger_marker) as tmp:
+            tmp.write_text(LEDGER_MARKER)
     skipped = files.filter(pc.invert(pc.fill_null(files["dicom"], False)))
     write_csv(
         skipped.select(["relpath", "size", "skip_reason"]).rename_columns(

@@ -342,15 +342,14 @@ def read_manifests(paths: list[Path]) -> tuple[pa.Table, list[dict]]:
     columns = [*ledger.SOURCE_KEY, "dicom", "skip_reason"]
     tables, meta = [], []
     for path in paths:
-        tables.append(read_parquet(path, columns=columns))
-        metadata = pq.read_schema(path).metadata or {}
-        meta.append({k.decode(): v.decode() for k, v in metadata.items()})
+        schema = pq.read_schema(path)
+        table = read_parquet(path, columns=[c for c in columns if c in schema.names])
+        tables.append(ledger.with_version_columns(table).select(columns))
+        meta.append({k.decode(): v.decode() for k, v in (schema.metadata or {}).items()})
     if not tables:
         schema = pa.schema(
             [
-                ("relpath", pa.string()),
-                ("size", pa.int64()),
-                ("mtime_ns", pa.int64()),
+                *(ledger.SCHEMA.field(name) for name in ledger.SOURCE_KEY),
                 ("dicom", pa.bool_()),
                 ("skip_reason", pa.string()),
             ]

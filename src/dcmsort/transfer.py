@@ -128,7 +128,8 @@ def _digest_at(folder_fd: int, name: str) -> str | None:
 
 @dataclass(frozen=True, slots=True)
 class Row:
-    """One plan row to carry out (``index``: its position in the plan table)."""
+    """One plan row to carry out (``index``: its position in the plan table). ctime_ns and
+    ino are None in a plan written by v0.3."""
 
     relpath: str
     size: int
@@ -137,6 +138,8 @@ class Row:
     destination: str
     digest: str | None
     previous_relpath: str | None = None  # relink: the input path the link points to now
+    ctime_ns: int | None = None
+    ino: int | None = None
     index: int = -1
 
 
@@ -164,12 +167,13 @@ _UNRECORDED_TOKEN = secrets.token_hex(6)
 
 def plan_rows(plan: pa.Table) -> list[Row]:
     """The rows of a plan table to carry out, each knowing its position in the table."""
+    plan = ledger.with_version_columns(plan)
     fields = ["relpath", "size", "mtime_ns", "action", "destination", "digest"]
-    fields += ["previous_relpath"]
-    return [
-        Row(*values, index=i)
-        for i, values in enumerate(zip(*(plan[f].to_pylist() for f in fields), strict=True))
+    fields += ["previous_relpath", "ctime_ns", "ino"]  # absent from older plans
+    columns = [
+        plan[f].to_pylist() if f in plan.column_names else [None] * plan.num_rows for f in fields
     ]
+    return [Row(*values, index=i) for i, values in enumerate(zip(*columns, strict=True))]
 
 
 class OutputTree:
@@ -258,7 +262,11 @@ def _existing_is_same(folder_fd: int, name: str, source: str, digest: str | None
 
 
 def _check_version(info: os.stat_result, row: Row) -> None:
-    if (info.st_size, info.st_mtime_ns) != (row.size, row.mtime_ns):
+    """The input is still the version the plan decided on: the same size, mtime, ctime and
+    inode (what a plan of v0.3 does not know is not compared)."""
+    seen = (info.st_size, info.st_mtime_ns, info.st_ctime_ns, info.st_ino)
+    planned = (row.size, row.mtime_ns, row.ctime_ns, row.ino)
+    if any(now != then for now, then in zip(seen, planned, strict=True) if then is not None):
         raise SourceChanged(
             "the input changed after its header was read; it is sorted by the next run"
         )
@@ -382,24 +390,50 @@ def _occupied() -> TransferError:
     )
 
 
-def _link(folder_fd: int, name: str, source: str, row: Row, mode: str) -> tuple[str, str | None]:
+def _linked_ctime(folder_fd: int, name: str, row: Row) -> int | None:
+    """The input's ctime once name is a hard link to it: linking changed it (the link
+    count is part of the inode). The ledger records the version as it is now, or the next
+    run would see every linked input as a new version and hash it. None when name is not
+    (or no longer) the row's version: then the next run finds it by content."""
+    try:
+        info = os.stat(name, dir_fd=folder_fd, follow_symlinks=False)
+    except OSError:
+        return None
+    same = stat.S_ISREG(info.st_mode) and (info.st_size, info.st_mtime_ns) == (
+        row.size,
+        row.mtime_ns,
+    )
+    return info.st_ctime_ns if same and info.st_ino == row.ino else None
+
+
+def _link(
+    folder_fd: int, name: str, source: str, row: Row, mode: str
+) -> tuple[str, str | None, int | None]:
+    """(status, the digest if known, the input's ctime after a new hard link changed it,
+    else None)."""
+    info = os.stat(source)
+    try:
+        _check_version(info, row)
+    except SourceChanged:
+        if mode == "hardlink" and _linked_ctime(folder_fd, name, row) == info.st_ctime_ns:
+            # linked by an earlier attempt at this row
+            return PRESENT, row.digest, info.st_ctime_ns
+        raise
     digest = row.digest
     if mode == "symlink" and digest is None:
         # A link holds no content of its own: once its input is renamed it dangles, and
         # only this digest lets the next plan find the content at the new path (relink).
         digest = _version_digest(source, row)
-    else:
-        _check_version(os.stat(source), row)
     try:
         if mode == "hardlink":
             os.link(source, name, dst_dir_fd=folder_fd)
-        else:
-            os.symlink(os.path.abspath(source), name, dir_fd=folder_fd)
+            return LINKED, digest, _linked_ctime(folder_fd, name, row)
+        os.symlink(os.path.abspath(source), name, dir_fd=folder_fd)
     except FileExistsError:
         if _existing_is_same(folder_fd, name, source, digest):
-            return PRESENT, digest
+            return PRESENT, digest, None
         raise _occupied() from None
-    return LINKED, digest
+    return LINKED, digest, None
 
 
 def _link_target(folder_fd: int, name: str) -> str | None:
@@ -464,19 +498,20 @@ def put(
     mode: str,
     verify: str,
     token: str = _UNRECORDED_TOKEN,
-) -> tuple[str, str | None]:
-    """Put one row's file in place; returns (status, digest if known). token: the plan's,
-    for the temporary name of a copy (temp_token)."""
+) -> tuple[str, str | None, int | None]:
+    """Put one row's file in place; returns (status, digest if known, the input's ctime
+    when placing it changed it: a new hard link's, else None). token: the plan's, for the
+    temporary name of a copy (temp_token)."""
     name = row.destination.rpartition("/")[2]
     source = inventory.source_path(input_dir, row.relpath)
     try:
         if row.action == "present" and _existing_is_same(folder_fd, name, source, row.digest):
-            return PRESENT, row.digest
+            return PRESENT, row.digest, None
         if row.action == "relink":
             previous = inventory.source_path(input_dir, row.previous_relpath)
-            return _relink(folder_fd, name, source, previous, row, token), row.digest
+            return _relink(folder_fd, name, source, previous, row, token), row.digest, None
         if mode == "copy":
-            return _copy(folder_fd, name, source, row, verify, token)
+            return *_copy(folder_fd, name, source, row, verify, token), None
         return _link(folder_fd, name, source, row, mode)
     except FileNotFoundError as error:
         if error.filename in (source, None):
@@ -505,6 +540,7 @@ class Outcome:
     digest: str | None = None
     detail: str | None = None
     mode: str | None = None  # how it was placed, when not this run's transfer_mode
+    ctime_ns: int | None = None  # the input's ctime, when placing it changed it (hard link)
 
 
 def _place_folder(
@@ -525,10 +561,10 @@ def _place_folder(
     try:
         for row in rows:
             try:
-                status, digest = put(folder_fd, row, input_dir, mode, verify, token)
+                status, digest, ctime_ns = put(folder_fd, row, input_dir, mode, verify, token)
                 # A relinked destination stays a link, whatever this run's mode.
                 how = "symlink" if row.action == "relink" else None
-                outcomes.append(Outcome(row, status, digest, mode=how))
+                outcomes.append(Outcome(row, status, digest, mode=how, ctime_ns=ctime_ns))
             except SourceChanged as error:
                 outcomes.append(Outcome(row, CHANGED, detail=str(error)))
             except TransferError as error:
@@ -540,14 +576,31 @@ def _place_folder(
 
 def _ledger_rows(outcomes: list[Outcome], plan: pa.Table, mode: str) -> pa.Table:
     """The ledger rows of the committed outcomes: what the plan knew of each file (taken
-    columnar from the plan table) and what the transfer found."""
+    columnar from the plan table) and what the transfer found. A new hard link changed its
+    input's ctime: its placement is committed for both versions, the planned one (a rerun
+    of this plan sees it done) and the one the input is now (the next plan sees nothing
+    new)."""
     done = [o for o in outcomes if o.status in COMMITTED]
+    relinked = [o for o in done if o.ctime_ns is not None]
+    rows = _rows(done, plan, mode)
+    if not relinked:
+        return rows
+    now = _rows(relinked, plan, mode)
+    ctimes = pa.array([o.ctime_ns for o in relinked], pa.int64())
+    return pa.concat_tables(
+        [rows, now.set_column(now.schema.get_field_index("ctime_ns"), "ctime_ns", ctimes)]
+    )
+
+
+def _rows(done: list[Outcome], plan: pa.Table, mode: str) -> pa.Table:
     planned = plan.take(pa.array([o.row.index for o in done], pa.int64()))
     return pa.table(
         {
             "relpath": planned["relpath"],
             "size": planned["size"],
             "mtime_ns": planned["mtime_ns"],
+            "ctime_ns": planned["ctime_ns"],
+            "ino": planned["ino"],
             # A restored copy belongs to the placement it restores: this input is its twin.
             "status": [
                 ledger.DUPLICATE
@@ -582,7 +635,8 @@ def settle(plan_file: Path, input_dir: Path, output_dir: Path, state_dir: Path, 
     except FileNotFoundError:
         return 0
     plan = pending_rows(table, ledger.read(state_dir, ledger.SOURCE_KEY))
-    return _settle(plan, plan_rows(plan), input_dir, output_dir, state_dir, mode, temp_token(table))
+    rows = plan_rows(plan)
+    return len(_settle(plan, rows, input_dir, output_dir, state_dir, mode, temp_token(table)))
 
 
 def _settle(
@@ -593,10 +647,11 @@ def _settle(
     state_dir: Path,
     mode: str,
     token: str | None,
-) -> int:
-    """settle, for the pending rows of a plan already read (token: the plan's)."""
+) -> list[Outcome]:
+    """settle, for the pending rows of a plan already read (token: the plan's); returns
+    what it committed."""
     if plan.num_rows == 0 or not output_dir.is_dir():
-        return 0
+        return []
     tree = OutputTree(output_dir)
     found: list[Outcome] = []
     placed: set[str] = set()
@@ -618,7 +673,8 @@ def _settle(
                     if how == "symlink" and digest is None:  # what a later relink needs
                         with contextlib.suppress(OSError, SourceChanged):
                             digest = _version_digest(source, row)
-                    found.append(Outcome(row, PRESENT, digest, mode=how))
+                    ctime_ns = _linked_ctime(fd, name, row) if how == "hardlink" else None
+                    found.append(Outcome(row, PRESENT, digest, mode=how, ctime_ns=ctime_ns))
                     placed.add(row.destination)
         finally:
             os.close(fd)
@@ -629,7 +685,7 @@ def _settle(
         if row.action == "duplicate" and row.destination in placed
     ]
     ledger.append(state_dir, _ledger_rows(found, plan, mode))
-    return len(found)
+    return found
 
 
 def _holds_version(folder_fd: int, name: str, row: Row, source: str) -> str | None:
@@ -651,8 +707,10 @@ def _holds_version(folder_fd: int, name: str, row: Row, source: str) -> str | No
 def pending_rows(plan: pa.Table, committed: pa.Table) -> pa.Table:
     """Plan rows whose file version the ledger does not hold yet (a rerun of a killed
     transfer skips what it already committed), in one chunk: each commit takes its rows
-    from this table, and taking from a chunked table joins its chunks on every call."""
-    return ledger.rows_by_key(plan, committed, keep="missing").combine_chunks()
+    from this table, and taking from a chunked table joins its chunks on every call. A
+    plan of v0.3 gets null ctime and inode columns."""
+    pending = ledger.rows_by_key(plan, committed, keep="missing")
+    return ledger.with_version_columns(pending).combine_chunks()
 
 
 def transfer_plan(
@@ -669,8 +727,11 @@ def transfer_plan(
     token = temp_token(table)
     plan = pending_rows(table, ledger.read(state_dir, ledger.SOURCE_KEY))
     rows = plan_rows(plan)
-    # After a killed transfer of this plan; what it commits is no longer pending.
-    if _settle(plan, rows, input_dir, output_dir, state_dir, mode, token):
+    # After a killed transfer of this plan, or a row whose file is in place already (an
+    # input rewritten with its own bytes, its mtime set back): what it commits is no longer
+    # pending, and is reported as present.
+    settled = _settle(plan, rows, input_dir, output_dir, state_dir, mode, token)
+    if settled:
         plan = pending_rows(plan, ledger.read(state_dir, ledger.SOURCE_KEY))
         rows = plan_rows(plan)
     committed_before = plan["committed"].to_pylist()
@@ -678,7 +739,7 @@ def transfer_plan(
     temp = token or _UNRECORDED_TOKEN  # the token of this transfer's temporary names
     tree = OutputTree(output_dir)
     progress = Progress("transfer", len(rows), log)
-    outcomes: list[Outcome] = []
+    outcomes: list[Outcome] = list(settled)
     uncommitted: list[Outcome] = []
     last_commit = time.monotonic()
 

@@ -66,7 +66,7 @@ DCMSORT = " ".join(
 STATE = str(SETTINGS.state_dir)
 # Folders under STATE the rules write into: made in onstart with the state folder's mode
 # (Snakemake would make them with the plain umask, closed to a sharing group).
-STATE_FOLDERS = ("logs/extract", "manifests/folders")
+STATE_FOLDERS = ("logs/extract", "manifests/folders", "ledger")
 if SETTINGS.check:
     STATE_FOLDERS += ("check", "logs/check")
 # A run asked to check checks, whatever files earlier checks left: its results are named
@@ -117,14 +117,17 @@ def check_results(wildcards=None):
 
 
 def get_final_output(wildcards=None):
-    """The report, each batch's current manifest and this run's check: a manifest whose
-    name (fingerprint) is new is missing, which makes the run start from its extract job.
+    """The report, each batch's current manifest, the plan's marker in the ledger folder
+    and this run's check: a manifest whose name (fingerprint) is new is missing, which
+    makes the run start from its extract job; a marker removed with the ledger makes it
+    plan again.
     Snakemake 9 runs a job for a missing intermediate file only when a job that needs it
     runs, so the target names them itself."""
     return [
         f"{STATE}/report.html",
         f"{STATE}/summary.json",
         *batch_manifests(),
+        rules.plan.output.ledger_marker,
         *check_results(),
     ]
 

@@ -10,6 +10,9 @@ rule plan:
         plan=f"{STATE}/plan.parquet",
         csv=f"{STATE}/plan.csv",
         skipped=f"{STATE}/skipped.csv",
+        # Named by the target: a ledger removed by hand takes it along, and the next run
+        # plans every file again (they are found on disk by content, not copied twice).
+        ledger_marker=f"{STATE}/ledger/planned.txt",
     log:
         f"{STATE}/logs/plan.log",
     conda:
@@ -31,5 +34,5 @@ rule plan:
         " --input-dir {params.input_dir:q} --output-dir {params.output_dir:q}"
         " --state-dir {params.state_dir:q} --naming {params.naming:q}"
         " --plan {output.plan:q} --plan-csv {output.csv:q} --skipped {output.skipped:q}"
-        " --mode {params.mode}"
+        " --mode {params.mode} --ledger-marker {output.ledger_marker:q}"
         " 2> {log:q}"

@@ -25,7 +25,7 @@ import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
-from dcmsort import ledger
+from dcmsort import ledger, naming
 from dcmsort.fileops import atomic_path, read_parquet
 from dcmsort.progress import peak_rss_mb
 from dcmsort.status import (
@@ -60,9 +60,10 @@ def _distinct(column: pa.ChunkedArray | pa.Array) -> int:
 
 
 PLACEMENT_COLUMNS = ["destination", "relpath", "size", "sop_uid", "study_uid", "modality", "mode"]
+PLACEMENT_COLUMNS += ["patient_id"]
 # What the report reads of the ledger (not digests, base folders, series).
 LEDGER_COLUMNS = [*ledger.SOURCE_KEY, "status", "destination", "sop_uid", "study_uid"]
-LEDGER_COLUMNS += ["modality", "mode"]
+LEDGER_COLUMNS += ["modality", "mode", "patient_id"]
 
 
 def _where(table: pa.Table, mask: pa.ChunkedArray) -> pa.Table:
@@ -93,6 +94,55 @@ def conflicted(placed: pa.Table) -> pa.Table:
     return with_sop.filter(pc.is_in(with_sop["sop_uid"], value_set=shared))
 
 
+def shared_patient_folders(
+    placed: pa.Table, live_rows: pa.Table, files: pa.Table, level: int | None
+) -> pa.Table:
+    """Patient folders (the template's level with ``{PatientID}``, else the first) whose
+    files carry more than one PatientID: a merge the template chose, or one an earlier
+    version made. A placement from before the ledger kept PatientIDs counts with the
+    PatientID of the current inputs that hold its content, if any."""
+    known = pc.is_valid(placed["patient_id"])
+    placed = placed.select(["destination", "patient_id"])
+    if not pc.all(known).as_py() and "PatientID" in files.column_names:
+        legacy = live_rows.filter(
+            pc.is_in(
+                live_rows["destination"], value_set=placed.filter(pc.invert(known))["destination"]
+            )
+        )
+        found = legacy.select([*ledger.SOURCE_KEY, "destination"]).join(
+            files.select([*ledger.SOURCE_KEY, "PatientID"]), keys=ledger.SOURCE_KEY
+        )
+        placed = pa.concat_tables(
+            [
+                placed.filter(known),
+                pa.table(
+                    {
+                        "destination": found["destination"],
+                        "patient_id": ledger.patient_ids(found["PatientID"]),
+                    }
+                ),
+            ]
+        )
+    depth = (level or 0) + 1
+    folders = pc.replace_substring_regex(
+        placed["destination"], rf"^((?:[^/]*/){{{depth - 1}}}[^/]*)/.*$", r"\1"
+    )
+    ids = pa.table({"folder": folders, "ids": placed["patient_id"]}).filter(
+        pc.is_valid(placed["patient_id"])
+    )
+    grouped = ids.group_by("folder", use_threads=False).aggregate([("ids", "distinct")])
+    shared = grouped.filter(pc.greater(pc.list_value_length(grouped["ids_distinct"]), 1))
+    return pa.table(
+        {
+            "patient folder": shared["folder"],
+            "PatientIDs": pa.array(
+                [sorted(found) for found in shared["ids_distinct"].to_pylist()],
+                pa.list_(pa.string()),
+            ),
+        }
+    ).sort_by("patient folder")
+
+
 def gone_sources(committed: pa.Table, live_rows: pa.Table, placed: pa.Table) -> pa.Table:
     """Placements no current input file has the content of (their copies stay)."""
     alive = pc.unique(live_rows["destination"]) if live_rows.num_rows else pa.array([], pa.string())
@@ -108,8 +158,10 @@ def summarise(
     output_dir: Path,
     mode: str,
     report_path: str,
+    patient_level: int | None = 0,
 ) -> tuple[dict, dict[str, pa.Table]]:
-    """The numbers of the summary, and the tables the page lists."""
+    """The numbers of the summary, and the tables the page lists. patient_level is
+    ``naming.patient_level`` of the folder template."""
     placed = placements(committed)
     live_rows = ledger.live(committed, files)
     gone = gone_sources(committed, live_rows, placed)
@@ -128,6 +180,7 @@ def summarise(
     skipped = files.filter(pc.invert(pc.fill_null(files["dicom"], False)))
     status = _count_by(transfers["status"]) if transfers.num_rows else {}
     conflicts = conflicted(placed)
+    shared = shared_patient_folders(placed, live_rows, files, patient_level)
     since = (previous or {}).get("generated_at", 0)
     destinations = placed["destination"]
     summary = {
@@ -161,6 +214,11 @@ def summarise(
             if float(m.get("extracted_at", 0)) > since
         ),
         "files_per_modality": _count_by(placed["modality"]),
+        # Every patient folder holding more than one PatientID (see config/README.md).
+        "patient_folders_with_several_ids": [
+            {"folder": row["patient folder"], "patient_ids": row["PatientIDs"]}
+            for row in shared.to_pylist()
+        ],
     }
     unplaced = transfers.filter(pc.is_in(transfers["status"], pa.array(["changed", "error"])))
     added = transfers.filter(pc.is_in(transfers["status"], pa.array(["copied", "linked"])))
@@ -172,6 +230,7 @@ def summarise(
         "added": _per_folder(added["destination"], "new files"),
         "gone": gone.select(["relpath", "destination", "mode"]),
         "series": _series_table(placed),
+        "shared": shared.set_column(1, "PatientIDs", pc.binary_join(shared["PatientIDs"], ", ")),
     }
     return summary, tables
 
@@ -264,6 +323,11 @@ def render_html(summary: dict, tables: dict[str, pa.Table]) -> str:
             f"{html.escape(summary['transfer_mode'])}: files placed earlier stay as "
             "they were placed.</p>"
         )
+    if summary["patient_folders_with_several_ids"]:
+        notes += (
+            f"<p class='warn'>{len(summary['patient_folders_with_several_ids']):,} patient "
+            "folders hold files of more than one PatientID (listed below).</p>"
+        )
     if summary["dangling_links"]:
         notes += (
             f"<p class='warn'>{summary['dangling_links']:,} symbolic links point to input "
@@ -301,6 +365,7 @@ th {{ background: #f2f4f8; }}
 {_table(tables["conflicts"], "Conflicts: same SOPInstanceUID, different content (all kept)")}
 {_table(tables["duplicates"], "Exact duplicates (not written again)")}
 {_table(tables["gone"], "Sources gone since they were sorted (their copies are kept)")}
+{_table(tables["shared"], "Patient folders holding more than one PatientID")}
 {_table(tables["series"], "Patients and series")}
 </body></html>
 """
@@ -308,7 +373,7 @@ th {{ background: #f2f4f8; }}
 
 def read_manifests(paths: list[Path]) -> tuple[pa.Table, list[dict]]:
     """Key and skip columns of every manifest, and each manifest's metadata."""
-    columns = [*ledger.SOURCE_KEY, "dicom", "skip_reason"]
+    columns = [*ledger.SOURCE_KEY, "dicom", "skip_reason", "PatientID"]
     tables, meta = [], []
     for path in paths:
         tables.append(read_parquet(path, columns=columns))
@@ -335,6 +400,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--state-dir", type=Path, required=True)
     parser.add_argument("--output-dir", type=Path, required=True)
     parser.add_argument("--mode", required=True)
+    parser.add_argument("--naming", required=True, help="Naming settings as JSON")
     parser.add_argument("--html", type=Path, required=True)
     parser.add_argument("--summary", type=Path, required=True)
     parser.add_argument("--removed", type=Path, required=True)
@@ -355,6 +421,7 @@ def main(argv: list[str] | None = None) -> int:
         args.output_dir,
         args.mode,
         str(args.html),
+        naming.patient_level(json.loads(args.naming)["folder_template"]),
     )
     with atomic_path(args.removed) as tmp:
         pacsv.write_csv(tables["gone"], tmp)

@@ -434,13 +434,6 @@ class Renderer:
         self._folder_fields = [f for f, _ in naming.template_fields(settings.folder_template)]
         self._file_fields = [f for f, _ in naming.template_fields(settings.file_template)]
         self._cache: dict[tuple, str] = {}
-        # The manifest columns the folder template reads.
-        self.folder_columns = list(
-            dict.fromkeys(
-                {"filename": "relpath", "input_folder": "folder"}.get(f, f)
-                for f in self._folder_fields
-            )
-        )
 
     @staticmethod
     def values(row: dict, fields: list[str]) -> dict[str, str]:

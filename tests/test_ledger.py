@@ -149,3 +149,21 @@ def test_a_v03_row_without_ctime_and_inode_matches_no_current_file(tmp_path):
     current = rows("a")  # the same relpath, size and mtime, with a ctime and an inode
     assert ledger.rows_by_key(current, read, keep="missing").num_rows == 1
     assert ledger.rows_by_key(v03, read, keep="found").num_rows == 1
+
+
+def test_a_ledger_written_before_patient_ids_were_kept_reads_with_nulls(tmp_path):
+    old = rows("a", "b").drop_columns(["patient_id"])
+    ledger.folder(tmp_path).mkdir(parents=True)
+    pq.write_table(old, ledger.folder(tmp_path) / "seg-0000000001.parquet")
+    new = rows("c")
+    index = new.schema.get_field_index("patient_id")
+    ledger.append(tmp_path, new.set_column(index, "patient_id", pa.array(["R1"])))
+    committed = ledger.read(tmp_path)
+    assert committed["relpath"].to_pylist() == ["a", "b", "c"]
+    assert committed["patient_id"].to_pylist() == [None, None, "R1"]
+    assert ledger.read(tmp_path, ["relpath", "patient_id"]).num_rows == 3
+
+
+def test_patient_ids_compare_exactly_after_trimming_padding_spaces():
+    values = pa.array(["r1", "R1", " r1 ", None, ""])
+    assert ledger.patient_ids(values).to_pylist() == ["r1", "R1", "r1", "", ""]

@@ -15,7 +15,7 @@ import pytest
 
 from conftest import assert_every_file_accounted_for, tree_snapshot, write_dicom
 from dcmsort import demo, ledger
-from dcmsort.plan import fold
+from dcmsort.naming import fold
 from dcmsort.runner import REPO
 
 

@@ -15,8 +15,8 @@ import pytest
 
 from dcmsort import ledger
 from dcmsort.fileops import file_digest
-from dcmsort.naming import Naming
-from dcmsort.plan import Disk, fold, make_plan, new_files
+from dcmsort.naming import Naming, fold, short_hash
+from dcmsort.plan import Disk, make_plan, new_files
 from dcmsort.transfer import transfer_plan
 
 SEED = Naming("{PatientName}_{PatientID}/{SeriesDescription}_{SeriesNumber}", "{filename}")
@@ -347,3 +347,92 @@ def test_a_link_whose_old_input_is_still_there_is_not_relinked(world):
     assert world.run("symlink")["p2/IM1"]["action"] == "duplicate"
     placed = world.output / "DOE^JOHN_1/LOCALIZER_1/IM1"
     assert os.readlink(placed) == str(world.input / "p1/IM1")
+
+
+# --- one series in one folder; one patient in one patient folder ---------------------------
+
+
+def test_a_series_whose_values_differ_only_in_case_stays_in_one_folder(world):
+    world.add("a/IM1", PatientName="Doe^Jane", SeriesDescription="SER", SOPInstanceUID="1")
+    world.add("b/IM2", PatientName="DOE^JANE", SeriesDescription="SER", SOPInstanceUID="2")
+    first = destinations(world.run())
+    assert first == {"a/IM1": "Doe^Jane_1/SER_1/IM1", "b/IM2": "Doe^Jane_1/SER_1/IM2"}
+    # A later file of the series, spelled another way again, joins it.
+    world.add("c/IM3", PatientName="doe^jane", SeriesDescription="ser", SOPInstanceUID="3")
+    assert destinations(world.run()) == {"c/IM3": "Doe^Jane_1/SER_1/IM3"}
+
+
+R1 = {"PatientName": "ROE^ANN", "PatientID": "R1", "StudyInstanceUID": "1.2"}
+r1 = {"PatientName": "Roe^Ann", "PatientID": "r1", "StudyInstanceUID": "1.1"}
+
+
+def test_patient_ids_that_differ_only_in_case_get_a_patient_folder_each(world):
+    world.add("a/IM1", SeriesInstanceUID="1.1.1", SOPInstanceUID="1", **r1)
+    world.add("b/IM1", SeriesInstanceUID="1.2.1", SOPInstanceUID="2", **R1)
+    first = destinations(world.run())
+    # Planning order (study, series, file) decides: study 1.1 (r1) first.
+    assert first == {
+        "a/IM1": "Roe^Ann_r1/LOCALIZER_1/IM1",
+        "b/IM1": f"ROE^ANN_R1_{short_hash('R1')}/LOCALIZER_1/IM1",
+    }
+    # A placed folder keeps its owner: new files of either, in new series, follow.
+    world.add("a/IM2", SeriesInstanceUID="1.1.2", SOPInstanceUID="3", **r1)
+    world.add("b/IM2", SeriesInstanceUID="1.2.2", SOPInstanceUID="4", **R1)
+    later = destinations(world.run())
+    assert later["a/IM2"].startswith("Roe^Ann_r1/LOCALIZER_1_")
+    assert later["b/IM2"].startswith(f"ROE^ANN_R1_{short_hash('R1')}/LOCALIZER_1_")
+
+
+def test_two_patient_ids_with_one_series_uid_are_still_two_patient_folders(world):
+    world.add("a/IM1", SOPInstanceUID="1", **r1)  # an anonymiser kept the UIDs
+    world.add("b/IM1", SOPInstanceUID="2", **R1)
+    folders = {d.split("/")[0] for d in destinations(world.run()).values()}
+    assert folders == {"Roe^Ann_r1", f"ROE^ANN_R1_{short_hash('R1')}"}
+
+
+def test_which_patient_keeps_the_plain_name_does_not_depend_on_the_order_of_the_batches(
+    world,
+):
+    world.add("a/IM1", SeriesInstanceUID="1.1.1", SOPInstanceUID="1", **r1)
+    world.add("b/IM1", SeriesInstanceUID="1.2.1", SOPInstanceUID="2", **R1)
+    world.add("b/IM2", SeriesInstanceUID="1.2.1", SOPInstanceUID="3", **R1)
+    files = world.files()
+
+    def plan_of(table: pa.Table) -> dict[str, str]:
+        plan = make_plan(
+            table, ledger.read(world.state), SEED, Disk(world.output), lambda _relpath: None
+        )
+        return dict(zip(plan["relpath"].to_pylist(), plan["destination"].to_pylist(), strict=True))
+
+    reversed_files = files.take(pa.array(range(files.num_rows - 1, -1, -1)))
+    assert plan_of(files) == plan_of(reversed_files)
+    assert plan_of(reversed_files)["a/IM1"] == "Roe^Ann_r1/LOCALIZER_1/IM1"
+
+
+def test_a_template_without_patient_id_groups_patients_by_what_it_names(tmp_path):
+    world = World(tmp_path, Naming("{PatientName}/{SeriesDescription}", "{filename}"))
+    world.add("a/IM1", SeriesInstanceUID="1.1.1", SOPInstanceUID="1", **r1)
+    world.add("b/IM1", SeriesInstanceUID="1.2.1", SOPInstanceUID="2", **R1)
+    folders = {d.split("/")[0] for d in destinations(world.run()).values()}
+    assert folders == {"Roe^Ann"}
+
+
+def forget_patient_ids(state: Path) -> None:
+    """The ledger as a version before PatientIDs were kept wrote it."""
+    for segment in (state / "ledger").glob("*.parquet"):
+        table = pq.read_table(segment)
+        pq.write_table(table.drop_columns(["patient_id"]), segment)
+
+
+def test_an_output_an_earlier_version_merged_keeps_its_placements_and_series(world):
+    world.add("a/IM1", SeriesInstanceUID="1.1.1", SOPInstanceUID="1", **r1)
+    world.add("b/IM1", SeriesInstanceUID="1.2.1", SOPInstanceUID="2", **{**R1, "PatientID": "r1"})
+    first = destinations(world.run())
+    forget_patient_ids(world.state)
+    world.rows["b/IM1"]["PatientID"] = "R1"  # as it was: the earlier version merged it
+    assert ledger.read(world.state)["patient_id"].null_count == 2
+    # Nothing placed moves; a new file of R1's series goes to that series' folder.
+    world.add("b/IM2", SeriesInstanceUID="1.2.1", SOPInstanceUID="3", **R1)
+    later = destinations(world.run())
+    assert list(later) == ["b/IM2"]
+    assert later["b/IM2"].rsplit("/", 1)[0] == first["b/IM1"].rsplit("/", 1)[0]

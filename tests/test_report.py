@@ -208,6 +208,52 @@ def test_a_changed_transfer_mode_is_said_on_the_page(tmp_path):
     assert "transfer_mode changed from copy to hardlink" in page
 
 
+def test_patient_folders_holding_more_than_one_patient_id_are_listed(tmp_path):
+    c = committed(
+        {"relpath": "a", "destination": "Roe/S/a", "patient_id": "r1"},
+        {"relpath": "b", "destination": "Roe/S_2/b", "patient_id": "R1"},
+        {"relpath": "c", "destination": "Doe/S/c", "patient_id": "1"},
+        {"relpath": "d", "destination": "Doe/S/d", "patient_id": "1"},
+    )
+    f = files(("a", 10, 1), ("b", 10, 1), ("c", 10, 1), ("d", 10, 1))
+    summary, _, page = report(tmp_path, f, c, transfers())
+    assert summary["patient_folders_with_several_ids"] == [
+        {"folder": "Roe", "patient_ids": ["R1", "r1"]}
+    ]
+    assert "1 patient folders hold files of more than one PatientID" in page
+    assert "R1, r1" in page
+
+
+def test_a_merge_an_earlier_version_made_is_listed_from_the_inputs_patient_ids(tmp_path):
+    # Placed before the ledger kept PatientIDs: the current inputs tell them.
+    c = committed(
+        {"relpath": "a", "destination": "Roe_r1/S/a"},
+        {"relpath": "b", "destination": "Roe_r1/S_2/b"},
+        {"relpath": "gone", "destination": "Roe_r1/S_2/gone"},
+    )
+    f = files(("a", 10, 1), ("b", 10, 1)).append_column("PatientID", pa.array(["r1", "R1 "]))
+    summary, _, _ = report(tmp_path, f, c, transfers())
+    assert summary["patient_folders_with_several_ids"] == [
+        {"folder": "Roe_r1", "patient_ids": ["R1", "r1"]}
+    ]
+
+
+def test_the_patient_folder_is_the_templates_level_with_the_patient_id(tmp_path):
+    c = committed(
+        {"relpath": "a", "destination": "MR/r1/S/a", "patient_id": "r1"},
+        {"relpath": "b", "destination": "MR/r2/S/b", "patient_id": "r2"},
+    )
+    f = files(("a", 10, 1), ("b", 10, 1))
+    summary, _ = summarise(f, c, transfers(), [], None, tmp_path, "copy", "r.html", patient_level=1)
+    assert summary["patient_folders_with_several_ids"] == []
+    summary, _ = summarise(
+        f, c, transfers(), [], None, tmp_path, "copy", "r.html", patient_level=None
+    )
+    assert summary["patient_folders_with_several_ids"] == [
+        {"folder": "MR", "patient_ids": ["r1", "r2"]}
+    ]
+
+
 # --- untrusted values on a web page --------------------------------------------------------
 
 

@@ -49,11 +49,13 @@ from conftest import outcomes
 from dcmsort import check, headers, inventory, ledger, plan, report, transfer
 from dcmsort.demo import Series, make_instance, uid
 from dcmsort.fileops import TEMP_SUFFIX, temp_name_for, temp_path_for
-from dcmsort.naming import FILE_FIELDS, Naming
+from dcmsort.naming import FILE_FIELDS, Naming, fold
 
 NAMING = Naming("{PatientName}_{PatientID}/{SeriesDescription}_{SeriesNumber}", "{filename}")
 KEYWORDS = sorted(NAMING.fields - FILE_FIELDS.keys())
-PATIENTS = [("DOE^JOHN", "1"), ("ROE^JANE", "2")]
+# The third is another patient whose ID differs from the second's only in case: on a
+# case-insensitive file system both patient folders would be one name.
+PATIENTS = [("DOE^JOHN", "1"), ("ROE^JANE", "r2"), ("Roe^Jane", "R2")]
 DESCRIPTIONS = ["T1", "T2"]
 # Few folders and names, so that names collide and patients spread over folders often.
 FOLDERS = ["p1", "p2", "p1/sub", ""]  # "" is a file lying directly in input_dir
@@ -149,6 +151,7 @@ class World:
         self.versions: dict[tuple[str, int], bytes] = {}
         self.sop_of: dict[str, str] = {}  # content digest -> SOPInstanceUID
         self.spec_of: dict[str, Spec] = {}  # content digest -> what it is made of
+        self.patient_of: dict[str, str] = {}  # content digest -> PatientID
         self.foreign: dict[str, bytes] = {}  # output path -> what someone else put there
         self.elsewhere: dict[Path, bytes] = {}  # files outside both, which their links name
         self.temps: set[str] = set()  # half-written temporary files a killed run left
@@ -188,6 +191,7 @@ class World:
 
     def add(self, relpath: str, spec: Spec) -> None:
         self.spec_of[digest(dicom_bytes(spec))] = spec
+        self.patient_of[digest(dicom_bytes(spec))] = PATIENTS[spec.patient][1]
         self.write(relpath, dicom_bytes(spec), spec.sop)
 
     def replace_keeping_mtime(self, relpath: str, spec: Spec, in_place: bool) -> None:
@@ -327,6 +331,7 @@ class World:
                     *("--mode", self.mode, "--html", str(self.state / "report.html")),
                     *("--summary", str(self.state / "summary.json")),
                     *("--removed", str(self.state / "removed_sources.csv")),
+                    *("--naming", json.dumps(asdict(NAMING))),
                 ]
             )
             == 0
@@ -504,6 +509,7 @@ class World:
             self.touch(relpath)
         elif how == "append":
             data = self.inputs[relpath]
+            self.patient_of[digest(data + b"\0\0")] = self.patient_of.get(digest(data), "")
             self.write(relpath, data + b"\0\0", self.sop_of.get(digest(data)))
         else:
             self.delete(relpath)
@@ -602,6 +608,17 @@ class World:
         twice = [
             d for d, n in Counter(map(digest, ours.values())).items() if n > 1 and d not in restored
         ]
+        # No two names are one name on any target file system; a patient folder holds one
+        # PatientID.
+        assert len({fold(p) for p in tree}) == len(tree), "two names one file system merges"
+        patients: dict[str, set[str]] = {}
+        for path, data in ours.items():
+            if digest(data) in self.patient_of:
+                patients.setdefault(fold(path.split("/")[0]), set()).add(
+                    self.patient_of[digest(data)]
+                )
+        assert all(len(ids) == 1 for ids in patients.values()), f"merged: {patients}"
+        assert summary["patient_folders_with_several_ids"] == []
         assert not twice, "the same content written twice: " + ", ".join(
             sorted(p for p, data in ours.items() if digest(data) in twice)
         )
@@ -639,7 +656,7 @@ def csv_rows(path: Path) -> list[dict]:
 
 specs = st.builds(
     Spec,
-    patient=st.integers(0, 1),
+    patient=st.integers(0, 2),
     series=st.integers(0, 1),
     instance=st.integers(0, 2),
     variant=st.integers(0, 1),

@@ -36,7 +36,7 @@ import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
-from dcmsort.fileops import atomic_path
+from dcmsort.fileops import atomic_path, read_parquet
 
 log = logging.getLogger("dcmsort.ledger")
 
@@ -70,6 +70,9 @@ SCHEMA = pa.schema(
         ("study_uid", pa.string()),
         ("modality", pa.string()),
         ("committed_at", pa.float64()),
+        # The input's PatientID, trimmed of padding spaces ("" when it has none): a patient
+        # folder holds one patient. Null in rows written before this column existed.
+        ("patient_id", pa.string()),
     ]
 )
 COLUMNS = SCHEMA.names
@@ -110,14 +113,16 @@ def read(state_dir: Path, columns: list[str] | None = None) -> pa.Table:
     tables = []
     for _, path in ([base] if base else []) + segments:
         try:
-            with pq.ParquetFile(path) as parquet:
-                names = parquet.schema_arrow.names
-                older = [c for c in columns if c not in names and c in ADDED_IN_V04]
-                table = parquet.read(columns=[c for c in columns if c not in older])
-            table = with_version_columns(table) if older else table
+            table = read_parquet(path, columns=columns)
         except (OSError, pa.ArrowException) as error:
             log.warning("ledger file %s is unreadable and ignored (%s)", path.name, error)
             continue
+        # A column added since this file was written (ctime_ns, ino, patient_id) reads as
+        # nulls: a ledger of v0.3 stays readable.
+        for name in columns:
+            if name not in table.column_names:
+                field = SCHEMA.field(name)
+                table = table.append_column(field, pa.nulls(table.num_rows, field.type))
         tables.append(table.select(columns).cast(pa.schema([SCHEMA.field(c) for c in columns])))
     if not tables:
         return pa.schema([SCHEMA.field(c) for c in columns]).empty_table()
@@ -187,6 +192,12 @@ def rows_by_key(table: pa.Table, other: pa.Table, keep: str) -> pa.Table:
         return table if keep == "missing" else table.slice(0, 0)
     found = pc.is_in(_key(table), value_set=_key(other))
     return table.filter(found if keep == "found" else pc.invert(found))
+
+
+def patient_ids(values: pa.ChunkedArray | pa.Array) -> pa.ChunkedArray | pa.Array:
+    """PatientID values as a patient folder compares them: exactly, after the trimming of
+    padding spaces the standard allows (LO), and "" for none (absent and empty are one)."""
+    return pc.fill_null(pc.utf8_trim(values.cast(pa.string()), " "), "")
 
 
 def live(ledger: pa.Table, files: pa.Table) -> pa.Table:

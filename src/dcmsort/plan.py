@@ -23,8 +23,11 @@ Content identity is (size, digest), never (size, mtime): a digest is computed on
 file that shares size (and SOPInstanceUID, when it has one) with another, or whose name is
 taken on disk by a file of its size. A duplicate is resolved only against a placement the
 ledger holds or a file sorted in the same plan; the transfer commits a duplicate only once
-its target is committed. Names are unique under case folding and Unicode normalisation,
-and never reuse a name present in the output folder or in the ledger.
+its target is committed. Names are unique under ``naming.fold`` (case and Unicode
+normalisation as every target file system compares them), and never reuse a name present
+in the output folder or in the ledger. A patient folder (the template's first level with
+``{PatientID}``) holds one PatientID: another ID whose folder name is the same one gets
+``_<hash of its ID>``, as a second series does.
 """
 
 from __future__ import annotations
@@ -36,7 +39,6 @@ import os
 import stat
 import sys
 import time
-import unicodedata
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -48,7 +50,7 @@ import pyarrow.parquet as pq
 
 from dcmsort import inventory, ledger, naming
 from dcmsort.fileops import atomic_path, file_digest, read_parquet
-from dcmsort.naming import Naming
+from dcmsort.naming import Naming, fold
 from dcmsort.progress import peak_rss_mb
 from dcmsort.settings import ConfigError, check_layout, layout_record
 from dcmsort.transfer import PENDING, settle, with_temp_token
@@ -107,11 +109,12 @@ LEDGER_MARKER = (
     "The last plan was made against this ledger. Removing the ledger removes this file too;\n"
     "the next run then plans every input file again and finds the sorted ones by content.\n"
 )
-
-
-def fold(name: str) -> str:
-    """The key under which case-insensitive or normalising file systems compare names."""
-    return unicodedata.normalize("NFC", unicodedata.normalize("NFC", name).casefold())
+# A new row's PatientID as a patient folder compares it (ledger.patient_ids).
+PATIENT_ID = "_patient_id"
+# What a series folder belongs to: (fold of the rendered base folder, SeriesInstanceUID or
+# "" when series may share, PatientID or "" when the template names no patient folder).
+# A placement made before the ledger kept PatientIDs has None: any patient's.
+SeriesKey = tuple[str, str, "str | None"]
 
 
 # --- the world outside, asked only when needed ----------------------------------------
@@ -351,48 +354,86 @@ def known_contents(committed: pa.Table, files: pa.Table, new: pa.Table) -> list[
     return list(contents.values())
 
 
-def series_folders(committed: pa.Table, bases: list[str]) -> dict[tuple[str, str], str]:
-    """(base folder, SeriesInstanceUID) -> series folder, of earlier placements whose base
-    folder a new file renders to: a series keeps its folder for good."""
-    if committed.num_rows == 0 or not bases:
-        return {}
-    rows = committed.filter(
-        pc.fill_null(pc.is_in(committed["base_folder"], value_set=pa.array(bases)), False)
+def _series_keys(rows: pa.Table, settings: Naming) -> list[tuple[SeriesKey, str]]:
+    """(SeriesKey, series folder) of each distinct series folder placement in rows."""
+    level = naming.patient_level(settings.folder_template)
+    none = pa.nulls(len(rows), pa.string())
+    distinct = (
+        pa.table(
+            {
+                "base": rows["base_folder"],
+                "series": rows["series_uid"] if settings.keep_series_apart else none,
+                "patient": rows["patient_id"] if level is not None else none,
+                "folder": _parent(rows["destination"]),
+            }
+        )
+        .group_by(["base", "series", "patient", "folder"], use_threads=False)
+        .aggregate([])
+        .to_pylist()
     )
-    folders = _parent(rows["destination"]).to_pylist()
-    pairs = zip(rows["base_folder"].to_pylist(), rows["series_uid"].to_pylist(), strict=True)
-    return {(b, s or ""): f for (b, s), f in zip(pairs, folders, strict=True)}
+    return [
+        (
+            (fold(r["base"] or ""), r["series"] or "", r["patient"] if level is not None else ""),
+            r["folder"],
+        )
+        for r in distinct
+    ]
 
 
-def folder_owners(committed: pa.Table) -> Callable[[list[str]], dict[str, tuple[str, str]]]:
-    """A lookup: series folder -> (base folder, SeriesInstanceUID) that owns it."""
-    parents = _parent(committed["destination"]) if committed.num_rows else pa.array([], pa.string())
+def series_folders(committed: pa.Table, new: pa.Table, settings: Naming) -> dict[SeriesKey, str]:
+    """SeriesKey -> series folder, of earlier placements of the series the new files
+    belong to (the Python work grows with those series, not with the ledger): a series
+    keeps its folder for good, whatever the case of the values that name it."""
+    if committed.num_rows == 0 or new.num_rows == 0:
+        return {}
+    rows = committed
+    if settings.keep_series_apart:
+        uids = pc.unique(new["SeriesInstanceUID"])
+        rows = committed.filter(pc.fill_null(pc.is_in(committed["series_uid"], uids), False))
+    return dict(_series_keys(rows, settings))
 
-    def owners(folders: list[str]) -> dict[str, tuple[str, str]]:
+
+def folder_owners(
+    committed: pa.Table, parents: pa.Array, settings: Naming
+) -> Callable[[list[str]], dict[str, SeriesKey]]:
+    """A lookup: series folder -> the SeriesKey that owns it."""
+
+    def owners(folders: list[str]) -> dict[str, SeriesKey]:
         if not folders or committed.num_rows == 0:
             return {}
-        mask = pc.is_in(parents, value_set=pa.array(folders))
-        rows = committed.filter(mask)
-        return {
-            f: (b, s or "")
-            for f, b, s in zip(
-                _parent(rows["destination"]).to_pylist(),
-                rows["base_folder"].to_pylist(),
-                rows["series_uid"].to_pylist(),
-                strict=True,
-            )
-        }
+        rows = committed.filter(pc.is_in(parents, value_set=pa.array(folders)))
+        return {folder: key for key, folder in _series_keys(rows, settings)}
 
     return owners
 
 
-def ledger_file_names(committed: pa.Table) -> Callable[[str], set[str]]:
+def patient_owners(
+    committed: pa.Table, parents: pa.Array, level: int | None
+) -> dict[str, set[str | None]]:
+    """fold(patient folder) -> the PatientIDs placed in it (None: placed before the ledger
+    kept them), found columnar: one row per distinct (series folder, PatientID)."""
+    if level is None or committed.num_rows == 0:
+        return {}
+    pairs = (
+        pa.table({"folder": parents, "patient": committed["patient_id"]})
+        .group_by(["folder", "patient"], use_threads=False)
+        .aggregate([])
+    )
+    owners: dict[str, set[str | None]] = {}
+    for folder, patient in zip(
+        pairs["folder"].to_pylist(), pairs["patient"].to_pylist(), strict=True
+    ):
+        patient_folder = "/".join(folder.split("/")[: level + 1])
+        owners.setdefault(fold(patient_folder), set()).add(patient)
+    return owners
+
+
+def ledger_file_names(committed: pa.Table, parents: pa.Array) -> Callable[[str], set[str]]:
     """A lookup: folder -> names of files the ledger placed in it (one vectorised filter
     per folder asked about; folders are asked about once)."""
     if committed.num_rows == 0:
         return lambda _folder: set()
     destinations = committed["destination"]
-    parents = _parent(destinations)
 
     def names(folder: str) -> set[str]:
         inside = destinations.filter(pc.equal(parents, folder)).to_pylist()
@@ -416,13 +457,6 @@ class Renderer:
         self._folder_fields = [f for f, _ in naming.template_fields(settings.folder_template)]
         self._file_fields = [f for f, _ in naming.template_fields(settings.file_template)]
         self._cache: dict[tuple, str] = {}
-        # The manifest columns the folder template reads.
-        self.folder_columns = list(
-            dict.fromkeys(
-                {"filename": "relpath", "input_folder": "folder"}.get(f, f)
-                for f in self._folder_fields
-            )
-        )
 
     @staticmethod
     def values(row: dict, fields: list[str]) -> dict[str, str]:
@@ -483,39 +517,58 @@ class Planner:
     renderer: Renderer
     names: Names
     contents: ContentIndex
-    folder_of_series: dict[tuple[str, str], str]
-    owner_of_folder: Callable[[list[str]], dict[str, tuple[str, str]]]
+    folder_of_series: dict[SeriesKey, str]
+    owner_of_folder: Callable[[list[str]], dict[str, SeriesKey]]
+    # fold(patient folder) -> its PatientIDs (patient_owners), grown by this plan's claims.
+    patients_of_folder: dict[str, set[str | None]]
     digest_of_input: Callable[[str], str | None]
     disk: Disk
-    _owners: dict[str, tuple[str, str]] = field(default_factory=dict)
+    _owners: dict[str, SeriesKey] = field(default_factory=dict)
 
-    def series_folder(self, base: str, series_uid: str) -> str:
+    def series_folder(self, base: str, series_uid: str, patient_id: str) -> str:
         """The folder of a series: its earlier one, else base, else base + a hash of the
-        series UID when another series holds base (``keep_series_apart``)."""
-        key = (base, series_uid)
-        if not self.settings.keep_series_apart:
-            key = (base, "")
-        if key in self.folder_of_series:
-            return self.folder_of_series[key]
-        head, _, leaf = base.rpartition("/")
-        attempt = 1
+        series UID when another series holds base (``keep_series_apart``). Within base, the
+        patient folder (``naming.patient_level``) gets a hash of the PatientID when another
+        PatientID holds it."""
+        level = naming.patient_level(self.settings.folder_template)
+        keep_apart = self.settings.keep_series_apart
+        key: SeriesKey = (
+            fold(base),
+            series_uid if keep_apart else "",
+            patient_id if level is not None else "",
+        )
+        found = self.folder_of_series.get(key) or self.folder_of_series.get((*key[:2], None))
+        if found is not None:
+            self.folder_of_series[key] = found
+            return found
+        parts = base.split("/")
+        patient_attempt = 1
         while True:
-            suffix = (
-                ""
-                if attempt == 1
-                else f"_{naming.short_hash(series_uid)}" + (f"_{attempt}" if attempt > 2 else "")
-            )
-            candidate = self.names.folder_path(
-                (head + "/" if head else "") + naming.with_suffix(leaf, suffix)
-            )
-            if candidate not in self._owners:
-                self._owners.update(self.owner_of_folder([candidate]))
-            owner = self._owners.get(candidate)
-            if owner is None or owner == key or not self.settings.keep_series_apart:
-                self._owners[candidate] = key
-                self.folder_of_series[key] = candidate
-                return candidate
-            attempt += 1
+            named = list(parts)
+            if level is not None:
+                named[level] = naming.with_suffix(
+                    named[level], _attempt_suffix(key[2], patient_attempt)
+                )
+            series_attempt = 1
+            while True:
+                leaf = naming.with_suffix(named[-1], _attempt_suffix(series_uid, series_attempt))
+                candidate = self.names.folder_path("/".join([*named[:-1], leaf]))
+                patient_folder = (
+                    fold("/".join(candidate.split("/")[: level + 1])) if level is not None else ""
+                )
+                if not self.patients_of_folder.get(patient_folder, set()) <= {None, key[2]}:
+                    break  # another patient's folder
+                if candidate not in self._owners:
+                    self._owners.update(self.owner_of_folder([candidate]))
+                owner = self._owners.get(candidate)
+                if owner is None or _same_series(owner, key) or not keep_apart:
+                    self._owners[candidate] = key
+                    self.folder_of_series[key] = candidate
+                    if level is not None:
+                        self.patients_of_folder.setdefault(patient_folder, set()).add(key[2])
+                    return candidate
+                series_attempt += 1
+            patient_attempt += 1
 
     def decide(self, row: dict) -> dict:
         """One new file's action, destination and digest."""
@@ -568,7 +621,7 @@ class Planner:
                     "reason": DUPLICATE_REASON if action == DUPLICATE else PRESENT_REASON,
                 }
         base = self.renderer.base_folder(row)
-        folder = self.series_folder(base, _text(row.get("SeriesInstanceUID")))
+        folder = self.series_folder(base, _text(row.get("SeriesInstanceUID")), row[PATIENT_ID])
 
         def adopt(destination: str) -> bool:
             # A name held on disk by a file of this size: ours if the bytes are (a copy
@@ -599,6 +652,20 @@ class Planner:
         }
 
 
+def _attempt_suffix(value: str, attempt: int) -> str:
+    """What the attempt-th try at a taken folder name adds: nothing, then a hash of the
+    value that must have a folder of its own (a series UID, a PatientID), then a count."""
+    if attempt == 1:
+        return ""
+    return f"_{naming.short_hash(value)}" + (f"_{attempt}" if attempt > 2 else "")
+
+
+def _same_series(owner: SeriesKey, key: SeriesKey) -> bool:
+    """Is owner (of a placed series folder) the series key? A placement that predates the
+    ledger's PatientIDs belongs to whichever patient has its series."""
+    return owner[:2] == key[:2] and owner[2] in (None, key[2])
+
+
 def make_plan(
     files: pa.Table,
     committed: pa.Table,
@@ -610,17 +677,22 @@ def make_plan(
     (``committed``), the output folder (``disk``) and each other."""
     files = _with_columns(files)
     new = new_files(files, committed)
+    new = new.append_column(PATIENT_ID, ledger.patient_ids(new["PatientID"]))
     contents = ContentIndex(disk.digest, digest_of_input, repeated(new))
     for content in known_contents(committed, files, new):
         contents.add(content)
-    renderer = Renderer(settings)
+    # The series folder of every placement, computed once (a regex over the ledger).
+    parents = _parent(committed["destination"])
     planner = Planner(
         settings=settings,
-        renderer=renderer,
-        names=Names(disk, ledger_file_names(committed)),
+        renderer=Renderer(settings),
+        names=Names(disk, ledger_file_names(committed, parents)),
         contents=contents,
-        folder_of_series=series_folders(committed, base_folders(new, renderer)),
-        owner_of_folder=folder_owners(committed),
+        folder_of_series=series_folders(committed, new, settings),
+        owner_of_folder=folder_owners(committed, parents, settings),
+        patients_of_folder=patient_owners(
+            committed, parents, naming.patient_level(settings.folder_template)
+        ),
         digest_of_input=digest_of_input,
         disk=disk,
     )
@@ -661,18 +733,6 @@ def repeated(new: pa.Table) -> tuple[set[tuple[str, int]], set[str]]:
     pairs = {(r["sop"], r["size"]) for r in more_than_once(["sop", "size"])}
     sops = {r["sop"] for r in more_than_once(["sop"]) if r["sop"]}
     return pairs, sops
-
-
-def base_folders(new: pa.Table, renderer: Renderer) -> list[str]:
-    """The distinct base folders the new rows render to: rendered once per distinct
-    combination of the folder template's values (found columnar), not once per file."""
-    columns = [c for c in renderer.folder_columns if c in new.column_names]
-    if new.num_rows == 0:
-        return []
-    if not columns:
-        return [renderer.base_folder(new.slice(0, 1).to_pylist()[0])]
-    combinations = new.select(columns).group_by(columns, use_threads=False).aggregate([])
-    return sorted({renderer.base_folder(row) for row in combinations.to_pylist()})
 
 
 def _with_columns(files: pa.Table) -> pa.Table:

@@ -25,7 +25,7 @@ import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
-from dcmsort import ledger
+from dcmsort import ledger, naming
 from dcmsort.check import DAMAGED, RESTORED, RESULT_SCHEMA, read_results
 from dcmsort.fileops import atomic_path, read_parquet
 from dcmsort.progress import peak_rss_mb
@@ -61,9 +61,10 @@ def _distinct(column: pa.ChunkedArray | pa.Array) -> int:
 
 
 PLACEMENT_COLUMNS = ["destination", "relpath", "size", "sop_uid", "study_uid", "modality", "mode"]
+PLACEMENT_COLUMNS += ["patient_id"]
 # What the report reads of the ledger (not digests, base folders, series).
 LEDGER_COLUMNS = [*ledger.SOURCE_KEY, "status", "destination", "sop_uid", "study_uid"]
-LEDGER_COLUMNS += ["modality", "mode"]
+LEDGER_COLUMNS += ["modality", "mode", "patient_id"]
 
 
 def _where(table: pa.Table, mask: pa.ChunkedArray) -> pa.Table:
@@ -89,6 +90,60 @@ def conflicted(placed: pa.Table) -> pa.Table:
     return with_sop.filter(pc.is_in(with_sop["sop_uid"], value_set=shared))
 
 
+# The version key of rows written before ctime and inode were recorded (v0.3), the only
+# ones that can lack a PatientID too.
+_V03_KEY = ["relpath", "size", "mtime_ns"]
+
+
+def shared_patient_folders(
+    placed: pa.Table, committed: pa.Table, files: pa.Table, level: int | None
+) -> pa.Table:
+    """Patient folders (the template's level with ``{PatientID}``, else the first) whose
+    files carry more than one PatientID: a merge the template chose, or one an earlier
+    version made. A placement from before the ledger kept PatientIDs counts with the
+    PatientID of the current inputs that hold its content, if any."""
+    known = pc.is_valid(placed["patient_id"])
+    placed = placed.select(["destination", "patient_id"])
+    if not pc.all(known).as_py() and "PatientID" in files.column_names:
+        legacy = committed.filter(
+            pc.is_in(
+                committed["destination"], value_set=placed.filter(pc.invert(known))["destination"]
+            )
+        )
+        found = legacy.select([*_V03_KEY, "destination"]).join(
+            files.select([*_V03_KEY, "PatientID"]), keys=_V03_KEY, join_type="inner"
+        )
+        placed = pa.concat_tables(
+            [
+                placed.filter(known),
+                pa.table(
+                    {
+                        "destination": found["destination"],
+                        "patient_id": ledger.patient_ids(found["PatientID"]),
+                    }
+                ),
+            ]
+        )
+    depth = (level or 0) + 1
+    folders = pc.replace_substring_regex(
+        placed["destination"], rf"^((?:[^/]*/){{{depth - 1}}}[^/]*)/.*$", r"\1"
+    )
+    ids = pa.table({"folder": folders, "ids": placed["patient_id"]}).filter(
+        pc.is_valid(placed["patient_id"])
+    )
+    grouped = ids.group_by("folder", use_threads=False).aggregate([("ids", "distinct")])
+    shared = grouped.filter(pc.greater(pc.list_value_length(grouped["ids_distinct"]), 1))
+    return pa.table(
+        {
+            "patient folder": shared["folder"],
+            "PatientIDs": pa.array(
+                [sorted(found) for found in shared["ids_distinct"].to_pylist()],
+                pa.list_(pa.string()),
+            ),
+        }
+    ).sort_by("patient folder")
+
+
 def gone_sources(committed: pa.Table, live_rows: pa.Table, placed: pa.Table) -> pa.Table:
     """Placements no current input file has the content of (their copies stay)."""
     alive = pc.unique(live_rows["destination"]) if live_rows.num_rows else pa.array([], pa.string())
@@ -105,9 +160,11 @@ def summarise(
     mode: str,
     report_path: str,
     check: tuple[pa.Table, dict] | None = None,
+    patient_level: int | None = 0,
 ) -> tuple[dict, dict[str, pa.Table]]:
     """The numbers of the summary, and the tables the page lists. ``check``: this run's
-    check results and numbers (``check.read_results``), when it checked."""
+    check results and numbers (``check.read_results``), when it checked; patient_level is
+    ``naming.patient_level`` of the folder template."""
     placed = placements(committed)
     live_rows = ledger.live(committed, files)
     gone = gone_sources(committed, live_rows, placed)
@@ -137,6 +194,7 @@ def summarise(
     skipped = files.filter(pc.invert(pc.fill_null(files["dicom"], False)))
     status = _count_by(transfers["status"]) if transfers.num_rows else {}
     conflicts = conflicted(placed)
+    shared = shared_patient_folders(placed, committed, files, patient_level)
     since = (previous or {}).get("generated_at", 0)
     destinations = placed["destination"]
     summary = {
@@ -173,6 +231,11 @@ def summarise(
         ),
         "files_per_modality": _count_by(placed["modality"]),
         "check": None,
+        # Every patient folder holding more than one PatientID (see config/README.md).
+        "patient_folders_with_several_ids": [
+            {"folder": row["patient folder"], "patient_ids": row["PatientIDs"]}
+            for row in shared.to_pylist()
+        ],
     }
     checked = check[0] if check else RESULT_SCHEMA.empty_table()
     if check:
@@ -193,6 +256,7 @@ def summarise(
         "gone": listed.select(["relpath", "destination", "mode"]),
         "series": _series_table(placed),
         "check": checked,
+        "shared": shared.set_column(1, "PatientIDs", pc.binary_join(shared["PatientIDs"], ", ")),
     }
     return summary, tables
 
@@ -286,6 +350,11 @@ def render_html(summary: dict, tables: dict[str, pa.Table]) -> str:
             f"{html.escape(summary['transfer_mode'])}: files placed earlier stay as "
             "they were placed.</p>"
         )
+    if summary["patient_folders_with_several_ids"]:
+        notes += (
+            f"<p class='warn'>{len(summary['patient_folders_with_several_ids']):,} patient "
+            "folders hold files of more than one PatientID (listed below).</p>"
+        )
     if summary["dangling_links"]:
         notes += (
             f"<p class='warn'>{summary['dangling_links']:,} symbolic links point to input "
@@ -332,6 +401,7 @@ th {{ background: #f2f4f8; }}
 {_table(tables["conflicts"], "Conflicts: same SOPInstanceUID, different content (all kept)")}
 {_table(tables["duplicates"], "Exact duplicates (not written again)")}
 {_table(tables["gone"], "Sources gone since they were sorted (their copies are kept)")}
+{_table(tables["shared"], "Patient folders holding more than one PatientID")}
 {_table(tables["series"], "Patients and series")}
 </body></html>
 """
@@ -339,7 +409,7 @@ th {{ background: #f2f4f8; }}
 
 def read_manifests(paths: list[Path]) -> tuple[pa.Table, list[dict]]:
     """Key and skip columns of every manifest, and each manifest's metadata."""
-    columns = [*ledger.SOURCE_KEY, "dicom", "skip_reason"]
+    columns = [*ledger.SOURCE_KEY, "dicom", "skip_reason", "PatientID"]
     tables, meta = [], []
     for path in paths:
         schema = pq.read_schema(path)
@@ -365,6 +435,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--state-dir", type=Path, required=True)
     parser.add_argument("--output-dir", type=Path, required=True)
     parser.add_argument("--mode", required=True)
+    parser.add_argument("--naming", required=True, help="Naming settings as JSON")
     parser.add_argument("--html", type=Path, required=True)
     parser.add_argument("--summary", type=Path, required=True)
     parser.add_argument("--removed", type=Path, required=True)
@@ -389,6 +460,7 @@ def main(argv: list[str] | None = None) -> int:
         args.mode,
         str(args.html),
         read_results(args.check[0]) if args.check else None,
+        naming.patient_level(json.loads(args.naming)["folder_template"]),
     )
     with atomic_path(args.removed) as tmp:
         pacsv.write_csv(tables["gone"], tmp)

@@ -617,6 +617,7 @@ def _rows(done: list[Outcome], plan: pa.Table, mode: str) -> pa.Table:
             "study_uid": planned["StudyInstanceUID"],
             "modality": planned["Modality"],
             "committed_at": [time.time()] * len(done),
+            "patient_id": ledger.patient_ids(planned["PatientID"]),
         },
         schema=ledger.SCHEMA,
     )

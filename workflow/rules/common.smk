@@ -215,6 +215,8 @@ def rewrite_report():
             rules.report.output.summary,
             "--removed",
             rules.report.output.removed,
+            "--naming",
+            SETTINGS.naming_json,
         ]
     )
 

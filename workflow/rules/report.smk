@@ -31,9 +31,12 @@ rule report:
         state_dir=lambda wildcards, output: os.path.dirname(output.summary),
         output_dir=SETTINGS.output_dir,
         mode=SETTINGS.transfer_mode,
+        # A function, so that the braces of the templates are not read as wildcards.
+        naming=lambda wildcards: SETTINGS.naming_json,
     shell:
         "{params.dcmsort} report --transfers {input.transfers:q}"
         " --manifests {input.manifests:q} --state-dir {params.state_dir:q}"
         " --output-dir {params.output_dir:q} --mode {params.mode}"
         " --html {output.html:q} --summary {output.summary:q}"
-        " --removed {output.removed:q} --check {input.check:q} 2> {log:q}"
+        " --removed {output.removed:q} --check {input.check:q}"
+        " --naming {params.naming:q} 2> {log:q}"

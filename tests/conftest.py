@@ -92,11 +92,15 @@ class Sorter:
         self,
         *extra: str,
         count_opens: bool = False,
+        opens_below: Path | None = None,
         check: bool = True,
         timeout: float = 600,
         umask: int | None = None,
+        keys: dict[str, object] | None = None,
         **config: object,
     ) -> Run:
+        """One run; config keys as keywords, or in ``keys`` (``check``, whose name the
+        keyword that fails the test on a non-zero exit already has)."""
         env = dict(os.environ)
         log = self.workdir / "opened.log"
         if count_opens:
@@ -105,9 +109,10 @@ class Sorter:
                 filter(None, [str(OPEN_COUNTER), env.get("PYTHONPATH")])
             )
             env["DCMSORT_OPEN_LOG"] = str(log)
-            env["DCMSORT_OPEN_ROOT"] = str(self.input_dir)
+            # Opens of input files, or of files below opens_below.
+            env["DCMSORT_OPEN_ROOT"] = str(opens_below or self.input_dir)
         proc = subprocess.run(
-            self.command(*extra, **config),
+            self.command(*extra, **config, **(keys or {})),
             capture_output=True,
             text=True,
             env=env,
@@ -182,7 +187,7 @@ class Outcomes(list[dict]):
 def outcomes(input_dir: Path, output_dir: Path, state: Path) -> Outcomes:
     committed = ledger.read(state)
     current = {
-        (relpath, info.st_size, info.st_mtime_ns)
+        (relpath, info.st_size, info.st_mtime_ns, info.st_ctime_ns, info.st_ino)
         for relpath, info in input_files(input_dir).items()
         if info is not None
     }
@@ -190,7 +195,7 @@ def outcomes(input_dir: Path, output_dir: Path, state: Path) -> Outcomes:
     live = {
         r["relpath"]: r
         for r in committed.to_pylist()
-        if (r["relpath"], r["size"], r["mtime_ns"]) in current
+        if tuple(r[k] for k in ledger.SOURCE_KEY) in current
     }
     placed = report.placements(committed)
     conflicted = set(report.conflicted(placed)["destination"].to_pylist())

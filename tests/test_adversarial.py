@@ -163,3 +163,28 @@ def test_a_killed_run_followed_by_nothing_to_do_does_not_leave_the_report_runnin
     result = sorter.run()  # nothing to sort, but the report is rewritten: it was stale
     assert sorter.summary()["status"] == "complete", result.output[-600:]
     assert "Nothing to be done" in sorter.run().output
+
+
+# --- 6. a file of the user's at a temporary name is deleted (issue 21, item 3) -------------
+
+
+def test_a_users_file_and_link_at_a_temporary_name_are_left_as_they_are(sorter):
+    # README "If a run is interrupted or fails": dcmsort removes only the temporary files
+    # it can prove it made. A file and a link of the user's, there before the very first
+    # run, at the names the temporary files had always had: both were deleted.
+    write_dicom(sorter.input_dir / "p" / "a.dcm", name="ROE^JANE", pid="2", desc="SER")
+    data = write_dicom(sorter.input_dir / "p" / "b.dcm", name="ROE^JANE", pid="2", desc="SER")
+    series = sorter.output_dir / "ROE^JANE_2" / "SER_1"
+    series.mkdir(parents=True)
+    (series / ".a.dcm.dcmsort-tmp").write_bytes(b"the user's notes")
+    (sorter.output_dir / "elsewhere").write_bytes(b"the user's other file")
+    (series / ".b.dcm.dcmsort-tmp").symlink_to(sorter.output_dir / "elsewhere")
+    sorter.run()
+    sorter.run()  # a rerun (it settles the last plan) leaves them too
+    assert (series / ".a.dcm.dcmsort-tmp").read_bytes() == b"the user's notes"
+    assert os.readlink(series / ".b.dcm.dcmsort-tmp") == str(sorter.output_dir / "elsewhere")
+    assert (sorter.output_dir / "elsewhere").read_bytes() == b"the user's other file"
+    assert_every_file_accounted_for(sorter)
+    assert (series / "b.dcm").read_bytes() == data
+    temps = [n for n in tree_files(sorter.output_dir) if n.endswith(".dcmsort-tmp")]
+    assert sorted(temps) == [f"ROE^JANE_2/SER_1/.{n}.dcm.dcmsort-tmp" for n in "ab"]

@@ -19,6 +19,8 @@ def rows(*relpaths: str) -> pa.Table:
                 "relpath": r,
                 "size": 10,
                 "mtime_ns": 1,
+                "ctime_ns": 1,
+                "ino": 1,
                 "status": ledger.PLACED,
                 "destination": f"P/S/{r}",
                 "mode": "copy",
@@ -108,17 +110,60 @@ def test_segments_left_by_a_crash_during_compaction_are_not_read_twice(tmp_path)
 
 def test_rows_by_key_matches_on_the_whole_file_version(tmp_path):
     table = pa.table(
-        {"relpath": ["a", "b", "c"], "size": [10, 10, 11], "mtime_ns": [1, 2, 1], "x": [1, 2, 3]}
+        {
+            "relpath": ["a", "b", "c", "a", "a"],
+            "size": [10, 10, 11, 10, 10],
+            "mtime_ns": [1, 2, 1, 1, 1],
+            "ctime_ns": [1, 1, 1, 2, 1],  # the 4th: rewritten, its old mtime set back
+            "ino": pa.array([1, 1, 1, 1, 2], pa.uint64()),  # the 5th: renamed over it
+            "x": [1, 2, 3, 4, 5],
+        }
     )
-    known = rows("a", "b", "c")  # all size 10, mtime 1
+    known = rows("a", "b", "c")  # all size 10, mtime 1, ctime 1, inode 1
     assert ledger.rows_by_key(table, known, keep="found")["x"].to_pylist() == [1]
-    assert ledger.rows_by_key(table, known, keep="missing")["x"].to_pylist() == [2, 3]
-    assert ledger.rows_by_key(table, rows(), keep="missing").num_rows == 3
+    assert ledger.rows_by_key(table, known, keep="missing")["x"].to_pylist() == [2, 3, 4, 5]
+    assert ledger.rows_by_key(table, rows(), keep="missing").num_rows == 5
 
 
 def test_the_ledger_prints_as_csv_where_every_file_went(tmp_path, capsysbinary):
     ledger.append(tmp_path, rows("a.dcm", "b.dcm"))
     assert ledger.main([str(tmp_path)]) == 0
     lines = capsysbinary.readouterr().out.decode().splitlines()
-    assert lines[0].startswith('"relpath","size","mtime_ns","status","destination"')
-    assert [line.split(",")[4] for line in lines[1:]] == ['"P/S/a.dcm"', '"P/S/b.dcm"']
+    header = '"relpath","size","mtime_ns","ctime_ns","ino","status","destination"'
+    assert lines[0].startswith(header)
+    assert [line.split(",")[6] for line in lines[1:]] == ['"P/S/a.dcm"', '"P/S/b.dcm"']
+
+
+def test_a_v03_row_without_ctime_and_inode_matches_no_current_file(tmp_path):
+    """A segment written before ctime and inode were recorded is read with nulls; its row
+    is no current file's version (the file may have been rewritten since): such a file is
+    planned again and found on disk by content. Between two v0.3 tables (an old pending
+    plan against an old ledger) the key is (relpath, size, mtime), as it was."""
+    v03 = rows("a").drop_columns(["ctime_ns", "ino"])
+    ledger.folder(tmp_path).mkdir()
+    pq.write_table(v03, ledger.folder(tmp_path) / "seg-0000000001.parquet")
+    read = ledger.read(tmp_path)
+    assert read.schema == ledger.SCHEMA
+    assert read.to_pylist()[0]["ctime_ns"] is None and read.to_pylist()[0]["ino"] is None
+    assert ledger.read(tmp_path, ledger.SOURCE_KEY).column_names == ledger.SOURCE_KEY
+    current = rows("a")  # the same relpath, size and mtime, with a ctime and an inode
+    assert ledger.rows_by_key(current, read, keep="missing").num_rows == 1
+    assert ledger.rows_by_key(v03, read, keep="found").num_rows == 1
+
+
+def test_a_ledger_written_before_patient_ids_were_kept_reads_with_nulls(tmp_path):
+    old = rows("a", "b").drop_columns(["patient_id"])
+    ledger.folder(tmp_path).mkdir(parents=True)
+    pq.write_table(old, ledger.folder(tmp_path) / "seg-0000000001.parquet")
+    new = rows("c")
+    index = new.schema.get_field_index("patient_id")
+    ledger.append(tmp_path, new.set_column(index, "patient_id", pa.array(["R1"])))
+    committed = ledger.read(tmp_path)
+    assert committed["relpath"].to_pylist() == ["a", "b", "c"]
+    assert committed["patient_id"].to_pylist() == [None, None, "R1"]
+    assert ledger.read(tmp_path, ["relpath", "patient_id"]).num_rows == 3
+
+
+def test_patient_ids_compare_exactly_after_trimming_padding_spaces():
+    values = pa.array(["r1", "R1", " r1 ", None, ""])
+    assert ledger.patient_ids(values).to_pylist() == ["r1", "R1", "r1", "", ""]

@@ -15,7 +15,7 @@ import pytest
 
 from conftest import assert_every_file_accounted_for, tree_snapshot, write_dicom
 from dcmsort import demo, ledger
-from dcmsort.plan import fold
+from dcmsort.naming import fold
 from dcmsort.runner import REPO
 
 
@@ -28,6 +28,15 @@ def output_files(sorter) -> dict[str, bytes]:
         for p in sorter.output_dir.rglob("*")
         if (p.is_file() or p.is_symlink()) and ".dcmsort" not in p.parts
     }
+
+
+def output_names(sorter) -> list[str]:
+    """Every file or link in the output tree (state folder left out), dangling or not."""
+    return sorted(
+        str(p.relative_to(sorter.output_dir))
+        for p in sorter.output_dir.rglob("*")
+        if (p.is_symlink() or p.is_file()) and ".dcmsort" not in p.parts
+    )
 
 
 def touch_all(root: Path, seconds: int) -> None:
@@ -219,3 +228,142 @@ def test_names_differing_only_in_case_are_distinct_destinations(sorter):
     assert len(placed) == 2
     assert len({fold(p) for p in placed}) == 2, placed
     assert_every_file_accounted_for(sorter)
+
+
+# --- symlink mode: an input folder renamed --------------------------------------------------
+
+
+def test_a_renamed_patient_folder_in_symlink_mode_is_relinked_not_a_conflict(sorter):
+    write_dicom(sorter.input_dir / "p1" / "a.dcm", sop="1.1")
+    write_dicom(sorter.input_dir / "p1" / "b.dcm", sop="1.2", instance=2)
+    write_dicom(sorter.input_dir / "p2" / "c.dcm", name="ROE^JANE", pid="2")
+    sorter.run(transfer_mode="symlink")
+    before = output_names(sorter)
+    (sorter.input_dir / "p1").rename(sorter.input_dir / "p1_renamed")
+    result = sorter.run(transfer_mode="symlink")
+    assert output_names(sorter) == before, "the same destinations, no _2 names"
+    for name in ("a.dcm", "b.dcm"):
+        link = sorter.output_dir / "DOE^JOHN_1" / "T1_1" / name
+        assert os.readlink(link) == str(sorter.input_dir / "p1_renamed" / name)
+        assert link.read_bytes() == (sorter.input_dir / "p1_renamed" / name).read_bytes()
+    summary = sorter.summary()
+    assert summary["files_relinked"] == 2
+    assert (summary["conflicts"], summary["files_new"], summary["duplicates"]) == (0, 0, 0)
+    assert (summary["sources_gone"], summary["dangling_links"]) == (0, 0)
+    assert "2 relinked (their input moved)" in result.stderr
+    assert_every_file_accounted_for(sorter)
+    assert "Nothing to be done" in sorter.run(transfer_mode="symlink").output
+
+
+# --- issue 21: any change a stat can see is a new version; a removed ledger is noticed --
+
+
+def replace_keeping_mtime(path: Path, data: bytes, in_place: bool) -> None:
+    """What ``cp -p``, ``rsync -t`` or an unzip with stored times do: other bytes, the old
+    mtime set back (written in place, or a new file renamed over the old one)."""
+    old = path.stat()
+    if in_place:
+        path.write_bytes(data)
+    else:
+        part = path.with_name(path.name + ".part")
+        part.write_bytes(data)
+        os.replace(part, path)
+    os.utime(path, ns=(old.st_atime_ns, old.st_mtime_ns))
+
+
+@pytest.mark.parametrize("in_place", [True, False], ids=["written in place", "renamed over"])
+def test_a_file_replaced_with_the_same_size_and_its_old_mtime_is_sorted(sorter, in_place):
+    path = sorter.input_dir / "p" / "a.dcm"
+    first = write_dicom(path, name="DOE^JOHN", pid="1", sop="1.2.3.1")
+    sorter.run()
+    corrected = write_dicom(sorter.workdir / "new.dcm", name="ROE^JANE", pid="2", sop="1.2.3.2")
+    assert len(corrected) == len(first), "the test needs a replacement of the same size"
+    replace_keeping_mtime(path, corrected, in_place)
+    result = sorter.run()
+    assert "nothing new" not in result.stderr
+    placed = output_files(sorter)
+    # Sorted by its own header (another patient), the first content's copy kept.
+    assert placed == {"DOE^JOHN_1/T1_1/a.dcm": first, "ROE^JANE_2/T1_1/a.dcm": corrected}
+    summary = sorter.summary()
+    assert (summary["files_new"], summary["sources_gone"], summary["duplicates"]) == (1, 1, 0)
+    assert_every_file_accounted_for(sorter)
+
+
+def test_a_file_rewritten_with_its_own_bytes_and_old_mtime_is_present_not_copied(sorter):
+    demo.generate(sorter.input_dir, patients=1, series=1, instances=2, junk=False)
+    sorter.run()
+    before = output_files(sorter)
+    path = next(p for p in sorter.input_dir.rglob("*") if p.is_file())
+    replace_keeping_mtime(path, path.read_bytes(), in_place=True)  # cp -p onto itself
+    sorter.run()
+    summary = sorter.summary()
+    assert output_files(sorter) == before, "no new copy"
+    assert (summary["duplicates"], summary["sources_gone"], summary["files_new"]) == (0, 0, 0)
+    assert summary["files_already_present"] == 1
+    assert_every_file_accounted_for(sorter)
+    assert "Nothing to be done" in sorter.run().output
+
+
+def test_an_output_sorted_by_v03_is_recognised_by_content_and_nothing_is_copied_again(sorter):
+    # State as v0.3 wrote it: no ctime or inode in the ledger, the manifests or the plan,
+    # batch manifests named by the v0.3 fingerprint, no plan marker in the ledger folder.
+    demo.generate(sorter.input_dir, patients=2, series=1, instances=2)
+    sorter.run()
+    before = output_files(sorter)
+    placed = sorter.summary()["files_sorted"]
+    state = sorter.state
+    old = [*(state / "ledger").glob("*.parquet"), *(state / "manifests").rglob("*.parquet")]
+    for path in [*old, state / "plan.parquet"]:
+        table = pq.read_table(path)
+        pq.write_table(table.drop_columns(["ctime_ns", "ino"]), path)
+    for path in (state / "manifests").glob("batch-*.parquet"):
+        path.rename(path.with_name(path.name.rsplit("-", 1)[0] + "-0123456789abcdef.parquet"))
+    (state / "ledger" / "planned.txt").unlink()
+    sorter.run()
+    summary = sorter.summary()
+    assert output_files(sorter) == before, "no new copy"
+    assert (summary["files_new"], summary["sources_gone"]) == (0, 0)
+    assert summary["files_already_present"] == placed
+    assert_every_file_accounted_for(sorter)
+    result = sorter.run(count_opens=True)
+    assert "Nothing to be done" in result.output
+    assert result.opened == []
+
+
+def test_a_rerun_after_a_hardlink_run_reads_no_input_again(sorter):
+    # A new hard link changes its input's ctime (the link count is in the inode).
+    demo.generate(sorter.input_dir, patients=2, series=1, instances=2, junk=False)
+    sorter.run(transfer_mode="hardlink")
+    result = sorter.run(transfer_mode="hardlink", count_opens=True)
+    assert result.opened == []
+    summary = sorter.summary()
+    assert (summary["files_new"], summary["files_already_present"]) == (0, 0)
+    assert summary["headers_read"] == 0
+    assert "Nothing to be done" in sorter.run(transfer_mode="hardlink").output
+    assert_every_file_accounted_for(sorter)
+
+
+@pytest.mark.parametrize("how", ["removed", "emptied"])
+def test_a_run_after_the_ledger_was_removed_finds_every_sorted_file_again(sorter, how):
+    demo.generate(sorter.input_dir, patients=2, series=2, instances=2)
+    (sorter.input_dir / "patient_1" / "again.dcm").write_bytes(
+        next((sorter.input_dir / "patient_1").rglob("*.dcm")).read_bytes()
+    )  # a duplicate, found again as one
+    sorter.run()
+    before = output_files(sorter)
+    sorted_before = sorter.summary()
+    if how == "removed":
+        shutil.rmtree(sorter.state / "ledger")
+    else:
+        for path in (sorter.state / "ledger").iterdir():
+            path.unlink()
+    result = sorter.run()
+    assert "nothing new" not in result.stderr
+    assert output_files(sorter) == before, "nothing copied twice"
+    summary = sorter.summary()
+    assert summary["files_new"] == 0
+    assert summary["files_already_present"] == sorted_before["files_sorted"]
+    for key in ("files_sorted", "duplicates", "skipped", "sources_gone", "conflicts"):
+        assert summary[key] == sorted_before[key], key
+    assert_every_file_accounted_for(sorter)
+    assert "Nothing to be done" in sorter.run().output

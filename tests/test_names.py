@@ -5,15 +5,17 @@ snakemake, plus the pure pieces."""
 from __future__ import annotations
 
 import os
+import shutil
 import time
 from pathlib import Path
 
+import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
-from conftest import assert_every_file_accounted_for, tree_snapshot
-from dcmsort import demo, headers, inventory, naming
-from dcmsort.fileops import MAX_NAME_BYTES, TEMP_SUFFIX, temp_path_for
+from conftest import assert_every_file_accounted_for, tree_snapshot, write_dicom
+from dcmsort import demo, headers, inventory, ledger, naming
+from dcmsort.fileops import MAX_NAME_BYTES, TEMP_SUFFIX, temp_name_for, temp_path_for
 
 
 def write_instance(path: str | bytes, name: str = "DOE^JOHN", number: int = 1) -> bytes:
@@ -106,20 +108,23 @@ def test_the_manifest_of_a_removed_long_folder_is_removed(tmp_path):
     assert [p.name for p in manifests.iterdir()] == ["short.parquet"]
 
 
-@pytest.mark.parametrize("length", [1, 200, 242, 243, 250, 255])
+@pytest.mark.parametrize("length", [1, 200, 230, 242, 243, 250, 255])
 @pytest.mark.parametrize("char", ["x", "é", "山"])
-def test_temporary_names_fit_255_bytes_stay_hidden_fixed_and_recognisable(length, char):
+@pytest.mark.parametrize("token", ["", "0123456789ab"])
+def test_temporary_names_fit_255_bytes_stay_hidden_fixed_and_recognisable(length, char, token):
     name = (char * length).encode()[:255].decode("utf-8", "ignore")
-    tmp = temp_path_for(Path("/out/folder") / name)
-    assert len(os.fsencode(tmp.name)) <= MAX_NAME_BYTES
-    assert tmp.name.startswith(".") and tmp.name.endswith(TEMP_SUFFIX)
-    assert tmp.parent == Path("/out/folder")
-    assert tmp == temp_path_for(Path("/out/folder") / name)
-    assert temp_path_for(Path("/out/folder") / (name[:-1] + "z")) != tmp
+    tmp = temp_name_for(name, token)
+    assert len(os.fsencode(tmp)) <= MAX_NAME_BYTES
+    assert tmp.startswith(".") and tmp.endswith(f".{token}{TEMP_SUFFIX}" if token else TEMP_SUFFIX)
+    assert tmp == temp_name_for(name, token)
+    assert temp_name_for(name[:-1] + "z", token) != tmp
+    assert temp_name_for(name, "ba9876543210") != tmp
+    assert temp_path_for(Path("/out/folder") / name) == Path("/out/folder") / temp_name_for(name)
 
 
 def test_ordinary_temporary_names_are_unchanged():
     assert temp_path_for(Path("/o/IM1.dcm")).name == f".IM1.dcm{TEMP_SUFFIX}"
+    assert temp_name_for("IM1.dcm", "0a1b") == f".IM1.dcm.0a1b{TEMP_SUFFIX}"
 
 
 # --- item 7: file-meta keywords in templates -----------------------------------------------
@@ -268,3 +273,123 @@ def test_messy_set_with_byte_names_every_expectation_holds(sorter):
             assert expect.reason in row["reason"], (relpath, row["reason"])
         assert bool(row["conflict"]) == expect.conflict, relpath
     assert rows["p_names/IM:0001.dcm"]["destination"].endswith("/IM_0001~fe9150.dcm")
+
+
+# --- issues 21 and 24: names one file system sees as one; one patient per patient folder ---
+
+
+def windows_name(path: str) -> str:
+    """How NTFS and SMB compare a name: upper-cased one code point at a time (a dotless i
+    is I), nothing normalised."""
+    return "".join(c.upper() if len(c.upper()) == 1 else c for c in path)
+
+
+def test_names_windows_sees_as_one_are_kept_apart_by_a_suffix(sorter):
+    folder = sorter.input_dir / "p"
+    one = write_dicom(folder / "\u0131x.dcm", desc="T1")  # dotless i
+    two = write_dicom(folder / "IX.dcm", desc="T1")
+    write_dicom(folder / "a.dcm", desc="T\u0131")  # two series: T + dotless i, and TI
+    write_dicom(folder / "b.dcm", desc="TI")
+    sorter.run()
+    rows = assert_accounted_for(sorter)
+    placed = [row["destination"] for row in rows.values()]
+    assert len({windows_name(d) for d in placed}) == 4, placed
+    assert len({windows_name(d.rsplit("/", 1)[0]) for d in placed}) == 3, "three series folders"
+    names = {rows[f"p/{n}"]["destination"].rsplit("/", 1)[1] for n in ("\u0131x.dcm", "IX.dcm")}
+    assert names in ({"\u0131x.dcm", "IX_2.dcm"}, {"\u0131x_2.dcm", "IX.dcm"})
+    by_name = {r["destination"]: r["relpath"] for r in rows.values()}
+    assert (sorter.output_dir / rows["p/IX.dcm"]["destination"]).read_bytes() == two
+    assert (sorter.output_dir / rows["p/\u0131x.dcm"]["destination"]).read_bytes() == one
+    assert len(by_name) == 4
+
+
+def test_one_series_whose_patient_name_differs_in_case_stays_in_one_folder(sorter):
+    write_dicom(sorter.input_dir / "a" / "IM1.dcm", "Doe^Jane", "1", "SER", instance=1)
+    write_dicom(sorter.input_dir / "b" / "IM2.dcm", "DOE^JANE", "1", "SER", instance=2)
+    sorter.run()
+    rows = assert_accounted_for(sorter)
+    folders = {row["destination"].rsplit("/", 1)[0] for row in rows.values()}
+    assert len(folders) == 1, folders
+    assert folders <= {"Doe^Jane_1/SER_1", "DOE^JANE_1/SER_1"}
+    # A later file of the series, spelled another way again, joins it.
+    write_dicom(sorter.input_dir / "c" / "IM3.dcm", "doe^jane", "1", "SER", instance=3)
+    sorter.run()
+    later = assert_accounted_for(sorter)
+    assert {row["destination"].rsplit("/", 1)[0] for row in later.values()} == folders
+
+
+def test_two_patients_whose_ids_differ_only_in_case_are_never_one_patient_folder(sorter):
+    ann = write_dicom(sorter.input_dir / "a" / "IM1.dcm", "Roe^Ann", "r1", "SER")
+    other = write_dicom(sorter.input_dir / "b" / "IM1.dcm", "ROE^ANN", "R1", "SER")
+    sorter.run()
+    rows = assert_accounted_for(sorter)
+    patients = {r: rows[r]["destination"].split("/")[0] for r in ("a/IM1.dcm", "b/IM1.dcm")}
+    assert len({windows_name(p).lower() for p in patients.values()}) == 2, patients
+    assert (sorter.output_dir / rows["a/IM1.dcm"]["destination"]).read_bytes() == ann
+    assert (sorter.output_dir / rows["b/IM1.dcm"]["destination"]).read_bytes() == other
+    assert sorter.summary()["patient_folders_with_several_ids"] == []
+    # Stable: new files of each patient go to that patient's folder.
+    write_dicom(sorter.input_dir / "a" / "IM2.dcm", "Roe^Ann", "r1", "SER", instance=2)
+    write_dicom(sorter.input_dir / "b" / "IM2.dcm", "ROE^ANN", "R1", "SER", instance=2)
+    sorter.run()
+    later = assert_accounted_for(sorter)
+    for patient in ("a", "b"):
+        assert (
+            later[f"{patient}/IM2.dcm"]["destination"].split("/")[0]
+            == patients[f"{patient}/IM1.dcm"]
+        )
+
+
+def test_a_template_without_patient_id_groups_by_name_and_the_report_says_so(sorter):
+    write_dicom(sorter.input_dir / "a" / "IM1.dcm", "Roe^Ann", "r1", "SER")
+    write_dicom(sorter.input_dir / "b" / "IM1.dcm", "ROE^ANN", "R1", "SER")
+    sorter.run(folder_template='"{PatientName}/{SeriesDescription}"')
+    rows = assert_accounted_for(sorter)
+    folders = {row["destination"].split("/")[0] for row in rows.values()}
+    assert len(folders) == 1 and folders <= {"Roe^Ann", "ROE^ANN"}
+    assert sorter.summary()["patient_folders_with_several_ids"] == [
+        {"folder": folders.pop(), "patient_ids": ["R1", "r1"]}
+    ]
+    page = (sorter.state / "report.html").read_text()
+    assert "Patient folders holding more than one PatientID" in page
+
+
+def test_an_output_an_earlier_version_merged_keeps_its_files_and_the_report_flags_it(sorter):
+    write_dicom(sorter.input_dir / "a" / "IM1.dcm", "Roe^Ann", "r1", "SER")
+    sorter.run()
+    # What an earlier version did with ROE^ANN, R1: a series folder in Roe^Ann_r1/, and a
+    # ledger without PatientIDs.
+    source = sorter.input_dir / "b" / "IM1.dcm"
+    write_dicom(source, "ROE^ANN", "R1", "SER")
+    series_uid = demo.uid("series", "R1", "SER")
+    merged = f"Roe^Ann_r1/SER_1_{naming.short_hash(series_uid)}/IM1.dcm"
+    (sorter.output_dir / merged).parent.mkdir()
+    shutil.copy2(source, sorter.output_dir / merged)
+    info = source.stat()
+    row = {
+        "relpath": "b/IM1.dcm",
+        "size": info.st_size,
+        "mtime_ns": info.st_mtime_ns,
+        "status": ledger.PLACED,
+        "destination": merged,
+        "mode": "copy",
+        "base_folder": "ROE^ANN_R1/SER_1",
+        "series_uid": series_uid,
+        "committed_at": 0.0,
+    }
+    ledger.append(sorter.state, pa.Table.from_pylist([row], schema=ledger.SCHEMA))
+    for segment in ledger.folder(sorter.state).glob("*.parquet"):
+        table = pq.read_table(segment)
+        if "patient_id" in table.column_names:
+            pq.write_table(table.drop_columns(["patient_id"]), segment)
+    sorter.run()
+    rows = assert_accounted_for(sorter)
+    assert rows["b/IM1.dcm"]["destination"] == merged, "a placement never moves"
+    assert sorter.summary()["patient_folders_with_several_ids"] == [
+        {"folder": "Roe^Ann_r1", "patient_ids": ["R1", "r1"]}
+    ]
+    # R1's series goes on in its folder.
+    write_dicom(sorter.input_dir / "b" / "IM2.dcm", "ROE^ANN", "R1", "SER", instance=2)
+    sorter.run()
+    later = assert_accounted_for(sorter)
+    assert later["b/IM2.dcm"]["destination"] == merged.replace("IM1", "IM2")

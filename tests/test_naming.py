@@ -1,17 +1,22 @@
 import os
 import unicodedata
 
-from hypothesis import example, given
+import pytest
+from hypothesis import assume, example, given
 from hypothesis import strategies as st
 
 from dcmsort.inventory import decode_name, encode_name, file_name, source_path
 from dcmsort.naming import (
+    MARKER,
     MAX_COMPONENT_BYTES,
+    fold,
     is_safe_component,
+    patient_level,
     render_path,
     render_person_name,
     safe_component,
     safe_value,
+    short_hash,
     template_problems,
 )
 
@@ -199,3 +204,150 @@ def test_names_that_are_utf8_without_percent_are_unchanged_by_the_manifest_form(
     if "%" not in text:
         assert encode_name(text) == text
         assert decode_name(text) == text
+
+
+# --- one name on some file system: the comparison key -----------------------------------
+
+
+def nfc(text: str) -> str:
+    return unicodedata.normalize("NFC", text)
+
+
+def nfd(text: str) -> str:
+    return unicodedata.normalize("NFD", text)
+
+
+def windows_upper(text: str) -> str:
+    """NTFS, SMB and exFAT compare names through an upper-case table: one code unit to one
+    (so ß stays ß), no normalisation."""
+    return "".join(c.upper() if len(c.upper()) == 1 else c for c in text)
+
+
+# How each target file system spells a name it compares: two names are one name there
+# when these give one string.
+TARGETS = {
+    "Windows (upper-case table)": windows_upper,
+    "case folding after NFC": lambda t: nfc(nfc(t).casefold()),
+    "canonical caseless match (ext4 casefold, APFS)": lambda t: nfd(nfd(t).casefold()),
+    "macOS normalisation (NFD)": nfd,
+    "NFC": nfc,
+    "ZFS (upper-case, normalised)": lambda t: nfd(windows_upper(t)),
+}
+
+
+@pytest.mark.parametrize(
+    ("one", "other"),
+    [
+        ("\u0131x.dcm", "IX.dcm"),  # dotless i: NTFS upper-cases it to I
+        ("T\u0131_1", "TI_1"),
+        ("ix", "IX"),
+        ("İ", "i\u0307"),  # capital I with dot, and i + combining dot (macOS)
+        ("straße", "STRASSE"),
+        ("ẞ", "ss"),
+        ("\ufb01le", "FILE"),  # the fi ligature
+        ("ΟΔΟΣ", "οδος"),  # final sigma
+        ("οδος", "οδοσ"),
+        ("\u212a", "k"),  # Kelvin sign
+        ("Mu\u0308ller", "MÜLLER"),
+    ],
+)
+def test_names_one_file_system_sees_as_one_have_one_key(one, other):
+    assert fold(one) == fold(other)
+
+
+@pytest.mark.parametrize(("one", "other"), [("İ", "I"), ("DOE^JOHN_1", "DOE^JOHN_l"), ("a", "b")])
+def test_names_no_file_system_merges_keep_apart(one, other):
+    assert fold(one) != fold(other)
+
+
+def test_every_character_has_the_key_of_each_targets_spelling_of_it():
+    """Exhaustive over single code points: a key equal to the key of every target's
+    spelling gives two names equal on a target one key."""
+    for code in [*range(0xD800), *range(0xE000, 0x30000)]:
+        char = chr(code)
+        key = fold(char)
+        assert fold(key) == key, hex(code)
+        for target, spell in TARGETS.items():
+            assert fold(spell(char)) == key, (hex(code), target)
+
+
+UNICODE_NAMES = st.text(
+    alphabet=st.one_of(
+        st.characters(blacklist_categories=["Cs"]),
+        st.sampled_from("\u0131Iİiß\u1e9eSsς\u03c3\u03a3\u212aK\ufb01\u0345\u0307\u0301\u0339ᾳΐ"),
+    ),
+    max_size=12,
+)
+
+
+@given(UNICODE_NAMES)
+@example("ᾳ\u0339")  # iota subscript and a mark it moves across when case-mapped
+@example("4\u0345\u0315")
+def test_names_equal_under_any_targets_comparison_have_equal_keys(text):
+    key = fold(text)
+    assert fold(key) == key
+    for target, spell in TARGETS.items():
+        assert fold(spell(text)) == key, target
+
+
+@given(UNICODE_NAMES, UNICODE_NAMES)
+def test_two_names_a_target_sees_as_one_are_one_key(one, other):
+    if any(spell(one) == spell(other) for spell in TARGETS.values()):
+        assert fold(one) == fold(other)
+
+
+# --- one repair, one hash; the extension stays last -----------------------------------------
+
+
+def test_a_name_that_needs_two_repairs_gets_one_hash():
+    name = render({"filename": "..\\..\\x.dcm"}, "{filename}")
+    assert name.count(MARKER) == 1 and name.endswith(".dcm") and is_safe_component(name)
+    assert name.startswith("___.._x~")
+
+
+def test_a_trailing_dot_keeps_the_extension_last():
+    assert safe_component("x.dcm.").endswith(".dcm")
+    assert safe_component("x.dcm.").startswith("x_~")
+    assert render({"filename": "x.dcm. "}, "{filename}").endswith(".dcm")
+    assert safe_component("x.dcm.") != safe_component("x.dcm..") != safe_component("x_.dcm")
+    # Without an extension a trailing dot is replaced, as before.
+    assert safe_component("abc.").startswith("abc_~")
+
+
+def test_names_with_one_repair_are_unchanged():
+    """Names an earlier version made stay the names of the same values."""
+    assert render(
+        {"SeriesDescription": "T1/T2", "SeriesNumber": "3"}, "{SeriesDescription}_{SeriesNumber}"
+    ) == ("T1_T2~697af6_3")
+    assert safe_component(".hidden") == "_hidden~" + short_hash(".hidden")
+    assert render({"filename": "IM:0001.dcm"}, "{filename}") == "IM_0001~fe9150.dcm"
+
+
+@given(
+    st.text(alphabet=st.sampled_from("ab.\\/: "), max_size=12),
+    st.sampled_from(["", ".", "..", " ", ". "]),
+)
+def test_any_file_name_gets_at_most_one_hash_and_keeps_its_extension(stem, tail):
+    assume(stem.strip("."))  # else ".dcm" is a hidden name, not an extension
+    name = render({"filename": f"{stem}.dcm{tail}"}, "{filename}")
+    assert name.count(MARKER) <= 1
+    assert name.endswith(".dcm")
+    assert is_safe_component(name)
+
+
+@given(
+    st.text(alphabet=st.sampled_from("ab.\\/: "), max_size=10),
+    st.text(alphabet=st.sampled_from("ab.\\/: "), max_size=10),
+)
+def test_two_values_that_differ_keep_apart_after_one_repair(one, other):
+    template = "{SeriesDescription}_{SeriesNumber}"
+    if one.strip() and other.strip() and nfc(one) != nfc(other):
+        a = render({"SeriesDescription": one, "SeriesNumber": "1"}, template)
+        b = render({"SeriesDescription": other, "SeriesNumber": "1"}, template)
+        assert a != b
+
+
+def test_the_patient_level_is_the_first_that_names_the_patient_id():
+    assert patient_level(SEED_TEMPLATE) == 0
+    assert patient_level("{Modality}/{PatientName}_{PatientID}/{SeriesNumber}") == 1
+    assert patient_level("{PatientName}/{SeriesDescription}") is None

@@ -8,7 +8,7 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
-from conftest import assert_every_file_accounted_for, tree_snapshot
+from conftest import Sorter, assert_every_file_accounted_for, tree_snapshot, write_dicom
 from dcmsort import demo, permissions
 from dcmsort.fileops import atomic_path, temp_path_for
 from dcmsort.permissions import (
@@ -53,6 +53,14 @@ def test_a_created_folder_is_never_more_open_than_its_parent_for_others(parent, 
     assert bool(mode & SETGID) == bool(parent & SETGID)
     if not parent & SETGID:
         assert mode & 0o077 & umask == 0
+
+
+@given(output=st.builds(lambda m, g: m | (SETGID if g else 0), modes, st.booleans()), umask=modes)
+def test_folders_below_folders_dcmsort_made_get_the_same_mode_at_every_depth(output, umask):
+    # The transfer gives every folder it makes the mode of one made in output_dir, without
+    # reading the mode of the folder it is made in (another thread may still be setting it).
+    once = folder_mode(output, umask)
+    assert folder_mode(once, umask) == once
 
 
 @pytest.mark.parametrize(
@@ -155,6 +163,18 @@ def test_an_existing_folder_is_never_chmodded(tmp_path, umask_022):
     assert mode_of(root / "open" / "new") == 0o755  # its parent's, narrowed by the umask
 
 
+def test_the_transfer_makes_folders_with_the_output_folders_mode_in_any_folder(tmp_path, umask_022):
+    # Never more open than output_dir, and never derived from a folder's current mode.
+    output = tmp_path / "out"
+    (output / "open").mkdir(parents=True)
+    os.chmod(output, 0o750)
+    os.chmod(output / "open", 0o777)
+    fd = OutputTree(output).open_folder("open/new/deeper")
+    os.close(fd)
+    assert mode_of(output / "open") == 0o777  # not made by dcmsort: left as it is
+    assert mode_of(output / "open" / "new") == mode_of(output / "open/new/deeper") == 0o750
+
+
 def test_a_file_where_a_folder_should_be_is_an_error(tmp_path):
     (tmp_path / "f").write_text("x")
     with pytest.raises(FileExistsError):
@@ -186,7 +206,7 @@ def test_the_transfer_copies_with_the_source_mode_masked_by_the_umask(
     assert mode_of(copy_into(source, tmp_path / "out2")) == source_mode & 0o700
 
 
-def test_a_temp_file_left_with_another_mode_does_not_lend_it_to_the_copy(tmp_path, umask_022):
+def test_a_file_at_a_temporary_name_lends_its_mode_to_no_copy(tmp_path, umask_022):
     source = tmp_path / "IM1"
     source.write_bytes(b"DICOM" * 10)
     os.chmod(source, 0o600)
@@ -196,7 +216,7 @@ def test_a_temp_file_left_with_another_mode_does_not_lend_it_to_the_copy(tmp_pat
     stale.write_bytes(b"half")
     os.chmod(stale, 0o666)
     assert mode_of(copy_into(source, target.parent)) == 0o600
-    assert not stale.exists()
+    assert stale.read_bytes() == b"half"  # not ours (no token): never touched
 
 
 def test_state_folders_made_by_atomic_writes_take_the_parents_mode(tmp_path, umask_022):
@@ -300,3 +320,36 @@ def test_nothing_dcmsort_writes_is_more_open_than_the_input_or_the_output(
         else:
             assert os.readlink(placed) == str(source)
     assert {mode_of(sorter.input_dir / r) for r in plan.column("relpath")} == {0o600, 0o640}
+
+
+def full_mode(path: Path) -> int:
+    """Permission bits and setgid, as ``ls -l`` shows them."""
+    return os.lstat(path).st_mode & (SETGID | 0o777)
+
+
+@pytest.mark.parametrize("output_mode", [0o755, SHARED], ids=["0755", "2770"])
+def test_folders_made_by_many_threads_at_once_all_get_the_output_folders_mode(sorter, output_mode):
+    # README "Group access for a lab": "Folders are 2770 whatever a member's umask" (issue
+    # 24: 2-8 % of folders came out 2700 or 0700 when threads made series folders in a
+    # patient folder whose own mode another thread had not set yet). Many patients with
+    # many one-file series, so that threads meet in the same patient folder; a fresh output
+    # each round, since whether the threads meet depends on timing.
+    for patient in range(40):
+        for series in range(8):
+            write_dicom(
+                sorter.input_dir / f"p{patient}" / f"{series}.dcm",
+                name=f"PAT^{patient}",
+                pid=str(patient),
+                desc=f"S{series}",
+                number=series + 1,
+            )
+    wrong = {}
+    for round_ in range(3):
+        output = sorter.output_dir.with_name(f"Classified{round_}")
+        output.mkdir()
+        os.chmod(output, output_mode)
+        Sorter(sorter.workdir, sorter.input_dir, output).run(umask=0o022, cores=8)
+        folders = [p for p in output.rglob("*") if p.is_dir()]
+        assert len(folders) > 40 * 9
+        wrong.update({p: oct(full_mode(p)) for p in folders if full_mode(p) != output_mode})
+    assert not wrong, f"{len(wrong)} folders with another mode: {sorted(wrong.items())[:5]}"

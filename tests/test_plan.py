@@ -15,8 +15,8 @@ import pytest
 
 from dcmsort import ledger
 from dcmsort.fileops import file_digest
-from dcmsort.naming import Naming
-from dcmsort.plan import Disk, fold, make_plan, new_files
+from dcmsort.naming import Naming, fold, short_hash
+from dcmsort.plan import Disk, make_plan, new_files
 from dcmsort.transfer import transfer_plan
 
 SEED = Naming("{PatientName}_{PatientID}/{SeriesDescription}_{SeriesNumber}", "{filename}")
@@ -55,13 +55,22 @@ class World:
         os.utime(path, ns=(tags.get("mtime_ns", 10**9),) * 2)
         info = path.stat()
         row = {**DEFAULTS, **tags, "relpath": relpath, "size": info.st_size}
-        row["mtime_ns"] = info.st_mtime_ns
+        row.update(mtime_ns=info.st_mtime_ns, ctime_ns=info.st_ctime_ns, ino=info.st_ino)
         self.rows[relpath] = row
         return row
 
+    def rename(self, relpath: str, new: str) -> None:
+        """As ``mv`` does it: the same file (and mtime) under another path."""
+        (self.input / new).parent.mkdir(parents=True, exist_ok=True)
+        (self.input / relpath).rename(self.input / new)
+        moved = {"relpath": new, "folder": new.split("/")[0]}
+        moved["ctime_ns"] = (self.input / new).stat().st_ctime_ns  # a rename changes it
+        self.rows[new] = {**self.rows.pop(relpath), **moved}
+
     def touch(self, relpath: str, mtime_ns: int) -> None:
         os.utime(self.input / relpath, ns=(mtime_ns, mtime_ns))
-        self.rows[relpath]["mtime_ns"] = mtime_ns
+        info = (self.input / relpath).stat()
+        self.rows[relpath].update(mtime_ns=mtime_ns, ctime_ns=info.st_ctime_ns)
 
     def files(self) -> pa.Table:
         return pa.Table.from_pylist(sorted(self.rows.values(), key=lambda r: r["relpath"]))
@@ -75,14 +84,15 @@ class World:
             lambda relpath: file_digest(self.input / relpath),
         )
 
-    def run(self) -> dict[str, dict]:
+    def run(self, mode: str = "copy") -> dict[str, dict]:
         """Plan and transfer (the real one, committing to the ledger); plan rows by path."""
         plan = self.plan()
         pq.write_table(plan, self.state / "plan.parquet")
         results = transfer_plan(
-            self.state / "plan.parquet", self.input, self.output, self.state, "copy", "size", 2
+            self.state / "plan.parquet", self.input, self.output, self.state, mode, "size", 2
         )
-        assert set(results["status"].to_pylist()) <= {"copied", "present", "duplicate"}
+        done = {"copied", "linked", "relinked", "present", "duplicate"}
+        assert set(results["status"].to_pylist()) <= done
         return {r["relpath"]: r for r in plan.to_pylist()}
 
 
@@ -281,3 +291,148 @@ def test_a_name_the_ledger_holds_is_never_reused_even_when_its_file_was_removed(
     world.add("p2/IM1", b"another file")
     plan = world.run()
     assert plan["p2/IM1"]["destination"] == "DOE^JOHN_1/LOCALIZER_1/IM1_2"
+
+
+# --- an input renamed: its placement follows it -----------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("mode", "action"), [("copy", "present"), ("hardlink", "present"), ("symlink", "relink")]
+)
+def test_a_renamed_input_keeps_its_destination_and_a_link_is_pointed_at_it(world, mode, action):
+    world.add("p1/IM1", b"content", SOPInstanceUID="9.1")
+    first = world.run(mode)
+    world.rename("p1/IM1", "p2/IM1")
+    again = world.run(mode)["p2/IM1"]
+    assert (again["action"], again["conflict"]) == (action, False)
+    assert again["destination"] == first["p1/IM1"]["destination"]
+    assert again["previous_relpath"] == ("p1/IM1" if mode == "symlink" else None)
+    placed = world.output / again["destination"]
+    assert sorted(p.name for p in placed.parent.iterdir()) == ["IM1"]
+    assert placed.read_bytes() == b"content"
+    if mode == "symlink":
+        assert os.readlink(placed) == str(world.input / "p2/IM1")
+        world.rename("p2/IM1", "p3/IM1")  # and again: the link follows the newest path
+        assert world.run(mode)["p3/IM1"]["previous_relpath"] == "p2/IM1"
+        assert os.readlink(placed) == str(world.input / "p3/IM1")
+
+
+def test_a_renamed_input_with_other_content_is_sorted_anew_and_its_old_link_left(world):
+    world.add("p1/IM1", b"version one", SOPInstanceUID="9.1")
+    world.run("symlink")
+    (world.input / "p1/IM1").unlink()
+    del world.rows["p1/IM1"]
+    world.add("p2/IM1", b"version two", SOPInstanceUID="9.1")  # same size, other bytes
+    plan = world.run("symlink")["p2/IM1"]
+    assert (plan["action"], plan["conflict"]) == ("sort", True)
+    assert plan["destination"] == "DOE^JOHN_1/LOCALIZER_1/IM1_2"
+    old = world.output / "DOE^JOHN_1/LOCALIZER_1/IM1"
+    assert os.readlink(old) == str(world.input / "p1/IM1"), "never re-pointed to other bytes"
+
+
+def test_a_renamed_input_and_a_copy_of_it_are_one_relink_and_one_duplicate(world):
+    world.add("p1/IM1", b"content", SOPInstanceUID="9.1")
+    world.run("symlink")
+    world.rename("p1/IM1", "p2/IM1")
+    world.add("p3/IM1", b"content", SOPInstanceUID="9.1")
+    plan = world.run("symlink")
+    assert sorted(r["action"] for r in plan.values()) == ["duplicate", "relink"]
+    assert {r["destination"] for r in plan.values()} == {"DOE^JOHN_1/LOCALIZER_1/IM1"}
+
+
+def test_a_link_whose_old_input_is_still_there_is_not_relinked(world):
+    world.add("p1/IM1", b"content", SOPInstanceUID="9.1")
+    world.run("symlink")
+    world.add("p2/IM1", b"content", SOPInstanceUID="9.1")  # a copy: p1/IM1 stays
+    assert world.run("symlink")["p2/IM1"]["action"] == "duplicate"
+    placed = world.output / "DOE^JOHN_1/LOCALIZER_1/IM1"
+    assert os.readlink(placed) == str(world.input / "p1/IM1")
+
+
+# --- one series in one folder; one patient in one patient folder ---------------------------
+
+
+def test_a_series_whose_values_differ_only_in_case_stays_in_one_folder(world):
+    world.add("a/IM1", PatientName="Doe^Jane", SeriesDescription="SER", SOPInstanceUID="1")
+    world.add("b/IM2", PatientName="DOE^JANE", SeriesDescription="SER", SOPInstanceUID="2")
+    first = destinations(world.run())
+    assert first == {"a/IM1": "Doe^Jane_1/SER_1/IM1", "b/IM2": "Doe^Jane_1/SER_1/IM2"}
+    # A later file of the series, spelled another way again, joins it.
+    world.add("c/IM3", PatientName="doe^jane", SeriesDescription="ser", SOPInstanceUID="3")
+    assert destinations(world.run()) == {"c/IM3": "Doe^Jane_1/SER_1/IM3"}
+
+
+R1 = {"PatientName": "ROE^ANN", "PatientID": "R1", "StudyInstanceUID": "1.2"}
+r1 = {"PatientName": "Roe^Ann", "PatientID": "r1", "StudyInstanceUID": "1.1"}
+
+
+def test_patient_ids_that_differ_only_in_case_get_a_patient_folder_each(world):
+    world.add("a/IM1", SeriesInstanceUID="1.1.1", SOPInstanceUID="1", **r1)
+    world.add("b/IM1", SeriesInstanceUID="1.2.1", SOPInstanceUID="2", **R1)
+    first = destinations(world.run())
+    # Planning order (study, series, file) decides: study 1.1 (r1) first.
+    assert first == {
+        "a/IM1": "Roe^Ann_r1/LOCALIZER_1/IM1",
+        "b/IM1": f"ROE^ANN_R1_{short_hash('R1')}/LOCALIZER_1/IM1",
+    }
+    # A placed folder keeps its owner: new files of either, in new series, follow.
+    world.add("a/IM2", SeriesInstanceUID="1.1.2", SOPInstanceUID="3", **r1)
+    world.add("b/IM2", SeriesInstanceUID="1.2.2", SOPInstanceUID="4", **R1)
+    later = destinations(world.run())
+    assert later["a/IM2"].startswith("Roe^Ann_r1/LOCALIZER_1_")
+    assert later["b/IM2"].startswith(f"ROE^ANN_R1_{short_hash('R1')}/LOCALIZER_1_")
+
+
+def test_two_patient_ids_with_one_series_uid_are_still_two_patient_folders(world):
+    world.add("a/IM1", SOPInstanceUID="1", **r1)  # an anonymiser kept the UIDs
+    world.add("b/IM1", SOPInstanceUID="2", **R1)
+    folders = {d.split("/")[0] for d in destinations(world.run()).values()}
+    assert folders == {"Roe^Ann_r1", f"ROE^ANN_R1_{short_hash('R1')}"}
+
+
+def test_which_patient_keeps_the_plain_name_does_not_depend_on_the_order_of_the_batches(
+    world,
+):
+    world.add("a/IM1", SeriesInstanceUID="1.1.1", SOPInstanceUID="1", **r1)
+    world.add("b/IM1", SeriesInstanceUID="1.2.1", SOPInstanceUID="2", **R1)
+    world.add("b/IM2", SeriesInstanceUID="1.2.1", SOPInstanceUID="3", **R1)
+    files = world.files()
+
+    def plan_of(table: pa.Table) -> dict[str, str]:
+        plan = make_plan(
+            table, ledger.read(world.state), SEED, Disk(world.output), lambda _relpath: None
+        )
+        return dict(zip(plan["relpath"].to_pylist(), plan["destination"].to_pylist(), strict=True))
+
+    reversed_files = files.take(pa.array(range(files.num_rows - 1, -1, -1)))
+    assert plan_of(files) == plan_of(reversed_files)
+    assert plan_of(reversed_files)["a/IM1"] == "Roe^Ann_r1/LOCALIZER_1/IM1"
+
+
+def test_a_template_without_patient_id_groups_patients_by_what_it_names(tmp_path):
+    world = World(tmp_path, Naming("{PatientName}/{SeriesDescription}", "{filename}"))
+    world.add("a/IM1", SeriesInstanceUID="1.1.1", SOPInstanceUID="1", **r1)
+    world.add("b/IM1", SeriesInstanceUID="1.2.1", SOPInstanceUID="2", **R1)
+    folders = {d.split("/")[0] for d in destinations(world.run()).values()}
+    assert folders == {"Roe^Ann"}
+
+
+def forget_patient_ids(state: Path) -> None:
+    """The ledger as a version before PatientIDs were kept wrote it."""
+    for segment in (state / "ledger").glob("*.parquet"):
+        table = pq.read_table(segment)
+        pq.write_table(table.drop_columns(["patient_id"]), segment)
+
+
+def test_an_output_an_earlier_version_merged_keeps_its_placements_and_series(world):
+    world.add("a/IM1", SeriesInstanceUID="1.1.1", SOPInstanceUID="1", **r1)
+    world.add("b/IM1", SeriesInstanceUID="1.2.1", SOPInstanceUID="2", **{**R1, "PatientID": "r1"})
+    first = destinations(world.run())
+    forget_patient_ids(world.state)
+    world.rows["b/IM1"]["PatientID"] = "R1"  # as it was: the earlier version merged it
+    assert ledger.read(world.state)["patient_id"].null_count == 2
+    # Nothing placed moves; a new file of R1's series goes to that series' folder.
+    world.add("b/IM2", SeriesInstanceUID="1.2.1", SOPInstanceUID="3", **R1)
+    later = destinations(world.run())
+    assert list(later) == ["b/IM2"]
+    assert later["b/IM2"].rsplit("/", 1)[0] == first["b/IM1"].rsplit("/", 1)[0]

@@ -3,6 +3,7 @@ honest about a run that did not finish."""
 
 from __future__ import annotations
 
+import json
 import os
 from pathlib import Path
 
@@ -159,6 +160,34 @@ def test_sources_gone_count_placements_only_and_dangling_links_are_told_apart(tm
     assert summary["duplicates"] == 0, "a duplicate whose input is gone is not current"
 
 
+def test_a_link_whose_input_is_gone_dangles_even_when_a_duplicate_is_current(tmp_path):
+    out = tmp_path / "out"
+    (out / "P/S").mkdir(parents=True)
+    (out / "P/S/link").symlink_to(tmp_path / "in/deleted")
+    c = committed(
+        {"relpath": "deleted", "destination": "P/S/link", "mode": "symlink"},
+        {"relpath": "copy", "destination": "P/S/link", "status": ledger.DUPLICATE},
+    )
+    summary, tables, _ = report(tmp_path, files(("copy", 10, 1)), c, transfers())
+    assert (summary["dangling_links"], summary["sources_gone"], summary["duplicates"]) == (1, 0, 1)
+    assert tables["gone"]["destination"].to_pylist() == ["P/S/link"], "listed"
+
+
+def test_relinked_files_are_counted_and_said_in_the_summary_line(tmp_path):
+    c = committed(
+        {"relpath": "old/a", "destination": "P/S/a", "mode": "symlink"},
+        {"relpath": "new/a", "destination": "P/S/a", "mode": "symlink"},
+    )
+    t = transfers(("new/a", "P/S/a", "relinked"))
+    summary, _, page = report(tmp_path, files(("new/a", 10, 1)), c, t)
+    assert (summary["files_relinked"], summary["files_new"], summary["dangling_links"]) == (1, 0, 0)
+    assert summary["sources_gone"] == 0
+    assert "Relinked this run" in page
+    summary_file = tmp_path / "summary.json"
+    summary_file.write_text(json.dumps({**summary, "report": "r.html"}))
+    assert ", 1 relinked (their input moved) ·" in status.summary_line(summary_file)
+
+
 def test_conflicts_are_placements_sharing_a_sop_uid(tmp_path):
     c = committed(
         {"relpath": "a", "destination": "P/S/a", "sop_uid": "9"},
@@ -177,6 +206,52 @@ def test_a_changed_transfer_mode_is_said_on_the_page(tmp_path):
         tmp_path, files(("a", 10, 1)), c, transfers(), "hardlink", {"transfer_mode": "copy"}
     )
     assert "transfer_mode changed from copy to hardlink" in page
+
+
+def test_patient_folders_holding_more_than_one_patient_id_are_listed(tmp_path):
+    c = committed(
+        {"relpath": "a", "destination": "Roe/S/a", "patient_id": "r1"},
+        {"relpath": "b", "destination": "Roe/S_2/b", "patient_id": "R1"},
+        {"relpath": "c", "destination": "Doe/S/c", "patient_id": "1"},
+        {"relpath": "d", "destination": "Doe/S/d", "patient_id": "1"},
+    )
+    f = files(("a", 10, 1), ("b", 10, 1), ("c", 10, 1), ("d", 10, 1))
+    summary, _, page = report(tmp_path, f, c, transfers())
+    assert summary["patient_folders_with_several_ids"] == [
+        {"folder": "Roe", "patient_ids": ["R1", "r1"]}
+    ]
+    assert "1 patient folders hold files of more than one PatientID" in page
+    assert "R1, r1" in page
+
+
+def test_a_merge_an_earlier_version_made_is_listed_from_the_inputs_patient_ids(tmp_path):
+    # Placed before the ledger kept PatientIDs: the current inputs tell them.
+    c = committed(
+        {"relpath": "a", "destination": "Roe_r1/S/a"},
+        {"relpath": "b", "destination": "Roe_r1/S_2/b"},
+        {"relpath": "gone", "destination": "Roe_r1/S_2/gone"},
+    )
+    f = files(("a", 10, 1), ("b", 10, 1)).append_column("PatientID", pa.array(["r1", "R1 "]))
+    summary, _, _ = report(tmp_path, f, c, transfers())
+    assert summary["patient_folders_with_several_ids"] == [
+        {"folder": "Roe_r1", "patient_ids": ["R1", "r1"]}
+    ]
+
+
+def test_the_patient_folder_is_the_templates_level_with_the_patient_id(tmp_path):
+    c = committed(
+        {"relpath": "a", "destination": "MR/r1/S/a", "patient_id": "r1"},
+        {"relpath": "b", "destination": "MR/r2/S/b", "patient_id": "r2"},
+    )
+    f = files(("a", 10, 1), ("b", 10, 1))
+    summary, _ = summarise(f, c, transfers(), [], None, tmp_path, "copy", "r.html", patient_level=1)
+    assert summary["patient_folders_with_several_ids"] == []
+    summary, _ = summarise(
+        f, c, transfers(), [], None, tmp_path, "copy", "r.html", patient_level=None
+    )
+    assert summary["patient_folders_with_several_ids"] == [
+        {"folder": "MR", "patient_ids": ["r1", "r2"]}
+    ]
 
 
 # --- untrusted values on a web page --------------------------------------------------------

@@ -1,3 +1,5 @@
+import dataclasses
+import json
 import re
 import subprocess
 import sys
@@ -11,10 +13,12 @@ from dcmsort.naming import Naming
 from dcmsort.settings import (
     ConfigError,
     acquire_run_lock,
+    check_how,
     check_layout,
     discard_logs,
     format_spec_problem,
     from_command_line,
+    layout_record,
     resolve,
     schema_message,
 )
@@ -65,6 +69,12 @@ def test_relative_folders_are_resolved_and_state_lives_with_the_output(tmp_path,
         ({"output_dir": "a_file"}, r"output_dir .*a_file is a file, not a folder; choose a"),
         ({"output_dir": "a_file/x"}, "output_dir .* cannot be created: .*a_file is a file"),
         ({"state_dir": "a_file"}, "state_dir .*a_file is a file, not a folder; choose a"),
+        ({"state_dir": "out"}, "state_dir .* is inside output_dir .*; leave state_dir empty"),
+        ({"state_dir": "out/P_1/state"}, "state_dir .* inside output_dir .*could replace sorted"),
+        ({"state_dir": "out/P_1/.state"}, "inside output_dir .*or one whose name starts with '.'"),
+        ({"state_dir": "."}, "output_dir .* is inside state_dir .*; choose folders that do not"),
+        ({"file_template": "a/{filename}"}, "file_template .* contains '/', but it names one file"),
+        ({"state_dir": "notes"}, "state_dir .*notes holds 'todo.txt' and no dcmsort state; choose"),
         (
             {"folder_template": "{PatientNmae}"},
             "folder_template .*PatientNmae.* not a DICOM keyword .*examples: PatientID",
@@ -83,6 +93,8 @@ def test_bad_config_is_one_clear_message_naming_the_key_and_the_fix(
     tmp_path, input_dir, values, message
 ):
     (tmp_path / "a_file").write_text("not a folder")
+    (tmp_path / "notes").mkdir()
+    (tmp_path / "notes" / "todo.txt").write_text("a user's own file")
     with pytest.raises(ConfigError, match=message):
         resolve(config(**{"input_dir": "in", "output_dir": "out", **values}), cwd=tmp_path)
 
@@ -165,9 +177,92 @@ def test_an_empty_input_folder_is_refused(tmp_path):
 def test_a_changed_layout_is_refused_for_an_existing_output(tmp_path):
     layout = tmp_path / "layout.json"
     layout.write_text('{"folder_template": "{PatientID}", "file_template": "{filename}"}')
-    check_layout(layout, Naming("{PatientID}", "{filename}"))
+    check_layout(layout, Naming("{PatientID}", "{filename}"), tmp_path)
     with pytest.raises(ConfigError, match="folder_template .* was sorted with"):
-        check_layout(layout, Naming("{Modality}", "{filename}"))
+        check_layout(layout, Naming("{Modality}", "{filename}"), tmp_path)
+
+
+@pytest.mark.parametrize(
+    ("state", "moves_with_the_output"), [(".dcmsort", True), (".a/.b", True), ("../state", False)]
+)
+def test_a_state_describes_one_output_and_moves_with_it_when_inside(
+    tmp_path, state, moves_with_the_output
+):
+    naming = Naming("{PatientID}", "{filename}")
+    output, other = tmp_path / "one" / "out", tmp_path / "one" / "other"
+    state_dir = output / state
+    state_dir.mkdir(parents=True)
+    (state_dir / "layout.json").write_text(json.dumps(layout_record(naming, output, state_dir)))
+    check_layout(state_dir / "layout.json", naming, output)
+    (tmp_path / "link").symlink_to(output)
+    check_layout(state_dir / "layout.json", naming, tmp_path / "link")  # the same folder
+    with pytest.raises(ConfigError, match="holds the state of output_dir .*out, not .*other;"):
+        check_layout(state_dir / "layout.json", naming, other)
+    (tmp_path / "one").rename(tmp_path / "moved")  # the output, with its state, moved
+    moved = tmp_path / "moved" / "out"
+    if moves_with_the_output:
+        check_layout(moved / state / "layout.json", naming, moved)
+    else:  # a state elsewhere names the output by its path
+        with pytest.raises(ConfigError, match="holds the state of output_dir .*one/out, not"):
+            check_layout(moved / state / "layout.json", naming, moved)
+
+
+def test_a_v03_state_without_an_output_record_is_judged_by_where_it_lies_and_its_report(
+    tmp_path,
+):
+    naming = Naming("{PatientID}", "{filename}")
+    inside, elsewhere = tmp_path / "out" / ".dcmsort", tmp_path / "state"
+    for state in (inside, elsewhere):
+        state.mkdir(parents=True)
+        (state / "layout.json").write_text(json.dumps(dataclasses.asdict(naming)))
+        (state / "summary.json").write_text(json.dumps({"output_dir": "/was/sorted/here"}))
+    check_layout(inside / "layout.json", naming, tmp_path / "out")  # moved with its output
+    with pytest.raises(ConfigError, match="holds the state of output_dir /was/sorted/here"):
+        check_layout(elsewhere / "layout.json", naming, tmp_path / "out")
+    (elsewhere / "summary.json").unlink()  # a first run stopped before its report
+    check_layout(elsewhere / "layout.json", naming, tmp_path / "out")
+
+
+def test_a_state_dir_reached_through_a_link_inside_the_output_is_refused(tmp_path, input_dir):
+    (tmp_path / "out").mkdir()
+    (tmp_path / "elsewhere").mkdir()
+    (tmp_path / "out" / ".dcmsort").symlink_to(tmp_path / "elsewhere")
+    (tmp_path / "out_link").symlink_to(tmp_path / "out")
+    for state_dir in ("", "out/.dcmsort/sub", "out_link/.dcmsort", "out/.x/../.dcmsort"):
+        with pytest.raises(ConfigError, match=r"symbolic link .*out/\.dcmsort inside output_dir"):
+            resolve(config(input_dir="in", output_dir="out", state_dir=state_dir), cwd=tmp_path)
+    # A link on the way to the output is followed, as it is for output_dir itself.
+    (tmp_path / "out" / ".dcmsort").unlink()
+    settings = resolve(
+        config(input_dir="in", output_dir="out", state_dir="out_link/.state"), cwd=tmp_path
+    )
+    assert settings.state_dir == tmp_path / "out" / ".state"
+
+
+def test_a_state_dir_in_a_hidden_folder_of_the_output_or_in_the_home_is_accepted(
+    tmp_path, input_dir, monkeypatch
+):
+    monkeypatch.setenv("HOME", str(tmp_path / "home"))
+    for given, expected in [
+        ("out/.state", tmp_path / "out" / ".state"),
+        ("~/state", tmp_path / "home" / "state"),
+    ]:
+        settings = resolve(config(input_dir="in", output_dir="out", state_dir=given), tmp_path)
+        assert settings.state_dir == expected
+
+
+@pytest.mark.parametrize("key", ["folder_template", "file_template", "placeholder"])
+@pytest.mark.parametrize("given", [None, ""])
+def test_an_empty_naming_value_is_refused_as_empty_not_as_unquoted(key, given):
+    with pytest.raises(ConfigError, match=f"^{key} is empty; leave it out for the default"):
+        from_command_line({"input_dir": "in", "output_dir": "out", key: given}, {key: given})
+
+
+def test_an_empty_state_dir_is_the_default():
+    given = {"state_dir": None}
+    assert (
+        from_command_line({"input_dir": "i", "output_dir": "o", **given}, given)["state_dir"] == ""
+    )
 
 
 def test_a_second_run_on_the_same_output_is_refused_while_the_first_lives(tmp_path):
@@ -203,6 +298,7 @@ SCHEMA = Path(__file__).resolve().parents[1] / "workflow" / "schemas" / "config.
         ({"batches": "many"}, "batches must be a whole number from 1 to 10000, or auto"),
         ({"transfer_mode": "move"}, "transfer_mode must be one of copy, hardlink, symlink"),
         ({"keep_series_apart": "maybe"}, "keep_series_apart must be true or false"),
+        ({"check": "yes please"}, "check must be true or false, or one of size, checksum"),
         (
             {"placeholder": 7},
             """placeholder must be text.*quote the value: --config 'placeholder=""",
@@ -214,3 +310,35 @@ def test_a_schema_violation_is_one_line_that_says_what_is_accepted(values, messa
     validator = jsonschema.Draft202012Validator(yaml.safe_load(SCHEMA.read_text()))
     error = next(validator.iter_errors({"input_dir": "in", "output_dir": "out", **values}))
     assert re.search(message, schema_message(error))
+
+
+def test_a_state_dir_of_dcmsort_or_snakemake_alone_is_accepted(tmp_path, input_dir):
+    state = tmp_path / "state"
+    (state / ".snakemake").mkdir(parents=True)  # the working directory is the state folder
+    resolve(config(input_dir="in", output_dir="out", state_dir="state"), cwd=tmp_path)
+    acquire_run_lock(state)
+    (state / "report.html").write_text("dcmsort's own")
+    resolve(config(input_dir="in", output_dir="out", state_dir="state"), cwd=tmp_path)
+
+
+@pytest.mark.parametrize(
+    ("typed", "verify", "how"),
+    [
+        ("true", "size", "size"),
+        ("True", "checksum", "checksum"),  # true checks as verify does
+        ("false", "checksum", None),
+        ("size", "checksum", "size"),
+        ("checksum", "size", "checksum"),
+    ],
+)
+def test_check_on_the_command_line_says_how_a_run_checks(typed, verify, how):
+    # Snakemake reads --config check=true as the text "true" (only True is a boolean).
+    given = {"check": typed, "verify": verify}
+    fixed = from_command_line({"input_dir": "in", "output_dir": "out", **given}, given)
+    assert check_how(fixed["check"], verify) == how
+
+
+def test_keep_series_apart_false_on_the_command_line_is_a_boolean():
+    given = {"keep_series_apart": "false"}
+    fixed = from_command_line({"input_dir": "in", "output_dir": "out", **given}, given)
+    assert fixed["keep_series_apart"] is False

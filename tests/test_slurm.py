@@ -1,7 +1,9 @@
-"""The cluster path, against a real SLURM on localhost (tests/slurm/cluster.sh start)."""
+"""The cluster path, against a real SLURM of three nodes on this machine
+(tests/slurm/cluster.sh start)."""
 
 import importlib.util
 import os
+import re
 import shutil
 import subprocess
 
@@ -51,11 +53,24 @@ def test_a_cluster_run_gives_the_same_tree_as_a_local_run(tmp_path):
         "--slurm-no-account",
         "--latency-wait",
         "5",
+        "--max-threads",
+        "1",  # each node of the test cluster has one CPU; a job asking more is refused
         batches=3,
         timeout=420,
     )
-    submitted = result.output.count("Job ") and result.output.count("has been submitted with SLURM")
-    assert submitted >= 3, result.output[-3000:]  # extract batches, plan and transfer
+    job_ids = re.findall(r"has been submitted with SLURM jobid (\d+)", result.output)
+    assert len(job_ids) >= 5, result.output[-3000:]  # 3 extract batches, plan and transfer
+    # SLURM's own record of where each job ran (kept for MinJobAge after the job ends).
+    ran = subprocess.run(
+        ["squeue", "-h", "--states=all", f"--jobs={','.join(job_ids)}", "-o", "%i %T %N"],
+        capture_output=True,
+        text=True,
+        check=True,
+    ).stdout.split("\n")
+    jobs = {job: (state, node) for job, state, node in (line.split() for line in ran if line)}
+    assert {state for state, _ in jobs.values()} == {"COMPLETED"}, jobs
+    nodes = {node for _, node in jobs.values()}
+    assert len(nodes) > 1, f"every job ran on {nodes}: the jobs were not spread over nodes"
     assert_every_file_accounted_for(cluster)
 
     def sorted_tree(sorter):

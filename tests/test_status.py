@@ -34,6 +34,27 @@ def test_summary_line_states_the_counts_and_where_the_report_is(tmp_path):
     assert "1 changed during the run (rerun to sort them)" in line
 
 
+def test_summary_line_says_what_a_check_restored_and_what_damage_is_left(tmp_path):
+    summary = {
+        "files_sorted": 10,
+        "files_new": 0,
+        "duplicates": 0,
+        "conflicts": 0,
+        "skipped": 0,
+        "report": "/out/.dcmsort/report.html",
+        "check": {"how": "size", "placements": 10, "restored": 2, "damaged": 0},
+    }
+    path = tmp_path / "summary.json"
+    path.write_text(json.dumps(summary))
+    assert ", checked 10 placements: 2 restored ·" in summary_line(path)
+    assert not status.damage_left(path)
+    summary["check"]["damaged"] = 1
+    path.write_text(json.dumps(summary))
+    line = summary_line(path)
+    assert f", checked 10 placements: 2 restored, 1 damaged (see {tmp_path}/check.csv)" in line
+    assert status.damage_left(path)
+
+
 def test_a_torn_last_line_in_the_history_is_skipped_and_the_next_entry_starts_anew(tmp_path):
     history = tmp_path / "history.jsonl"
     append_history(history, {"run": 1, "transfer_mode": "copy"})

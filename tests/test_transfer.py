@@ -18,7 +18,7 @@ import pyarrow.parquet as pq
 import pytest
 
 from dcmsort import ledger, permissions, transfer
-from dcmsort.fileops import TEMP_SUFFIX, copy_range, file_digest, temp_path_for
+from dcmsort.fileops import TEMP_SUFFIX, copy_range, file_digest, temp_name_for, temp_path_for
 from dcmsort.plan import PLAN_SCHEMA
 from dcmsort.transfer import (
     CHANGED,
@@ -27,6 +27,7 @@ from dcmsort.transfer import (
     ERROR,
     LINKED,
     PRESENT,
+    RELINKED,
     OutputTree,
     Row,
     TransferError,
@@ -64,6 +65,8 @@ class Job:
             "relpath": relpath,
             "size": info.st_size,
             "mtime_ns": info.st_mtime_ns,
+            "ctime_ns": info.st_ctime_ns,
+            "ino": info.st_ino,
             "action": action,
             "destination": destination,
             "committed": False,
@@ -74,12 +77,21 @@ class Job:
             "SOPInstanceUID": f"1.2.3.{relpath}",
             "StudyInstanceUID": "1.2",
             "Modality": "MR",
+            "previous_relpath": None,
             **extra,
         }
 
     def plan(self, *rows: dict) -> Path:
-        pq.write_table(pa.Table.from_pylist(list(rows), schema=PLAN_SCHEMA), self.plan_file)
+        """A plan file of rows, with a token for its temporary files, as the plan writes it."""
+        table = transfer.with_temp_token(pa.Table.from_pylist(list(rows), schema=PLAN_SCHEMA))
+        pq.write_table(table, self.plan_file)
         return self.plan_file
+
+    def temp_path(self, destination: str) -> Path:
+        """The temporary path a transfer of the current plan writes destination under."""
+        token = transfer.temp_token(pq.read_table(self.plan_file))
+        path = self.output / destination
+        return path.with_name(temp_name_for(path.name, token))
 
     def transfer(self, mode: str = "copy", verify: str = "size", workers: int = 2) -> dict:
         """Results by relpath."""
@@ -139,14 +151,28 @@ def test_each_mode_places_the_file_and_a_rerun_of_the_plan_commits_nothing_twice
         assert os.readlink(placed) == str(source.absolute())
     assert os.path.samefile(placed, source) == (mode != "copy")
     assert job.temp_files() == []
-    [committed] = job.committed()
-    assert (committed["relpath"], committed["destination"]) == ("p/IM1", "P/S/IM1")
-    assert (committed["status"], committed["mode"]) == (ledger.PLACED, mode)
-    assert (committed["size"], committed["mtime_ns"]) == (source.stat().st_size, 2_000_000_000)
+    planned = job.row("p/IM1", "P/S/IM1")  # as the input is now
+    committed = job.committed()
+    # A new hard link changed the input's ctime (its link count): the placement is
+    # committed for the planned version and for the one the input is now.
+    assert len(committed) == (2 if mode == "hardlink" else 1)
+    assert committed[-1]["ctime_ns"] == planned["ctime_ns"]
+    for row in committed:
+        assert (row["relpath"], row["destination"]) == ("p/IM1", "P/S/IM1")
+        assert (row["status"], row["mode"]) == (ledger.PLACED, mode)
+        assert (row["size"], row["mtime_ns"]) == (source.stat().st_size, 2_000_000_000)
+        assert row["ino"] == source.stat().st_ino
 
     # The same plan again (Snakemake reruns a transfer job whose report failed): nothing to do.
     assert job.transfer(mode) == {}
-    assert len(job.committed()) == 1
+    assert len(job.committed()) == len(committed)
+    # Nor a plan of the input as it is now.
+    assert (
+        ledger.rows_by_key(
+            pa.Table.from_pylist([planned]), ledger.read(job.state), "missing"
+        ).num_rows
+        == 0
+    )
 
 
 def test_a_symbolic_link_is_absolute_when_input_dir_is_given_relative(job, monkeypatch):
@@ -268,15 +294,68 @@ def test_a_successful_transfer_job_exits_0_and_keeps_the_plan(job):
     assert pq.read_table(job.root / "r.pq")["status"].to_pylist() == [COPIED]
 
 
-def test_a_stale_temp_file_from_a_killed_run_is_replaced(job):
+def test_a_temp_file_a_killed_transfer_of_the_plan_left_is_removed(job):
     source = job.add("p/IM1")
     (job.output / "P").mkdir()
-    stale = temp_path_for(job.output / "P/IM1")
-    stale.write_bytes(b"half a fi")
     job.plan(job.row("p/IM1", "P/IM1"))
+    job.temp_path("P/IM1").write_bytes(b"half a fi")  # the plan's token: ours
     assert job.transfer()["p/IM1"]["status"] == COPIED
     assert (job.output / "P/IM1").read_bytes() == source.read_bytes()
     assert list((job.output / "P").iterdir()) == [job.output / "P/IM1"]
+
+
+@pytest.mark.parametrize("kind", ["file", "link", "folder"])
+def test_what_stands_at_a_temporary_name_without_the_plans_token_is_never_touched(job, kind):
+    # A user's file at the name temporary files had before they carried a token, one at
+    # another plan's temporary name, a link to a file elsewhere, a folder.
+    source = job.add("p/IM1")
+    (job.output / "P").mkdir()
+    elsewhere = job.root / "elsewhere"
+    elsewhere.write_bytes(b"someone's")
+    job.plan(job.row("p/IM1", "P/IM1"))
+    theirs = [temp_path_for(job.output / "P/IM1"), job.output / "P" / temp_name_for("IM1", "0")]
+    for path in theirs:
+        if kind == "file":
+            path.write_bytes(b"someone's")
+        elif kind == "link":
+            path.symlink_to(elsewhere)
+        else:
+            path.mkdir()
+    assert transfer.settle(job.plan_file, job.input, job.output, job.state, "copy") == 0
+    assert job.transfer()["p/IM1"]["status"] == COPIED
+    assert (job.output / "P/IM1").read_bytes() == source.read_bytes()
+    for path in theirs:
+        assert os.path.lexists(path)
+        if kind == "file":
+            assert path.read_bytes() == b"someone's"
+        elif kind == "link":
+            assert os.readlink(path) == str(elsewhere)
+    assert elsewhere.read_bytes() == b"someone's"
+
+
+def test_something_at_the_plans_temporary_name_during_the_transfer_is_never_touched(
+    job, monkeypatch
+):
+    # After settle, only someone else can have put it there: the file is not placed, the
+    # plan is dropped, and the next plan's token gives another temporary name.
+    job.add("p/IM1")
+    job.add("p/IM2")
+    job.plan(job.row("p/IM1", "P/IM1"), job.row("p/IM2", "P/IM2"))
+    (job.output / "P").mkdir()
+    theirs = job.temp_path("P/IM1")
+    real_settle = transfer._settle
+
+    def settle_then_someone_writes(*args):
+        settled = real_settle(*args)
+        theirs.write_bytes(b"someone's")
+        return settled
+
+    monkeypatch.setattr(transfer, "_settle", settle_then_someone_writes)
+    assert job.main() == 1
+    assert theirs.read_bytes() == b"someone's"
+    assert not (job.output / "P/IM1").exists()
+    assert [r["relpath"] for r in job.committed()] == ["p/IM2"]
+    assert not job.plan_file.exists(), "the next run must plan the file again"
 
 
 # --- file systems without renameat2(RENAME_NOREPLACE), or without hard links too -----------
@@ -321,6 +400,129 @@ def test_without_renameat2_a_taken_name_is_never_replaced_and_no_temp_file_is_le
     assert job.transfer()["p/IM1"]["status"] == (PRESENT if same else ERROR)
     assert (job.output / "P/IM1").read_bytes() == held
     assert job.temp_files() == []
+
+
+# --- symlink mode: a link follows its renamed input -----------------------------------------
+
+
+def test_symlink_mode_records_the_digest_a_relink_needs_later(job):
+    source = job.add("p/IM1")
+    job.plan(job.row("p/IM1", "P/IM1"))
+    job.transfer("symlink")
+    assert [r["digest"] for r in job.committed()] == [file_digest(source)]
+
+
+def renamed_link(job: Job, held: str = "old link") -> dict:
+    """p/IM1 linked at P/IM1 by an earlier run, then renamed to q/IM1: the relink row.
+    ``held``: what P/IM1 holds now (the old link, or what someone put in its place)."""
+    source = job.add("p/IM1")
+    (job.output / "P").mkdir()
+    place = job.output / "P/IM1"
+    if held == "old link":
+        place.symlink_to(source)
+    elif held == "link elsewhere":
+        place.symlink_to(job.root / "elsewhere")
+    elif held == "other file":
+        place.write_bytes(b"someone else's file")
+    elif held == "same bytes":
+        place.write_bytes(source.read_bytes())
+    (job.input / "q").mkdir()
+    source.rename(job.input / "q/IM1")
+    return job.row(
+        "q/IM1",
+        "P/IM1",
+        "relink",
+        digest=file_digest(job.input / "q/IM1"),
+        previous_relpath="p/IM1",
+    )
+
+
+@pytest.mark.parametrize("swap", ["exchange", "no exchange"])
+def test_a_relink_points_the_link_at_the_renamed_input_in_place(job, monkeypatch, swap):
+    if swap == "no exchange":  # a file system without renameat2(RENAME_EXCHANGE)
+        monkeypatch.setattr(transfer, "exchange", refuse(errno.EINVAL))
+    job.plan(renamed_link(job))
+    assert job.transfer("copy")["q/IM1"]["status"] == RELINKED, "whatever this run's mode"
+    assert os.readlink(job.output / "P/IM1") == str(job.input / "q/IM1")
+    assert sorted(p.name for p in (job.output / "P").iterdir()) == ["IM1"], "no temp left"
+    [row] = job.committed()
+    assert (row["relpath"], row["status"], row["mode"]) == ("q/IM1", ledger.PLACED, "symlink")
+    assert row["digest"] == file_digest(job.input / "q/IM1")
+    assert job.transfer("symlink") == {}, "committed: a rerun of the plan does nothing"
+
+
+def test_a_link_already_pointing_at_the_new_path_is_present(job):
+    row = renamed_link(job)
+    (job.output / "P/IM1").unlink()
+    (job.output / "P/IM1").symlink_to(job.input / "q/IM1")  # a run killed before its commit
+    fd = OutputTree(job.output).open_folder("P")
+    try:
+        fields = {k: row[k] for k in Row.__dataclass_fields__ if k != "index"}
+        assert put(fd, Row(**fields), job.input, "symlink", "size")[0] == PRESENT
+    finally:
+        os.close(fd)
+    job.plan(row)
+    job.transfer("symlink")  # settled: committed as it is
+    assert [(r["relpath"], r["mode"]) for r in job.committed()] == [("q/IM1", "symlink")]
+    assert os.readlink(job.output / "P/IM1") == str(job.input / "q/IM1")
+
+
+@pytest.mark.parametrize("held", ["link elsewhere", "other file"])
+def test_a_relink_never_replaces_what_is_not_the_old_link(job, held):
+    job.plan(renamed_link(job, held))
+    before = tree_of(job.output)
+    result = job.transfer("symlink")["q/IM1"]
+    assert result["status"] == ERROR and "never replaced" in result["detail"]
+    assert tree_of(job.output) == before
+    assert job.committed() == []
+
+
+def test_a_file_with_the_same_bytes_in_the_links_place_is_present(job):
+    job.plan(renamed_link(job, "same bytes"))
+    assert job.transfer("symlink")["q/IM1"]["status"] == PRESENT
+    assert not (job.output / "P/IM1").is_symlink()
+
+
+def test_a_link_replaced_during_the_relink_is_swapped_back_not_lost(job, monkeypatch):
+    job.plan(renamed_link(job))
+    real_exchange = transfer.exchange
+
+    def someone_first(name, other, dir_fd):  # a file takes the link's place just before
+        if not (job.output / "P/IM1").is_file():
+            (job.output / "P/IM1").unlink()
+            (job.output / "P/IM1").write_bytes(b"someone else's file")
+        real_exchange(name, other, dir_fd)
+
+    monkeypatch.setattr(transfer, "exchange", someone_first)
+    result = job.transfer("symlink")["q/IM1"]
+    assert result["status"] == ERROR and "never replaced" in result["detail"]
+    assert sorted(p.name for p in (job.output / "P").iterdir()) == ["IM1"]
+    assert (job.output / "P/IM1").read_bytes() == b"someone else's file"
+
+
+def test_a_duplicate_of_a_failed_relink_is_not_committed(job):
+    row = renamed_link(job, "other file")
+    job.add("r/IM1", (job.input / "q/IM1").read_bytes())
+    duplicate = job.row("r/IM1", "P/IM1", "duplicate", committed=True)
+    job.plan(row, duplicate)
+    results = job.transfer("symlink")
+    assert (results["q/IM1"]["status"], results["r/IM1"]["status"]) == (ERROR, ERROR)
+    assert job.committed() == []
+
+
+def refuse(code: int):
+    def refused(*_args, **_kwargs):
+        raise OSError(code, os.strerror(code))
+
+    return refused
+
+
+def tree_of(root: Path) -> dict[str, object]:
+    return {
+        str(p.relative_to(root)): os.readlink(p) if p.is_symlink() else p.read_bytes()
+        for p in root.rglob("*")
+        if p.is_symlink() or p.is_file()
+    }
 
 
 # --- a copy is checked before it is linked into place ------------------------------------

@@ -150,6 +150,10 @@ def test_link_modes_place_every_file(sorter, mode):
         ({"folder_template": "{}"}, "empty field '{}'; put a DICOM keyword in the braces"),
         ({"folder_template": "{SeriesNumber:%Y}"}, "formats no value"),
         ({"folder_template": "{PatientID, Modality}"}, "quote it on the command line: --config"),
+        # Snakemake reads `key=""` as None: refused as empty, not as unquoted.
+        ({"folder_template": '""'}, "folder_template is empty; leave it out for the default"),
+        ({"placeholder": "''"}, "placeholder is empty; leave it out for the default"),
+        ({"file_template": "a/{filename}"}, "contains '/', but it names one file; put folders"),
         ({"transfer_mode": "move"}, "transfer_mode must be one of copy, hardlink, symlink"),
         ({"batches": 0}, "batches must be a whole number from 1 to 10000, or auto, not 0"),
     ],

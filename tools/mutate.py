@@ -45,6 +45,7 @@ PLAN = "tests/test_plan.py"
 REPORT = "tests/test_report.py"
 STATUS = "tests/test_status.py"
 SCANNER = "tests/test_scanner.py"
+LEDGER_E2E = "tests/test_ledger_e2e.py"
 E2E_SEED = (
     "tests/test_workflow.py::"
     "test_demo_data_is_sorted_into_the_seed_layout_and_the_input_is_untouched"
@@ -67,6 +68,8 @@ REPORT_PY = "src/dcmsort/report.py"
 STATUS_PY = "src/dcmsort/status.py"
 SCANNER_PY = "src/dcmsort/scanner.py"
 HEADERS_PY = "src/dcmsort/headers.py"
+CHECK_PY = "src/dcmsort/check.py"
+CHECK = "tests/test_check.py"
 
 MUTANTS = [
     # --- transfer: a file reaches its destination whole, checked, never over another ---
@@ -94,8 +97,8 @@ MUTANTS = [
     Mutant(
         "transfer: a link is made to a source that changed since the plan",
         TRANSFER_PY,
-        "    info = os.stat(source)\n    _check_version(info, row)\n",
-        "    info = os.stat(source)\n",
+        "    try:\n        _check_version(info, row)\n    except SourceChanged:\n",
+        "    try:\n        pass\n    except SourceChanged:\n",
         (TRANSFER,),
     ),
     Mutant(
@@ -124,8 +127,8 @@ MUTANTS = [
         "transfer: a link counts as present where a different file holds its name",
         TRANSFER_PY,
         "        if _existing_is_same(folder_fd, name, source, row.digest):\n"
-        "            return PRESENT\n",
-        "        if True:\n            return PRESENT\n",
+        "            return PRESENT, None\n",
+        "        if True:\n            return PRESENT, None\n",
         (TRANSFER,),
     ),
     Mutant(
@@ -189,8 +192,8 @@ MUTANTS = [
     Mutant(
         "transfer: a rerun of the plan commits rows the ledger already holds",
         TRANSFER_PY,
-        'return ledger.rows_by_key(plan, committed, keep="missing")',
-        "return plan",
+        'pending = ledger.rows_by_key(plan, committed, keep="missing")',
+        "pending = plan",
         (TRANSFER,),
     ),
     Mutant(
@@ -220,6 +223,23 @@ MUTANTS = [
         "args.plan.unlink(missing_ok=True)",
         "pass",
         (TRANSFER,),
+    ),
+    Mutant(
+        "transfer: settle removes a user's file at the untokened temporary name",
+        TRANSFER_PY,
+        "os.unlink(temp_name_for(name, token), dir_fd=fd)",
+        "os.unlink(temp_name_for(name), dir_fd=fd)",
+        (TRANSFER,),
+    ),
+    Mutant(
+        "transfer: a new folder's mode is read from a parent another thread may be making",
+        TRANSFER_PY,
+        "os.fchmod(child, self.folder_mode)",
+        "os.fchmod(child, permissions.folder_mode(os.fstat(fd).st_mode, 0o022))",
+        (
+            "tests/test_permissions.py::"
+            "test_the_transfer_makes_folders_with_the_output_folders_mode_in_any_folder",
+        ),
     ),
     # --- fileops: atomic writes, the copy fallback ---
     Mutant(
@@ -271,6 +291,37 @@ MUTANTS = [
         "number = segments[-1][0]",
         "number = segments[0][0]",
         (LEDGER,),
+    ),
+    Mutant(
+        "ledger: a file replaced with the same size and its old mtime is the old version",
+        LEDGER_PY,
+        'SOURCE_KEY = ["relpath", "size", "mtime_ns", "ctime_ns", "ino"]',
+        'SOURCE_KEY = ["relpath", "size", "mtime_ns"]',
+        (
+            LEDGER,
+            f"{LEDGER_E2E}::test_a_file_replaced_with_the_same_size_and_its_old_mtime_is_sorted",
+        ),
+    ),
+    Mutant(
+        "headers: a file rewritten in place keeps the header of its old content",
+        HEADERS_PY,
+        'held = ledger.rows_by_key(versions, linked, keep="found")',
+        "held = versions",
+        (f"{LEDGER_E2E}::test_a_file_replaced_with_the_same_size_and_its_old_mtime_is_sorted",),
+    ),
+    Mutant(
+        "transfer: the run after a hardlink run hashes every linked input",
+        TRANSFER_PY,
+        "    if not relinked:\n        return rows\n",
+        "    if True:\n        return rows\n",
+        (f"{LEDGER_E2E}::test_a_rerun_after_a_hardlink_run_reads_no_input_again",),
+    ),
+    Mutant(
+        "workflow: a run after the ledger was removed says nothing new",
+        "workflow/rules/common.smk",
+        "        rules.plan.output.ledger_marker,\n",
+        "",
+        (f"{LEDGER_E2E}::test_a_run_after_the_ledger_was_removed_finds_every_sorted_file_again",),
     ),
     # --- naming: every component safe, nothing escapes output_dir, nothing merges ---
     Mutant(
@@ -356,6 +407,41 @@ MUTANTS = [
         "src/dcmsort/settings.py",
         "if _inside(state_dir, input_dir):",
         "if False:",
+        (SETTINGS,),
+    ),
+    Mutant(
+        "settings: state_dir may lie in the sorted tree (state files replace sorted ones)",
+        "src/dcmsort/settings.py",
+        "if _inside(state_dir, output_dir) and not _in_hidden_folder(state_dir, output_dir):",
+        "if False:",
+        (SETTINGS,),
+    ),
+    Mutant(
+        "settings: a state_dir reached through a link inside the output is followed",
+        "src/dcmsort/settings.py",
+        "link = _first_link_inside(state_dir, output_dir)",
+        "link = None",
+        (SETTINGS,),
+    ),
+    Mutant(
+        "settings: a state_dir holding someone else's files is written into",
+        "src/dcmsort/settings.py",
+        "foreign = _foreign_file(state_dir)",
+        "foreign = None",
+        (SETTINGS,),
+    ),
+    Mutant(
+        "settings: one state_dir may describe two outputs",
+        "src/dcmsort/settings.py",
+        "if described is not None and described != output_dir:",
+        "if False:",
+        (SETTINGS,),
+    ),
+    Mutant(
+        "settings: a state inside the output records its real path (a moved output is refused)",
+        "src/dcmsort/settings.py",
+        "if _inside(state_dir, output_dir)\n        else str(output_dir)",
+        "if False\n        else str(output_dir)",
         (SETTINGS,),
     ),
     Mutant(
@@ -536,6 +622,35 @@ MUTANTS = [
         "codec = _CODECS.get(character_set)",
         'codec = "UTF8"',
         (SCANNER,),
+    ),
+    # --- check: a placement changed by hand is found, restored only from its content ---
+    Mutant(
+        "check: a truncated copy passes as whole",
+        CHECK_PY,
+        "if info.st_size != placement.size:",
+        "if False:",
+        (CHECK,),
+    ),
+    Mutant(
+        "check: a copy is restored from an input touched since, without a known digest",
+        CHECK_PY,
+        "if digest is None and info.st_mtime_ns not in source.mtimes:",
+        "if False:",
+        (CHECK,),
+    ),
+    Mutant(
+        "check: the damaged file is renamed aside over an earlier one",
+        CHECK_PY,
+        "            rename_no_replace(name, aside, folder_fd)\n",
+        "            os.rename(name, aside, src_dir_fd=folder_fd, dst_dir_fd=folder_fd)\n",
+        (CHECK,),
+    ),
+    Mutant(
+        "check: checksum compares nothing",
+        CHECK_PY,
+        'return None if digest == placement.digest else Finding(placement, "content differs")',
+        "return None",
+        (CHECK,),
     ),
 ]
 

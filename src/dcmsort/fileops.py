@@ -10,6 +10,7 @@ import shutil
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
+from typing import BinaryIO
 
 from dcmsort import permissions
 
@@ -19,23 +20,26 @@ TEMP_SUFFIX = ".dcmsort-tmp"
 MAX_NAME_BYTES = 255  # ext4, XFS, APFS, NTFS (in UTF-16 units), Lustre
 
 
-def temp_name_for(name: str) -> str:
+def temp_name_for(name: str, token: str = "") -> str:
     """The temporary name used while writing the file called name: hidden, in the same
-    folder (so the final rename stays on one file system), and fixed, so a run killed
-    half-way leaves a name the next run recognises and replaces. A name too long for
-    ``.<name>.dcmsort-tmp`` keeps a prefix and a hash of the whole name instead, so it stays
-    within 255 bytes."""
-    temp = f".{name}{TEMP_SUFFIX}"
+    folder (so the final rename stays on one file system), ``.<name>.<token>.dcmsort-tmp``.
+    The transfer's token is its plan's (``transfer.temp_token``), recorded before any such
+    file exists: it is how the cleanup after a killed run tells its own files from anyone
+    else's. State files (``atomic_path``, in dcmsort's own folder) have none: their fixed
+    name is replaced by the next write. A name too long for that keeps a prefix and a hash
+    of the whole name instead, so it stays within 255 bytes."""
+    suffix = f".{token}{TEMP_SUFFIX}" if token else TEMP_SUFFIX
+    temp = f".{name}{suffix}"
     if len(os.fsencode(temp)) <= MAX_NAME_BYTES:
         return temp
     digest = "~" + hashlib.sha256(os.fsencode(name)).hexdigest()[:16]
-    room = MAX_NAME_BYTES - len(os.fsencode(digest + TEMP_SUFFIX))
+    room = MAX_NAME_BYTES - len(os.fsencode(digest + suffix))
     # Cut on a character boundary; undecodable bytes of the name are kept as they are.
     prefix = os.fsencode(name)[: room - 1].decode("utf-8", "ignore")
-    shortened = f".{prefix}{digest}{TEMP_SUFFIX}"
+    shortened = f".{prefix}{digest}{suffix}"
     while len(os.fsencode(shortened)) > MAX_NAME_BYTES:  # 'ignore' only ever shortens
         prefix = prefix[:-1]
-        shortened = f".{prefix}{digest}{TEMP_SUFFIX}"
+        shortened = f".{prefix}{digest}{suffix}"
     return shortened
 
 
@@ -76,7 +80,12 @@ DIGEST = "blake2b"  # content identity: (size, digest), never (size, mtime)
 def file_digest(path: str | Path) -> str:
     """Content digest used to tell exact duplicates from conflicts and to verify copies."""
     with open(path, "rb") as handle:
-        return hashlib.file_digest(handle, DIGEST).hexdigest()[:32]
+        return digest_of(handle)
+
+
+def digest_of(handle: BinaryIO) -> str:
+    """``file_digest`` of a file already open for reading (from its current position)."""
+    return hashlib.file_digest(handle, DIGEST).hexdigest()[:32]
 
 
 # copy_file_range is refused across some file systems and by some (older) kernels.
@@ -107,7 +116,7 @@ def copy_range(fd_in: int, fd_out: int, size: int) -> int:
         return os.fstat(fd_out).st_size
 
 
-_RENAME_NOREPLACE = 1
+_RENAME_NOREPLACE, _RENAME_EXCHANGE = 1, 2
 _libc = None
 
 
@@ -115,6 +124,17 @@ def rename_no_replace(name: str, new_name: str, dir_fd: int) -> None:
     """Rename name to new_name in one folder, failing with FileExistsError rather than
     replace anything: renameat2(RENAME_NOREPLACE), one atomic call. Raises OSError(ENOSYS
     or EINVAL) where the kernel, C library or file system lacks it (callers fall back)."""
+    _renameat2(name, new_name, dir_fd, _RENAME_NOREPLACE)
+
+
+def exchange(name: str, other: str, dir_fd: int) -> None:
+    """Swap what two names in one folder hold, atomically: renameat2(RENAME_EXCHANGE).
+    Nothing is removed, so what comes out can be looked at and swapped back. Raises
+    OSError(ENOSYS, EINVAL or EOPNOTSUPP) where it is not supported (callers fall back)."""
+    _renameat2(name, other, dir_fd, _RENAME_EXCHANGE)
+
+
+def _renameat2(name: str, new_name: str, dir_fd: int, flags: int) -> None:
     global _libc
     if _libc is None:
         _libc = ctypes.CDLL(None, use_errno=True)
@@ -122,9 +142,7 @@ def rename_no_replace(name: str, new_name: str, dir_fd: int) -> None:
             _libc = False
     if _libc is False:
         raise OSError(errno.ENOSYS, "renameat2 is not available")
-    result = _libc.renameat2(
-        dir_fd, os.fsencode(name), dir_fd, os.fsencode(new_name), _RENAME_NOREPLACE
-    )
+    result = _libc.renameat2(dir_fd, os.fsencode(name), dir_fd, os.fsencode(new_name), flags)
     if result != 0:
         code = ctypes.get_errno()
         raise OSError(code, os.strerror(code), new_name)

@@ -2,8 +2,8 @@
 
 The extract job (``python -m dcmsort.headers``) handles one batch of input folders. For each
 folder it writes one parquet manifest, one row per file, and it reads a header only when the
-file is new or changed: rows of unchanged files (same path, size and mtime) are taken from the
-folder's previous manifest. Then it writes the batch manifest the plan stage reads.
+file is new or changed: rows of unchanged files (same path, size, mtime, ctime and inode) are
+taken from the folder's previous manifest. Then it writes the batch manifest the plan stage reads.
 
 Imports pyarrow, and pydicom only once a file needs it: the scanner reads the usual file
 without it. No pandas: this is the job that runs many times.
@@ -20,7 +20,7 @@ import os
 import sys
 import time
 import warnings
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
 from functools import cache
@@ -31,7 +31,7 @@ import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
-from dcmsort import dictionary, inventory, permissions, scanner
+from dcmsort import dictionary, inventory, ledger, permissions, scanner
 from dcmsort.fileops import atomic_path, read_parquet
 from dcmsort.progress import Progress, peak_rss_mb
 
@@ -434,6 +434,8 @@ def manifest_schema(keywords: list[str]) -> pa.Schema:
         pa.field("relpath", pa.string()),
         pa.field("size", pa.int64()),
         pa.field("mtime_ns", pa.int64()),
+        pa.field("ctime_ns", pa.int64()),
+        pa.field("ino", pa.uint64()),
         pa.field("dicom", pa.bool_()),
         pa.field("skip_reason", pa.string()),
     ]
@@ -444,10 +446,11 @@ def manifest_schema(keywords: list[str]) -> pa.Schema:
 
 def _previous_manifest(
     manifest: Path, fingerprint: str, schema: pa.Schema
-) -> tuple[pa.Table | None, dict[tuple[str, int, int], dict]]:
+) -> tuple[pa.Table | None, dict[tuple[str, int, int, int, int], dict]]:
     """One read of a folder's last manifest: the whole table if nothing in the folder
-    changed, else its rows by (relpath, size, mtime) to reuse for unchanged files. Either
-    only if it has every column now needed (a template may ask for a new keyword)."""
+    changed, else its rows by file version (inventory.Entry.version) to reuse for unchanged
+    files. Either only if it has every column now needed (a template may ask for a new
+    keyword; a v0.3 manifest has no ctime or inode, so its files are read again)."""
     try:
         previous = read_parquet(manifest)
     except (OSError, pa.ArrowException):
@@ -456,7 +459,10 @@ def _previous_manifest(
         return None, {}
     if (previous.schema.metadata or {}).get(b"fingerprint") == fingerprint.encode():
         return previous.select(schema.names).cast(schema), {}
-    return None, {(r["relpath"], r["size"], r["mtime_ns"]): r for r in previous.to_pylist()}
+    rows = previous.to_pylist()
+    return None, {
+        (r["relpath"], r["size"], r["mtime_ns"], r["ctime_ns"], r["ino"]): r for r in rows
+    }
 
 
 FINGERPRINTS = "folder_fingerprints"  # batch manifest metadata: folder -> fingerprint
@@ -550,11 +556,39 @@ ROW_GROUP = 16_384
 
 def _to_read(entries: list[inventory.Entry], reusable: dict) -> list[str]:
     """Files of a folder whose header must be read: new, or changed since the last read."""
-    return [
-        e.relpath
-        for e in entries
-        if e.kind == inventory.FILE and (e.relpath, e.size, e.mtime_ns) not in reusable
-    ]
+    return [e.relpath for e in entries if e.kind == inventory.FILE and e.version not in reusable]
+
+
+def _reuse_after_linking(changed: Iterable[tuple[list, str, dict]], state_dir: Path) -> None:
+    """Add to each folder's reusable rows the files whose one change since their header was
+    read is a hard link dcmsort made to them: linking changes an input's ctime (its link
+    count), and the transfer commits a new link's input as it is after linking. A file
+    whose earlier row differs from it in ctime alone, and whose current version the ledger
+    holds as hard-linked, is that file as it was read: hardlink mode reads no header twice.
+    The ledger is read once, and only when such a file exists."""
+    candidates: dict[tuple, tuple[dict, dict]] = {}  # version -> (reusable, earlier row)
+    for entries, _, reusable in changed:
+        if not reusable:
+            continue
+        by_inode = {
+            (r["relpath"], r["size"], r["mtime_ns"], r["ino"]): r for r in reusable.values()
+        }
+        for entry in entries:
+            if entry.kind == inventory.FILE and entry.version not in reusable:
+                row = by_inode.get((entry.relpath, entry.size, entry.mtime_ns, entry.ino))
+                if row is not None:
+                    candidates[entry.version] = (reusable, row)
+    if not candidates:
+        return
+    committed = ledger.read(state_dir, [*ledger.SOURCE_KEY, "mode"])
+    linked = committed.filter(pc.equal(committed["mode"], "hardlink"))
+    versions = pa.table(
+        {name: [v[i] for v in candidates] for i, name in enumerate(ledger.SOURCE_KEY)}
+    )
+    held = ledger.rows_by_key(versions, linked, keep="found")
+    for version in zip(*(held[name].to_pylist() for name in ledger.SOURCE_KEY), strict=True):
+        reusable, row = candidates[version]
+        reusable[version] = {**row, "ctime_ns": version[3]}
 
 
 def _write_folder_manifest(
@@ -572,7 +606,7 @@ def _write_folder_manifest(
         if entry.relpath in headers:
             header = headers[entry.relpath]
         elif entry.kind == inventory.FILE:
-            rows.append(reusable[(entry.relpath, entry.size, entry.mtime_ns)])
+            rows.append(reusable[entry.version])
             continue
         else:
             header = {"skip_reason": SKIP_REASONS[entry.kind]}
@@ -582,6 +616,8 @@ def _write_folder_manifest(
                 "relpath": entry.relpath,
                 "size": entry.size,
                 "mtime_ns": entry.mtime_ns,
+                "ctime_ns": entry.ctime_ns,
+                "ino": entry.ino,
                 **header,
                 "dicom": header["skip_reason"] is None,
             }
@@ -603,10 +639,12 @@ def extract_batch(
     output: Path,
     workers: int = 1,
     log_file: Path | None = None,
+    state_dir: Path | None = None,
 ) -> dict[str, int]:
     """Update the manifest of every folder in one batch, reading only new or changed files,
     and write the batch manifest (all its folders' rows) for the plan stage. Earlier
-    versions of the batch manifest (and of ``log_file``) are removed."""
+    versions of the batch manifest (and of ``log_file``) are removed. ``state_dir``: where
+    the ledger is, which tells which inputs changed only by a hard link dcmsort made."""
     keywords = list(dict.fromkeys(MANIFEST_TAGS + keywords))
     schema = manifest_schema(keywords)
     folders = [
@@ -618,7 +656,6 @@ def extract_batch(
     changed: dict[str, tuple[list[inventory.Entry], str, dict]] = {}
     fingerprints: dict[str, str] = {}
     earlier, earlier_fingerprints = _previous_batch(output, batch, schema)
-    to_read = 0
     for folder in folders:
         entries = inventory.walk_folder(input_dir, folder)
         fingerprint = fingerprints[folder] = inventory.fingerprint(entries)
@@ -632,7 +669,9 @@ def extract_batch(
             current[folder] = table
             continue
         changed[folder] = (entries, fingerprint, reusable)
-        to_read += len(_to_read(entries, reusable))
+    if state_dir is not None:
+        _reuse_after_linking(changed.values(), state_dir)
+    to_read = sum(len(_to_read(entries, reusable)) for entries, _, reusable in changed.values())
     progress = Progress("extract", to_read, log)
     reader = _FolderReader(input_dir, tuple(keywords), schema, manifests)
     with _folder_reader(reader, workers) as read_folders:
@@ -683,6 +722,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--output", type=Path, required=True, help="the batch manifest")
     parser.add_argument("--workers", type=int, default=1, help="processes reading headers")
     parser.add_argument("--log", type=Path, help="this job's log (earlier ones are removed)")
+    parser.add_argument("--state-dir", type=Path, help="the state folder (holds the ledger)")
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s", stream=sys.stderr)
     started = time.perf_counter()
@@ -695,6 +735,7 @@ def main(argv: list[str] | None = None) -> int:
         args.output,
         args.workers,
         args.log,
+        args.state_dir,
     )
     log.info(
         "batch %d: %d folders (%d changed), %d files, %d headers read, %d not sortable, "

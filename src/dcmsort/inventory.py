@@ -6,7 +6,8 @@ more unit, ``ROOT_FOLDER``. Names are kept as text that round-trips to the bytes
 ``source_path`` turns a relpath back into the path to open. Each unit belongs to one of a
 fixed number of batches, chosen by a hash of its name, so a new folder never moves the
 others to another batch. A fingerprint
-(names, sizes, mtimes) tells whether anything in a unit changed since it was last read.
+(names and each file's version: size, mtime, ctime, inode) tells whether anything in a unit
+changed since it was last read.
 
 Imports only the standard library: the Snakefile calls it at every start.
 """
@@ -82,12 +83,26 @@ def file_name(relpath: str) -> str:
 
 @dataclass(frozen=True, slots=True)
 class Entry:
-    """One path below input_dir: relpath (POSIX, relative to input_dir), size, mtime, kind."""
+    """One path below input_dir: relpath (POSIX, relative to input_dir), its version as
+    stat sees it (size, mtime, ctime, inode number) and its kind.
+
+    mtime alone misses a file replaced by one of the same size whose old mtime was kept
+    (``cp -p``, ``rsync -t``, an unzip with stored times); the kernel sets ctime on every
+    write, rename or attribute change and a user cannot set it back, and a file renamed
+    over another has another inode. The device number is left out: NFS and btrfs give a
+    file another one after a remount or on another machine (docs/design.md)."""
 
     relpath: str
     size: int
     mtime_ns: int
     kind: str
+    ctime_ns: int = 0
+    ino: int = 0
+
+    @property
+    def version(self) -> tuple[str, int, int, int, int]:
+        """(relpath, size, mtime_ns, ctime_ns, ino): the ledger's SOURCE_KEY."""
+        return (self.relpath, self.size, self.mtime_ns, self.ctime_ns, self.ino)
 
 
 def list_folders(input_dir: str | Path) -> list[str]:
@@ -180,7 +195,7 @@ def _entry(path: str, relpath: str, entry: os.DirEntry | None = None) -> Entry:
     except OSError as error:
         return _failed(relpath, error)
     if stat.S_ISREG(info.st_mode):
-        return Entry(relpath, info.st_size, info.st_mtime_ns, FILE)
+        return Entry(relpath, info.st_size, info.st_mtime_ns, FILE, info.st_ctime_ns, info.st_ino)
     if stat.S_ISDIR(info.st_mode):
         return Entry(relpath, 0, info.st_mtime_ns, DIRECTORY_SYMLINK)
     return Entry(relpath, 0, info.st_mtime_ns, SPECIAL)
@@ -211,12 +226,14 @@ def walk_folder(input_dir: str | Path, folder: str) -> list[Entry]:
 
 
 def fingerprint(entries: list[Entry]) -> str:
-    """A digest of names, sizes, mtimes and kinds: changes whenever a file is added,
-    removed, replaced or rewritten (a rewrite changes the mtime)."""
+    """A digest of names, versions and kinds: changes whenever a file is added, removed,
+    replaced or rewritten (a write changes the ctime, even when the mtime is set back)."""
     digest = hashlib.sha256()
     for e in entries:
         digest.update(
-            f"{e.relpath}\0{e.size}\0{e.mtime_ns}\0{e.kind}\n".encode("utf-8", "surrogateescape")
+            f"{e.relpath}\0{e.size}\0{e.mtime_ns}\0{e.ctime_ns}\0{e.ino}\0{e.kind}\n".encode(
+                "utf-8", "surrogateescape"
+            )
         )
     return digest.hexdigest()
 

@@ -42,13 +42,21 @@ from dcmsort.routes import Part
 log = logging.getLogger("dcmsort.ledger")
 
 PLACED, DUPLICATE = "placed", "duplicate"
-SOURCE_KEY = ["relpath", "size", "mtime_ns"]
+# The input file version, all from one stat (inventory.Entry): any change a stat can see.
+SOURCE_KEY = ["relpath", "size", "mtime_ns", "ctime_ns", "ino"]
+# Written by v0.3 and earlier without them: read as null, and a row with null never equals
+# a current file (whose ctime may have changed since): it is found again by content.
+ADDED_IN_V04 = ("ctime_ns", "ino")
 SCHEMA = pa.schema(
     [
-        # The input file version: path relative to input_dir, size and mtime from stat.
+        # The input file version: path relative to input_dir, size, mtime, ctime and inode
+        # number from stat. For a hard link, ctime as it was after linking (the new link
+        # changed it).
         ("relpath", pa.string()),
         ("size", pa.int64()),
         ("mtime_ns", pa.int64()),
+        ("ctime_ns", pa.int64()),
+        ("ino", pa.uint64()),
         # PLACED: its content is at destination (written, linked or found there).
         # DUPLICATE: its content equals the file at destination, placed from another input.
         ("status", pa.string()),
@@ -63,6 +71,9 @@ SCHEMA = pa.schema(
         ("study_uid", pa.string()),
         ("modality", pa.string()),
         ("committed_at", pa.float64()),
+        # The input's PatientID, trimmed of padding spaces ("" when it has none): a patient
+        # folder holds one patient. Null in rows written before this column existed.
+        ("patient_id", pa.string()),
         # partition.key of the file's patient folder: which partition plans it (null in
         # rows written before partitions).
         ("part_key", pa.int64()),
@@ -140,10 +151,22 @@ def read(state_dir: Path, columns: list[str] | None = None, part: Part | None = 
                 table = _of_part(
                     with_schema(table, pa.schema([SCHEMA.field(c) for c in wanted])), part
                 )
+            # A column added since this file was written (ctime_ns, ino, patient_id,
+            # part_key) reads as nulls: a ledger of v0.3 stays readable.
             tables.append(with_schema(table, schema))
     if not tables:
         return schema.empty_table()
     return pa.concat_tables(tables)
+
+
+def with_version_columns(table: pa.Table) -> pa.Table:
+    """table with ctime_ns and ino, null where it was written without them (a ledger
+    segment, a manifest or a plan of v0.3)."""
+    for name in ADDED_IN_V04:
+        if name not in table.column_names:
+            field = SCHEMA.field(name)
+            table = table.append_column(field, pa.nulls(table.num_rows, field.type))
+    return table
 
 
 def _next_number(state_dir: Path, part: Part | None) -> int:
@@ -184,18 +207,23 @@ def compact(state_dir: Path, max_segments: int = MAX_SEGMENTS, part: Part | None
 
 
 def _key(table: pa.Table) -> pa.ChunkedArray:
-    """(relpath, size, mtime_ns) as one string: NUL cannot occur in a path, so it is
-    unambiguous."""
+    """SOURCE_KEY as one string: NUL cannot occur in a path, so it is unambiguous. A
+    missing ctime or inode (a v0.3 row) is the empty text, which no stat gives: such a row
+    equals only another v0.3 row of the same (relpath, size, mtime), as it did in v0.3."""
+    table = with_version_columns(table)
     return pc.binary_join_element_wise(
-        table["relpath"],
-        pc.cast(table["size"], pa.string()),
-        pc.cast(table["mtime_ns"], pa.string()),
+        *(
+            table[name]
+            if name == "relpath"
+            else pc.fill_null(pc.cast(table[name], pa.string()), "")
+            for name in SOURCE_KEY
+        ),
         "\0",
     )
 
 
 def rows_by_key(table: pa.Table, other: pa.Table, keep: str) -> pa.Table:
-    """Rows of table whose (relpath, size, mtime_ns) is ``"found"`` in other, or
+    """Rows of table whose file version (SOURCE_KEY) is ``"found"`` in other, or
     ``"missing"`` from it. Columnar (one hash set of other's keys), so a rerun pays no
     Python per known file, and far less memory than a hash join."""
     if other.num_rows == 0 or table.num_rows == 0:
@@ -204,9 +232,28 @@ def rows_by_key(table: pa.Table, other: pa.Table, keep: str) -> pa.Table:
     return table.filter(found if keep == "found" else pc.invert(found))
 
 
+def patient_ids(values: pa.ChunkedArray | pa.Array) -> pa.ChunkedArray | pa.Array:
+    """PatientID values as a patient folder compares them: exactly, after the trimming of
+    padding spaces the standard allows (LO), and "" for none (absent and empty are one)."""
+    return pc.fill_null(pc.utf8_trim(values.cast(pa.string()), " "), "")
+
+
 def live(ledger: pa.Table, files: pa.Table) -> pa.Table:
     """Rows whose input file version is still in the input (files: SOURCE_KEY columns)."""
     return rows_by_key(ledger, files, keep="found")
+
+
+def first_placements(committed: pa.Table) -> pa.Table:
+    """One row per destination holding a placed file (the output tree, per the ledger):
+    its first placement (a touched input's later rows confirm the same file)."""
+    is_placed = pc.equal(committed["status"], PLACED)
+    # Not filtered when every row is kept (a filter copies every column).
+    placed = committed if pc.all(is_placed).as_py() in (True, None) else committed.filter(is_placed)
+    destinations = placed["destination"]
+    # The row of each destination's first occurrence: one hash table, no group_by (which
+    # holds every column's aggregation state: ~2 KB per row at 100,000 rows).
+    first = pc.index_in(pc.unique(destinations), value_set=destinations)
+    return placed.take(first)
 
 
 def placed_destinations(ledger: pa.Table) -> pa.Array:

@@ -64,6 +64,46 @@ def _split_extension(name: str) -> tuple[str, str]:
     return name, ""
 
 
+def _split_name(name: str) -> tuple[str, str, str]:
+    """(stem, extension, trailing dots and spaces): the extension is looked for before
+    the trailing dots and spaces Windows drops, so ``x.dcm.`` keeps ``.dcm`` last."""
+    body = name.rstrip(". ")
+    stem, ext = _split_extension(body)
+    return stem, ext, name[len(body) :]
+
+
+def fold(name: str) -> str:
+    """The key under which two names are one name on some file system dcmsort may write
+    to: equal keys for names equal under Windows' upper-casing (NTFS, SMB, exFAT: a dotless
+    i, U+0131, is ``I``), under case folding with either normalisation (ext4 casefold,
+    APFS, the Unicode canonical caseless match: ``ß`` is ``SS``, the ligature U+FB01 is
+    ``FI``, the final sigma is a sigma, the Kelvin sign is ``K``) and under normalisation
+    alone (macOS's NFD: ``Müller`` composed or not). One key is an equivalence, so it
+    merges a little more than any one target (``ß`` and ``ss`` are two names on NTFS): a
+    name free under it is free everywhere.
+
+    Upper-casing first takes the dotless i to ``I``; case folding then takes ``ẞ``, ``SS``
+    and ``ß`` to ``ss``. The Greek iota subscript (U+0345) is the one mark whose case
+    mapping is a letter (an iota: Windows upper-cases it so), which moves it across other
+    marks; every iota is spelled as the mark, so canonical ordering puts it in one place
+    whichever way it came."""
+    if name.isascii():
+        return name.lower()
+    decomposed = unicodedata.normalize("NFD", name)
+    return unicodedata.normalize("NFC", decomposed.upper().casefold().replace("\u03b9", "\u0345"))
+
+
+def patient_level(folder_template: str) -> int | None:
+    """The folder level (0 for the first) that holds one patient: the first whose name uses
+    ``{PatientID}``; None when none does (the template groups by what it names)."""
+    level = 0
+    for literal, field_name, _, _ in _parsed(folder_template):
+        level += literal.count("/")
+        if field_name == "PatientID":
+            return level
+    return None
+
+
 def _truncate_utf8(text: str, max_bytes: int) -> str:
     return text.encode("utf-8", "surrogatepass")[:max_bytes].decode("utf-8", "ignore")
 
@@ -98,8 +138,8 @@ def safe_value(raw: str, keep_extension: bool = False) -> str:
     text = unicodedata.normalize("NFC", raw)
     if not _has_unsafe_character(text):
         return text
-    stem, ext = _split_extension(text) if keep_extension else (text, "")
-    return _UNSAFE_CHARACTER.sub(REPLACEMENT, stem) + MARKER + short_hash(text) + ext
+    stem, ext, trail = _split_name(text) if keep_extension else (text, "", "")
+    return _UNSAFE_CHARACTER.sub(REPLACEMENT, stem) + MARKER + short_hash(text) + ext + trail
 
 
 def safe_component(raw: str, placeholder: str = "UNKNOWN") -> str:
@@ -114,8 +154,8 @@ def safe_component(raw: str, placeholder: str = "UNKNOWN") -> str:
         text = placeholder
     if is_safe_component(text):
         return text
-    stem, ext = _split_extension(text)
-    cleaned = _UNSAFE_CHARACTER.sub(REPLACEMENT, stem)
+    stem, ext, trail = _split_name(text)  # x.dcm. becomes x_~<hash>.dcm
+    cleaned = _UNSAFE_CHARACTER.sub(REPLACEMENT, stem) + REPLACEMENT * len(trail)
     lead = len(cleaned) - len(cleaned.lstrip("."))
     cleaned = REPLACEMENT * lead + cleaned[lead:]
     trail = len(cleaned) - len(cleaned.rstrip(". "))
@@ -165,12 +205,16 @@ def template_fields(template: str) -> list[tuple[str, str]]:
     ]
 
 
-def template_problems(template: str) -> list[str]:
-    """Why a template cannot be used (empty list when it can)."""
+def template_problems(template: str, one_name: bool = False) -> list[str]:
+    """Why a template cannot be used (empty list when it can). ``one_name``: the template
+    names one file (the file template), so a '/' of its own is refused, not made '_'."""
     try:
         fields = template_fields(template)
+        literals = [literal for literal, *_ in _parsed(template)]
     except ValueError as error:
         return [f"not a valid template ({error})"]
+    if one_name and any("/" in literal for literal in literals):
+        return ["contains '/', but it names one file; put folders in folder_template"]
     problems = []
     if not fields:
         problems.append("uses no field in braces, so every file would get the same name")
@@ -208,23 +252,40 @@ def render_path(template: str, values: Mapping[str, str | None], placeholder: st
     Only the template's own ``/`` separate folders: a ``/`` inside a header value is made
     safe with the rest of that value, so no tag can add, remove or escape a folder.
     """
-    pieces = []
+    # Each component as (its pieces made safe, its pieces as they came).
+    components: list[tuple[list[str], list[str]]] = [([], [])]
     for literal, field, spec, _ in _parsed(template):
-        pieces.append(literal)
+        for index, chunk in enumerate(literal.split("/")):
+            if index:
+                components.append(([], []))
+            components[-1][0].append(chunk)
+            components[-1][1].append(chunk)
         if field is None:
             continue
         value = values.get(field)
         if value is None or str(value).strip() == "":
-            pieces.append(safe_component(placeholder))
-            continue
-        text = str(value)
-        if _is_person_name(field):
-            text = render_person_name(text)
-        text = _format_value(text, spec)
-        # Values are made safe on their own first, so a separator inside a value stays text.
-        pieces.append(safe_value(text, keep_extension=field == "filename"))
-    rendered = "".join(pieces)
-    return "/".join(safe_component(part, placeholder) for part in rendered.split("/"))
+            safe = text = safe_component(placeholder)
+        else:
+            text = str(value)
+            if _is_person_name(field):
+                text = render_person_name(text)
+            text = _format_value(text, spec)
+            # Values are made safe on their own first, so a separator inside a value stays
+            # text.
+            safe = safe_value(text, keep_extension=field == "filename")
+        components[-1][0].append(safe)
+        components[-1][1].append(text)
+    return "/".join(_component(safe, raw, placeholder) for safe, raw in components)
+
+
+def _component(safe_pieces: list[str], raw_pieces: list[str], placeholder: str) -> str:
+    """One component of a rendered path, with at most one ``~<hash>``: the values' own when
+    that is all it needs, else one of the whole component as it came (a value's hash and
+    then another for a leading dot would say the same thing twice)."""
+    name = "".join(safe_pieces)
+    if safe_pieces == raw_pieces or is_safe_component(name):
+        return safe_component(name, placeholder)
+    return safe_component("".join(raw_pieces), placeholder)
 
 
 def top_level(template: str) -> str:

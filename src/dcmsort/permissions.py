@@ -12,6 +12,9 @@ The rules, as pure functions of modes (unit-tested), and the few calls that appl
 - A folder dcmsort creates takes its parent's permission bits masked by the umask
   (``folder_mode``); in a setgid parent (a group-shared folder, ``2770``) it keeps the
   setgid bit and the parent's group bits whatever the umask, so the group can keep adding.
+  In the sorted tree the parent is always ``output_dir`` (``folder_mode`` of a
+  ``folder_mode`` is itself): the transfer's threads never read the mode of a folder that
+  another thread has just made and may not have given its mode yet.
 - State files (manifests, plan, report, logs) are no more open than their folder without
   the execute bits (``state_file_mode``).
 - A missing ``output_dir`` is created no more open than ``input_dir`` (``new_output_mode``).
@@ -30,6 +33,9 @@ GROUP = 0o070
 OWNER_DIR = 0o700  # the owner always keeps rwx on what it creates (privacy is about others)
 OWNER_FILE = 0o600
 NO_EXEC = 0o666
+# The run's lock, in the state folder; made before anything else in it, so that a state
+# folder holding anything holds it (settings refuses a state_dir that holds other files).
+LOCK_FILE = "run.lock"
 
 
 def run_umask(umask: int, output_mode: int) -> int:
@@ -133,6 +139,10 @@ def make_folders(folder: Path, mode: int | None = None) -> None:
     Each created folder gets ``mode``, or by default ``folder_mode`` of its parent. It is
     made ``0700`` first and then given its mode, so it is never more open than that, even
     for a moment; it costs two calls (stat, chmod) per folder created, none when it exists.
+    The parent's mode is read from disk: in the moment between the two calls it is
+    ``0700``, so folders that several jobs may create at once are made before they start
+    (``prepare_run_folders``), and the sorted tree's folders are made by
+    ``transfer.OutputTree``, which never reads a parent's mode.
     """
     folder = Path(folder)
     try:
@@ -174,12 +184,14 @@ def prepare_run_folders(
     input_dir: Path, output_dir: Path, state_dir: Path, state_subfolders: tuple[str, ...] = ()
 ) -> None:
     """Create output_dir (no more open than input_dir) and state_dir (no more open than
-    output_dir) if missing, and the state subfolders Snakemake would otherwise create with
-    the plain umask (in a group-shared output, the group could not add to them later)."""
+    output_dir) if missing, the lock file first in it, and the state subfolders Snakemake
+    would otherwise create with the plain umask (in a group-shared output, the group could
+    not add to them later)."""
     umask = current_umask()
     if not output_dir.is_dir():
         make_folders(output_dir.parent)
         make_folders(output_dir, output_mode(output_dir, input_dir, umask))
     make_folders(state_dir, folder_mode(os.stat(output_dir).st_mode, umask))
+    create_state_file(state_dir / LOCK_FILE)
     for sub in state_subfolders:
         make_folders(state_dir / sub)

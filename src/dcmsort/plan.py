@@ -3,13 +3,16 @@
 The plan is a pure function of (manifests, ledger, naming settings) plus two windows on
 the world, asked only when a decision needs them: the content digest of a file, and the
 names already present in an output folder. It looks only at *new* file versions, those
-whose (relpath, size, mtime) the ledger does not hold (a columnar anti-join, no Python
-per known file), and gives each one action:
+whose (relpath, size, mtime, ctime, inode) the ledger does not hold (a columnar anti-join,
+no Python per known file), and gives each one action:
 
 - ``sort``: write (copy or link) to ``destination``, a name nobody holds;
 - ``present``: its content is already at ``destination`` (a touched or renamed input, or a
   copy made by a run killed before it could commit); nothing is written, the transfer
   confirms it is there and commits it;
+- ``relink``: its content is that of a symbolic link dcmsort made to another input path
+  that holds it no more (the input was renamed or moved): the link at ``destination`` is
+  pointed at this file instead (``previous_relpath``: where it points now);
 - ``duplicate``: its content is at ``destination`` for another current input; nothing is
   written;
 - ``restore``: its content is that of a placement whose file was removed from the output
@@ -20,8 +23,11 @@ Content identity is (size, digest), never (size, mtime): a digest is computed on
 file that shares size (and SOPInstanceUID, when it has one) with another, or whose name is
 taken on disk by a file of its size. A duplicate is resolved only against a placement the
 ledger holds or a file sorted in the same plan; the transfer commits a duplicate only once
-its target is committed. Names are unique under case folding and Unicode normalisation,
-and never reuse a name present in the output folder or in the ledger.
+its target is committed. Names are unique under ``naming.fold`` (case and Unicode
+normalisation as every target file system compares them), and never reuse a name present
+in the output folder or in the ledger. A patient folder (the template's first level with
+``{PatientID}``) holds one PatientID: another ID whose folder name is the same one gets
+``_<hash of its ID>``, as a second series does.
 """
 
 from __future__ import annotations
@@ -33,9 +39,8 @@ import os
 import stat
 import sys
 import time
-import unicodedata
 from collections.abc import Callable
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import pyarrow as pa
@@ -44,15 +49,15 @@ import pyarrow.parquet as pq
 
 from dcmsort import inventory, ledger, naming
 from dcmsort.fileops import atomic_path, file_digest, read_parquet, remove_other_versions
-from dcmsort.naming import Naming
+from dcmsort.naming import Naming, fold
 from dcmsort.progress import peak_rss_mb
 from dcmsort.routes import parse_part
-from dcmsort.settings import ConfigError, check_layout
-from dcmsort.transfer import pending_file, settle
+from dcmsort.settings import ConfigError, check_layout, layout_record
+from dcmsort.transfer import pending_file, settle, with_temp_token
 
 log = logging.getLogger("dcmsort.plan")
 
-SORT, PRESENT, DUPLICATE, RESTORE = "sort", "present", "duplicate", "restore"
+SORT, PRESENT, DUPLICATE, RESTORE, RELINK = "sort", "present", "duplicate", "restore", "relink"
 SOURCE_KEY = ledger.SOURCE_KEY
 # Tags carried into the plan (for the ledger, the report and people reading plan.csv).
 PLAN_TAGS = [
@@ -73,6 +78,8 @@ PLAN_SCHEMA = pa.schema(
         ("relpath", pa.string()),
         ("size", pa.int64()),
         ("mtime_ns", pa.int64()),
+        ("ctime_ns", pa.int64()),
+        ("ino", pa.uint64()),
         ("action", pa.string()),
         ("destination", pa.string()),
         # True when destination's content is committed in the ledger (a duplicate or present
@@ -82,21 +89,33 @@ PLAN_SCHEMA = pa.schema(
         ("base_folder", pa.string()),
         ("conflict", pa.bool_()),
         ("reason", pa.string()),
+        # relink: the input path dcmsort's link at destination points to now.
+        ("previous_relpath", pa.string()),
         *[(tag, pa.string()) for tag in PLAN_TAGS],
         ("part_key", pa.int64()),  # partition.key of the row's patient folder
     ]
 )
 # What Planner.decide returns for each row; the other plan columns are the row's own.
 DECISIONS = ("action", "destination", "committed", "digest", "base_folder", "conflict", "reason")
+DECISIONS += ("previous_relpath",)
 DECISION_SCHEMA = pa.schema([PLAN_SCHEMA.field(name) for name in DECISIONS])
 DUPLICATE_REASON = "identical to the file already sorted at this destination"
 PRESENT_REASON = "its content is already at this destination"
+RELINK_REASON = "its content is at this destination, by a link to its earlier path: re-pointed"
 _CHUNK = 5_000  # new rows turned into Python values at a time (bounds memory)
-
-
-def fold(name: str) -> str:
-    """The key under which case-insensitive or normalising file systems compare names."""
-    return unicodedata.normalize("NFC", unicodedata.normalize("NFC", name).casefold())
+# The plan job's output inside the ledger folder, named by the workflow's target: a ledger
+# removed or emptied by hand takes it along, so the next run plans every file again (each
+# found on disk by content) instead of saying "nothing new" with an empty ledger.
+LEDGER_MARKER = (
+    "The last plan was made against this ledger. Removing the ledger removes this file too;\n"
+    "the next run then plans every input file again and finds the sorted ones by content.\n"
+)
+# A new row's PatientID as a patient folder compares it (ledger.patient_ids).
+PATIENT_ID = "_patient_id"
+# What a series folder belongs to: (fold of the rendered base folder, SeriesInstanceUID or
+# "" when series may share, PatientID or "" when the template names no patient folder).
+# A placement made before the ledger kept PatientIDs has None: any patient's.
+SeriesKey = tuple[str, str, "str | None"]
 
 
 # --- the world outside, asked only when needed ----------------------------------------
@@ -167,6 +186,8 @@ class Content:
     committed: bool  # in the ledger
     live: bool  # some current input file has this content
     source: str | None = None  # the input it comes from, when planned in this run
+    # The input path dcmsort's symbolic link at destination points to, if it is one.
+    link_source: str | None = None
 
 
 class ContentIndex:
@@ -285,7 +306,7 @@ class Names:
 
 
 def new_files(files: pa.Table, committed: pa.Table) -> pa.Table:
-    """Sortable files whose version (relpath, size, mtime) the ledger does not hold."""
+    """Sortable files whose version (ledger.SOURCE_KEY) the ledger does not hold."""
     dicom = files.filter(pc.fill_null(files["dicom"], False))
     return ledger.rows_by_key(dicom, committed, keep="missing")
 
@@ -326,51 +347,94 @@ def known_contents(committed: pa.Table, files: pa.Table, new: pa.Table) -> list[
             )
         if content is not None and content.digest is None:
             content.digest = row["digest"]
+        # A link points to the input of its newest placed row (a relink's, or a touched
+        # input's): a placement linked once is a link (the transfer checks what is there).
+        linked = row["mode"] == "symlink" or (content and content.link_source is not None)
+        if content is not None and row["status"] == ledger.PLACED and linked:
+            content.link_source = row["relpath"]
     return list(contents.values())
 
 
-def series_folders(committed: pa.Table, bases: list[str]) -> dict[tuple[str, str], str]:
-    """(base folder, SeriesInstanceUID) -> series folder, of earlier placements whose base
-    folder a new file renders to: a series keeps its folder for good."""
-    if committed.num_rows == 0 or not bases:
-        return {}
-    rows = committed.filter(
-        pc.fill_null(pc.is_in(committed["base_folder"], value_set=pa.array(bases)), False)
+def _series_keys(rows: pa.Table, settings: Naming) -> list[tuple[SeriesKey, str]]:
+    """(SeriesKey, series folder) of each distinct series folder placement in rows."""
+    level = naming.patient_level(settings.folder_template)
+    none = pa.nulls(len(rows), pa.string())
+    distinct = (
+        pa.table(
+            {
+                "base": rows["base_folder"],
+                "series": rows["series_uid"] if settings.keep_series_apart else none,
+                "patient": rows["patient_id"] if level is not None else none,
+                "folder": _parent(rows["destination"]),
+            }
+        )
+        .group_by(["base", "series", "patient", "folder"], use_threads=False)
+        .aggregate([])
+        .to_pylist()
     )
-    folders = _parent(rows["destination"]).to_pylist()
-    pairs = zip(rows["base_folder"].to_pylist(), rows["series_uid"].to_pylist(), strict=True)
-    return {(b, s or ""): f for (b, s), f in zip(pairs, folders, strict=True)}
+    return [
+        (
+            (fold(r["base"] or ""), r["series"] or "", r["patient"] if level is not None else ""),
+            r["folder"],
+        )
+        for r in distinct
+    ]
 
 
-def folder_owners(committed: pa.Table) -> Callable[[list[str]], dict[str, tuple[str, str]]]:
-    """A lookup: series folder -> (base folder, SeriesInstanceUID) that owns it."""
-    parents = _parent(committed["destination"]) if committed.num_rows else pa.array([], pa.string())
+def series_folders(committed: pa.Table, new: pa.Table, settings: Naming) -> dict[SeriesKey, str]:
+    """SeriesKey -> series folder, of earlier placements of the series the new files
+    belong to (the Python work grows with those series, not with the ledger): a series
+    keeps its folder for good, whatever the case of the values that name it."""
+    if committed.num_rows == 0 or new.num_rows == 0:
+        return {}
+    rows = committed
+    if settings.keep_series_apart:
+        uids = pc.unique(new["SeriesInstanceUID"])
+        rows = committed.filter(pc.fill_null(pc.is_in(committed["series_uid"], uids), False))
+    return dict(_series_keys(rows, settings))
 
-    def owners(folders: list[str]) -> dict[str, tuple[str, str]]:
+
+def folder_owners(
+    committed: pa.Table, parents: pa.Array, settings: Naming
+) -> Callable[[list[str]], dict[str, SeriesKey]]:
+    """A lookup: series folder -> the SeriesKey that owns it."""
+
+    def owners(folders: list[str]) -> dict[str, SeriesKey]:
         if not folders or committed.num_rows == 0:
             return {}
-        mask = pc.is_in(parents, value_set=pa.array(folders))
-        rows = committed.filter(mask)
-        return {
-            f: (b, s or "")
-            for f, b, s in zip(
-                _parent(rows["destination"]).to_pylist(),
-                rows["base_folder"].to_pylist(),
-                rows["series_uid"].to_pylist(),
-                strict=True,
-            )
-        }
+        rows = committed.filter(pc.is_in(parents, value_set=pa.array(folders)))
+        return {folder: key for key, folder in _series_keys(rows, settings)}
 
     return owners
 
 
-def ledger_file_names(committed: pa.Table) -> Callable[[str], set[str]]:
+def patient_owners(
+    committed: pa.Table, parents: pa.Array, level: int | None
+) -> dict[str, set[str | None]]:
+    """fold(patient folder) -> the PatientIDs placed in it (None: placed before the ledger
+    kept them), found columnar: one row per distinct (series folder, PatientID)."""
+    if level is None or committed.num_rows == 0:
+        return {}
+    pairs = (
+        pa.table({"folder": parents, "patient": committed["patient_id"]})
+        .group_by(["folder", "patient"], use_threads=False)
+        .aggregate([])
+    )
+    owners: dict[str, set[str | None]] = {}
+    for folder, patient in zip(
+        pairs["folder"].to_pylist(), pairs["patient"].to_pylist(), strict=True
+    ):
+        patient_folder = "/".join(folder.split("/")[: level + 1])
+        owners.setdefault(fold(patient_folder), set()).add(patient)
+    return owners
+
+
+def ledger_file_names(committed: pa.Table, parents: pa.Array) -> Callable[[str], set[str]]:
     """A lookup: folder -> names of files the ledger placed in it (one vectorised filter
     per folder asked about; folders are asked about once)."""
     if committed.num_rows == 0:
         return lambda _folder: set()
     destinations = committed["destination"]
-    parents = _parent(destinations)
 
     def names(folder: str) -> set[str]:
         inside = destinations.filter(pc.equal(parents, folder)).to_pylist()
@@ -394,13 +458,6 @@ class Renderer:
         self._folder_fields = [f for f, _ in naming.template_fields(settings.folder_template)]
         self._file_fields = [f for f, _ in naming.template_fields(settings.file_template)]
         self._cache: dict[tuple, str] = {}
-        # The manifest columns the folder template reads.
-        self.folder_columns = list(
-            dict.fromkeys(
-                {"filename": "relpath", "input_folder": "folder"}.get(f, f)
-                for f in self._folder_fields
-            )
-        )
 
     @staticmethod
     def values(row: dict, fields: list[str]) -> dict[str, str]:
@@ -461,39 +518,58 @@ class Planner:
     renderer: Renderer
     names: Names
     contents: ContentIndex
-    folder_of_series: dict[tuple[str, str], str]
-    owner_of_folder: Callable[[list[str]], dict[str, tuple[str, str]]]
+    folder_of_series: dict[SeriesKey, str]
+    owner_of_folder: Callable[[list[str]], dict[str, SeriesKey]]
+    # fold(patient folder) -> its PatientIDs (patient_owners), grown by this plan's claims.
+    patients_of_folder: dict[str, set[str | None]]
     digest_of_input: Callable[[str], str | None]
     disk: Disk
-    _owners: dict[str, tuple[str, str]] = field(default_factory=dict)
+    _owners: dict[str, SeriesKey] = field(default_factory=dict)
 
-    def series_folder(self, base: str, series_uid: str) -> str:
+    def series_folder(self, base: str, series_uid: str, patient_id: str) -> str:
         """The folder of a series: its earlier one, else base, else base + a hash of the
-        series UID when another series holds base (``keep_series_apart``)."""
-        key = (base, series_uid)
-        if not self.settings.keep_series_apart:
-            key = (base, "")
-        if key in self.folder_of_series:
-            return self.folder_of_series[key]
-        head, _, leaf = base.rpartition("/")
-        attempt = 1
+        series UID when another series holds base (``keep_series_apart``). Within base, the
+        patient folder (``naming.patient_level``) gets a hash of the PatientID when another
+        PatientID holds it."""
+        level = naming.patient_level(self.settings.folder_template)
+        keep_apart = self.settings.keep_series_apart
+        key: SeriesKey = (
+            fold(base),
+            series_uid if keep_apart else "",
+            patient_id if level is not None else "",
+        )
+        found = self.folder_of_series.get(key) or self.folder_of_series.get((*key[:2], None))
+        if found is not None:
+            self.folder_of_series[key] = found
+            return found
+        parts = base.split("/")
+        patient_attempt = 1
         while True:
-            suffix = (
-                ""
-                if attempt == 1
-                else f"_{naming.short_hash(series_uid)}" + (f"_{attempt}" if attempt > 2 else "")
-            )
-            candidate = self.names.folder_path(
-                (head + "/" if head else "") + naming.with_suffix(leaf, suffix)
-            )
-            if candidate not in self._owners:
-                self._owners.update(self.owner_of_folder([candidate]))
-            owner = self._owners.get(candidate)
-            if owner is None or owner == key or not self.settings.keep_series_apart:
-                self._owners[candidate] = key
-                self.folder_of_series[key] = candidate
-                return candidate
-            attempt += 1
+            named = list(parts)
+            if level is not None:
+                named[level] = naming.with_suffix(
+                    named[level], _attempt_suffix(key[2], patient_attempt)
+                )
+            series_attempt = 1
+            while True:
+                leaf = naming.with_suffix(named[-1], _attempt_suffix(series_uid, series_attempt))
+                candidate = self.names.folder_path("/".join([*named[:-1], leaf]))
+                patient_folder = (
+                    fold("/".join(candidate.split("/")[: level + 1])) if level is not None else ""
+                )
+                if not self.patients_of_folder.get(patient_folder, set()) <= {None, key[2]}:
+                    break  # another patient's folder
+                if candidate not in self._owners:
+                    self._owners.update(self.owner_of_folder([candidate]))
+                owner = self._owners.get(candidate)
+                if owner is None or _same_series(owner, key) or not keep_apart:
+                    self._owners[candidate] = key
+                    self.folder_of_series[key] = candidate
+                    if level is not None:
+                        self.patients_of_folder.setdefault(patient_folder, set()).add(key[2])
+                    return candidate
+                series_attempt += 1
+            patient_attempt += 1
 
     def decide(self, row: dict) -> dict:
         """One new file's action, destination and digest."""
@@ -518,6 +594,21 @@ class Planner:
                     "conflict": False,
                     "reason": "its identical copy was removed from the output: put back",
                 }
+            if twin is not None and not twin.live and twin.link_source not in (None, relpath):
+                # dcmsort's link to an input path that holds this content no more (renamed
+                # or moved): pointed here instead, no second name. Later twins are its
+                # duplicates.
+                previous, twin.link_source, twin.live = twin.link_source, relpath, True
+                return {
+                    "action": RELINK,
+                    "destination": twin.destination,
+                    "committed": twin.committed,
+                    "digest": digest,
+                    "base_folder": None,
+                    "conflict": False,
+                    "reason": RELINK_REASON,
+                    "previous_relpath": previous,
+                }
             if twin is not None:
                 action = DUPLICATE if twin.live else PRESENT
                 twin.live = True
@@ -531,7 +622,7 @@ class Planner:
                     "reason": DUPLICATE_REASON if action == DUPLICATE else PRESENT_REASON,
                 }
         base = self.renderer.base_folder(row)
-        folder = self.series_folder(base, _text(row.get("SeriesInstanceUID")))
+        folder = self.series_folder(base, _text(row.get("SeriesInstanceUID")), row[PATIENT_ID])
 
         def adopt(destination: str) -> bool:
             # A name held on disk by a file of this size: ours if the bytes are (a copy
@@ -562,6 +653,20 @@ class Planner:
         }
 
 
+def _attempt_suffix(value: str, attempt: int) -> str:
+    """What the attempt-th try at a taken folder name adds: nothing, then a hash of the
+    value that must have a folder of its own (a series UID, a PatientID), then a count."""
+    if attempt == 1:
+        return ""
+    return f"_{naming.short_hash(value)}" + (f"_{attempt}" if attempt > 2 else "")
+
+
+def _same_series(owner: SeriesKey, key: SeriesKey) -> bool:
+    """Is owner (of a placed series folder) the series key? A placement that predates the
+    ledger's PatientIDs belongs to whichever patient has its series."""
+    return owner[:2] == key[:2] and owner[2] in (None, key[2])
+
+
 def make_plan(
     files: pa.Table,
     committed: pa.Table,
@@ -573,17 +678,22 @@ def make_plan(
     (``committed``), the output folder (``disk``) and each other."""
     files = _with_columns(files)
     new = new_files(files, committed)
+    new = new.append_column(PATIENT_ID, ledger.patient_ids(new["PatientID"]))
     contents = ContentIndex(disk.digest, digest_of_input, repeated(new))
     for content in known_contents(committed, files, new):
         contents.add(content)
-    renderer = Renderer(settings)
+    # The series folder of every placement, computed once (a regex over the ledger).
+    parents = _parent(committed["destination"])
     planner = Planner(
         settings=settings,
-        renderer=renderer,
-        names=Names(disk, ledger_file_names(committed)),
+        renderer=Renderer(settings),
+        names=Names(disk, ledger_file_names(committed, parents)),
         contents=contents,
-        folder_of_series=series_folders(committed, base_folders(new, renderer)),
-        owner_of_folder=folder_owners(committed),
+        folder_of_series=series_folders(committed, new, settings),
+        owner_of_folder=folder_owners(committed, parents, settings),
+        patients_of_folder=patient_owners(
+            committed, parents, naming.patient_level(settings.folder_template)
+        ),
         digest_of_input=digest_of_input,
         disk=disk,
     )
@@ -597,7 +707,7 @@ def make_plan(
     for start in range(0, len(order), _CHUNK):
         rows = new.take(order[start : start + _CHUNK]).to_pylist()
         decisions = [planner.decide(row) for row in rows]
-        columns = {name: [d[name] for d in decisions] for name in DECISIONS}
+        columns = {name: [d.get(name) for d in decisions] for name in DECISIONS}
         decided.append(pa.table(columns, schema=DECISION_SCHEMA))
     decisions = pa.concat_tables(decided).combine_chunks()
     ordered = new.take(order)
@@ -624,18 +734,6 @@ def repeated(new: pa.Table) -> tuple[set[tuple[str, int]], set[str]]:
     pairs = {(r["sop"], r["size"]) for r in more_than_once(["sop", "size"])}
     sops = {r["sop"] for r in more_than_once(["sop"]) if r["sop"]}
     return pairs, sops
-
-
-def base_folders(new: pa.Table, renderer: Renderer) -> list[str]:
-    """The distinct base folders the new rows render to: rendered once per distinct
-    combination of the folder template's values (found columnar), not once per file."""
-    columns = [c for c in renderer.folder_columns if c in new.column_names]
-    if new.num_rows == 0:
-        return []
-    if not columns:
-        return [renderer.base_folder(new.slice(0, 1).to_pylist()[0])]
-    combinations = new.select(columns).group_by(columns, use_threads=False).aggregate([])
-    return sorted({renderer.base_folder(row) for row in combinations.to_pylist()})
 
 
 def _with_columns(files: pa.Table) -> pa.Table:
@@ -680,6 +778,8 @@ def read_manifests(paths: list[Path], settings: Naming) -> pa.Table:
                 "relpath": pa.array([], pa.string()),
                 "size": pa.array([], pa.int64()),
                 "mtime_ns": pa.array([], pa.int64()),
+                "ctime_ns": pa.array([], pa.int64()),
+                "ino": pa.array([], pa.uint64()),
                 "dicom": pa.array([], pa.bool_()),
                 "skip_reason": pa.array([], pa.string()),
             }
@@ -698,6 +798,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--partition", help="p<index>of<count>: the partition these rows are")
     parser.add_argument("--mode", default="copy", help="transfer_mode (to settle a killed one)")
     parser.add_argument("--log", type=Path, help="this job's log (earlier ones are removed)")
+    parser.add_argument(
+        "--ledger-marker", type=Path, help="written into the ledger folder once planned"
+    )
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s", stream=sys.stderr)
     started = time.perf_counter()
@@ -705,7 +808,7 @@ def main(argv: list[str] | None = None) -> int:
     part = parse_part(args.partition) if args.partition else None
     layout_file = args.state_dir / "layout.json"
     try:
-        check_layout(layout_file, settings)
+        check_layout(layout_file, settings, args.output_dir)
     except ConfigError as error:
         log.error("dcmsort: error: %s", error)
         return 2
@@ -727,8 +830,10 @@ def main(argv: list[str] | None = None) -> int:
             return None
 
     plan = make_plan(files, committed, settings, Disk(args.output_dir), digest_of_input)
+    plan = with_temp_token(plan)  # written before any temporary file with it exists
     with atomic_path(layout_file) as tmp:
-        tmp.write_text(json.dumps(asdict(settings), indent=2))
+        record = layout_record(settings, args.output_dir, args.state_dir)
+        tmp.write_text(json.dumps(record, indent=2))
     # Earlier plans of this partition are done with (their transfers committed or their
     # pending copy was settled above).
     if part:
@@ -741,16 +846,22 @@ def main(argv: list[str] | None = None) -> int:
     # is what tells the next plan what a killed transfer may have left.
     with atomic_path(pending) as tmp:
         pq.write_table(plan, tmp)
+    if args.ledger_marker is not None:
+        with atomic_path(args.ledger_marker) as tmp:
+            tmp.write_text(LEDGER_MARKER)
+        if part:
+            remove_other_versions(args.ledger_marker, f"planned-{part.name}")
     actions = plan["action"].to_pylist()
     log.info(
         "plan%s: %d files, %d committed earlier, %d new: %d to sort, %d already present, "
-        "%d duplicates, %d conflicts; %d digests; %.2f s, peak RSS %d MB",
+        "%d to relink, %d duplicates, %d conflicts; %d digests; %.2f s, peak RSS %d MB",
         f" {part.name}" if part else "",
         files.num_rows,
         committed.num_rows,
         plan.num_rows,
         actions.count(SORT),
         actions.count(PRESENT),
+        actions.count(RELINK),
         actions.count(DUPLICATE),
         pc.sum(plan["conflict"]).as_py() or 0,
         len(hashed),

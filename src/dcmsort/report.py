@@ -26,7 +26,8 @@ import pyarrow.compute as pc
 import pyarrow.csv as pacsv
 import pyarrow.parquet as pq
 
-from dcmsort import ledger
+from dcmsort import ledger, naming
+from dcmsort.check import DAMAGED, RESTORED, RESULT_SCHEMA, read_results
 from dcmsort.fileops import atomic_path, read_parquet
 from dcmsort.plan import PLAN_SCHEMA
 from dcmsort.progress import peak_rss_mb
@@ -39,7 +40,7 @@ from dcmsort.status import (
     last_history,
     summary_line,
 )
-from dcmsort.transfer import RESULT_SCHEMA
+from dcmsort.transfer import RESULT_SCHEMA as TRANSFER_SCHEMA
 
 log = logging.getLogger("dcmsort.report")
 
@@ -63,9 +64,10 @@ def _distinct(column: pa.ChunkedArray | pa.Array) -> int:
 
 
 PLACEMENT_COLUMNS = ["destination", "relpath", "size", "sop_uid", "study_uid", "modality", "mode"]
+PLACEMENT_COLUMNS += ["patient_id"]
 # What the report reads of the ledger (not digests, base folders, series).
 LEDGER_COLUMNS = [*ledger.SOURCE_KEY, "status", "destination", "sop_uid", "study_uid"]
-LEDGER_COLUMNS += ["modality", "mode"]
+LEDGER_COLUMNS += ["modality", "mode", "patient_id"]
 
 
 def _where(table: pa.Table, mask: pa.ChunkedArray) -> pa.Table:
@@ -76,12 +78,7 @@ def _where(table: pa.Table, mask: pa.ChunkedArray) -> pa.Table:
 def placements(committed: pa.Table) -> pa.Table:
     """One row per destination holding a placed file (the output tree, per the ledger):
     its first placement (a touched input's later rows confirm the same file)."""
-    placed = _where(committed, pc.equal(committed["status"], ledger.PLACED))
-    destinations = placed["destination"]
-    # The row of each destination's first occurrence: one hash table, no group_by (which
-    # holds every column's aggregation state: ~2 KB per row at 100,000 rows).
-    first = pc.index_in(pc.unique(destinations), value_set=destinations)
-    return placed.take(first).select(PLACEMENT_COLUMNS)
+    return ledger.first_placements(committed).select(PLACEMENT_COLUMNS)
 
 
 def conflicted(placed: pa.Table) -> pa.Table:
@@ -94,6 +91,60 @@ def conflicted(placed: pa.Table) -> pa.Table:
     )
     shared = per_sop.filter(pc.greater(per_sop["destination_count_distinct"], 1))["sop_uid"]
     return with_sop.filter(pc.is_in(with_sop["sop_uid"], value_set=shared))
+
+
+# The version key of rows written before ctime and inode were recorded (v0.3), the only
+# ones that can lack a PatientID too.
+_V03_KEY = ["relpath", "size", "mtime_ns"]
+
+
+def shared_patient_folders(
+    placed: pa.Table, committed: pa.Table, files: pa.Table, level: int | None
+) -> pa.Table:
+    """Patient folders (the template's level with ``{PatientID}``, else the first) whose
+    files carry more than one PatientID: a merge the template chose, or one an earlier
+    version made. A placement from before the ledger kept PatientIDs counts with the
+    PatientID of the current inputs that hold its content, if any."""
+    known = pc.is_valid(placed["patient_id"])
+    placed = placed.select(["destination", "patient_id"])
+    if not pc.all(known).as_py() and "PatientID" in files.column_names:
+        legacy = committed.filter(
+            pc.is_in(
+                committed["destination"], value_set=placed.filter(pc.invert(known))["destination"]
+            )
+        )
+        found = legacy.select([*_V03_KEY, "destination"]).join(
+            files.select([*_V03_KEY, "PatientID"]), keys=_V03_KEY, join_type="inner"
+        )
+        placed = pa.concat_tables(
+            [
+                placed.filter(known),
+                pa.table(
+                    {
+                        "destination": found["destination"],
+                        "patient_id": ledger.patient_ids(found["PatientID"]),
+                    }
+                ),
+            ]
+        )
+    depth = (level or 0) + 1
+    folders = pc.replace_substring_regex(
+        placed["destination"], rf"^((?:[^/]*/){{{depth - 1}}}[^/]*)/.*$", r"\1"
+    )
+    ids = pa.table({"folder": folders, "ids": placed["patient_id"]}).filter(
+        pc.is_valid(placed["patient_id"])
+    )
+    grouped = ids.group_by("folder", use_threads=False).aggregate([("ids", "distinct")])
+    shared = grouped.filter(pc.greater(pc.list_value_length(grouped["ids_distinct"]), 1))
+    return pa.table(
+        {
+            "patient folder": shared["folder"],
+            "PatientIDs": pa.array(
+                [sorted(found) for found in shared["ids_distinct"].to_pylist()],
+                pa.list_(pa.string()),
+            ),
+        }
+    ).sort_by("patient folder")
 
 
 def gone_sources(committed: pa.Table, live_rows: pa.Table, placed: pa.Table) -> pa.Table:
@@ -111,26 +162,42 @@ def summarise(
     output_dir: Path,
     mode: str,
     report_path: str,
+    check: tuple[pa.Table, dict] | None = None,
+    patient_level: int | None = 0,
 ) -> tuple[dict, dict[str, pa.Table]]:
-    """The numbers of the summary, and the tables the page lists."""
+    """The numbers of the summary, and the tables the page lists. ``check``: this run's
+    check results and numbers (``check.read_results``), when it checked; patient_level is
+    ``naming.patient_level`` of the folder template."""
     placed = placements(committed)
     live_rows = ledger.live(committed, files)
     gone = gone_sources(committed, live_rows, placed)
-    # Only the gone placements are looked at on disk (few): is the copy still there, does
-    # a symbolic link still reach its input?
-    dangling, missing = 0, 0
-    for destination, mode in zip(
-        gone["destination"].to_pylist(), gone["mode"].to_pylist(), strict=True
-    ):
-        path = output_dir / destination
-        if mode == "symlink" and not path.exists():
-            dangling += 1
-        elif mode != "symlink" and not os.path.lexists(path):
-            missing += 1
+    # A link whose own input is gone dangles even when a duplicate still holds its
+    # content: such links are gone placements plus these (few) ones.
+    orphaned = gone_sources(
+        committed, _where(live_rows, pc.equal(live_rows["status"], ledger.PLACED)), placed
+    )
+    links = orphaned.filter(pc.equal(orphaned["mode"], "symlink"))
+    # Only these are looked at on disk (few): is the copy still there, does a symbolic
+    # link still reach its input?
+    dangling = {d for d in links["destination"].to_pylist() if not (output_dir / d).exists()}
+    missing = sum(
+        1
+        for destination, mode in zip(
+            gone["destination"].to_pylist(), gone["mode"].to_pylist(), strict=True
+        )
+        if mode != "symlink" and not os.path.lexists(output_dir / destination)
+    )
+    # Every dangling link is listed with the gone sources, also one whose content a
+    # duplicate still holds.
+    is_gone = pc.is_in(orphaned["destination"], value_set=gone["destination"])
+    is_dangling = pc.is_in(orphaned["destination"], value_set=pa.array(dangling, pa.string()))
+    listed = orphaned.filter(pc.or_(is_gone, is_dangling))
+    gone_dangling = pc.sum(pc.and_(is_gone, is_dangling)).as_py() or 0
     duplicates = live_rows.filter(pc.equal(live_rows["status"], ledger.DUPLICATE))
     skipped = files.filter(pc.invert(pc.fill_null(files["dicom"], False)))
     status = _count_by(transfers["status"]) if transfers.num_rows else {}
     conflicts = conflicted(placed)
+    shared = shared_patient_folders(placed, committed, files, patient_level)
     since = (previous or {}).get("generated_at", 0)
     destinations = placed["destination"]
     summary = {
@@ -149,11 +216,13 @@ def summarise(
         "files_new": status.get("copied", 0) + status.get("linked", 0),
         "bytes_written": pc.sum(transfers["bytes"]).as_py() or 0,
         "files_already_present": status.get("present", 0),
+        # Links whose input was renamed, pointed at its new path (same content).
+        "files_relinked": status.get("relinked", 0),
         "duplicates": duplicates.num_rows,
         "conflicts": conflicts.num_rows,
         "skipped": skipped.num_rows,
-        "sources_gone": gone.num_rows - dangling - missing,
-        "dangling_links": dangling,
+        "sources_gone": gone.num_rows - gone_dangling - missing,
+        "dangling_links": len(dangling),
         "gone_and_removed_from_output": missing,
         "changed_during_run": status.get("changed", 0),
         "errors": status.get("error", 0),
@@ -164,7 +233,21 @@ def summarise(
             if float(m.get("extracted_at", 0)) > since
         ),
         "files_per_modality": _count_by(placed["modality"]),
+        "check": None,
+        # Every patient folder holding more than one PatientID (see config/README.md).
+        "patient_folders_with_several_ids": [
+            {"folder": row["patient folder"], "patient_ids": row["PatientIDs"]}
+            for row in shared.to_pylist()
+        ],
     }
+    checked = check[0] if check else RESULT_SCHEMA.empty_table()
+    if check:
+        outcomes = _count_by(checked["outcome"])
+        summary["check"] = {
+            **check[1],
+            "restored": outcomes.get(RESTORED, 0),
+            "damaged": outcomes.get(DAMAGED, 0),
+        }
     unplaced = transfers.filter(pc.is_in(transfers["status"], pa.array(["changed", "error"])))
     added = transfers.filter(pc.is_in(transfers["status"], pa.array(["copied", "linked"])))
     tables = {
@@ -173,8 +256,10 @@ def summarise(
         "duplicates": duplicates.select(["relpath", "destination"]),
         "unplaced": unplaced.select(["relpath", "destination", "status", "detail"]),
         "added": _per_folder(added["destination"], "new files"),
-        "gone": gone.select(["relpath", "destination", "mode"]),
+        "gone": listed.select(["relpath", "destination", "mode"]),
         "series": _series_table(placed),
+        "check": checked,
+        "shared": shared.set_column(1, "PatientIDs", pc.binary_join(shared["PatientIDs"], ", ")),
     }
     return summary, tables
 
@@ -247,6 +332,7 @@ def render_html(summary: dict, tables: dict[str, pa.Table]) -> str:
         ("Files sorted", summary["files_sorted"]),
         ("Size sorted", f"{summary['bytes_sorted'] / 1e6:,.1f} MB"),
         ("New this run", summary["files_new"]),
+        ("Relinked this run", summary["files_relinked"]),
         ("Duplicates", summary["duplicates"]),
         ("Conflicts", summary["conflicts"]),
         ("Skipped", summary["skipped"]),
@@ -267,10 +353,23 @@ def render_html(summary: dict, tables: dict[str, pa.Table]) -> str:
             f"{html.escape(summary['transfer_mode'])}: files placed earlier stay as "
             "they were placed.</p>"
         )
+    if summary["patient_folders_with_several_ids"]:
+        notes += (
+            f"<p class='warn'>{len(summary['patient_folders_with_several_ids']):,} patient "
+            "folders hold files of more than one PatientID (listed below).</p>"
+        )
     if summary["dangling_links"]:
         notes += (
             f"<p class='warn'>{summary['dangling_links']:,} symbolic links point to input "
             "files that are gone: their content is no longer anywhere in the output.</p>"
+        )
+    check = summary["check"]
+    if check:
+        notes += (
+            f"<p{' class=warn' if check['damaged'] else ''}>This run checked every "
+            f"placement ({check['placements']:,}, by {html.escape(check['how'])}): "
+            f"{check['restored']:,} restored from their input, {check['damaged']:,} damaged "
+            "and not restorable (listed below and in check.csv).</p>"
         )
     generated = time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(summary["generated_at"]))
     return f"""<!DOCTYPE html>
@@ -298,12 +397,14 @@ th {{ background: #f2f4f8; }}
 <div class="cards">{cards}</div>
 {bar_chart(summary["files_per_modality"], "Files per modality")}
 {_table(tables["unplaced"], "Not placed by this run (see the reason)")}
+{_table(tables["check"], "Check: placements missing or damaged") if check else ""}
 {_table(tables["added"], "Added by this run")}
 {bar_chart(summary["skipped_by_reason"], "Skipped files by reason")}
 {_table(tables["skipped"], "Skipped files")}
 {_table(tables["conflicts"], "Conflicts: same SOPInstanceUID, different content (all kept)")}
 {_table(tables["duplicates"], "Exact duplicates (not written again)")}
 {_table(tables["gone"], "Sources gone since they were sorted (their copies are kept)")}
+{_table(tables["shared"], "Patient folders holding more than one PatientID")}
 {_table(tables["series"], "Patients and series")}
 </body></html>
 """
@@ -311,18 +412,17 @@ th {{ background: #f2f4f8; }}
 
 def read_manifests(paths: list[Path]) -> tuple[pa.Table, list[dict]]:
     """Key and skip columns of every manifest, and each manifest's metadata."""
-    columns = [*ledger.SOURCE_KEY, "dicom", "skip_reason"]
+    columns = [*ledger.SOURCE_KEY, "dicom", "skip_reason", "PatientID"]
     tables, meta = [], []
     for path in paths:
-        tables.append(read_parquet(path, columns=columns))
-        metadata = pq.read_schema(path).metadata or {}
-        meta.append({k.decode(): v.decode() for k, v in metadata.items()})
+        schema = pq.read_schema(path)
+        table = read_parquet(path, columns=[c for c in columns if c in schema.names])
+        tables.append(ledger.with_version_columns(table).select(columns))
+        meta.append({k.decode(): v.decode() for k, v in (schema.metadata or {}).items()})
     if not tables:
         schema = pa.schema(
             [
-                ("relpath", pa.string()),
-                ("size", pa.int64()),
-                ("mtime_ns", pa.int64()),
+                *(ledger.SCHEMA.field(name) for name in ledger.SOURCE_KEY),
                 ("dicom", pa.bool_()),
                 ("skip_reason", pa.string()),
             ]
@@ -332,7 +432,7 @@ def read_manifests(paths: list[Path]) -> tuple[pa.Table, list[dict]]:
 
 
 # Plan columns for the next stages, not for people reading plan.csv.
-PLAN_INTERNAL = ["committed", "digest", "base_folder", "part_key"]
+PLAN_INTERNAL = ["ctime_ns", "ino", "committed", "digest", "base_folder", "part_key"]
 
 
 def _read_since(paths: list[Path], since: float, schema: pa.Schema) -> pa.Table:
@@ -352,9 +452,13 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--state-dir", type=Path, required=True)
     parser.add_argument("--output-dir", type=Path, required=True)
     parser.add_argument("--mode", required=True)
+    parser.add_argument("--naming", required=True, help="Naming settings as JSON")
     parser.add_argument("--html", type=Path, required=True)
     parser.add_argument("--summary", type=Path, required=True)
     parser.add_argument("--removed", type=Path, required=True)
+    parser.add_argument(
+        "--check", type=Path, nargs="*", default=[], help="this run's check results, if any"
+    )
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s", stream=sys.stderr)
     files, meta = read_manifests(args.manifests)
@@ -363,11 +467,12 @@ def main(argv: list[str] | None = None) -> int:
     previous = last_history(history)
     # This run's work: the partitions whose jobs ran since the last report.
     since = (previous or {}).get("generated_at", 0)
-    transfers = _read_since(args.transfers, since, RESULT_SCHEMA)
+    transfers = _read_since(args.transfers, since, TRANSFER_SCHEMA)
     if args.plan_csv:
         plans = _read_since(args.plans, since, PLAN_SCHEMA)
         with atomic_path(args.plan_csv) as tmp:
-            pacsv.write_csv(plans.drop_columns(PLAN_INTERNAL), tmp)
+            internal = [c for c in PLAN_INTERNAL if c in plans.column_names]
+            pacsv.write_csv(plans.drop_columns(internal), tmp)
     summary, tables = summarise(
         files,
         committed,
@@ -377,6 +482,8 @@ def main(argv: list[str] | None = None) -> int:
         args.output_dir,
         args.mode,
         str(args.html),
+        read_results(args.check[0]) if args.check else None,
+        naming.patient_level(json.loads(args.naming)["folder_template"]),
     )
     with atomic_path(args.removed) as tmp:
         pacsv.write_csv(tables["gone"], tmp)

@@ -5,7 +5,8 @@ The Snakefile first undoes what Snakemake's reading of ``--config`` does to a te
 ``workflow/schemas/config.schema.yaml`` (keys, types, defaults; ``schema_message`` turns a
 violation into one line that says what to do) and then calls ``resolve``, which checks what
 a schema cannot: that the folders exist and do not nest, that the templates name real DICOM
-keywords and their format specs work.
+keywords and their format specs work. ``check_layout`` then refuses a state folder that
+describes another output folder, or an output sorted with other naming settings.
 """
 
 from __future__ import annotations
@@ -23,11 +24,26 @@ from dcmsort import naming, permissions
 from dcmsort.naming import Naming
 
 STATE_FOLDER = ".dcmsort"
+# Made first in a state folder: one holding other files but not this one is not a dcmsort
+# state, and its files could be replaced by state files.
+LOCK_FILE = permissions.LOCK_FILE
 README = "config/README.md"
 # What a user must pass on every real run (config/config.yaml carries no folders).
 USAGE = "--config input_dir=/path/to/Unclassified output_dir=/path/to/Classified"
 FOLDER_KEYS = ("input_dir", "output_dir", "state_dir")
-TEXT_KEYS = (*FOLDER_KEYS, "folder_template", "file_template", "placeholder")
+# The naming keys, each with a value to show when it is given empty.
+NAMING_EXAMPLES = {
+    "folder_template": "{PatientID}/{SeriesNumber}",
+    "file_template": "{filename}",
+    "placeholder": "UNKNOWN",
+}
+TEXT_KEYS = (*FOLDER_KEYS, *NAMING_EXAMPLES)
+# The key of layout.json that records the output folder a state describes.
+OUTPUT_KEY = "output_dir"
+# Keys that take true or false. Snakemake reads `--config key=true` as the text "true"
+# (only "True" and "False" become booleans), which the schema would refuse.
+BOOLEAN_KEYS = ("keep_series_apart", "check")
+_BOOLEAN_WORDS = {"true": True, "false": False}
 
 
 class ConfigError(Exception):
@@ -44,6 +60,9 @@ class Settings:
     verify: str
     batches: int | None  # None: chosen from the number of folders (auto)
     partitions: int | None = None  # None: chosen from the number of files (auto)
+    # How this run checks every placement after the transfer: "size", "checksum", or None
+    # (a plain run trusts the ledger and looks at no placed file).
+    check: str | None = None
 
     @property
     def naming_json(self) -> str:
@@ -59,6 +78,31 @@ def _inside(path: Path, folder: Path) -> bool:
     return path == folder or folder in path.parents
 
 
+def _in_hidden_folder(path: Path, folder: Path) -> bool:
+    """True if path lies in folder under a first component that starts with '.': a name
+    the naming layer never gives a destination (``naming.safe_component``), nor the
+    transfer a temporary file (those lie beside a destination, never in the output's top)."""
+    return path != folder and path.relative_to(folder).parts[0].startswith(".")
+
+
+def _first_link_inside(path: Path, folder: Path) -> Path | None:
+    """The first symbolic link that path passes through inside folder (None if none).
+    path is walked as the system resolves it: a link outside folder is followed (it may
+    lead into folder), '..' goes to the real parent."""
+    current = Path(path.anchor)
+    for part in path.parts[1:]:
+        if part == "..":
+            current = current.parent
+            continue
+        step = current / part
+        if step.is_symlink():
+            if _inside(current, folder):
+                return step
+            step = step.resolve()
+        current = step
+    return None
+
+
 def _as_typed(mapping: Mapping) -> str:
     """The text a user typed that YAML read as a flow mapping: ``{PatientID}``, ``{}``."""
     return "{" + ", ".join(k if v in ("", None) else f"{k}: {v}" for k, v in mapping.items()) + "}"
@@ -71,14 +115,25 @@ def from_command_line(config: dict, given: Mapping[str, Any]) -> dict:
     arrives as the mapping ``{'PatientID': ''}``, and ``folder_template={}`` (an empty
     mapping merged into the config file's text) silently leaves the default in place.
     ``given`` is what the command line held (``workflow.config_settings.overwrite_config``).
+    ``true`` and ``false`` (any case) become booleans for the keys that take them.
     A one-field template is turned back into its text; anything else that is not text is
     refused with the quoting that works. Missing folders are refused here too, before the
     schema would call them merely "required".
     """
     config = dict(config)
     for key in TEXT_KEYS:
-        value = given.get(key, config.get(key))
-        if isinstance(value, Mapping) and len(value) <= 1:
+        if key not in given and key not in config:
+            continue  # the schema's default
+        value = given[key] if key in given else config[key]
+        # `key=`, `key=""` and `key=''` all arrive as None.
+        if value is None or value == "":
+            if key in NAMING_EXAMPLES:
+                raise ConfigError(
+                    f"{key} is empty; leave it out for the default, or give one, e.g. "
+                    f"--config '{key}=\"{NAMING_EXAMPLES[key]}\"' (see {README})"
+                )
+            config[key] = ""  # state_dir: the default; input_dir, output_dir: not set (below)
+        elif isinstance(value, Mapping) and len(value) <= 1:
             config[key] = _as_typed(value)
         elif isinstance(value, Mapping | list):
             typed = _as_typed(value) if isinstance(value, Mapping) else "..."
@@ -86,6 +141,10 @@ def from_command_line(config: dict, given: Mapping[str, Any]) -> dict:
                 f"{key} was read as YAML ({value!r}), not as text; quote it on the "
                 f"command line: --config '{key}=\"{typed}\"'"
             )
+    for key in BOOLEAN_KEYS:
+        value = given.get(key)
+        if isinstance(value, str) and value.lower() in _BOOLEAN_WORDS:
+            config[key] = _BOOLEAN_WORDS[value.lower()]
     missing = [key for key in ("input_dir", "output_dir") if not config.get(key)]
     if missing:
         raise ConfigError(
@@ -181,6 +240,19 @@ def _folder_problem(key: str, path: Path) -> str | None:
     return None
 
 
+def _foreign_file(state_dir: Path) -> str | None:
+    """The name of a file in an existing state_dir that is not dcmsort's (None if there is
+    none): one of a folder that holds no LOCK_FILE, except Snakemake's `.snakemake/` (the
+    working directory may be the state folder)."""
+    if not state_dir.is_dir() or (state_dir / LOCK_FILE).exists():
+        return None
+    try:
+        with os.scandir(state_dir) as entries:
+            return next((e.name for e in entries if e.name != ".snakemake"), None)
+    except OSError as error:
+        raise ConfigError(f"state_dir {state_dir} cannot be read ({error.strerror})") from error
+
+
 def resolve(config: dict, cwd: Path | None = None) -> Settings:
     """Settings from a schema-validated config; raises ConfigError naming key and fix."""
     cwd = (cwd or Path.cwd()).resolve()
@@ -217,18 +289,44 @@ def resolve(config: dict, cwd: Path | None = None) -> Settings:
             "any folder with snakemake -s path/to/Snakefile, or pass --directory)"
         )
     state_dir = (
-        (cwd / str(config["state_dir"])).resolve()
+        cwd / os.path.expanduser(str(config["state_dir"]))
         if config.get("state_dir")
         else output_dir / STATE_FOLDER
     )
+    link = _first_link_inside(state_dir, output_dir)
+    if link:
+        raise ConfigError(
+            f"state_dir {state_dir} is reached through the symbolic link {link} inside "
+            "output_dir, and no link inside the output is followed; make it a folder, or "
+            "set state_dir to the folder the link points to"
+        )
+    state_dir = state_dir.resolve()
     if _inside(state_dir, input_dir):
         raise ConfigError(f"state_dir {state_dir} is inside input_dir; choose another state_dir")
+    if _inside(state_dir, output_dir) and not _in_hidden_folder(state_dir, output_dir):
+        raise ConfigError(
+            f"state_dir {state_dir} is inside output_dir {output_dir}, where state files "
+            "could replace sorted ones; leave state_dir empty (output_dir/.dcmsort), or "
+            "choose a folder outside output_dir or one whose name starts with '.' in it"
+        )
+    if _inside(output_dir, state_dir):
+        raise ConfigError(
+            f"output_dir {output_dir} is inside state_dir {state_dir}; choose folders "
+            "that do not contain each other (or leave state_dir empty)"
+        )
     for key, folder in (("output_dir", output_dir), ("state_dir", state_dir)):
         problem = _folder_problem(key, folder)
         if problem:
             raise ConfigError(problem)
+    foreign = _foreign_file(state_dir)
+    if foreign:
+        raise ConfigError(
+            f"state_dir {state_dir} holds {foreign!r} and no dcmsort state; choose a new or "
+            "empty folder (state files are written there by fixed names, replacing any other)"
+        )
     for key in ("folder_template", "file_template"):
-        problems = naming.template_problems(config[key]) or [
+        one_name = key == "file_template"
+        problems = naming.template_problems(config[key], one_name) or [
             problem
             for field, spec in naming.template_fields(config[key])
             if (problem := format_spec_problem(field, spec))
@@ -268,7 +366,15 @@ def resolve(config: dict, cwd: Path | None = None) -> Settings:
         verify=config["verify"],
         batches=None if config["batches"] == "auto" else int(config["batches"]),
         partitions=partitions,
+        check=check_how(config.get("check", False), config["verify"]),
     )
+
+
+def check_how(check: bool | str, verify: str) -> str | None:
+    """What ``check`` asks for: true checks as ``verify`` does (size, or checksum)."""
+    if check is True:
+        return verify
+    return check or None
 
 
 def discard_logs(logfiles: list[str]) -> None:
@@ -289,16 +395,57 @@ def discard_logs(logfiles: list[str]) -> None:
                 break
 
 
-def check_layout(layout_file: Path, settings: Naming) -> None:
-    """Refuse naming settings other than those the output folder was sorted with, so that
-    one output folder never silently mixes two layouts."""
-    if not layout_file.exists():
-        return
-    recorded = json.loads(layout_file.read_text())
+def _described_output(state_dir: Path, recorded: Mapping, output_dir: Path) -> Path | None:
+    """The output folder the state in state_dir describes (None for a new state).
+
+    layout.json records it (``layout_record``). A state of v0.3 has no such record: one
+    inside the current output describes it (a state moves with its output), one elsewhere
+    describes the output its last summary.json names; until its next plan writes the
+    record, a state without either (a first run stopped before its plan) takes the current
+    output.
+    """
+    text = recorded.get(OUTPUT_KEY)
+    if text is None and _inside(state_dir, output_dir):
+        return output_dir
+    if text is None:
+        try:
+            text = json.loads((state_dir / "summary.json").read_text()).get(OUTPUT_KEY)
+        except (OSError, ValueError, AttributeError):
+            return None
+    return (state_dir / text).resolve() if text else None
+
+
+def layout_record(settings: Naming, output_dir: Path, state_dir: Path) -> dict:
+    """What layout.json records: the naming settings, and the output folder the state
+    describes, relative to the state when the state lies inside it (so the two can be
+    moved together), else as its real path."""
+    output_dir, state_dir = output_dir.resolve(), state_dir.resolve()
+    where = (
+        os.path.relpath(output_dir, state_dir)
+        if _inside(state_dir, output_dir)
+        else str(output_dir)
+    )
+    return {**asdict(settings), OUTPUT_KEY: where}
+
+
+def check_layout(layout_file: Path, settings: Naming, output_dir: Path) -> None:
+    """Refuse an output folder other than the one the state describes, so that one state
+    never mixes two outputs (its ledger and report would describe files that are not
+    there), and naming settings other than those the output folder was sorted with, so
+    that one output folder never silently mixes two layouts."""
+    output_dir = output_dir.resolve()
+    recorded = json.loads(layout_file.read_text()) if layout_file.exists() else {}
+    described = _described_output(layout_file.parent, recorded, output_dir)
+    if described is not None and described != output_dir:
+        raise ConfigError(
+            f"state_dir {layout_file.parent} holds the state of output_dir {described}, not "
+            f"{output_dir}; sort into {described}, or give {output_dir} another state_dir "
+            "(or leave state_dir empty)"
+        )
     for key, value in asdict(settings).items():
         if key in recorded and recorded[key] != value:
             raise ConfigError(
-                f"{key} is {value!r} but {layout_file.parent.parent} was sorted with "
+                f"{key} is {value!r} but {output_dir} was sorted with "
                 f"{recorded[key]!r}; set it back, or sort into a new output_dir "
                 "(files already sorted never move)"
             )
@@ -317,8 +464,8 @@ def acquire_run_lock(state_dir: Path) -> None:
     made with a state file's mode, so in a group-shared output the next member can lock.
     """
     permissions.make_folders(state_dir)
-    permissions.create_state_file(state_dir / "run.lock")
-    handle = open(state_dir / "run.lock", "a+")  # noqa: SIM115 (held open on purpose)
+    permissions.create_state_file(state_dir / LOCK_FILE)
+    handle = open(state_dir / LOCK_FILE, "a+")  # noqa: SIM115 (held open on purpose)
     try:
         fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
     except BlockingIOError:

@@ -15,6 +15,9 @@ from dcmsort.fileops import atomic_path
 HISTORY = "history.jsonl"  # one summary per run, appended: what changed since the last run
 STATUS_START, STATUS_END = "<!--dcmsort-status-->", "<!--/dcmsort-status-->"
 COMPLETE, RUNNING, FAILED, STALE = "complete", "running", "failed", "stale"
+# The exit code of a run whose check left damage it could not restore (a job that failed
+# gives Snakemake's 1): the report is complete and lists each damaged placement.
+DAMAGE_LEFT = 3
 
 
 def summary_line(summary_file: Path) -> str:
@@ -24,6 +27,8 @@ def summary_line(summary_file: Path) -> str:
     except (OSError, ValueError):
         return f"dcmsort: finished; no summary at {summary_file}"
     extra = ""
+    if s.get("files_relinked"):
+        extra += f", {s['files_relinked']:,} relinked (their input moved)"
     if s.get("sources_gone"):
         extra += f", {s['sources_gone']:,} sources gone (copies kept)"
     if s.get("gone_and_removed_from_output"):
@@ -35,12 +40,31 @@ def summary_line(summary_file: Path) -> str:
         extra += f", {s['dangling_links']:,} links dangling (their input is gone)"
     if s.get("changed_during_run"):
         extra += f", {s['changed_during_run']:,} changed during the run (rerun to sort them)"
+    check = s.get("check")
+    if check:
+        extra += f", checked {check['placements']:,} placements"
+        if check["restored"]:
+            extra += f": {check['restored']:,} restored"
+        if check["damaged"]:
+            extra += (
+                f"{',' if check['restored'] else ':'} {check['damaged']:,} damaged "
+                f"(see {Path(summary_file).parent / 'check.csv'})"
+            )
     status = "" if s.get("status", COMPLETE) == COMPLETE else f" [{s['status']}]"
     return (
         f"dcmsort{status}: {s['files_sorted']:,} files sorted ({s['files_new']:,} new this "
         f"run), {s['duplicates']:,} duplicates, {s['conflicts']:,} conflicts, "
         f"{s['skipped']:,} skipped{extra} · report: {s['report']}"
     )
+
+
+def damage_left(summary_file: Path) -> bool:
+    """Did this run's check find damage it could not restore?"""
+    try:
+        check = json.loads(Path(summary_file).read_text()).get("check")
+    except (OSError, ValueError):
+        return False
+    return bool(check and check.get("damaged"))
 
 
 def mark(state_dir: Path, status: str, message: str) -> None:

@@ -5,9 +5,15 @@ Decides nothing about names. For each plan row not yet in the ledger:
 - ``sort``: write the file under a temporary name in its destination folder, check it
   (size; a source that changed while it was copied is not placed; the digest too with
   ``verify: checksum``), and link it to its name, which fails rather than replace anything;
-  a hard or symbolic link is made in one call, which also never replaces;
+  a hard or symbolic link is made in one call, which also never replaces. The temporary
+  name carries the plan's token (``temp_token``) and is created exclusively: whatever
+  stands at it is never opened or removed, and a killed run's leftovers are removed only
+  by their token;
 - ``present``: check that the destination holds a file of the right size (the plan
   compared digests);
+- ``relink``: the input of a symbolic link dcmsort made was renamed (same content, by
+  digest): a new link at a temporary name takes the old one's place in one atomic swap,
+  only while that place holds exactly the link to the input's previous path;
 - ``duplicate``: commit once its destination is committed.
 
 Folders are opened one component at a time with ``O_NOFOLLOW`` and everything is created
@@ -31,6 +37,7 @@ import errno
 import hashlib
 import logging
 import os
+import secrets
 import stat
 import sys
 import time
@@ -48,6 +55,7 @@ from dcmsort.fileops import (
     DIGEST,
     atomic_path,
     copy_range,
+    exchange,
     read_parquet,
     remove_other_versions,
     rename_no_replace,
@@ -61,15 +69,16 @@ log = logging.getLogger("dcmsort.transfer")
 MODES = ("copy", "hardlink", "symlink")
 VERIFY = ("size", "checksum")
 # Outcomes of one row.
-COPIED, LINKED, PRESENT, DUPLICATE, CHANGED, ERROR = (
+COPIED, LINKED, RELINKED, PRESENT, DUPLICATE, CHANGED, ERROR = (
     "copied",
     "linked",
+    "relinked",
     "present",
     "duplicate",
     "changed",
     "error",
 )
-COMMITTED = {COPIED, LINKED, PRESENT, DUPLICATE}
+COMMITTED = {COPIED, LINKED, RELINKED, PRESENT, DUPLICATE}
 RESULT_SCHEMA = pa.schema(
     [
         ("relpath", pa.string()),
@@ -83,6 +92,8 @@ COMMIT_EVERY_S = 2.0
 # A copy of the plan kept until its transfer has finished: after a killed transfer, the
 # next plan settles it first (Snakemake removes plan.parquet before the plan job runs).
 PENDING = "pending.parquet"
+# Where a plan keeps the token that names its transfer's temporary files (temp_token).
+TEMP_TOKEN = b"dcmsort.temp_token"
 
 
 def pending_file(state_dir: Path, part: Part | None = None) -> Path:
@@ -127,7 +138,8 @@ def _digest_at(folder_fd: int, name: str) -> str | None:
 
 @dataclass(frozen=True, slots=True)
 class Row:
-    """One plan row to carry out (``index``: its position in the plan table)."""
+    """One plan row to carry out (``index``: its position in the plan table). ctime_ns and
+    ino are None in a plan written by v0.3."""
 
     relpath: str
     size: int
@@ -135,28 +147,60 @@ class Row:
     action: str
     destination: str
     digest: str | None
+    previous_relpath: str | None = None  # relink: the input path the link points to now
+    ctime_ns: int | None = None
+    ino: int | None = None
     index: int = -1
+
+
+def with_temp_token(plan: pa.Table) -> pa.Table:
+    """The plan, carrying a new random token that every temporary file its transfer makes
+    has in its name (``fileops.temp_name_for``). The plan and its copy ``pending.parquet``
+    are written before any such file exists, so a file with the token of a pending plan is
+    one a killed transfer made: ``settle`` removes those, and only those. Nothing else is
+    ever removed, whoever's it is (a user's file at ``.<name>.dcmsort-tmp``, a leftover of
+    a plan without a token)."""
+    metadata = {**(plan.schema.metadata or {}), TEMP_TOKEN: secrets.token_hex(6).encode()}
+    return plan.replace_schema_metadata(metadata)
+
+
+def temp_token(plan: pa.Table) -> str | None:
+    """The token of a plan's temporary files (with_temp_token); None for a plan without."""
+    token = (plan.schema.metadata or {}).get(TEMP_TOKEN)
+    return token.decode() if token else None
+
+
+# For a plan without a token (written by hand or by an older version): one of this
+# process's own. Nothing records it, so what a killed run leaves with it stays (hidden).
+_UNRECORDED_TOKEN = secrets.token_hex(6)
 
 
 def plan_rows(plan: pa.Table) -> list[Row]:
     """The rows of a plan table to carry out, each knowing its position in the table."""
+    plan = ledger.with_version_columns(plan)
     fields = ["relpath", "size", "mtime_ns", "action", "destination", "digest"]
-    return [
-        Row(*values, index=i)
-        for i, values in enumerate(zip(*(plan[f].to_pylist() for f in fields), strict=True))
+    fields += ["previous_relpath", "ctime_ns", "ino"]  # absent from older plans
+    columns = [
+        plan[f].to_pylist() if f in plan.column_names else [None] * plan.num_rows for f in fields
     ]
+    return [Row(*values, index=i) for i, values in enumerate(zip(*columns, strict=True))]
 
 
 class OutputTree:
     """Folders of output_dir, opened and created one component at a time, never through a
     link: ``O_NOFOLLOW`` makes a link (or a file) where a folder should be an error. A
-    folder created here is no more open than the one it is made in
-    (``permissions.folder_mode``): made ``0700``, then given its mode through its own
-    descriptor, so it is never more open, even for a moment."""
+    folder created here gets ``permissions.folder_mode`` of output_dir, worked out once:
+    never of the folder it is made in, whose mode another thread may not have set yet
+    (a thread that finds a folder made goes on at once). Made ``0700``, then given its
+    mode through its own descriptor, so it is never more open, even for a moment."""
 
     def __init__(self, root: Path):
         self.root = Path(root)
         permissions.make_folders(self.root)
+        # folder_mode of a folder_mode is itself: every level below gets the same mode.
+        self.folder_mode = permissions.folder_mode(
+            os.stat(self.root).st_mode, permissions.current_umask()
+        )
 
     def open_folder(self, folder: str, create: bool = True) -> int:
         fd = os.open(self.root, os.O_RDONLY | os.O_DIRECTORY)
@@ -175,10 +219,7 @@ class OutputTree:
                         created = False
                     child = os.open(component, flags, dir_fd=fd)
                     if created:
-                        mode = permissions.folder_mode(
-                            os.fstat(fd).st_mode, permissions.current_umask()
-                        )
-                        os.fchmod(child, mode)
+                        os.fchmod(child, self.folder_mode)
                 os.close(fd)
                 fd = child
         except OSError as error:
@@ -231,26 +272,48 @@ def _existing_is_same(folder_fd: int, name: str, source: str, digest: str | None
 
 
 def _check_version(info: os.stat_result, row: Row) -> None:
-    if (info.st_size, info.st_mtime_ns) != (row.size, row.mtime_ns):
+    """The input is still the version the plan decided on: the same size, mtime, ctime and
+    inode (what a plan of v0.3 does not know is not compared)."""
+    seen = (info.st_size, info.st_mtime_ns, info.st_ctime_ns, info.st_ino)
+    planned = (row.size, row.mtime_ns, row.ctime_ns, row.ino)
+    if any(now != then for now, then in zip(seen, planned, strict=True) if then is not None):
         raise SourceChanged(
             "the input changed after its header was read; it is sorted by the next run"
         )
 
 
-def _copy(folder_fd: int, name: str, source: str, row: Row, verify: str) -> tuple[str, str | None]:
+def _version_digest(source: str, row: Row) -> str:
+    """The digest of the row's input version (SourceChanged if the input is another
+    version, or changes while it is read)."""
+    fd = os.open(source, os.O_RDONLY)
+    try:
+        _check_version(os.fstat(fd), row)
+        digest = _digest_fd(fd)
+        _check_version(os.fstat(fd), row)
+    finally:
+        os.close(fd)
+    return digest
+
+
+def _copy(
+    folder_fd: int, name: str, source: str, row: Row, verify: str, token: str
+) -> tuple[str, str | None]:
     """Copy to a temporary name, check, then link to name (never replacing)."""
     fd_in = os.open(source, os.O_RDONLY)
     try:
         before = os.fstat(fd_in)
         _check_version(before, row)
-        tmp = temp_name_for(name)
+        tmp = temp_name_for(name, token)
         flags = os.O_RDWR | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW  # read back by checksum
         mode = permissions.copy_mode(before.st_mode, permissions.current_umask())
         try:
             fd_out = os.open(tmp, flags, mode, dir_fd=folder_fd)
-        except FileExistsError:  # left by a killed run (fixed name): never reuse its mode
-            os.unlink(tmp, dir_fd=folder_fd)
-            fd_out = os.open(tmp, flags, mode, dir_fd=folder_fd)
+        except FileExistsError:
+            # Not this plan's killed transfer's (settle removed those): never touched.
+            raise TransferError(
+                f"something stands at the temporary name {tmp!r}, which is never opened or "
+                "removed; nothing was placed: rerun, and the next plan uses another name"
+            ) from None
         digest = row.digest
         try:
             try:
@@ -337,33 +400,129 @@ def _occupied() -> TransferError:
     )
 
 
-def _link(folder_fd: int, name: str, source: str, row: Row, mode: str) -> str:
+def _linked_ctime(folder_fd: int, name: str, row: Row) -> int | None:
+    """The input's ctime once name is a hard link to it: linking changed it (the link
+    count is part of the inode). The ledger records the version as it is now, or the next
+    run would see every linked input as a new version and hash it. None when name is not
+    (or no longer) the row's version: then the next run finds it by content."""
+    try:
+        info = os.stat(name, dir_fd=folder_fd, follow_symlinks=False)
+    except OSError:
+        return None
+    same = stat.S_ISREG(info.st_mode) and (info.st_size, info.st_mtime_ns) == (
+        row.size,
+        row.mtime_ns,
+    )
+    return info.st_ctime_ns if same and info.st_ino == row.ino else None
+
+
+def _link(
+    folder_fd: int, name: str, source: str, row: Row, mode: str
+) -> tuple[str, str | None, int | None]:
+    """(status, the digest if known, the input's ctime after a new hard link changed it,
+    else None)."""
     info = os.stat(source)
-    _check_version(info, row)
+    try:
+        _check_version(info, row)
+    except SourceChanged:
+        if mode == "hardlink" and _linked_ctime(folder_fd, name, row) == info.st_ctime_ns:
+            # linked by an earlier attempt at this row
+            return PRESENT, row.digest, info.st_ctime_ns
+        raise
+    digest = row.digest
+    if mode == "symlink" and digest is None:
+        # A link holds no content of its own: once its input is renamed it dangles, and
+        # only this digest lets the next plan find the content at the new path (relink).
+        digest = _version_digest(source, row)
     try:
         if mode == "hardlink":
             os.link(source, name, dst_dir_fd=folder_fd)
-        else:
-            os.symlink(os.path.abspath(source), name, dir_fd=folder_fd)
+            return LINKED, digest, _linked_ctime(folder_fd, name, row)
+        os.symlink(os.path.abspath(source), name, dir_fd=folder_fd)
     except FileExistsError:
-        if _existing_is_same(folder_fd, name, source, row.digest):
-            return PRESENT
+        if _existing_is_same(folder_fd, name, source, digest):
+            return PRESENT, digest, None
         raise _occupied() from None
-    return LINKED
+    return LINKED, digest, None
+
+
+def _link_target(folder_fd: int, name: str) -> str | None:
+    """Where the symbolic link name points, or None (not a link, or nothing there)."""
+    try:
+        return os.readlink(name, dir_fd=folder_fd)
+    except OSError:
+        return None
+
+
+def _relink(folder_fd: int, name: str, source: str, previous: str, row: Row, token: str) -> str:
+    """Point dcmsort's link at name to source instead of previous (the input's old path:
+    the plan found the same content, by digest, at the new one). Only that exact link is
+    replaced, never a file or a link to anywhere else: a new link at the temporary name
+    is swapped with it in one atomic call (what comes out is checked, and swapped back if
+    it was not ours), so name is never missing and never anything else's."""
+    _check_version(os.stat(source), row)
+    target, ours = os.path.abspath(source), os.path.abspath(previous)
+    held = _link_target(folder_fd, name)
+    if held == target:  # re-pointed by a run killed before it committed
+        return PRESENT
+    if held != ours:
+        if _existing_is_same(folder_fd, name, source, row.digest):
+            return PRESENT  # a file with this content took the link's place
+        raise _not_our_link()
+    # The plan's temporary name: one a killed transfer of this plan left was removed by
+    # settle; anything else there is someone else's (FileExistsError: not placed).
+    tmp = temp_name_for(name, token)
+    os.symlink(target, tmp, dir_fd=folder_fd)
+    try:
+        exchange(tmp, name, folder_fd)
+    except OSError as error:
+        if error.errno not in {errno.ENOSYS, errno.EINVAL, errno.EOPNOTSUPP}:
+            os.unlink(tmp, dir_fd=folder_fd)
+            raise
+        # No atomic swap here: check, then rename over (a narrow window, on such file
+        # systems only).
+        if _link_target(folder_fd, name) != ours:
+            os.unlink(tmp, dir_fd=folder_fd)
+            raise _not_our_link() from None
+        os.rename(tmp, name, src_dir_fd=folder_fd, dst_dir_fd=folder_fd)
+        return RELINKED
+    if _link_target(folder_fd, tmp) != ours:  # replaced since it was looked at
+        exchange(tmp, name, folder_fd)  # put back (what fails here is left at tmp)
+        os.unlink(tmp, dir_fd=folder_fd)
+        raise _not_our_link()
+    os.unlink(tmp, dir_fd=folder_fd)  # the link to the old path
+    return RELINKED
+
+
+def _not_our_link() -> TransferError:
+    return TransferError(
+        "the destination is no longer the link dcmsort made to the input's earlier path, "
+        "and is never replaced; move it away and rerun"
+    )
 
 
 def put(
-    folder_fd: int, row: Row, input_dir: Path, mode: str, verify: str
-) -> tuple[str, str | None]:
-    """Put one row's file in place; returns (status, digest if known)."""
+    folder_fd: int,
+    row: Row,
+    input_dir: Path,
+    mode: str,
+    verify: str,
+    token: str = _UNRECORDED_TOKEN,
+) -> tuple[str, str | None, int | None]:
+    """Put one row's file in place; returns (status, digest if known, the input's ctime
+    when placing it changed it: a new hard link's, else None). token: the plan's, for the
+    temporary name of a copy (temp_token)."""
     name = row.destination.rpartition("/")[2]
     source = inventory.source_path(input_dir, row.relpath)
     try:
         if row.action == "present" and _existing_is_same(folder_fd, name, source, row.digest):
-            return PRESENT, row.digest
+            return PRESENT, row.digest, None
+        if row.action == "relink":
+            previous = inventory.source_path(input_dir, row.previous_relpath)
+            return _relink(folder_fd, name, source, previous, row, token), row.digest, None
         if mode == "copy":
-            return _copy(folder_fd, name, source, row, verify)
-        return _link(folder_fd, name, source, row, mode), row.digest
+            return *_copy(folder_fd, name, source, row, verify, token), None
+        return _link(folder_fd, name, source, row, mode)
     except FileNotFoundError as error:
         if error.filename in (source, None):
             raise SourceChanged("the input is gone since its header was read") from error
@@ -391,10 +550,17 @@ class Outcome:
     digest: str | None = None
     detail: str | None = None
     mode: str | None = None  # how it was placed, when not this run's transfer_mode
+    ctime_ns: int | None = None  # the input's ctime, when placing it changed it (hard link)
 
 
 def _place_folder(
-    tree: OutputTree, folder: str, rows: list[Row], input_dir: Path, mode: str, verify: str
+    tree: OutputTree,
+    folder: str,
+    rows: list[Row],
+    input_dir: Path,
+    mode: str,
+    verify: str,
+    token: str,
 ) -> list[Outcome]:
     try:
         folder_fd = tree.open_folder(folder)
@@ -405,8 +571,10 @@ def _place_folder(
     try:
         for row in rows:
             try:
-                status, digest = put(folder_fd, row, input_dir, mode, verify)
-                outcomes.append(Outcome(row, status, digest))
+                status, digest, ctime_ns = put(folder_fd, row, input_dir, mode, verify, token)
+                # A relinked destination stays a link, whatever this run's mode.
+                how = "symlink" if row.action == "relink" else None
+                outcomes.append(Outcome(row, status, digest, mode=how, ctime_ns=ctime_ns))
             except SourceChanged as error:
                 outcomes.append(Outcome(row, CHANGED, detail=str(error)))
             except TransferError as error:
@@ -418,14 +586,31 @@ def _place_folder(
 
 def _ledger_rows(outcomes: list[Outcome], plan: pa.Table, mode: str) -> pa.Table:
     """The ledger rows of the committed outcomes: what the plan knew of each file (taken
-    columnar from the plan table) and what the transfer found."""
+    columnar from the plan table) and what the transfer found. A new hard link changed its
+    input's ctime: its placement is committed for both versions, the planned one (a rerun
+    of this plan sees it done) and the one the input is now (the next plan sees nothing
+    new)."""
     done = [o for o in outcomes if o.status in COMMITTED]
+    relinked = [o for o in done if o.ctime_ns is not None]
+    rows = _rows(done, plan, mode)
+    if not relinked:
+        return rows
+    now = _rows(relinked, plan, mode)
+    ctimes = pa.array([o.ctime_ns for o in relinked], pa.int64())
+    return pa.concat_tables(
+        [rows, now.set_column(now.schema.get_field_index("ctime_ns"), "ctime_ns", ctimes)]
+    )
+
+
+def _rows(done: list[Outcome], plan: pa.Table, mode: str) -> pa.Table:
     planned = plan.take(pa.array([o.row.index for o in done], pa.int64()))
     return pa.table(
         {
             "relpath": planned["relpath"],
             "size": planned["size"],
             "mtime_ns": planned["mtime_ns"],
+            "ctime_ns": planned["ctime_ns"],
+            "ino": planned["ino"],
             # A restored copy belongs to the placement it restores: this input is its twin.
             "status": [
                 ledger.DUPLICATE
@@ -442,6 +627,7 @@ def _ledger_rows(outcomes: list[Outcome], plan: pa.Table, mode: str) -> pa.Table
             "study_uid": planned["StudyInstanceUID"],
             "modality": planned["Modality"],
             "committed_at": [time.time()] * len(done),
+            "patient_id": ledger.patient_ids(planned["PatientID"]),
             "part_key": planned["part_key"]
             if "part_key" in planned.column_names
             else pa.nulls(len(done), pa.int64()),
@@ -459,18 +645,20 @@ def settle(
     part: Part | None = None,
 ) -> int:
     """Commit what a killed transfer of this plan had put in place, and remove the
-    temporary files it left. A file reaches its name only after it was checked, so a
-    pending row's destination holding a file with its input version's size and mtime (or a
-    link to its input) is that row's placement. Run before a plan replaces this one (the
-    inputs may have been renamed meanwhile: nobody would adopt those copies) and before a
-    transfer retries it. Returns how many rows it committed."""
+    temporary files it left (those with the plan's token: no other file is ours to
+    remove). A file reaches its name only after it was checked, so a pending row's
+    destination holding a file with its input version's size and mtime (or a link to its
+    input) is that row's placement. Run before a plan replaces this one (the inputs may
+    have been renamed meanwhile: nobody would adopt those copies) and before a transfer
+    retries it. Returns how many rows it committed."""
     try:
-        plan = pending_rows(
-            read_parquet(plan_file), ledger.read(state_dir, ledger.SOURCE_KEY, part)
-        )
+        table = read_parquet(plan_file)
     except FileNotFoundError:
         return 0
-    return _settle(plan, plan_rows(plan), input_dir, output_dir, state_dir, mode, part)
+    plan = pending_rows(table, ledger.read(state_dir, ledger.SOURCE_KEY, part))
+    rows = plan_rows(plan)
+    token = temp_token(table)
+    return len(_settle(plan, rows, input_dir, output_dir, state_dir, mode, token, part))
 
 
 def _settle(
@@ -480,11 +668,13 @@ def _settle(
     output_dir: Path,
     state_dir: Path,
     mode: str,
-    part: Part | None,
-) -> int:
-    """settle, for the pending rows of a plan already read."""
+    token: str | None,
+    part: Part | None = None,
+) -> list[Outcome]:
+    """settle, for the pending rows of a plan already read (token: the plan's; part: the
+    partition whose ledger group it commits to); returns what it committed."""
     if plan.num_rows == 0 or not output_dir.is_dir():
-        return 0
+        return []
     tree = OutputTree(output_dir)
     found: list[Outcome] = []
     placed: set[str] = set()
@@ -496,11 +686,18 @@ def _settle(
         try:
             for row in folder_rows:
                 name = row.destination.rpartition("/")[2]
-                with contextlib.suppress(FileNotFoundError):
-                    os.unlink(temp_name_for(name), dir_fd=fd)
-                how = _holds_version(fd, name, row, inventory.source_path(input_dir, row.relpath))
+                if token:  # a name with it was made by a transfer of this plan
+                    with contextlib.suppress(FileNotFoundError):
+                        os.unlink(temp_name_for(name, token), dir_fd=fd)
+                source = inventory.source_path(input_dir, row.relpath)
+                how = _holds_version(fd, name, row, source)
                 if how:
-                    found.append(Outcome(row, PRESENT, row.digest, mode=how))
+                    digest = row.digest
+                    if how == "symlink" and digest is None:  # what a later relink needs
+                        with contextlib.suppress(OSError, SourceChanged):
+                            digest = _version_digest(source, row)
+                    ctime_ns = _linked_ctime(fd, name, row) if how == "hardlink" else None
+                    found.append(Outcome(row, PRESENT, digest, mode=how, ctime_ns=ctime_ns))
                     placed.add(row.destination)
         finally:
             os.close(fd)
@@ -511,7 +708,7 @@ def _settle(
         if row.action == "duplicate" and row.destination in placed
     ]
     ledger.append(state_dir, _ledger_rows(found, plan, mode), part)
-    return len(found)
+    return found
 
 
 def _holds_version(folder_fd: int, name: str, row: Row, source: str) -> str | None:
@@ -533,8 +730,10 @@ def _holds_version(folder_fd: int, name: str, row: Row, source: str) -> str | No
 def pending_rows(plan: pa.Table, committed: pa.Table) -> pa.Table:
     """Plan rows whose file version the ledger does not hold yet (a rerun of a killed
     transfer skips what it already committed), in one chunk: each commit takes its rows
-    from this table, and taking from a chunked table joins its chunks on every call."""
-    return ledger.rows_by_key(plan, committed, keep="missing").combine_chunks()
+    from this table, and taking from a chunked table joins its chunks on every call. A
+    plan of v0.3 gets null ctime and inode columns."""
+    pending = ledger.rows_by_key(plan, committed, keep="missing")
+    return ledger.with_version_columns(pending).combine_chunks()
 
 
 def transfer_plan(
@@ -549,17 +748,23 @@ def transfer_plan(
 ) -> pa.Table:
     """Carry out every pending plan row and commit what is in place; one result per row.
     With part, the rows are one partition's, committed to its own ledger group."""
-    plan = pending_rows(read_parquet(plan_file), ledger.read(state_dir, ledger.SOURCE_KEY, part))
+    table = read_parquet(plan_file)
+    token = temp_token(table)
+    plan = pending_rows(table, ledger.read(state_dir, ledger.SOURCE_KEY, part))
     rows = plan_rows(plan)
-    # After a killed transfer of this plan; what it commits is no longer pending.
-    if _settle(plan, rows, input_dir, output_dir, state_dir, mode, part):
+    # After a killed transfer of this plan, or a row whose file is in place already (an
+    # input rewritten with its own bytes, its mtime set back): what it commits is no longer
+    # pending, and is reported as present.
+    settled = _settle(plan, rows, input_dir, output_dir, state_dir, mode, token, part)
+    if settled:
         plan = pending_rows(plan, ledger.read(state_dir, ledger.SOURCE_KEY, part))
         rows = plan_rows(plan)
     committed_before = plan["committed"].to_pylist()
     placing = [r for r in rows if r.action != "duplicate"]
+    temp = token or _UNRECORDED_TOKEN  # the token of this transfer's temporary names
     tree = OutputTree(output_dir)
     progress = Progress("transfer", len(rows), log)
-    outcomes: list[Outcome] = []
+    outcomes: list[Outcome] = list(settled)
     uncommitted: list[Outcome] = []
     last_commit = time.monotonic()
 
@@ -570,7 +775,7 @@ def transfer_plan(
 
     with ThreadPoolExecutor(max_workers=max(1, workers)) as pool:
         tasks = [
-            pool.submit(_place_folder, tree, folder, folder_rows, input_dir, mode, verify)
+            pool.submit(_place_folder, tree, folder, folder_rows, input_dir, mode, verify, temp)
             for folder, folder_rows in _folder_rows(placing)
         ]
         for task in tasks:
@@ -586,6 +791,9 @@ def transfer_plan(
     placed_now = {o.row.destination for o in outcomes if o.status in COMMITTED}
     # A twin whose input changed while the run went on is not a failure (nor its copies).
     changed_now = {o.row.destination for o in outcomes if o.status == CHANGED}
+    # A destination this run failed to confirm (a relink or a present row) holds no
+    # content for its duplicates, whatever the ledger said before.
+    unplaced_now = {o.row.destination for o in outcomes if o.status not in COMMITTED}
     # A twin committed after the plan was made (by an earlier, killed attempt at this plan,
     # or settled from it) is committed too: ask the ledger, once, if needed.
     committed_since: set[str] | None = None
@@ -603,7 +811,7 @@ def transfer_plan(
     for row in rows:
         if row.action != "duplicate":
             continue
-        if committed(row) and tree.holds(row.destination):
+        if committed(row) and row.destination not in unplaced_now and tree.holds(row.destination):
             duplicates.append(Outcome(row, DUPLICATE, row.digest))
         elif row.destination in changed_now:
             duplicates.append(
@@ -679,11 +887,12 @@ def main(argv: list[str] | None = None) -> int:
         pq.write_table(results, tmp)
     statuses = results["status"].to_pylist()
     log.info(
-        "transfer (%s): %d copied, %d linked, %d already present, %d duplicates, "
-        "%d changed since read, %d errors, %.1f MB, %.2f s, peak RSS %d MB",
+        "transfer (%s): %d copied, %d linked, %d relinked, %d already present, "
+        "%d duplicates, %d changed since read, %d errors, %.1f MB, %.2f s, peak RSS %d MB",
         args.mode,
         statuses.count(COPIED),
         statuses.count(LINKED),
+        statuses.count(RELINKED),
         statuses.count(PRESENT),
         statuses.count(DUPLICATE),
         statuses.count(CHANGED),

@@ -38,7 +38,9 @@ except WorkflowError as error:
     fail(settings.schema_message(error.__context__ or error))
 try:
     SETTINGS = settings.resolve(config)
-    settings.check_layout(SETTINGS.state_dir / "layout.json", SETTINGS.naming)
+    settings.check_layout(
+        SETTINGS.state_dir / "layout.json", SETTINGS.naming, SETTINGS.output_dir
+    )
 except settings.ConfigError as error:
     fail(error)
 # Patient data: nothing this run (or Snakemake for it) creates is more open than output_dir.
@@ -65,6 +67,7 @@ STATE = str(SETTINGS.state_dir)
 # Folders under STATE the rules write into: made in onstart with the state folder's mode
 # (Snakemake would make them with the plain umask, closed to a sharing group).
 STATE_FOLDERS = (
+    "ledger",
     "logs/extract",
     "logs/plan",
     "logs/transfer",
@@ -73,6 +76,12 @@ STATE_FOLDERS = (
     "plan",
     "transfers",
 )
+if SETTINGS.check:
+    STATE_FOLDERS += ("check", "logs/check")
+# A run asked to check checks, whatever files earlier checks left: its results are named
+# after this invocation (the time it started), so they are always missing at its start.
+_started = time.time_ns()
+CHECK_RUN = f"{time.strftime('%Y%m%dT%H%M%S', time.localtime(_started // 10**9))}-{_started % 10**9:09d}"
 FOLDERS = inventory.list_folders(SETTINGS.input_dir)
 BATCHES = SETTINGS.batches or inventory.auto_batches(len(FOLDERS))
 FOLDERS_OF_BATCH = {}
@@ -131,18 +140,40 @@ def threads_per_partition(wildcards):
     return max(1, cores // routes.parse_part(wildcards.part).count)
 
 
+def ledger_markers(wildcards=None):
+    """Each partition's plan marker in the ledger folder: a ledger removed by hand takes
+    them along, and every partition plans again."""
+    done = checkpoints.partition.get().output.routes
+    return [f"{STATE}/ledger/planned-{job}.txt" for _, job in routes.jobs(done)]
+
+
+def check_results(wildcards=None):
+    """This run's check results, when it checks (config key `check`): the report reads
+    them."""
+    return [f"{STATE}/check/{CHECK_RUN}.parquet"] if SETTINGS.check else []
+
+
 def get_final_output(wildcards=None):
-    """The report, and each batch's current manifest: a manifest whose name (fingerprint)
-    is new is missing, which makes the run start from its extract job. Snakemake 9 runs a
-    job for a missing intermediate file only when a job that needs it runs, so the target
-    names them itself."""
-    return [f"{STATE}/report.html", f"{STATE}/summary.json", *batch_manifests()]
+    """The report, each batch's current manifest, each partition's plan marker in the
+    ledger folder and this run's check: a manifest whose name (fingerprint) is new is
+    missing, which makes the run start from its extract job; a marker removed with the
+    ledger makes its partition plan again.
+    Snakemake 9 runs a job for a missing intermediate file only when a job that needs it
+    runs, so the target names them itself."""
+    return [
+        f"{STATE}/report.html",
+        f"{STATE}/summary.json",
+        *batch_manifests(),
+        *ledger_markers(),
+        *check_results(),
+    ]
 
 
 wildcard_constraints:
     batch=r"\d+",
     part=r"p\d+of\d+",
     fingerprint=r"[0-9a-f]{16}",
+    run=r"\d{8}T\d{6}-\d{9}",
 
 
 onstart:
@@ -196,6 +227,10 @@ onsuccess:
             "--until); the numbers below are from an earlier run. Rerun to update them.",
         )
     print(status.summary_line(Path(STATE) / "summary.json"), file=sys.stderr)
+    if SETTINGS.check and status.damage_left(Path(STATE) / "summary.json"):
+        # As fsck and restic check do: a run that leaves damage it found is not a success.
+        # Raised here, after the report: Snakemake's own exit code would be 0.
+        raise SystemExit(status.DAMAGE_LEFT)
 
 
 def rewrite_report():
@@ -220,6 +255,8 @@ def rewrite_report():
             rules.report.output.summary,
             "--removed",
             rules.report.output.removed,
+            "--naming",
+            SETTINGS.naming_json,
         ]
     )
 

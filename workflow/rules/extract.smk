@@ -21,8 +21,10 @@ rule extract:
         batches=BATCHES,
         keywords=",".join(SETTINGS.keywords),
         manifests=f"{STATE}/manifests/folders",
+        state_dir=STATE,
     shell:
         "{params.dcmsort} headers --input-dir {params.input_dir:q}"
         " --batch {wildcards.batch} --batches {params.batches}"
         " --keywords {params.keywords:q} --manifests {params.manifests:q}"
-        " --output {output.manifest:q} --log {log:q} --workers {threads} 2> {log:q}"
+        " --output {output.manifest:q} --log {log:q} --workers {threads}"
+        " --state-dir {params.state_dir:q} 2> {log:q}"

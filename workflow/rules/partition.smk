@@ -6,6 +6,8 @@
 checkpoint partition:
     input:
         manifests=batch_manifests,
+        # With `check`: the plans come after the check has made the tree whole again.
+        check=check_results,
     output:
         routes=f"{STATE}/{routes.ROUTES}",
         skipped=f"{STATE}/skipped.csv",

@@ -7,6 +7,9 @@ rule plan:
         rows=f"{STATE}/parts/{{part}}-{{fingerprint}}.parquet",
     output:
         plan=f"{STATE}/plan/{{part}}-{{fingerprint}}.parquet",
+        # Named by the target: a ledger removed by hand takes it along, and the next run
+        # plans every file again (they are found on disk by content, not copied twice).
+        ledger_marker=f"{STATE}/ledger/planned-{{part}}-{{fingerprint}}.txt",
     log:
         f"{STATE}/logs/plan/{{part}}-{{fingerprint}}.log",
     conda:
@@ -29,4 +32,5 @@ rule plan:
         "{params.dcmsort} plan --manifests {input.rows:q} --partition {wildcards.part}"
         " --input-dir {params.input_dir:q} --output-dir {params.output_dir:q}"
         " --state-dir {params.state_dir:q} --naming {params.naming:q}"
-        " --plan {output.plan:q} --mode {params.mode} --log {log:q} 2> {log:q}"
+        " --plan {output.plan:q} --mode {params.mode} --log {log:q}"
+        " --ledger-marker {output.ledger_marker:q} 2> {log:q}"

@@ -10,6 +10,7 @@ rule report:
         transfers=transfer_results,
         plans=partition_plans,
         manifests=batch_manifests,
+        check=check_results,
     output:
         html=report(
             f"{STATE}/report.html",
@@ -32,10 +33,13 @@ rule report:
         state_dir=lambda wildcards, output: os.path.dirname(output.summary),
         output_dir=SETTINGS.output_dir,
         mode=SETTINGS.transfer_mode,
+        # A function, so that the braces of the templates are not read as wildcards.
+        naming=lambda wildcards: SETTINGS.naming_json,
     shell:
         "{params.dcmsort} report --transfers {input.transfers:q} --plans {input.plans:q}"
         " --plan-csv {output.plan_csv:q}"
         " --manifests {input.manifests:q} --state-dir {params.state_dir:q}"
         " --output-dir {params.output_dir:q} --mode {params.mode}"
         " --html {output.html:q} --summary {output.summary:q}"
-        " --removed {output.removed:q} 2> {log:q}"
+        " --removed {output.removed:q} --check {input.check:q}"
+        " --naming {params.naming:q} 2> {log:q}"

@@ -244,8 +244,7 @@ def run_planning_shape(out: Path, files: int = PLANNING_FILES) -> dict:
                 *("--manifests", *map(str, manifests)),
                 *common,
                 *("--state-dir", str(state), "--partitions", str(partitions)),
-                *("--routes", str(state / "partitions.json")),
-                *("--skipped", str(state / "skipped.csv")),
+                *("--routes", str(state / "partitions-0000000000000000.json")),
             ]
         )
         part = sorted((state / "parts").glob("p0of*.parquet"))[0]

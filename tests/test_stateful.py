@@ -62,6 +62,8 @@ FOLDERS = ["p1", "p2", "p1/sub", ""]  # "" is a file lying directly in input_dir
 NAMES = ["IM1.dcm", "IM2.dcm", "IM1", "copy_of_IM1.dcm"]
 # With 4 partitions the patients' folders fall into different ones (partition.key).
 PARTITIONS = 4
+# The partition stage runs before every plan here: its routes file needs no real digest.
+ROUTES = routes.ROUTES.format(inputs="0" * 16)
 
 
 @dataclass(frozen=True)
@@ -271,7 +273,7 @@ class World:
         return self.state / "manifests" / "batch-0.parquet"
 
     def jobs(self) -> list[tuple[routes.Part, str]]:
-        return routes.jobs(self.state / routes.ROUTES)
+        return routes.jobs(routes.current(self.state))
 
     def plan_files(self) -> list[Path]:
         return [self.state / "plan" / f"{job}.parquet" for _, job in self.jobs()]
@@ -296,8 +298,7 @@ class World:
                     *("--state-dir", str(self.state)),
                     *("--naming", json.dumps(asdict(NAMING))),
                     *("--partitions", str(self.partitions), "--mode", self.mode),
-                    *("--routes", str(self.state / routes.ROUTES)),
-                    *("--skipped", str(self.state / "skipped.csv")),
+                    *("--routes", str(self.state / ROUTES)),
                 ]
             )
             == 0
@@ -350,6 +351,7 @@ class World:
                     *("--transfers", *map(str, self.results_files())),
                     *("--plans", *map(str, self.plan_files())),
                     *("--plan-csv", str(self.state / "plan.csv")),
+                    *("--skipped", str(self.state / "skipped.csv")),
                     *("--manifests", str(self.manifest)),
                     *("--state-dir", str(self.state), "--output-dir", str(self.output)),
                     *("--mode", self.mode, "--html", str(self.state / "report.html")),

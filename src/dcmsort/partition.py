@@ -42,7 +42,13 @@ import pyarrow.csv as pacsv
 import pyarrow.parquet as pq
 
 from dcmsort import inventory, ledger, naming
-from dcmsort.fileops import atomic_path, read_parquet, temp_path_for, with_schema
+from dcmsort.fileops import (
+    atomic_path,
+    read_parquet,
+    remove_other_versions,
+    temp_path_for,
+    with_schema,
+)
 from dcmsort.naming import Naming
 from dcmsort.plan import PLAN_TAGS, fold
 from dcmsort.progress import peak_rss_mb
@@ -56,9 +62,6 @@ PARTS = "parts"
 # 1,000,000 files: the plan job peaks at ~1.7 KB per file, so 250,000 files stay < 0.5 GB.
 FILES_PER_PARTITION = 250_000
 MAX_AUTO = 64
-SKIPPED_SCHEMA = pa.schema(
-    [("relpath", pa.string()), ("size", pa.int64()), ("skip_reason", pa.string())]
-)
 
 
 def auto_partitions(files: int) -> int:
@@ -137,8 +140,9 @@ def route(
     state_dir: Path,
     settings: Naming,
     partitions: int | None,
-) -> tuple[dict, pa.Table]:
-    """Write each partition's rows (``parts/``), return the routes and the skipped rows."""
+) -> dict:
+    """Write each partition's rows (``parts/``); return the routes (partition count and
+    the fingerprint of each partition's rows)."""
     total = sum(pq.ParquetFile(p).metadata.num_rows for p in manifests)
     count = partitions or (auto_partitions(total) if naming.top_level_from_headers(settings) else 1)
     schema = slice_schema(settings)
@@ -147,20 +151,13 @@ def route(
     folder.mkdir(parents=True, exist_ok=True)
     temps = [temp_path_for(folder / f"{part.name}.parquet") for part in parts]
     writers = [pq.ParquetWriter(tmp, schema) for tmp in temps]
-    skipped = []
     try:
         for path in manifests:
             available = pq.read_schema(path).names
-            table = read_parquet(
-                path, columns=[c for c in [*schema.names, "skip_reason"] if c in available]
-            )
-            dicom = pc.fill_null(table["dicom"], False) if "dicom" in available else None
-            if dicom is None:
+            table = read_parquet(path, columns=[c for c in schema.names if c in available])
+            if "dicom" not in available:
                 continue
-            not_dicom = table.filter(pc.invert(dicom))
-            if not_dicom.num_rows:
-                skipped.append(with_schema(not_dicom, SKIPPED_SCHEMA))
-            table = table.filter(dicom)
+            table = table.filter(pc.fill_null(table["dicom"], False))
             if table.num_rows == 0:
                 continue
             table = with_schema(table.append_column("part_key", keys(table, settings)), schema)
@@ -187,8 +184,7 @@ def route(
     current = {folder / f"{p.name}-{f}.parquet" for p, f in zip(parts, fingerprints, strict=True)}
     for stale in set(folder.glob("p*of*-*.parquet")) - current:
         stale.unlink(missing_ok=True)
-    routes = {"partitions": count, "fingerprints": fingerprints}
-    return routes, pa.concat_tables([SKIPPED_SCHEMA.empty_table(), *skipped])
+    return {"partitions": count, "fingerprints": fingerprints}
 
 
 def settle_other_partitionings(
@@ -220,7 +216,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--partitions", default="auto")
     parser.add_argument("--mode", default="copy", help="transfer_mode (to settle a killed one)")
     parser.add_argument("--routes", type=Path, required=True)
-    parser.add_argument("--skipped", type=Path, required=True)
+    parser.add_argument("--log", type=Path, help="this job's log (earlier ones are removed)")
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s", stream=sys.stderr)
     started = time.perf_counter()
@@ -229,21 +225,22 @@ def main(argv: list[str] | None = None) -> int:
     if args.manifests:  # a batch count no longer used leaves manifests nobody reads
         for stale in set(args.manifests[0].parent.glob("batch-*.parquet")) - set(args.manifests):
             stale.unlink()
-    routes, skipped = route(args.manifests, args.state_dir, settings, partitions)
+    routes = route(args.manifests, args.state_dir, settings, partitions)
     settled = settle_other_partitionings(
         args.state_dir, args.input_dir, args.output_dir, args.mode, routes["partitions"]
     )
     if settled:
         log.info("committed %d files a killed transfer had placed", settled)
-    with atomic_path(args.skipped) as tmp:
-        pacsv.write_csv(skipped.rename_columns(["relpath", "size", "reason"]), tmp)
     with atomic_path(args.routes) as tmp:
         tmp.write_text(json.dumps(routes, indent=1))
+    # Earlier routes and logs: the target names this run's (routes.current finds it).
+    remove_other_versions(args.routes, "partitions")
+    if args.log:
+        remove_other_versions(args.log, "partition")
     log.info(
-        "partitions: %d (%s), %d skipped; %.2f s, peak RSS %d MB",
+        "partitions: %d (%s); %.2f s, peak RSS %d MB",
         routes["partitions"],
         args.partitions,
-        skipped.num_rows,
         time.perf_counter() - started,
         peak_rss_mb(),
     )

@@ -448,6 +448,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--transfers", type=Path, nargs="*", default=[])
     parser.add_argument("--plans", type=Path, nargs="*", default=[])
     parser.add_argument("--plan-csv", type=Path, help="this run's decisions, as CSV")
+    parser.add_argument("--skipped", type=Path, help="the files not sorted and why, as CSV")
     parser.add_argument("--manifests", type=Path, nargs="*", default=[])
     parser.add_argument("--state-dir", type=Path, required=True)
     parser.add_argument("--output-dir", type=Path, required=True)
@@ -487,6 +488,10 @@ def main(argv: list[str] | None = None) -> int:
     )
     with atomic_path(args.removed) as tmp:
         pacsv.write_csv(tables["gone"], tmp)
+    if args.skipped:
+        with atomic_path(args.skipped) as tmp:
+            skipped = tables["skipped"]
+            pacsv.write_csv(skipped.rename_columns(["relpath", "size", "reason"]), tmp)
     with atomic_path(args.html) as tmp:
         tmp.write_text(render_html(summary, tables), encoding="utf-8")
     with atomic_path(args.summary) as tmp:

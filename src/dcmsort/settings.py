@@ -350,7 +350,8 @@ def resolve(config: dict, cwd: Path | None = None) -> Settings:
         placeholder,
         bool(config["keep_series_apart"]),
     )
-    partitions = None if config["partitions"] == "auto" else int(config["partitions"])
+    given = config.get("partitions", "auto")
+    partitions = None if given == "auto" else int(given)
     if partitions and partitions > 1 and not naming.top_level_from_headers(naming_settings):
         raise ConfigError(
             f"partitions={partitions} needs a folder_template whose first folder is made of "

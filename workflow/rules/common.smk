@@ -119,15 +119,35 @@ def batch_manifests(wildcards=None):
     ]
 
 
+def manifests_by_name(wildcards=None):
+    """The batch manifests as the partition job reads them: by name alone (ancient), since
+    their names (fingerprints) name its output (routes_key); a manifest rewritten under the
+    same name (removed by hand and extracted again) holds the same rows."""
+    return [ancient(manifest) for manifest in batch_manifests()]
+
+
+@cache
+def routes_key():
+    """The name of the partition job's output: a digest of everything it reads (the batch
+    manifests, named by their fingerprints; this run's check; the settings it applies).
+    Snakemake takes an existing checkpoint output as current, so any change must be a
+    missing file for the partition job to run again before the plans."""
+    inputs = [*batch_manifests(), *check_results(), str(SETTINGS.partitions)]
+    return routes.digest([*inputs, SETTINGS.naming_json])
+
+
+def partition_jobs():
+    """``p<k>of<n>-<fingerprint>`` of every partition: known once the partition job ran."""
+    done = checkpoints.partition.get(inputs=routes_key()).output.routes
+    return [job for _, job in routes.jobs(done)]
+
+
 def transfer_results(wildcards=None):
-    """Every partition's transfer results: known once the partition checkpoint ran."""
-    done = checkpoints.partition.get().output.routes
-    return [f"{STATE}/transfers/{job}.parquet" for _, job in routes.jobs(done)]
+    return [f"{STATE}/transfers/{job}.parquet" for job in partition_jobs()]
 
 
 def partition_plans(wildcards=None):
-    done = checkpoints.partition.get().output.routes
-    return [f"{STATE}/plan/{job}.parquet" for _, job in routes.jobs(done)]
+    return [f"{STATE}/plan/{job}.parquet" for job in partition_jobs()]
 
 
 def threads_per_partition(wildcards):
@@ -143,8 +163,7 @@ def threads_per_partition(wildcards):
 def ledger_markers(wildcards=None):
     """Each partition's plan marker in the ledger folder: a ledger removed by hand takes
     them along, and every partition plans again."""
-    done = checkpoints.partition.get().output.routes
-    return [f"{STATE}/ledger/planned-{job}.txt" for _, job in routes.jobs(done)]
+    return [f"{STATE}/ledger/planned-{job}.txt" for job in partition_jobs()]
 
 
 def check_results(wildcards=None):
@@ -172,6 +191,7 @@ def get_final_output(wildcards=None):
 wildcard_constraints:
     batch=r"\d+",
     part=r"p\d+of\d+",
+    inputs=r"[0-9a-f]{16}",
     fingerprint=r"[0-9a-f]{16}",
     run=r"\d{8}T\d{6}-\d{9}",
 
@@ -240,13 +260,14 @@ def rewrite_report():
     from dcmsort.report import main as write_report
 
     try:
-        jobs = [job for _, job in routes.jobs(rules.partition.output.routes)]
+        jobs = [job for _, job in routes.jobs(routes.current(STATE))]
     except (OSError, ValueError):
         jobs = []
     write_report(
         ["--transfers", *[f"{STATE}/transfers/{job}.parquet" for job in jobs]]
         + ["--plans", *[f"{STATE}/plan/{job}.parquet" for job in jobs]]
         + ["--plan-csv", rules.report.output.plan_csv]
+        + ["--skipped", rules.report.output.skipped]
         + ["--manifests", *batch_manifests()]
         + ["--state-dir", STATE, "--output-dir", str(SETTINGS.output_dir)]
         + ["--mode", SETTINGS.transfer_mode, "--html", rules.report.output.html]

@@ -1,18 +1,18 @@
 # Stage 2: split the manifests' rows into partitions of patient folders, one file each,
 # named by a fingerprint of its rows: only partitions with new files get plan and transfer
-# jobs. A checkpoint, since the partitions (and their names) are known only once it ran.
+# jobs. A checkpoint, since the partitions (and their names) are known only once it ran;
+# its output is named by what it reads (routes_key), so that a change is a missing file.
 
 
 checkpoint partition:
     input:
-        manifests=batch_manifests,
+        manifests=manifests_by_name,
         # With `check`: the plans come after the check has made the tree whole again.
         check=check_results,
     output:
-        routes=f"{STATE}/{routes.ROUTES}",
-        skipped=f"{STATE}/skipped.csv",
+        routes=f"{STATE}/partitions-{{inputs}}.json",
     log:
-        f"{STATE}/logs/partition.log",
+        f"{STATE}/logs/partition-{{inputs}}.log",
     conda:
         CONDA_ENV
     resources:
@@ -33,4 +33,4 @@ checkpoint partition:
         " --input-dir {params.input_dir:q} --output-dir {params.output_dir:q}"
         " --state-dir {params.state_dir:q} --naming {params.naming:q}"
         " --partitions {params.partitions} --mode {params.mode}"
-        " --routes {output.routes:q} --skipped {output.skipped:q} 2> {log:q}"
+        " --routes {output.routes:q} --log {log:q} 2> {log:q}"

@@ -20,6 +20,7 @@ rule report:
         summary=f"{STATE}/summary.json",
         removed=f"{STATE}/removed_sources.csv",
         plan_csv=f"{STATE}/plan.csv",
+        skipped=f"{STATE}/skipped.csv",
     log:
         f"{STATE}/logs/report.log",
     conda:
@@ -37,7 +38,7 @@ rule report:
         naming=lambda wildcards: SETTINGS.naming_json,
     shell:
         "{params.dcmsort} report --transfers {input.transfers:q} --plans {input.plans:q}"
-        " --plan-csv {output.plan_csv:q}"
+        " --plan-csv {output.plan_csv:q} --skipped {output.skipped:q}"
         " --manifests {input.manifests:q} --state-dir {params.state_dir:q}"
         " --output-dir {params.output_dir:q} --mode {params.mode}"
         " --html {output.html:q} --summary {output.summary:q}"

@@ -62,6 +62,7 @@ PARTS = "parts"
 # 1,000,000 files: the plan job peaks at ~1.7 KB per file, so 250,000 files stay < 0.5 GB.
 FILES_PER_PARTITION = 250_000
 MAX_AUTO = 64
+_FINGERPRINT_ROWS = 100_000  # rows rendered as text at a time for the fingerprint
 
 
 def auto_partitions(files: int) -> int:
@@ -111,13 +112,19 @@ def keys(files: pa.Table, settings: Naming) -> pa.Array:
 
 def _fingerprint(path: Path) -> str:
     """A digest of a partition's rows, independent of their order: the version key
-    columns sorted by relpath."""
-    table = read_parquet(path, columns=list(ledger.SOURCE_KEY))
-    table = table.take(pc.sort_indices(table, [(c, "ascending") for c in ledger.SOURCE_KEY]))
-    # CSV text: a byte-exact rendering of the values (Arrow buffers may carry padding).
-    sink = pa.BufferOutputStream()
-    pacsv.write_csv(table, sink)
-    return hashlib.sha256(sink.getvalue()).hexdigest()[:16]
+    columns sorted, as CSV text (a byte-exact rendering of the values; Arrow buffers may
+    carry padding), a slice at a time so that memory stays bounded."""
+    # One chunk: taking rows from a chunked table joins its chunks on every call.
+    table = read_parquet(path, columns=list(ledger.SOURCE_KEY)).combine_chunks()
+    order = pc.sort_indices(table, [(c, "ascending") for c in ledger.SOURCE_KEY])
+    digest = hashlib.sha256()
+    no_header = pacsv.WriteOptions(include_header=False)
+    for start in range(0, len(order), _FINGERPRINT_ROWS):
+        sink = pa.BufferOutputStream()
+        rows = table.take(order[start : start + _FINGERPRINT_ROWS])
+        pacsv.write_csv(rows, sink, write_options=no_header)
+        digest.update(sink.getvalue())
+    return digest.hexdigest()[:16]
 
 
 def slice_schema(settings: Naming) -> pa.Schema:

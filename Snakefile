@@ -12,6 +12,7 @@ configfile: os.path.join(workflow.basedir, "config", "config.yaml")
 include: "workflow/rules/common.smk"
 include: "workflow/rules/extract.smk"
 include: "workflow/rules/check.smk"
+include: "workflow/rules/partition.smk"
 include: "workflow/rules/plan.smk"
 include: "workflow/rules/transfer.smk"
 include: "workflow/rules/report.smk"

@@ -5,6 +5,7 @@
     python bench/run.py --shape many         # 1,000 folders x 100 files of ~10 KB
     python bench/run.py --shape dag          # 10,000 folders: DAG build and no-op rerun
     python bench/run.py --shape huge         # 1,000,000 small files (generated once, cached)
+    python bench/run.py --shape plan10m      # 10,000,000 files planned, no files on disk
     python bench/run.py --repeat 5           # more repetitions
 
 For each shape it generates data with the project's generator and measures wall time, CPU
@@ -50,9 +51,12 @@ SHAPES = {
     "many": (1000, 100, 64),
     "dag": (10000, 2, 16),
     "huge": (10000, 100, 8),
+    "plan10m": (100_000, 100, 0),  # manifests only: run_planning_shape
 }
 CACHED = {"huge"}  # generated once into bench/out/cache and kept: generating takes minutes
-FLOORS = {"large", "many"}  # shapes compared with cp -r, the parse floor and dcm2niix
+FLOORS = {"large", "many"}
+# Shapes also sorted with the plan and the transfer split into this many partitions.
+PARTITIONED = {"many": 4, "huge": 4}  # shapes compared with cp -r, the parse floor and dcm2niix
 PARSE_FLOOR = """
 import sys, pydicom
 from pathlib import Path
@@ -147,6 +151,129 @@ def generate_fast(out: Path, folders: int, per_folder: int, rows: int, first: in
                 (folder / f"IM{instance:06d}.dcm").write_bytes(
                     data.replace(template.encode(), sop.encode())
                 )
+
+
+PLANNING_FILES = 10_000_000
+PLANNING_PARTITIONS = (8, 16, 32)
+FILES_PER_PATIENT = 100
+
+
+def synthetic_manifests(folder: Path, files: int, batches: int = 64) -> list[Path]:
+    """Batch manifests of ``files`` rows as extract writes them (the generator's header
+    values), without any file on disk: built columnar, so 10,000,000 rows take seconds."""
+    import pyarrow as pa
+    import pyarrow.compute as pc
+    import pyarrow.parquet as pq
+
+    from dcmsort import headers
+
+    schema = headers.manifest_schema(headers.MANIFEST_TAGS)
+    folder.mkdir(parents=True, exist_ok=True)
+    paths = []
+    per_batch = -(-files // batches)
+    for batch in range(batches):
+        start, stop = batch * per_batch, min(files, (batch + 1) * per_batch)
+        index = pa.array(range(start, stop), pa.int64())
+        patient = pc.cast(pc.divide(index, FILES_PER_PATIENT), pa.string())
+        series = pc.cast(pc.divide(index, FILES_PER_PATIENT // 4), pa.string())
+        text = pc.cast(index, pa.string())
+
+        def joined(*parts):
+            return pc.binary_join_element_wise(*parts, "")
+
+        values = {
+            "folder": joined("patient_", patient),
+            "relpath": joined("patient_", patient, "/IM", text, ".dcm"),
+            "size": pc.add(pc.multiply(pc.bit_wise_and(index, 1023), 7), 10_000),
+            "mtime_ns": pc.add(index, 1_700_000_000_000_000_000),
+            "dicom": pa.array([True] * len(index)),
+            "PatientName": joined("PATIENT^", patient),
+            "PatientID": joined("P", patient),
+            "StudyInstanceUID": joined("1.2.3.", patient),
+            "StudyDate": pa.array(["20240101"] * len(index)),
+            "SeriesInstanceUID": joined("1.2.3.", series, ".1"),
+            "SeriesNumber": pc.cast(pc.bit_wise_and(pc.cast(series, pa.int64()), 3), pa.string()),
+            "SeriesDescription": joined("SERIES ", series),
+            "SOPInstanceUID": joined("1.2.4.", text),
+            "Modality": pa.array(["MR"] * len(index)),
+        }
+        table = pa.table(
+            {
+                f.name: values[f.name] if f.name in values else pa.nulls(len(index), f.type)
+                for f in schema
+            },
+            schema=schema,
+        )
+        path = folder / f"batch-{batch}-{batch:016x}.parquet"
+        pq.write_table(table, path)
+        paths.append(path)
+    return paths
+
+
+def run_planning_shape(out: Path, files: int = PLANNING_FILES) -> dict:
+    """The plan of ``files`` files with P partitions: the partition job, and one plan job
+    (each holds ~files / P rows), on synthetic manifests (no input file, empty output)."""
+    base = out / "plan10m"
+    shutil.rmtree(base, ignore_errors=True)
+    print(f"[plan10m] writing manifests of {files:,} files ...", flush=True)
+    manifests = synthetic_manifests(base / "state" / "manifests", files)
+    naming_json = json.dumps(
+        {
+            "folder_template": "{PatientName}_{PatientID}/{SeriesDescription}_{SeriesNumber}",
+            "file_template": "{filename}",
+            "placeholder": "UNKNOWN",
+            "keep_series_apart": True,
+        }
+    )
+    folders = {"--input-dir": base / "in", "--output-dir": base / "out"}
+    for folder in folders.values():
+        folder.mkdir()
+    stage = [sys.executable, str(REPO / "workflow" / "scripts" / "dcmsort_stage.py")]
+    common = [
+        *(arg for key, value in folders.items() for arg in (key, str(value))),
+        *("--naming", naming_json),
+    ]
+    results = {}
+    for partitions in PLANNING_PARTITIONS:
+        state = base / f"state-{partitions}"
+        print(f"[plan10m] {partitions} partitions: partition job ...", flush=True)
+        results[f"partition job, P={partitions}"] = measure(
+            [
+                *stage,
+                "partition",
+                *("--manifests", *map(str, manifests)),
+                *common,
+                *("--state-dir", str(state), "--partitions", str(partitions)),
+                *("--routes", str(state / "partitions-0000000000000000.json")),
+            ]
+        )
+        part = sorted((state / "parts").glob("p0of*.parquet"))[0]
+        print(f"[plan10m] {partitions} partitions: plan job of {part.name} ...", flush=True)
+        results[f"one plan job, P={partitions}"] = measure(
+            [
+                *stage,
+                "plan",
+                *("--manifests", str(part), "--partition", part.name.split("-")[0]),
+                *common,
+                *("--state-dir", str(state), "--plan", str(state / "plan.parquet")),
+            ]
+        )
+        shutil.rmtree(state)
+    shutil.rmtree(base)
+    return {"shape": "plan10m", "files": files, "results": results}
+
+
+def print_planning_table(summary: dict) -> None:
+    print(
+        f"\n**plan10m**: {summary['files']:,} files planned (synthetic manifests), one run each\n"
+    )
+    print("| job | wall s | CPU s | peak RSS MB |")
+    print("|---|---:|---:|---:|")
+    for label, value in summary["results"].items():
+        print(
+            f"| {label} | {value['wall_s']:.1f} | {value['cpu_s']:.1f} | "
+            f"{value['peak_rss_mb']:.0f} |"
+        )
 
 
 def summarise(samples: list[float]) -> dict:
@@ -263,6 +390,18 @@ def run_shape(name: str, out: Path, cores: int, repeat: int) -> dict:
         work.mkdir()
         logs = target / ".dcmsort" / "logs"
         record("dcmsort copy", dcmsort(work, source, target, cores), logs)
+        if name in PARTITIONED:
+            split, split_work = base / "sorted-split", base / "work-split"
+            for folder in (split, split_work):
+                shutil.rmtree(folder, ignore_errors=True)
+            split_work.mkdir()
+            record(
+                f"dcmsort copy, partitions={PARTITIONED[name]}",
+                dcmsort(split_work, source, split, cores, partitions=PARTITIONED[name]),
+                split / ".dcmsort" / "logs",
+            )
+            for folder in (split, split_work):
+                shutil.rmtree(folder, ignore_errors=True)
         record("dcmsort no-op rerun", dcmsort(work, source, target, cores), logs)
         moved = [source / p.name for p in extra.iterdir()]
         for folder in extra.iterdir():
@@ -337,6 +476,17 @@ def ratios(summary: dict) -> list[tuple[str, float, float]]:
     if "seed script (a process per folder)" in r:
         rows.append(("copy / seed script", copy / wall("seed script (a process per folder)"), 1.0))
     rows.append(("copy: CPU / wall (cores busy)", r["dcmsort copy"]["cpu_s"]["median"] / copy, 1.8))
+    split = next((label for label in r if label.startswith("dcmsort copy, partitions=")), None)
+    if split:
+        rows.append((f"{split[7:]} / copy", wall(split) / copy, 1.15))
+        rows.append(
+            (
+                f"largest job, {split[13:]} / copy",
+                r[split]["largest_job_rss_mb"]["max"]
+                / r["dcmsort copy"]["largest_job_rss_mb"]["max"],
+                0.7,
+            )
+        )
     return rows
 
 
@@ -379,6 +529,11 @@ def main() -> int:
     args = parser.parse_args()
     args.out.mkdir(parents=True, exist_ok=True)
     for shape in args.shape or ["large", "many"]:
+        if shape == "plan10m":
+            summary = run_planning_shape(args.out)
+            (args.out / f"{shape}.json").write_text(json.dumps(summary, indent=2))
+            print_planning_table(summary)
+            continue
         summary = run_shape(shape, args.out, args.cores, args.repeat)
         (args.out / f"{shape}.json").write_text(json.dumps(summary, indent=2))
         print_table(summary)

@@ -12,7 +12,7 @@ from pathlib import Path
 
 import pytest
 
-from dcmsort import demo, inventory, ledger, report
+from dcmsort import demo, inventory, ledger, report, routes
 from dcmsort.runner import snakemake_command
 
 OPEN_COUNTER = Path(__file__).resolve().parent / "opencounter"
@@ -135,6 +135,19 @@ class Sorter:
 
     def summary(self) -> dict:
         return json.loads((self.state / "summary.json").read_text())
+
+    def run_until_planned(self, **config: object) -> Run:
+        """A run stopped once every partition is planned, before any transfer (the plan
+        jobs are known once the partition job ran: `--until plan` cannot name them)."""
+        self.run("--until", "partition", **config)
+        return self.run(*map(str, self.plan_files()), **config)
+
+    def plan_files(self) -> list[Path]:
+        """The current plan file of each partition."""
+        return [self.state / "plan" / f"{job}.parquet" for _, job in self.jobs()]
+
+    def jobs(self) -> list[tuple[routes.Part, str]]:
+        return routes.jobs(routes.current(self.state))
 
 
 @pytest.fixture

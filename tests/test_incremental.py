@@ -130,29 +130,32 @@ def test_a_second_run_on_the_same_output_is_refused(sorted_once):
     assert_every_file_accounted_for(sorter)
 
 
-@pytest.mark.parametrize("stage", ["extract", "transfer"])
-def test_a_run_killed_with_sigkill_is_completed_by_a_plain_rerun(sorter, stage):
+@pytest.mark.parametrize(
+    ("stage", "partitions"), [("extract", 1), ("transfer", 1), ("transfer", 4)]
+)
+def test_a_run_killed_with_sigkill_is_completed_by_a_plain_rerun(sorter, stage, partitions):
     demo.generate(sorter.input_dir, patients=24, series=3, instances=30, rows=128, junk=False)
     before = tree_snapshot(sorter.input_dir)
     process = subprocess.Popen(
-        sorter.command(),
+        sorter.command(partitions=partitions),
         stdout=subprocess.DEVNULL,
         stderr=subprocess.DEVNULL,
         start_new_session=True,
     )
-    marker = (
-        (sorter.state / "manifests" / "folders")
-        if stage == "extract"
-        else (sorter.state / "plan.parquet")
-    )
+
+    def reached() -> bool:
+        if stage == "extract":
+            return (sorter.state / "manifests" / "folders").exists()
+        return any((sorter.state / "plan").glob("p*.parquet"))
+
     deadline = time.monotonic() + 120
-    while not marker.exists() and process.poll() is None and time.monotonic() < deadline:
+    while not reached() and process.poll() is None and time.monotonic() < deadline:
         time.sleep(0.02)
     time.sleep(random.Random(stage).uniform(0.05, 0.4))
     assert process.poll() is None, "the run ended before it could be killed"
     os.killpg(process.pid, signal.SIGKILL)
     process.wait()
-    sorter.run()
+    sorter.run(partitions=partitions)
     assert tree_snapshot(sorter.input_dir) == before
     assert_every_file_accounted_for(sorter)
     stray = [p for p in sorter.output_dir.rglob(f"*{TEMP_SUFFIX}")]

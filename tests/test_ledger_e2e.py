@@ -49,7 +49,7 @@ def test_a_duplicate_of_a_file_never_written_is_not_lost(sorter):
     # Issue 10 case 1: the same bytes twice, a run stopped after planning, both touched.
     content = write_dicom(sorter.input_dir / "p" / "a.dcm", sop="9.9")
     shutil.copyfile(sorter.input_dir / "p" / "a.dcm", sorter.input_dir / "b.dcm")
-    sorter.run("--until", "plan")
+    sorter.run_until_planned()
     assert output_files(sorter) == {}
     touch_all(sorter.input_dir, 1_700_000_000)
     result = sorter.run()
@@ -62,7 +62,7 @@ def test_a_duplicate_of_a_file_never_written_is_not_lost(sorter):
 
 def test_a_file_planned_but_never_written_keeps_its_plain_name_and_no_conflict(sorter):
     write_dicom(sorter.input_dir / "p" / "c.dcm")
-    sorter.run("--until", "plan")
+    sorter.run_until_planned()
     touch_all(sorter.input_dir, 1_700_000_000)
     sorter.run()
     assert list(output_files(sorter)) == ["DOE^JOHN_1/T1_1/c.dcm"]
@@ -73,7 +73,7 @@ def test_a_file_that_changes_between_plan_and_transfer_is_copied_once(sorter):
     # Issue 10 case 2: the plan read one version, the transfer finds another.
     path = sorter.input_dir / "p" / "a.dcm"
     write_dicom(path)
-    sorter.run("--until", "plan")
+    sorter.run_until_planned()
     with path.open("ab") as handle:
         handle.write(b"\0\0")  # still being written when the transfer comes
     # The transfer job of that run, as the rule runs it, with the plan in hand (stale now).
@@ -81,9 +81,9 @@ def test_a_file_that_changes_between_plan_and_transfer_is_copied_once(sorter):
     transfer = subprocess.run(
         [
             *(sys.executable, str(REPO / "workflow" / "scripts" / "dcmsort_stage.py"), "transfer"),
-            *("--plan", str(state / "plan.parquet"), "--input-dir", str(sorter.input_dir)),
+            *("--plan", str(sorter.plan_files()[0]), "--input-dir", str(sorter.input_dir)),
             *("--output-dir", str(sorter.output_dir), "--state-dir", str(state)),
-            *("--results", str(state / "transfers.parquet")),
+            *("--partition", "p0of1", "--results", str(sorter.workdir / "results.parquet")),
         ],
         capture_output=True,
         text=True,
@@ -122,7 +122,7 @@ def test_same_bytes_with_a_new_mtime_are_the_same_files(sorter, how):
 def test_files_deleted_after_an_interrupted_run_are_not_called_kept_copies(sorter):
     # Issue 10 case 4, copies: nothing was copied, so nothing is "gone (copies kept)".
     demo.generate(sorter.input_dir, patients=2, series=1, instances=2, junk=False)
-    sorter.run("--until", "plan")
+    sorter.run_until_planned()
     shutil.rmtree(sorter.input_dir / "patient_2")
     sorter.run()
     summary = sorter.summary()
@@ -146,8 +146,8 @@ def test_a_failed_run_leaves_a_report_that_says_so_and_the_next_run_heals(sorter
     write_dicom(sorter.input_dir / "first" / "IM1.dcm", name="FIRST")
     sorter.run()
     write_dicom(sorter.input_dir / "p" / "a.dcm")
-    sorter.run("--until", "plan")
-    planned = pq.read_table(sorter.state / "plan.parquet")["destination"][0].as_py()
+    sorter.run_until_planned()
+    planned = pq.read_table(sorter.plan_files()[0])["destination"][0].as_py()
     (sorter.output_dir / planned).parent.mkdir(parents=True)
     (sorter.output_dir / planned).write_bytes(b"someone else's file")
     failed = sorter.run(check=False)
@@ -166,7 +166,7 @@ def test_a_report_of_a_run_that_stopped_early_says_it_is_stale(sorter):
     demo.generate(sorter.input_dir, patients=1, series=1, instances=1, junk=False)
     sorter.run()
     demo.generate(sorter.input_dir, patients=1, series=1, instances=1, first_patient=9)
-    result = sorter.run("--until", "plan")
+    result = sorter.run_until_planned()
     assert sorter.summary()["status"] == "stale"
     assert "dcmsort [stale]: 1 files sorted" in result.stderr
 
@@ -177,7 +177,8 @@ def test_a_rerun_plans_and_commits_only_the_new_files(sorter):
     sorter.run()
     demo.generate(sorter.input_dir, patients=1, series=1, instances=2, first_patient=40)
     sorter.run()
-    plan = pq.read_table(sorter.state / "plan.parquet")
+    (plan_file,) = sorter.plan_files()
+    plan = pq.read_table(plan_file)
     assert {r.split("/")[0] for r in plan["relpath"].to_pylist()} == {"patient_40"}
     assert len((sorter.state / "plan.csv").read_text().splitlines()) == 1 + 2
     assert len(list(ledger.folder(sorter.state).glob("*.parquet"))) >= 2, "appended"
@@ -304,20 +305,31 @@ def test_a_file_rewritten_with_its_own_bytes_and_old_mtime_is_present_not_copied
 
 
 def test_an_output_sorted_by_v03_is_recognised_by_content_and_nothing_is_copied_again(sorter):
-    # State as v0.3 wrote it: no ctime or inode in the ledger, the manifests or the plan,
-    # batch manifests named by the v0.3 fingerprint, no plan marker in the ledger folder.
+    # State as v0.3 wrote it: one ledger group without partitions, no ctime, inode,
+    # PatientID or partition key in the ledger, the manifests or the plan, batch manifests
+    # named by the v0.3 fingerprint, no plan marker in the ledger folder, one pending plan.
     demo.generate(sorter.input_dir, patients=2, series=1, instances=2)
     sorter.run()
     before = output_files(sorter)
     placed = sorter.summary()["files_sorted"]
     state = sorter.state
-    old = [*(state / "ledger").glob("*.parquet"), *(state / "manifests").rglob("*.parquet")]
-    for path in [*old, state / "plan.parquet"]:
+    (plan_file,) = sorter.plan_files()
+    plan_file.rename(state / "pending.parquet")  # as if its transfer had been killed
+    old = [
+        *(state / "ledger").glob("*.parquet"),
+        *(state / "manifests").rglob("*.parquet"),
+        state / "pending.parquet",
+    ]
+    for path in old:
         table = pq.read_table(path)
-        pq.write_table(table.drop_columns(["ctime_ns", "ino"]), path)
+        added = {"ctime_ns", "ino", "patient_id", "part_key"} & set(table.column_names)
+        pq.write_table(table.drop_columns(sorted(added)), path)
+    for path in (state / "ledger").glob("p0of1-*.parquet"):
+        path.rename(path.with_name(path.name.removeprefix("p0of1-")))
     for path in (state / "manifests").glob("batch-*.parquet"):
         path.rename(path.with_name(path.name.rsplit("-", 1)[0] + "-0123456789abcdef.parquet"))
-    (state / "ledger" / "planned.txt").unlink()
+    for path in (state / "ledger").glob("planned*.txt"):
+        path.unlink()
     sorter.run()
     summary = sorter.summary()
     assert output_files(sorter) == before, "no new copy"
@@ -325,6 +337,7 @@ def test_an_output_sorted_by_v03_is_recognised_by_content_and_nothing_is_copied_
     assert summary["files_already_present"] == placed
     assert_every_file_accounted_for(sorter)
     result = sorter.run(count_opens=True)
+    print(result.output)
     assert "Nothing to be done" in result.output
     assert result.opened == []
 

@@ -34,7 +34,7 @@ def slurm():
         pytest.skip("no SLURM (tests/slurm/cluster.sh start, make install-slurm)")
 
 
-def test_a_cluster_run_gives_the_same_tree_as_a_local_run(tmp_path):
+def test_a_partitioned_cluster_run_gives_the_same_tree_as_a_local_run(tmp_path):
     source = tmp_path / "Unclassified"
     demo.generate(source, patients=6, series=2, instances=3)
     demo.generate_messy(source)
@@ -42,7 +42,7 @@ def test_a_cluster_run_gives_the_same_tree_as_a_local_run(tmp_path):
     cluster = Sorter(tmp_path / "work-cluster", source, tmp_path / "cluster")
     for sorter in (local, cluster):
         sorter.workdir.mkdir()
-    local.run(batches=3)
+    local.run(batches=3, partitions=1)
     result = cluster.run(
         "--workflow-profile",
         str(REPO / "workflow" / "profiles" / "slurm"),
@@ -56,10 +56,17 @@ def test_a_cluster_run_gives_the_same_tree_as_a_local_run(tmp_path):
         "--max-threads",
         "1",  # each node of the test cluster has one CPU; a job asking more is refused
         batches=3,
+        partitions=3,
         timeout=420,
     )
-    job_ids = re.findall(r"has been submitted with SLURM jobid (\d+)", result.output)
-    assert len(job_ids) >= 5, result.output[-3000:]  # 3 extract batches, plan and transfer
+    # "... SLURM jobid 12 (log: .../slurm_logs/rule_plan/part_p0of3.../12.log)"
+    rule_of = dict(
+        re.findall(r"SLURM jobid (\d+) \(log: [^)]*slurm_logs/rule_(\w+)/", result.output)
+    )
+    job_ids = list(rule_of)
+    # 3 extract batches, the partition job, 3 plan and 3 transfer jobs
+    assert sorted(rule_of.values()).count("plan") == 3, result.output[-3000:]
+    assert sorted(rule_of.values()).count("transfer") == 3, result.output[-3000:]
     # SLURM's own record of where each job ran (kept for MinJobAge after the job ends).
     ran = subprocess.run(
         ["squeue", "-h", "--states=all", f"--jobs={','.join(job_ids)}", "-o", "%i %T %N"],
@@ -71,6 +78,10 @@ def test_a_cluster_run_gives_the_same_tree_as_a_local_run(tmp_path):
     assert {state for state, _ in jobs.values()} == {"COMPLETED"}, jobs
     nodes = {node for _, node in jobs.values()}
     assert len(nodes) > 1, f"every job ran on {nodes}: the jobs were not spread over nodes"
+    # The work that grows with the data ran on more than one node too.
+    for rule in ("plan", "transfer"):
+        ran_on = {jobs[job][1] for job, name in rule_of.items() if name == rule}
+        assert len(ran_on) > 1, f"every {rule} job ran on {ran_on}"
     assert_every_file_accounted_for(cluster)
 
     def sorted_tree(sorter):

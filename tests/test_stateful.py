@@ -46,7 +46,7 @@ from hypothesis.stateful import (
 )
 
 from conftest import outcomes
-from dcmsort import check, headers, inventory, ledger, plan, report, transfer
+from dcmsort import check, headers, ledger, partition, plan, report, routes, transfer
 from dcmsort.demo import Series, make_instance, uid
 from dcmsort.fileops import TEMP_SUFFIX, temp_name_for, temp_path_for
 from dcmsort.naming import FILE_FIELDS, Naming, fold
@@ -60,6 +60,10 @@ DESCRIPTIONS = ["T1", "T2"]
 # Few folders and names, so that names collide and patients spread over folders often.
 FOLDERS = ["p1", "p2", "p1/sub", ""]  # "" is a file lying directly in input_dir
 NAMES = ["IM1.dcm", "IM2.dcm", "IM1", "copy_of_IM1.dcm"]
+# With 4 partitions the patients' folders fall into different ones (partition.key).
+PARTITIONS = 4
+# The partition stage runs before every plan here: its routes file needs no real digest.
+ROUTES = routes.ROUTES.format(inputs="0" * 16)
 
 
 @dataclass(frozen=True)
@@ -108,9 +112,9 @@ def killed_at_commit(keep: set[str]) -> Iterator[None]:
     reach the ledger, though their files are in place."""
     real_append = ledger.append
 
-    def append(state_dir: Path, rows: pa.Table) -> None:
+    def append(state_dir: Path, rows: pa.Table, part: routes.Part | None = None) -> None:
         mask = [relpath in keep for relpath in rows["relpath"].to_pylist()]
-        real_append(state_dir, rows.filter(pa.array(mask, pa.bool_())))
+        real_append(state_dir, rows.filter(pa.array(mask, pa.bool_())), part)
         if not all(mask):
             raise Killed
 
@@ -139,9 +143,10 @@ class World:
     truth about both kept beside them (what each input holds, what someone else put in
     the output), and runs driven stage by stage as the rules would drive them."""
 
-    def __init__(self, root: Path, mode: str = "copy"):
+    def __init__(self, root: Path, mode: str = "copy", partitions: int = 1):
         self.root = Path(root)
         self.mode = mode  # transfer_mode of every run
+        self.partitions = partitions
         self.input, self.output = self.root / "in", self.root / "out"
         self.state = self.output / ".dcmsort"
         self.input.mkdir(parents=True)
@@ -162,11 +167,6 @@ class World:
         self.ever_damaged: set[str] = set()
         self.kept_aside: dict[str, bytes] = {}  # output path -> the damaged file kept there
         self.clock = 1_700_000_000 * 10**9
-        # The plan file describes the input as it is now: Snakemake would not plan again.
-        self.plan_is_current = False
-        # What the rules see of the input when they decide whether to plan again (the
-        # batch fingerprint in the manifest's name), as it was at the last plan.
-        self.planned_fingerprint: str | None = None
 
     # --- the user's world -----------------------------------------------------------
 
@@ -187,7 +187,6 @@ class World:
         if sop:
             self.sop_of[digest(data)] = sop
         self._set_mtime(relpath, self._tick())
-        self.plan_is_current = False
 
     def add(self, relpath: str, spec: Spec) -> None:
         self.spec_of[digest(dicom_bytes(spec))] = spec
@@ -223,14 +222,12 @@ class World:
 
     def touch(self, relpath: str) -> None:
         self._set_mtime(relpath, self._tick())
-        self.plan_is_current = False
 
     def rename(self, relpath: str, new: str) -> None:
         (self.input / new).parent.mkdir(parents=True, exist_ok=True)
         os.rename(self.input / relpath, self.input / new)  # keeps the mtime
         self.inputs[new], self.mtimes[new] = self.inputs.pop(relpath), self.mtimes.pop(relpath)
         self.versions[(new, self.mtimes[new])] = self.inputs[new]
-        self.plan_is_current = False
 
     def rename_folder(self, folder: str, new: str) -> None:
         """``mv folder new``: every file below it moves, keeping its mtime."""
@@ -245,12 +242,10 @@ class World:
                 self.mtimes.pop(relpath),
             )
             self.versions[(moved, self.mtimes[moved])] = self.inputs[moved]
-        self.plan_is_current = False
 
     def delete(self, relpath: str) -> None:
         (self.input / relpath).unlink()
         del self.inputs[relpath], self.mtimes[relpath]
-        self.plan_is_current = False
 
     def truncate_copy(self, pick: int) -> None:
         """Someone truncates a sorted copy in the output to half its size."""
@@ -274,12 +269,17 @@ class World:
     # --- the stages ------------------------------------------------------------------
 
     @property
-    def plan_file(self) -> Path:
-        return self.state / "plan.parquet"
-
-    @property
     def manifest(self) -> Path:
         return self.state / "manifests" / "batch-0.parquet"
+
+    def jobs(self) -> list[tuple[routes.Part, str]]:
+        return routes.jobs(routes.current(self.state))
+
+    def plan_files(self) -> list[Path]:
+        return [self.state / "plan" / f"{job}.parquet" for _, job in self.jobs()]
+
+    def results_files(self) -> list[Path]:
+        return [self.state / "transfers" / f"{job}.parquet" for _, job in self.jobs()]
 
     def extract(self) -> None:
         headers.extract_batch(
@@ -287,45 +287,71 @@ class World:
         )
 
     def plan(self) -> None:
-        """Extract and plan, unless the plan on disk is current (Snakemake's rule)."""
+        """Extract, partition, and plan each partition whose plan (named by the
+        fingerprint of its files) is missing: what the rules do."""
         self.extract()
-        fingerprint = inventory.batch_fingerprint(self.input, inventory.list_folders(self.input))
-        current = self.plan_is_current and fingerprint == self.planned_fingerprint
-        if current and self.plan_file.exists():
-            return
-        self.planned_fingerprint = fingerprint
         assert (
-            plan.main(
+            partition.main(
                 [
                     *("--manifests", str(self.manifest)),
                     *("--input-dir", str(self.input), "--output-dir", str(self.output)),
                     *("--state-dir", str(self.state)),
                     *("--naming", json.dumps(asdict(NAMING))),
-                    *("--plan", str(self.plan_file)),
-                    *("--plan-csv", str(self.state / "plan.csv")),
-                    *("--skipped", str(self.state / "skipped.csv")),
+                    *("--partitions", str(self.partitions), "--mode", self.mode),
+                    *("--routes", str(self.state / ROUTES)),
                 ]
             )
             == 0
         )
-        self.plan_is_current = True
+        for part, job in self.jobs():
+            plan_file = self.state / "plan" / f"{job}.parquet"
+            if plan_file.exists():
+                continue
+            assert (
+                plan.main(
+                    [
+                        *("--manifests", str(self.state / partition.PARTS / f"{job}.parquet")),
+                        *("--partition", part.name, "--mode", self.mode),
+                        *("--input-dir", str(self.input), "--output-dir", str(self.output)),
+                        *("--state-dir", str(self.state)),
+                        *("--naming", json.dumps(asdict(NAMING))),
+                        *("--plan", str(plan_file)),
+                    ]
+                )
+                == 0
+            )
 
     def transfer(self) -> int:
-        return transfer.main(
-            [
-                *("--plan", str(self.plan_file), "--input-dir", str(self.input)),
-                *("--output-dir", str(self.output), "--state-dir", str(self.state)),
-                *("--mode", self.mode, "--verify", "size", "--threads", "1"),
-                *("--results", str(self.state / "transfers.parquet")),
-            ]
-        )
+        """Each partition's transfer whose results are missing; a failed one leaves none."""
+        failed = 0
+        for (part, _), plan_file, results in zip(
+            self.jobs(), self.plan_files(), self.results_files(), strict=True
+        ):
+            if results.exists():
+                continue
+            code = transfer.main(
+                [
+                    *("--plan", str(plan_file), "--input-dir", str(self.input)),
+                    *("--partition", part.name),
+                    *("--output-dir", str(self.output), "--state-dir", str(self.state)),
+                    *("--mode", self.mode, "--verify", "size", "--threads", "1"),
+                    *("--results", str(results)),
+                ]
+            )
+            if code:
+                results.unlink(missing_ok=True)  # Snakemake removes a failed job's output
+                failed = code
+        return failed
 
     def report(self, checked: Path | None = None) -> dict:
         assert (
             report.main(
                 [
                     *(("--check", str(checked)) if checked else ()),
-                    *("--transfers", str(self.state / "transfers.parquet")),
+                    *("--transfers", *map(str, self.results_files())),
+                    *("--plans", *map(str, self.plan_files())),
+                    *("--plan-csv", str(self.state / "plan.csv")),
+                    *("--skipped", str(self.state / "skipped.csv")),
                     *("--manifests", str(self.manifest)),
                     *("--state-dir", str(self.state), "--output-dir", str(self.output)),
                     *("--mode", self.mode, "--html", str(self.state / "report.html")),
@@ -339,9 +365,13 @@ class World:
         return json.loads((self.state / "summary.json").read_text())
 
     def pending(self) -> list[dict]:
-        """Rows of the plan on disk the ledger does not hold yet, in plan order."""
+        """Rows of the plans on disk the ledger does not hold yet, in plan order."""
         committed = ledger.read(self.state, ledger.SOURCE_KEY)
-        return transfer.pending_rows(pq.read_table(self.plan_file), committed).to_pylist()
+        return [
+            row
+            for plan_file in self.plan_files()
+            for row in transfer.pending_rows(pq.read_table(plan_file), committed).to_pylist()
+        ]
 
     # --- runs ------------------------------------------------------------------------
 
@@ -359,8 +389,7 @@ class World:
         if self.transfer() == 0:
             return True
         assert self.damaged, "a run with nothing in its way failed"
-        assert not self.plan_file.exists(), "a failed transfer leaves its plan behind"
-        self.plan_is_current = False
+        assert not all(p.exists() for p in self.plan_files()), "a failed plan is kept"
         return False
 
     def run_with_check(self, how: str) -> None:
@@ -412,7 +441,8 @@ class World:
         """A run killed after planning (the plan file left, or not yet renamed into place)."""
         self.plan()
         if not keep_plan:
-            self.plan_file.unlink()
+            for plan_file in self.plan_files():
+                plan_file.unlink()
 
     def run_killed_in_transfer(self, committed: int, copied: int, temp: bool) -> None:
         """A transfer SIGKILLed half way: it got through the next ``committed + copied``
@@ -422,19 +452,22 @@ class World:
         rows = self.pending()
         keep = {r["relpath"] for r in rows[:committed]}
         reached = {r["relpath"] for r in rows[: committed + copied]}
-        table = pq.read_table(self.plan_file)
-        mask = pa.array([r in reached for r in table["relpath"].to_pylist()], pa.bool_())
-        with killed_at_commit(keep):
-            # The rows the killed transfer got to, through the real transfer.
-            transfer.transfer_plan(
-                self._plan_of(table.filter(mask)),
-                self.input,
-                self.output,
-                self.state,
-                self.mode,
-                "size",
-                1,
-            )
+        for (part, _), plan_file in zip(self.jobs(), self.plan_files(), strict=True):
+            table = pq.read_table(plan_file)
+            mask = pa.array([r in reached for r in table["relpath"].to_pylist()], pa.bool_())
+            # Each partition's job: killed if it reached a row it could not commit.
+            with killed_at_commit(keep):
+                # The rows the killed transfer got to, through the real transfer.
+                transfer.transfer_plan(
+                    self._plan_of(table.filter(mask)),
+                    self.input,
+                    self.output,
+                    self.state,
+                    self.mode,
+                    "size",
+                    1,
+                    part,
+                )
         sorts = [r for r in rows if r["action"] == plan.SORT and r["relpath"] not in reached]
         if temp and sorts:
             destination = self.output / sorts[0]["destination"]
@@ -465,8 +498,7 @@ class World:
                 destination.write_bytes(data)
                 self.foreign[row["destination"]] = data
         if self.transfer() != 0:
-            assert not self.plan_file.exists(), "a failed transfer leaves its plan behind"
-            self.plan_is_current = False
+            assert not all(p.exists() for p in self.plan_files()), "a failed plan is kept"
             return
         self.check(self.report())
 
@@ -515,7 +547,7 @@ class World:
             self.delete(relpath)
         if not self.transferred():
             return
-        results = pq.read_table(self.state / "transfers.parquet").to_pylist()
+        results = [r for f in self.results_files() for r in pq.read_table(f).to_pylist()]
         # Left for the next run: the changed file, and the duplicates of it.
         changed = {r["relpath"] for r in results if r["status"] == transfer.CHANGED}
         self.check(self.report(), changed=changed | {relpath})
@@ -674,12 +706,13 @@ class Sorting(RuleBasedStateMachine):
     """Rules: what a user's world does to the input, and runs of every kind."""
 
     mode = "copy"
+    partitions = 1
 
     @initialize(files=st.lists(st.tuples(paths, specs), min_size=1, max_size=4))
     def make_world(self, files: list[tuple[str, Spec]]) -> None:
         """A world with a few files already (steps are too few to spend them adding)."""
         self.tmp = tempfile.mkdtemp(prefix="dcmsort-stateful-")
-        self.world = World(Path(self.tmp), self.mode)
+        self.world = World(Path(self.tmp), self.mode, self.partitions)
         for relpath, spec in files:
             self.add_dicom(relpath, spec)
 
@@ -815,6 +848,17 @@ class SortingLinks(Sorting):
     def rename_folder(self, folder: str, new: str) -> None:
         if (self.world.input / folder).is_dir() and not new.startswith(folder):
             self.world.rename_folder(folder, new)
+
+
+class SortingInPartitions(Sorting):
+    """The same stories with the plan and the transfer split over partitions (each
+    partition's transfer is killed, or finishes, on its own)."""
+
+    partitions = PARTITIONS
+
+
+SortingInPartitions.TestCase.settings = Sorting.TestCase.settings
+test_state_across_runs_in_partitions = SortingInPartitions.TestCase
 
 
 SortingLinks.TestCase.settings = settings(

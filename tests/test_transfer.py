@@ -729,11 +729,11 @@ def test_commits_come_in_segments_and_name_only_files_already_on_disk(job, monke
     appended = []
     real_append = ledger.append
 
-    def checked_append(state_dir, rows):
+    def checked_append(state_dir, rows, part=None):
         for destination in rows["destination"].to_pylist():
             assert os.path.lexists(job.output / destination), f"committed first: {destination}"
         appended.append(rows.num_rows)
-        real_append(state_dir, rows)
+        real_append(state_dir, rows, part)
 
     monkeypatch.setattr(ledger, "append", checked_append)
     rows = []

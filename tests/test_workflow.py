@@ -189,7 +189,7 @@ def test_a_template_typed_without_quotes_is_taken_as_text(sorter):
     demo.generate(sorter.input_dir, patients=1, series=1, instances=1)
     # The shell passes `folder_template={PatientID}`, which Snakemake reads as YAML.
     result = sorter.run("-n", folder_template="{PatientID}")
-    assert "transfer" in result.stdout
+    assert "extract" in result.stdout and "partition" in result.stdout
 
 
 def test_a_run_started_inside_the_input_is_refused_and_leaves_it_untouched(sorter):
@@ -237,7 +237,7 @@ def test_a_state_dir_elsewhere_holds_all_state(sorter):
     demo.generate(sorter.input_dir, patients=2, series=1, instances=2)
     state = sorter.workdir / "state"
     result = sorter.run(state_dir=state)
-    assert (state / "plan.parquet").is_file() and (state / "report.html").is_file()
+    assert any(state.glob("partitions-*.json")) and (state / "report.html").is_file()
     assert (state / "logs").is_dir()
     assert not (sorter.output_dir / ".dcmsort").exists()
     assert f"report: {state / 'report.html'}" in result.stderr
@@ -286,8 +286,14 @@ def test_four_batches_sort_every_file_and_a_rerun_with_nothing_new_says_so(sorte
 def test_a_dry_run_lists_the_jobs_and_writes_nothing(sorter):
     demo.generate(sorter.input_dir, patients=3, series=1, instances=1)
     result = sorter.run("-n")
-    assert "extract" in result.stdout and "transfer" in result.stdout
+    # The plan and transfer jobs of each partition are known once the partition job ran.
+    assert "extract" in result.stdout and "partition" in result.stdout
+    assert "checkpoint jobs" in result.stdout
     assert not sorter.output_dir.exists()
+    sorter.run()
+    demo.generate(sorter.input_dir, patients=1, series=1, instances=1, first_patient=9)
+    result = sorter.run("-n")  # new files: extract and partition again, then what follows
+    assert "extract" in result.stdout and "partition" in result.stdout
 
 
 def test_snakemakes_own_report_includes_the_dcmsort_report(sorter, tmp_path):

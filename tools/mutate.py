@@ -70,6 +70,9 @@ SCANNER_PY = "src/dcmsort/scanner.py"
 HEADERS_PY = "src/dcmsort/headers.py"
 CHECK_PY = "src/dcmsort/check.py"
 CHECK = "tests/test_check.py"
+PARTITION_PY = "src/dcmsort/partition.py"
+PARTITION = "tests/test_partition.py"
+STATEFUL_PARTITIONS = "tests/test_stateful.py::test_state_across_runs_in_partitions"
 
 MUTANTS = [
     # --- transfer: a file reaches its destination whole, checked, never over another ---
@@ -651,6 +654,30 @@ MUTANTS = [
         'return None if digest == placement.digest else Finding(placement, "content differs")',
         "return None",
         (CHECK,),
+    ),
+    # --- partitions: every claimant of a name meets its rivals in one job ---------------
+    Mutant(
+        "partition: the key of a file is its input path, not its patient folder (twins apart)",
+        PARTITION_PY,
+        'table = with_schema(table.append_column("part_key", keys(table, settings)), schema)',
+        'table = with_schema(table.append_column("part_key", pa.array([key(r) for r in '
+        'table["relpath"].to_pylist()], pa.int64())), schema)',
+        (STATEFUL_PARTITIONS,),
+    ),
+    Mutant(
+        "partition: names that differ only in case get different keys",
+        PARTITION_PY,
+        "fold(top_folder).encode(",
+        "top_folder.encode(",
+        (PARTITION,),
+    ),
+    Mutant(
+        "ledger: a partition does not see rows another partition count wrote",
+        LEDGER_PY,
+        '        whole = part is None or group in ("", part.name)\n',
+        '        whole = part is None or group in ("", part.name)\n'
+        "        if not whole:\n            continue\n",
+        (PARTITION,),
     ),
 ]
 

@@ -66,6 +66,14 @@ def atomic_path(path: str | Path, make_parent: bool = True) -> Iterator[Path]:
         raise
 
 
+def remove_other_versions(path: Path, prefix: str) -> None:
+    """Remove the files beside path named ``<prefix>-*<suffix>``, except path: the earlier
+    versions of a job's output or log, whose names carry a fingerprint."""
+    for other in Path(path).parent.glob(f"{prefix}-*{Path(path).suffix}"):
+        if other != Path(path):
+            other.unlink(missing_ok=True)
+
+
 DIGEST = "blake2b"  # content identity: (size, digest), never (size, mtime)
 
 
@@ -138,6 +146,22 @@ def _renameat2(name: str, new_name: str, dir_fd: int, flags: int) -> None:
     if result != 0:
         code = ctypes.get_errno()
         raise OSError(code, os.strerror(code), new_name)
+
+
+def with_schema(table, schema):
+    """table with exactly schema's columns, cast; a column the table lacks is all null
+    (a file written by an earlier version, or a manifest without an optional tag)."""
+    import pyarrow as pa
+
+    return pa.table(
+        {
+            f.name: table[f.name].cast(f.type)
+            if f.name in table.column_names
+            else pa.nulls(table.num_rows, f.type)
+            for f in schema
+        },
+        schema=schema,
+    )
 
 
 def read_parquet(path: str | Path, columns: list[str] | None = None):

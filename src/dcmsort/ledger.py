@@ -36,7 +36,8 @@ import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
-from dcmsort.fileops import atomic_path, read_parquet
+from dcmsort.fileops import atomic_path, read_parquet, with_schema
+from dcmsort.routes import Part
 
 log = logging.getLogger("dcmsort.ledger")
 
@@ -73,59 +74,88 @@ SCHEMA = pa.schema(
         # The input's PatientID, trimmed of padding spaces ("" when it has none): a patient
         # folder holds one patient. Null in rows written before this column existed.
         ("patient_id", pa.string()),
+        # partition.key of the file's patient folder: which partition plans it (null in
+        # rows written before partitions).
+        ("part_key", pa.int64()),
     ]
 )
 COLUMNS = SCHEMA.names
 # Compacting rewrites every row; past this many segments a reader pays more in file opens.
 MAX_SEGMENTS = 32
-_NAME = re.compile(r"^(seg|base)-(\d{10})\.parquet$")
+_NAME = re.compile(r"^(?:(p\d+of\d+)-)?(seg|base)-(\d{10})\.parquet$")
 
 
 def folder(state_dir: Path) -> Path:
     return Path(state_dir) / "ledger"
 
 
-def _files(state_dir: Path) -> tuple[tuple[int, Path] | None, list[tuple[int, Path]]]:
-    """(newest base, segments after it), each as (number, path)."""
-    bases, segments = [], []
+Files = tuple[tuple[int, Path] | None, list[tuple[int, Path]]]
+
+
+def _groups(state_dir: Path) -> dict[str, Files]:
+    """Per writer group ("" for files written without a partition, else ``Part.name``):
+    (newest base, segments after it), each as (number, path)."""
+    found: dict[str, tuple[list, list]] = {}
     try:
         names = os.listdir(folder(state_dir))
     except FileNotFoundError:
-        return None, []
+        return {}
     for name in names:
         match = _NAME.match(name)
         if match:
-            entry = (int(match[2]), folder(state_dir) / name)
-            (bases if match[1] == "base" else segments).append(entry)
-    base = max(bases) if bases else None
-    after = base[0] if base else -1
-    return base, sorted(s for s in segments if s[0] > after)
+            bases, segments = found.setdefault(match[1] or "", ([], []))
+            entry = (int(match[3]), folder(state_dir) / name)
+            (bases if match[2] == "base" else segments).append(entry)
+    groups = {}
+    for group, (bases, segments) in found.items():
+        base = max(bases) if bases else None
+        after = base[0] if base else -1
+        groups[group] = (base, sorted(s for s in segments if s[0] > after))
+    return groups
+
+
+def _files(state_dir: Path, part: Part | None = None) -> Files:
+    """(newest base, segments after it) of one writer group."""
+    return _groups(state_dir).get(part.name if part else "", (None, []))
 
 
 def empty() -> pa.Table:
     return SCHEMA.empty_table()
 
 
-def read(state_dir: Path, columns: list[str] | None = None) -> pa.Table:
-    """Every committed row (oldest first); unreadable files are skipped with a warning."""
+def _of_part(table: pa.Table, part: Part) -> pa.Table:
+    """The rows of part; rows without a part_key (written before partitions) are kept, as
+    a superset of a partition's rows is always safe to plan against."""
+    keys = table["part_key"]
+    remainder = pc.subtract(keys, pc.multiply(pc.divide(keys, part.count), part.count))
+    return table.filter(pc.fill_null(pc.equal(remainder, part.index), True))
+
+
+def read(state_dir: Path, columns: list[str] | None = None, part: Part | None = None) -> pa.Table:
+    """Committed rows (oldest first within each writer group); unreadable files are skipped
+    with a warning. With part: the rows of that partition (its own group's files whole,
+    rows of other partitionings filtered by part_key) and rows written without one."""
     columns = columns or COLUMNS
-    base, segments = _files(state_dir)
+    schema = pa.schema([SCHEMA.field(c) for c in columns])
     tables = []
-    for _, path in ([base] if base else []) + segments:
-        try:
-            table = read_parquet(path, columns=columns)
-        except (OSError, pa.ArrowException) as error:
-            log.warning("ledger file %s is unreadable and ignored (%s)", path.name, error)
-            continue
-        # A column added since this file was written (ctime_ns, ino, patient_id) reads as
-        # nulls: a ledger of v0.3 stays readable.
-        for name in columns:
-            if name not in table.column_names:
-                field = SCHEMA.field(name)
-                table = table.append_column(field, pa.nulls(table.num_rows, field.type))
-        tables.append(table.select(columns).cast(pa.schema([SCHEMA.field(c) for c in columns])))
+    for group, (base, segments) in sorted(_groups(state_dir).items()):
+        whole = part is None or group in ("", part.name)
+        wanted = columns if whole or "part_key" in columns else [*columns, "part_key"]
+        for _, path in ([base] if base else []) + segments:
+            try:
+                table = read_parquet(path, columns=wanted)
+            except (OSError, pa.ArrowException) as error:
+                log.warning("ledger file %s is unreadable and ignored (%s)", path.name, error)
+                continue
+            if not whole:
+                table = _of_part(
+                    with_schema(table, pa.schema([SCHEMA.field(c) for c in wanted])), part
+                )
+            # A column added since this file was written (ctime_ns, ino, patient_id,
+            # part_key) reads as nulls: a ledger of v0.3 stays readable.
+            tables.append(with_schema(table, schema))
     if not tables:
-        return pa.schema([SCHEMA.field(c) for c in columns]).empty_table()
+        return schema.empty_table()
     return pa.concat_tables(tables)
 
 
@@ -139,31 +169,39 @@ def with_version_columns(table: pa.Table) -> pa.Table:
     return table
 
 
-def _next_number(state_dir: Path) -> int:
-    base, segments = _files(state_dir)
+def _next_number(state_dir: Path, part: Part | None) -> int:
+    base, segments = _files(state_dir, part)
     numbers = [n for n, _ in segments] + ([base[0]] if base else [])
     return max(numbers, default=0) + 1
 
 
-def append(state_dir: Path, rows: pa.Table) -> None:
-    """Commit rows: one new segment, atomically. Call only for files already in place."""
+def _prefix(part: Part | None) -> str:
+    return f"{part.name}-" if part else ""
+
+
+def append(state_dir: Path, rows: pa.Table, part: Part | None = None) -> None:
+    """Commit rows: one new segment of part's group, atomically. Call only for files
+    already in place. Only part's own job writes its group, so names never race."""
     if rows.num_rows == 0:
         return
-    path = folder(state_dir) / f"seg-{_next_number(state_dir):010d}.parquet"
+    number = _next_number(state_dir, part)
+    path = folder(state_dir) / f"{_prefix(part)}seg-{number:010d}.parquet"
     with atomic_path(path) as tmp:
         pq.write_table(rows.select(COLUMNS).cast(SCHEMA), tmp)
 
 
-def compact(state_dir: Path, max_segments: int = MAX_SEGMENTS) -> bool:
-    """Fold the segments into one base when there are more than max_segments."""
-    base, segments = _files(state_dir)
+def compact(state_dir: Path, max_segments: int = MAX_SEGMENTS, part: Part | None = None) -> bool:
+    """Fold part's segments into one base when there are more than max_segments. Only the
+    group's own writer compacts it, after its last append, so it never races a writer."""
+    base, segments = _files(state_dir, part)
     if len(segments) <= max_segments:
         return False
-    table = read(state_dir)
+    files = ([base] if base else []) + segments
+    table = pa.concat_tables([with_schema(read_parquet(path), SCHEMA) for _, path in files])
     number = segments[-1][0]
-    with atomic_path(folder(state_dir) / f"base-{number:010d}.parquet") as tmp:
+    with atomic_path(folder(state_dir) / f"{_prefix(part)}base-{number:010d}.parquet") as tmp:
         pq.write_table(table, tmp)
-    for _, path in ([base] if base else []) + segments:
+    for _, path in files:
         path.unlink(missing_ok=True)
     return True
 

@@ -286,3 +286,28 @@ def _component(safe_pieces: list[str], raw_pieces: list[str], placeholder: str) 
     if safe_pieces == raw_pieces or is_safe_component(name):
         return safe_component(name, placeholder)
     return safe_component("".join(raw_pieces), placeholder)
+
+
+def top_level(template: str) -> str:
+    """The part of a folder template that renders the top-level folder."""
+    pieces = []
+    for literal, field, spec, conversion in string.Formatter().parse(template):
+        head, slash, _ = literal.partition("/")
+        pieces.append(head.replace("{", "{{").replace("}", "}}"))
+        if slash:
+            break
+        if field is not None:
+            pieces.append(
+                "{"
+                + field
+                + (f"!{conversion}" if conversion else "")
+                + (f":{spec}" if spec else "")
+                + "}"
+            )
+    return "".join(pieces)
+
+
+def top_level_from_headers(settings: Naming) -> bool:
+    """Is the top-level folder rendered from header values only (partitions can split)?"""
+    fields = {field for field, _ in template_fields(top_level(settings.folder_template))}
+    return not fields & FILE_FIELDS.keys()

@@ -45,15 +45,15 @@ from pathlib import Path
 
 import pyarrow as pa
 import pyarrow.compute as pc
-import pyarrow.csv as pacsv
 import pyarrow.parquet as pq
 
 from dcmsort import inventory, ledger, naming
-from dcmsort.fileops import atomic_path, file_digest, read_parquet
+from dcmsort.fileops import atomic_path, file_digest, read_parquet, remove_other_versions
 from dcmsort.naming import Naming, fold
 from dcmsort.progress import peak_rss_mb
+from dcmsort.routes import parse_part
 from dcmsort.settings import ConfigError, check_layout, layout_record
-from dcmsort.transfer import PENDING, settle, with_temp_token
+from dcmsort.transfer import pending_file, settle, with_temp_token
 
 log = logging.getLogger("dcmsort.plan")
 
@@ -92,6 +92,7 @@ PLAN_SCHEMA = pa.schema(
         # relink: the input path dcmsort's link at destination points to now.
         ("previous_relpath", pa.string()),
         *[(tag, pa.string()) for tag in PLAN_TAGS],
+        ("part_key", pa.int64()),  # partition.key of the row's patient folder
     ]
 )
 # What Planner.decide returns for each row; the other plan columns are the row's own.
@@ -743,6 +744,8 @@ def _with_columns(files: pa.Table) -> pa.Table:
     for tag in PLAN_TAGS:
         if tag not in files.column_names:
             files = files.append_column(tag, pa.nulls(files.num_rows, pa.string()))
+    if "part_key" not in files.column_names:
+        files = files.append_column("part_key", pa.nulls(files.num_rows, pa.int64()))
     return files
 
 
@@ -753,7 +756,15 @@ def read_manifests(paths: list[Path], settings: Naming) -> pa.Table:
     """Every manifest row with the columns planning uses."""
     wanted = list(
         dict.fromkeys(
-            ["folder", *SOURCE_KEY, "dicom", "skip_reason", *PLAN_TAGS, *sorted(settings.fields)]
+            [
+                "folder",
+                *SOURCE_KEY,
+                "dicom",
+                "skip_reason",
+                *PLAN_TAGS,
+                *sorted(settings.fields),
+                "part_key",
+            ]
         )
     )
     tables = []
@@ -776,11 +787,6 @@ def read_manifests(paths: list[Path], settings: Naming) -> pa.Table:
     return pa.concat_tables(tables, promote_options="default")
 
 
-def write_csv(table: pa.Table, path: Path) -> None:
-    with atomic_path(path) as tmp:
-        pacsv.write_csv(table, tmp)
-
-
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m dcmsort.plan", description=__doc__)
     parser.add_argument("--manifests", type=Path, nargs="*", default=[])
@@ -789,9 +795,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--state-dir", type=Path, required=True)
     parser.add_argument("--naming", required=True, help="Naming settings as JSON")
     parser.add_argument("--plan", type=Path, required=True)
-    parser.add_argument("--plan-csv", type=Path, required=True)
-    parser.add_argument("--skipped", type=Path, required=True)
+    parser.add_argument("--partition", help="p<index>of<count>: the partition these rows are")
     parser.add_argument("--mode", default="copy", help="transfer_mode (to settle a killed one)")
+    parser.add_argument("--log", type=Path, help="this job's log (earlier ones are removed)")
     parser.add_argument(
         "--ledger-marker", type=Path, help="written into the ledger folder once planned"
     )
@@ -799,6 +805,7 @@ def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s", stream=sys.stderr)
     started = time.perf_counter()
     settings = Naming(**json.loads(args.naming))
+    part = parse_part(args.partition) if args.partition else None
     layout_file = args.state_dir / "layout.json"
     try:
         check_layout(layout_file, settings, args.output_dir)
@@ -807,15 +814,12 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     # What a killed transfer of the previous plan put in place is committed first, so the
     # new plan sees it (its inputs may have been renamed or deleted since).
-    pending = args.state_dir / PENDING  # the last plan, until its transfer finished
-    settled = settle(pending, args.input_dir, args.output_dir, args.state_dir, args.mode)
+    pending = pending_file(args.state_dir, part)  # the last plan, until its transfer finished
+    settled = settle(pending, args.input_dir, args.output_dir, args.state_dir, args.mode, part)
     if settled:
         log.info("committed %d files a killed transfer had placed", settled)
-    if args.manifests:  # a batch count no longer used leaves manifests nobody reads
-        for stale in set(args.manifests[0].parent.glob("batch-*.parquet")) - set(args.manifests):
-            stale.unlink()
     files = read_manifests(args.manifests, settings)
-    committed = ledger.read(args.state_dir)
+    committed = ledger.read(args.state_dir, part=part)
     hashed = []
 
     def digest_of_input(relpath: str) -> str | None:
@@ -830,29 +834,28 @@ def main(argv: list[str] | None = None) -> int:
     with atomic_path(layout_file) as tmp:
         record = layout_record(settings, args.output_dir, args.state_dir)
         tmp.write_text(json.dumps(record, indent=2))
+    # Earlier plans of this partition are done with (their transfers committed or their
+    # pending copy was settled above).
+    if part:
+        remove_other_versions(args.plan, part.name)
+        if args.log:
+            remove_other_versions(args.log, part.name)
     with atomic_path(args.plan) as tmp:
         pq.write_table(plan, tmp)
     # Snakemake removes a job's outputs before it runs again: the copy under another name
     # is what tells the next plan what a killed transfer may have left.
     with atomic_path(pending) as tmp:
         pq.write_table(plan, tmp)
-    internal = ["ctime_ns", "ino", "committed", "digest", "base_folder"]
-    write_csv(plan.drop_columns(internal), args.plan_csv)
     if args.ledger_marker is not None:
         with atomic_path(args.ledger_marker) as tmp:
             tmp.write_text(LEDGER_MARKER)
-    skipped = files.filter(pc.invert(pc.fill_null(files["dicom"], False)))
-    write_csv(
-        skipped.select(["relpath", "size", "skip_reason"]).rename_columns(
-            ["relpath", "size", "reason"]
-        ),
-        args.skipped,
-    )
+        if part:
+            remove_other_versions(args.ledger_marker, f"planned-{part.name}")
     actions = plan["action"].to_pylist()
     log.info(
-        "plan: %d files, %d committed earlier, %d new: %d to sort, %d already present, "
-        "%d to relink, %d duplicates, %d conflicts; %d skipped; %d digests; %.2f s, "
-        "peak RSS %d MB",
+        "plan%s: %d files, %d committed earlier, %d new: %d to sort, %d already present, "
+        "%d to relink, %d duplicates, %d conflicts; %d digests; %.2f s, peak RSS %d MB",
+        f" {part.name}" if part else "",
         files.num_rows,
         committed.num_rows,
         plan.num_rows,
@@ -861,7 +864,6 @@ def main(argv: list[str] | None = None) -> int:
         actions.count(RELINK),
         actions.count(DUPLICATE),
         pc.sum(plan["conflict"]).as_py() or 0,
-        skipped.num_rows,
         len(hashed),
         time.perf_counter() - started,
         peak_rss_mb(),

@@ -23,11 +23,13 @@ from pathlib import Path
 
 import pyarrow as pa
 import pyarrow.compute as pc
+import pyarrow.csv as pacsv
 import pyarrow.parquet as pq
 
 from dcmsort import ledger, naming
 from dcmsort.check import DAMAGED, RESTORED, RESULT_SCHEMA, read_results
 from dcmsort.fileops import atomic_path, read_parquet
+from dcmsort.plan import PLAN_SCHEMA
 from dcmsort.progress import peak_rss_mb
 from dcmsort.status import (
     COMPLETE,
@@ -38,6 +40,7 @@ from dcmsort.status import (
     last_history,
     summary_line,
 )
+from dcmsort.transfer import RESULT_SCHEMA as TRANSFER_SCHEMA
 
 log = logging.getLogger("dcmsort.report")
 
@@ -428,9 +431,24 @@ def read_manifests(paths: list[Path]) -> tuple[pa.Table, list[dict]]:
     return pa.concat_tables(tables), meta
 
 
+# Plan columns for the next stages, not for people reading plan.csv.
+PLAN_INTERNAL = ["ctime_ns", "ino", "committed", "digest", "base_folder", "part_key"]
+
+
+def _read_since(paths: list[Path], since: float, schema: pa.Schema) -> pa.Table:
+    """The rows of the files written after since (the last report), one after another."""
+    tables = [schema.empty_table()] + [
+        read_parquet(p) for p in paths if p.exists() and p.stat().st_mtime > since
+    ]
+    return pa.concat_tables(tables, promote_options="default")
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m dcmsort.report", description=__doc__)
-    parser.add_argument("--transfers", type=Path, required=True)
+    parser.add_argument("--transfers", type=Path, nargs="*", default=[])
+    parser.add_argument("--plans", type=Path, nargs="*", default=[])
+    parser.add_argument("--plan-csv", type=Path, help="this run's decisions, as CSV")
+    parser.add_argument("--skipped", type=Path, help="the files not sorted and why, as CSV")
     parser.add_argument("--manifests", type=Path, nargs="*", default=[])
     parser.add_argument("--state-dir", type=Path, required=True)
     parser.add_argument("--output-dir", type=Path, required=True)
@@ -444,18 +462,24 @@ def main(argv: list[str] | None = None) -> int:
     )
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s", stream=sys.stderr)
-    import pyarrow.csv as pacsv
-
     files, meta = read_manifests(args.manifests)
     committed = ledger.read(args.state_dir, LEDGER_COLUMNS)
-    transfers = read_parquet(args.transfers)
     history = args.state_dir / HISTORY
+    previous = last_history(history)
+    # This run's work: the partitions whose jobs ran since the last report.
+    since = (previous or {}).get("generated_at", 0)
+    transfers = _read_since(args.transfers, since, TRANSFER_SCHEMA)
+    if args.plan_csv:
+        plans = _read_since(args.plans, since, PLAN_SCHEMA)
+        with atomic_path(args.plan_csv) as tmp:
+            internal = [c for c in PLAN_INTERNAL if c in plans.column_names]
+            pacsv.write_csv(plans.drop_columns(internal), tmp)
     summary, tables = summarise(
         files,
         committed,
         transfers,
         meta,
-        last_history(history),
+        previous,
         args.output_dir,
         args.mode,
         str(args.html),
@@ -464,6 +488,10 @@ def main(argv: list[str] | None = None) -> int:
     )
     with atomic_path(args.removed) as tmp:
         pacsv.write_csv(tables["gone"], tmp)
+    if args.skipped:
+        with atomic_path(args.skipped) as tmp:
+            skipped = tables["skipped"]
+            pacsv.write_csv(skipped.rename_columns(["relpath", "size", "reason"]), tmp)
     with atomic_path(args.html) as tmp:
         tmp.write_text(render_html(summary, tables), encoding="utf-8")
     with atomic_path(args.summary) as tmp:

@@ -59,6 +59,7 @@ class Settings:
     transfer_mode: str
     verify: str
     batches: int | None  # None: chosen from the number of folders (auto)
+    partitions: int | None = None  # None: chosen from the number of files (auto)
     # How this run checks every placement after the transfer: "size", "checksum", or None
     # (a plain run trusts the ledger and looks at no placed file).
     check: str | None = None
@@ -343,19 +344,29 @@ def resolve(config: dict, cwd: Path | None = None) -> Settings:
             f"placeholder {placeholder!r} is not a valid file name on every "
             "system; use letters, digits, '-' or '_'"
         )
+    naming_settings = Naming(
+        config["folder_template"],
+        config["file_template"],
+        placeholder,
+        bool(config["keep_series_apart"]),
+    )
+    given = config.get("partitions", "auto")
+    partitions = None if given == "auto" else int(given)
+    if partitions and partitions > 1 and not naming.top_level_from_headers(naming_settings):
+        raise ConfigError(
+            f"partitions={partitions} needs a folder_template whose first folder is made of "
+            "DICOM keywords only ({filename} and {input_folder} there would plan identical "
+            "files apart); use partitions=1 or move them below the first '/'"
+        )
     return Settings(
         input_dir=input_dir,
         output_dir=output_dir,
         state_dir=state_dir,
-        naming=Naming(
-            config["folder_template"],
-            config["file_template"],
-            placeholder,
-            bool(config["keep_series_apart"]),
-        ),
+        naming=naming_settings,
         transfer_mode=config["transfer_mode"],
         verify=config["verify"],
         batches=None if config["batches"] == "auto" else int(config["batches"]),
+        partitions=partitions,
         check=check_how(config.get("check", False), config["verify"]),
     )
 

@@ -57,10 +57,12 @@ from dcmsort.fileops import (
     copy_range,
     exchange,
     read_parquet,
+    remove_other_versions,
     rename_no_replace,
     temp_name_for,
 )
 from dcmsort.progress import Progress, peak_rss_mb
+from dcmsort.routes import Part, parse_part
 
 log = logging.getLogger("dcmsort.transfer")
 
@@ -92,6 +94,14 @@ COMMIT_EVERY_S = 2.0
 PENDING = "pending.parquet"
 # Where a plan keeps the token that names its transfer's temporary files (temp_token).
 TEMP_TOKEN = b"dcmsort.temp_token"
+
+
+def pending_file(state_dir: Path, part: Part | None = None) -> Path:
+    """The copy of a plan that tells the next run what its killed transfer may have left
+    (one per partition)."""
+    return state_dir / "plan" / f"pending-{part.name}.parquet" if part else state_dir / PENDING
+
+
 _NOT_A_FOLDER = {errno.ELOOP, errno.ENOTDIR, errno.EMLINK}
 # Link-based no-replace rename is refused by file systems without hard links.
 _NO_HARD_LINKS = {errno.EPERM, errno.EOPNOTSUPP, errno.ENOSYS, errno.EXDEV, errno.EMLINK}
@@ -618,12 +628,22 @@ def _rows(done: list[Outcome], plan: pa.Table, mode: str) -> pa.Table:
             "modality": planned["Modality"],
             "committed_at": [time.time()] * len(done),
             "patient_id": ledger.patient_ids(planned["PatientID"]),
+            "part_key": planned["part_key"]
+            if "part_key" in planned.column_names
+            else pa.nulls(len(done), pa.int64()),
         },
         schema=ledger.SCHEMA,
     )
 
 
-def settle(plan_file: Path, input_dir: Path, output_dir: Path, state_dir: Path, mode: str) -> int:
+def settle(
+    plan_file: Path,
+    input_dir: Path,
+    output_dir: Path,
+    state_dir: Path,
+    mode: str,
+    part: Part | None = None,
+) -> int:
     """Commit what a killed transfer of this plan had put in place, and remove the
     temporary files it left (those with the plan's token: no other file is ours to
     remove). A file reaches its name only after it was checked, so a pending row's
@@ -635,9 +655,10 @@ def settle(plan_file: Path, input_dir: Path, output_dir: Path, state_dir: Path, 
         table = read_parquet(plan_file)
     except FileNotFoundError:
         return 0
-    plan = pending_rows(table, ledger.read(state_dir, ledger.SOURCE_KEY))
+    plan = pending_rows(table, ledger.read(state_dir, ledger.SOURCE_KEY, part))
     rows = plan_rows(plan)
-    return len(_settle(plan, rows, input_dir, output_dir, state_dir, mode, temp_token(table)))
+    token = temp_token(table)
+    return len(_settle(plan, rows, input_dir, output_dir, state_dir, mode, token, part))
 
 
 def _settle(
@@ -648,9 +669,10 @@ def _settle(
     state_dir: Path,
     mode: str,
     token: str | None,
+    part: Part | None = None,
 ) -> list[Outcome]:
-    """settle, for the pending rows of a plan already read (token: the plan's); returns
-    what it committed."""
+    """settle, for the pending rows of a plan already read (token: the plan's; part: the
+    partition whose ledger group it commits to); returns what it committed."""
     if plan.num_rows == 0 or not output_dir.is_dir():
         return []
     tree = OutputTree(output_dir)
@@ -685,7 +707,7 @@ def _settle(
         for row in rows
         if row.action == "duplicate" and row.destination in placed
     ]
-    ledger.append(state_dir, _ledger_rows(found, plan, mode))
+    ledger.append(state_dir, _ledger_rows(found, plan, mode), part)
     return found
 
 
@@ -722,18 +744,20 @@ def transfer_plan(
     mode: str,
     verify: str,
     workers: int,
+    part: Part | None = None,
 ) -> pa.Table:
-    """Carry out every pending plan row and commit what is in place; one result per row."""
+    """Carry out every pending plan row and commit what is in place; one result per row.
+    With part, the rows are one partition's, committed to its own ledger group."""
     table = read_parquet(plan_file)
     token = temp_token(table)
-    plan = pending_rows(table, ledger.read(state_dir, ledger.SOURCE_KEY))
+    plan = pending_rows(table, ledger.read(state_dir, ledger.SOURCE_KEY, part))
     rows = plan_rows(plan)
     # After a killed transfer of this plan, or a row whose file is in place already (an
     # input rewritten with its own bytes, its mtime set back): what it commits is no longer
     # pending, and is reported as present.
-    settled = _settle(plan, rows, input_dir, output_dir, state_dir, mode, token)
+    settled = _settle(plan, rows, input_dir, output_dir, state_dir, mode, token, part)
     if settled:
-        plan = pending_rows(plan, ledger.read(state_dir, ledger.SOURCE_KEY))
+        plan = pending_rows(plan, ledger.read(state_dir, ledger.SOURCE_KEY, part))
         rows = plan_rows(plan)
     committed_before = plan["committed"].to_pylist()
     placing = [r for r in rows if r.action != "duplicate"]
@@ -746,7 +770,7 @@ def transfer_plan(
 
     def commit() -> None:
         nonlocal uncommitted, last_commit
-        ledger.append(state_dir, _ledger_rows(uncommitted, plan, mode))
+        ledger.append(state_dir, _ledger_rows(uncommitted, plan, mode), part)
         uncommitted, last_commit = [], time.monotonic()
 
     with ThreadPoolExecutor(max_workers=max(1, workers)) as pool:
@@ -779,7 +803,7 @@ def transfer_plan(
         if committed_before[row.index] or row.destination in placed_now:
             return True
         if committed_since is None:
-            placed = ledger.read(state_dir, ["status", "destination"])
+            placed = ledger.read(state_dir, ["status", "destination"], part)
             committed_since = set(ledger.placed_destinations(placed).to_pylist())
         return row.destination in committed_since
 
@@ -812,8 +836,8 @@ def transfer_plan(
     uncommitted += duplicates
     commit()
     progress.finish()
-    (state_dir / PENDING).unlink(missing_ok=True)  # every row is committed or reported
-    ledger.compact(state_dir)
+    pending_file(state_dir, part).unlink(missing_ok=True)  # all committed or reported
+    ledger.compact(state_dir, part=part)
     return pa.table(
         {
             "relpath": [o.row.relpath for o in outcomes],
@@ -836,7 +860,14 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--verify", choices=VERIFY, default="size")
     parser.add_argument("--threads", type=int, default=1)
     parser.add_argument("--results", type=Path, required=True)
+    parser.add_argument("--partition", help="p<index>of<count>: the partition of this plan")
+    parser.add_argument("--log", type=Path, help="this job's log (earlier ones are removed)")
     args = parser.parse_args(argv)
+    part = parse_part(args.partition) if args.partition else None
+    if part:
+        remove_other_versions(args.results, part.name)
+        if args.log:
+            remove_other_versions(args.log, part.name)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s", stream=sys.stderr)
     started = time.perf_counter()
     # One thread per core: the work is the kernel's (creating and linking files), and more
@@ -850,6 +881,7 @@ def main(argv: list[str] | None = None) -> int:
         args.mode,
         args.verify,
         args.threads,
+        part,
     )
     with atomic_path(args.results) as tmp:
         pq.write_table(results, tmp)

@@ -15,7 +15,7 @@ from snakemake.utils import validate
 REPO = Path(workflow.basedir)  # the top-level Snakefile's folder
 sys.path.insert(0, str(REPO / "src"))
 
-from dcmsort import inventory, permissions, settings  # noqa: E402
+from dcmsort import inventory, permissions, routes, settings  # noqa: E402
 from dcmsort import status  # noqa: E402
 
 
@@ -66,7 +66,16 @@ DCMSORT = " ".join(
 STATE = str(SETTINGS.state_dir)
 # Folders under STATE the rules write into: made in onstart with the state folder's mode
 # (Snakemake would make them with the plain umask, closed to a sharing group).
-STATE_FOLDERS = ("logs/extract", "manifests/folders", "ledger")
+STATE_FOLDERS = (
+    "ledger",
+    "logs/extract",
+    "logs/plan",
+    "logs/transfer",
+    "manifests/folders",
+    "parts",
+    "plan",
+    "transfers",
+)
 if SETTINGS.check:
     STATE_FOLDERS += ("check", "logs/check")
 # A run asked to check checks, whatever files earlier checks left: its results are named
@@ -110,6 +119,53 @@ def batch_manifests(wildcards=None):
     ]
 
 
+def manifests_by_name(wildcards=None):
+    """The batch manifests as the partition job reads them: by name alone (ancient), since
+    their names (fingerprints) name its output (routes_key); a manifest rewritten under the
+    same name (removed by hand and extracted again) holds the same rows."""
+    return [ancient(manifest) for manifest in batch_manifests()]
+
+
+@cache
+def routes_key():
+    """The name of the partition job's output: a digest of everything it reads (the batch
+    manifests, named by their fingerprints; this run's check; the settings it applies).
+    Snakemake takes an existing checkpoint output as current, so any change must be a
+    missing file for the partition job to run again before the plans."""
+    inputs = [*batch_manifests(), *check_results(), str(SETTINGS.partitions)]
+    return routes.digest([*inputs, SETTINGS.naming_json])
+
+
+def partition_jobs():
+    """``p<k>of<n>-<fingerprint>`` of every partition: known once the partition job ran."""
+    done = checkpoints.partition.get(inputs=routes_key()).output.routes
+    return [job for _, job in routes.jobs(done)]
+
+
+def transfer_results(wildcards=None):
+    return [f"{STATE}/transfers/{job}.parquet" for job in partition_jobs()]
+
+
+def partition_plans(wildcards=None):
+    return [f"{STATE}/plan/{job}.parquet" for job in partition_jobs()]
+
+
+def threads_per_partition(wildcards):
+    """Cores for one transfer job when every partition's runs at once (on a cluster the
+    profile's set-threads decides)."""
+    try:
+        cores = workflow.cores
+    except WorkflowError:
+        cores = 1
+    return max(1, cores // routes.parse_part(wildcards.part).count)
+
+
+def ledger_markers(wildcards=None):
+    """Each partition's plan marker in the ledger folder: a ledger removed by hand takes
+    them along, and every partition plans again."""
+    return [f"{STATE}/ledger/planned-{job}.txt" for job in partition_jobs()]
+
+
 def check_results(wildcards=None):
     """This run's check results, when it checks (config key `check`): the report reads
     them."""
@@ -117,23 +173,25 @@ def check_results(wildcards=None):
 
 
 def get_final_output(wildcards=None):
-    """The report, each batch's current manifest, the plan's marker in the ledger folder
-    and this run's check: a manifest whose name (fingerprint) is new is missing, which
-    makes the run start from its extract job; a marker removed with the ledger makes it
-    plan again.
+    """The report, each batch's current manifest, each partition's plan marker in the
+    ledger folder and this run's check: a manifest whose name (fingerprint) is new is
+    missing, which makes the run start from its extract job; a marker removed with the
+    ledger makes its partition plan again.
     Snakemake 9 runs a job for a missing intermediate file only when a job that needs it
     runs, so the target names them itself."""
     return [
         f"{STATE}/report.html",
         f"{STATE}/summary.json",
         *batch_manifests(),
-        rules.plan.output.ledger_marker,
+        *ledger_markers(),
         *check_results(),
     ]
 
 
 wildcard_constraints:
     batch=r"\d+",
+    part=r"p\d+of\d+",
+    inputs=r"[0-9a-f]{16}",
     fingerprint=r"[0-9a-f]{16}",
     run=r"\d{8}T\d{6}-\d{9}",
 
@@ -201,13 +259,16 @@ def rewrite_report():
     otherwise never replace it."""
     from dcmsort.report import main as write_report
 
+    try:
+        jobs = [job for _, job in routes.jobs(routes.current(STATE))]
+    except (OSError, ValueError):
+        jobs = []
     write_report(
-        [
-            "--transfers",
-            rules.transfer.output.results,
-            "--manifests",
-            *batch_manifests(),
-        ]
+        ["--transfers", *[f"{STATE}/transfers/{job}.parquet" for job in jobs]]
+        + ["--plans", *[f"{STATE}/plan/{job}.parquet" for job in jobs]]
+        + ["--plan-csv", rules.report.output.plan_csv]
+        + ["--skipped", rules.report.output.skipped]
+        + ["--manifests", *batch_manifests()]
         + ["--state-dir", STATE, "--output-dir", str(SETTINGS.output_dir)]
         + ["--mode", SETTINGS.transfer_mode, "--html", rules.report.output.html]
         + [

@@ -21,7 +21,10 @@ rule extract:
         batches=BATCHES,
         keywords=",".join(SETTINGS.keywords),
         manifests=f"{STATE}/manifests/folders",
-        state_dir=STATE,
+        # The state folder, from an output (not a fixed prefix: snakemake --lint).
+        state_dir=lambda wildcards, output: os.path.dirname(
+            os.path.dirname(output.manifest)
+        ),
     shell:
         "{params.dcmsort} headers --input-dir {params.input_dir:q}"
         " --batch {wildcards.batch} --batches {params.batches}"

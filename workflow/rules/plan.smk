@@ -1,20 +1,17 @@
-# Stage 2: one job sees every manifest and the ledger, and decides where new files go.
+# Stage 3: one job per partition sees its files and its part of the ledger, and decides
+# where new files go.
 
 
 rule plan:
     input:
-        manifests=batch_manifests,
-        # With `check`: after the check has made the tree whole again.
-        check=check_results,
+        rows=f"{STATE}/parts/{{part}}-{{fingerprint}}.parquet",
     output:
-        plan=f"{STATE}/plan.parquet",
-        csv=f"{STATE}/plan.csv",
-        skipped=f"{STATE}/skipped.csv",
+        plan=f"{STATE}/plan/{{part}}-{{fingerprint}}.parquet",
         # Named by the target: a ledger removed by hand takes it along, and the next run
         # plans every file again (they are found on disk by content, not copied twice).
-        ledger_marker=f"{STATE}/ledger/planned.txt",
+        ledger_marker=f"{STATE}/ledger/planned-{{part}}-{{fingerprint}}.txt",
     log:
-        f"{STATE}/logs/plan.log",
+        f"{STATE}/logs/plan/{{part}}-{{fingerprint}}.log",
     conda:
         CONDA_ENV
     resources:
@@ -27,12 +24,13 @@ rule plan:
         input_dir=SETTINGS.input_dir,
         output_dir=SETTINGS.output_dir,
         # The state folder, from an output (not a fixed prefix: snakemake --lint).
-        state_dir=lambda wildcards, output: os.path.dirname(output.plan),
+        state_dir=lambda wildcards, output: os.path.dirname(
+            os.path.dirname(output.plan)
+        ),
         mode=SETTINGS.transfer_mode,
     shell:
-        "{params.dcmsort} plan --manifests {input.manifests:q}"
+        "{params.dcmsort} plan --manifests {input.rows:q} --partition {wildcards.part}"
         " --input-dir {params.input_dir:q} --output-dir {params.output_dir:q}"
         " --state-dir {params.state_dir:q} --naming {params.naming:q}"
-        " --plan {output.plan:q} --plan-csv {output.csv:q} --skipped {output.skipped:q}"
-        " --mode {params.mode} --ledger-marker {output.ledger_marker:q}"
-        " 2> {log:q}"
+        " --plan {output.plan:q} --mode {params.mode} --log {log:q}"
+        " --ledger-marker {output.ledger_marker:q} 2> {log:q}"

@@ -1,4 +1,4 @@
-# Stage 4: what is in place and what this run did, for people (HTML) and programs (JSON).
+# Stage 5: what is in place and what this run did, for people (HTML) and programs (JSON).
 
 
 localrules:
@@ -7,7 +7,8 @@ localrules:
 
 rule report:
     input:
-        transfers=rules.transfer.output.results,
+        transfers=transfer_results,
+        plans=partition_plans,
         manifests=batch_manifests,
         check=check_results,
     output:
@@ -18,6 +19,8 @@ rule report:
         ),
         summary=f"{STATE}/summary.json",
         removed=f"{STATE}/removed_sources.csv",
+        plan_csv=f"{STATE}/plan.csv",
+        skipped=f"{STATE}/skipped.csv",
     log:
         f"{STATE}/logs/report.log",
     conda:
@@ -34,7 +37,8 @@ rule report:
         # A function, so that the braces of the templates are not read as wildcards.
         naming=lambda wildcards: SETTINGS.naming_json,
     shell:
-        "{params.dcmsort} report --transfers {input.transfers:q}"
+        "{params.dcmsort} report --transfers {input.transfers:q} --plans {input.plans:q}"
+        " --plan-csv {output.plan_csv:q} --skipped {output.skipped:q}"
         " --manifests {input.manifests:q} --state-dir {params.state_dir:q}"
         " --output-dir {params.output_dir:q} --mode {params.mode}"
         " --html {output.html:q} --summary {output.summary:q}"

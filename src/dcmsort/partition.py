@@ -1,0 +1,258 @@
+"""Spread the plan and the transfer over P independent jobs: partitions of patient folders.
+
+Every decision the plan makes is local to one top-level output folder (the patient folder,
+with the default template) as a case-insensitive file system sees it:
+
+- names: a folder or file name is claimed among the names of its parent folder; all
+  claimants of a top-level name render to names that are equal under ``plan.fold``, so
+  they have one key;
+- duplicates, "present" and restored files: equal content means equal headers, so twins
+  render to the same top-level folder;
+- series kept apart, PatientIDs kept apart, names already on disk or in the ledger: all
+  inside one top-level folder.
+
+So files are partitioned by ``key`` = a hash of the folded top-level folder their headers
+render to, and every claimant of a name meets its rivals in one job. The argument has a
+hole where the top level is rendered from something other than headers (``{filename}`` or
+``{input_folder}``: identical files in two input folders would be planned apart), so such a
+template runs with one partition (``settings`` refuses more). What crosses partitions is
+only informational (a SOPInstanceUID shared by two patients with different content is
+flagged as a conflict by the report, which reads everything).
+
+This stage (one job, after extract) writes each partition's manifest rows to one file
+named by a fingerprint of its rows, ``parts/p<k>of<P>-<fingerprint>.parquet``, and the list
+of current files to ``partitions.json``. A partition whose rows did not change keeps its
+file, so its plan and transfer jobs do not run again: a rerun runs jobs only for the
+partitions that got new or changed files.
+"""
+
+from __future__ import annotations
+
+import argparse
+import hashlib
+import json
+import logging
+import sys
+import time
+from pathlib import Path
+
+import pyarrow as pa
+import pyarrow.compute as pc
+import pyarrow.csv as pacsv
+import pyarrow.parquet as pq
+
+from dcmsort import inventory, ledger, naming
+from dcmsort.fileops import (
+    atomic_path,
+    read_parquet,
+    remove_other_versions,
+    temp_path_for,
+    with_schema,
+)
+from dcmsort.naming import Naming
+from dcmsort.plan import PLAN_TAGS, fold
+from dcmsort.progress import peak_rss_mb
+from dcmsort.routes import Part, parse_part
+from dcmsort.transfer import pending_file, settle
+
+log = logging.getLogger("dcmsort.partition")
+
+PARTS = "parts"
+# auto: one partition per this many files (a power of two, at most MAX_AUTO). Measured at
+# 1,000,000 files: the plan job peaks at ~1.7 KB per file, so 250,000 files stay < 0.5 GB.
+FILES_PER_PARTITION = 250_000
+MAX_AUTO = 64
+_FINGERPRINT_ROWS = 100_000  # rows rendered as text at a time for the fingerprint
+
+
+def auto_partitions(files: int) -> int:
+    """A power of two near files / FILES_PER_PARTITION (1 for a workstation-sized input)."""
+    count = 1
+    while count * FILES_PER_PARTITION < files and count < MAX_AUTO:
+        count *= 2
+    return count
+
+
+def key(top_folder: str) -> int:
+    """The partition key of a rendered top-level folder: a 63-bit hash of its folded
+    spelling, so names one file system merges have one key."""
+    digest = hashlib.blake2b(fold(top_folder).encode("utf-8", "surrogatepass"), digest_size=8)
+    return int.from_bytes(digest.digest(), "big") >> 1
+
+
+def keys(files: pa.Table, settings: Naming) -> pa.Array:
+    """The partition key of every row (rendered once per distinct combination of the
+    top level's values)."""
+    template = naming.top_level(settings.folder_template)
+    fields = [field for field, _ in naming.template_fields(template)]
+
+    def column(field: str) -> list:
+        if field == "filename":
+            return [inventory.file_name(r) for r in files["relpath"].to_pylist()]
+        if field == "input_folder":
+            return [inventory.decode_name(f or "") for f in files["folder"].to_pylist()]
+        if field in files.column_names:
+            return files[field].to_pylist()
+        return [None] * files.num_rows
+
+    cache: dict[tuple, int] = {}
+    result = []
+    for values in (
+        zip(*(column(f) for f in fields), strict=True) if fields else [()] * files.num_rows
+    ):
+        found = cache.get(values)
+        if found is None:
+            rendered = naming.render_path(
+                template, dict(zip(fields, values, strict=True)), settings.placeholder
+            )
+            found = cache[values] = key(rendered)
+        result.append(found)
+    return pa.array(result, pa.int64())
+
+
+def _fingerprint(path: Path) -> str:
+    """A digest of a partition's rows, independent of their order: the version key
+    columns sorted, as CSV text (a byte-exact rendering of the values; Arrow buffers may
+    carry padding), a slice at a time so that memory stays bounded."""
+    # One chunk: taking rows from a chunked table joins its chunks on every call.
+    table = read_parquet(path, columns=list(ledger.SOURCE_KEY)).combine_chunks()
+    order = pc.sort_indices(table, [(c, "ascending") for c in ledger.SOURCE_KEY])
+    digest = hashlib.sha256()
+    no_header = pacsv.WriteOptions(include_header=False)
+    for start in range(0, len(order), _FINGERPRINT_ROWS):
+        sink = pa.BufferOutputStream()
+        rows = table.take(order[start : start + _FINGERPRINT_ROWS])
+        pacsv.write_csv(rows, sink, write_options=no_header)
+        digest.update(sink.getvalue())
+    return digest.hexdigest()[:16]
+
+
+def slice_schema(settings: Naming) -> pa.Schema:
+    """The columns a plan job reads: the version key, the tags planning and the
+    templates use, and the partition key."""
+    fields = [
+        ("folder", pa.string()),
+        *[(c, ledger.SCHEMA.field(c).type) for c in ledger.SOURCE_KEY],
+        ("dicom", pa.bool_()),
+    ]
+    names = {name for name, _ in fields}
+    for tag in dict.fromkeys([*PLAN_TAGS, *sorted(settings.fields - naming.FILE_FIELDS.keys())]):
+        if tag not in names:
+            fields.append((tag, pa.string()))
+    return pa.schema([*fields, ("part_key", pa.int64())])
+
+
+def route(
+    manifests: list[Path],
+    state_dir: Path,
+    settings: Naming,
+    partitions: int | None,
+) -> dict:
+    """Write each partition's rows (``parts/``); return the routes (partition count and
+    the fingerprint of each partition's rows)."""
+    total = sum(pq.ParquetFile(p).metadata.num_rows for p in manifests)
+    count = partitions or (auto_partitions(total) if naming.top_level_from_headers(settings) else 1)
+    schema = slice_schema(settings)
+    parts = [Part(k, count) for k in range(count)]
+    folder = state_dir / PARTS
+    folder.mkdir(parents=True, exist_ok=True)
+    temps = [temp_path_for(folder / f"{part.name}.parquet") for part in parts]
+    writers = [pq.ParquetWriter(tmp, schema) for tmp in temps]
+    try:
+        for path in manifests:
+            available = pq.read_schema(path).names
+            table = read_parquet(path, columns=[c for c in schema.names if c in available])
+            if "dicom" not in available:
+                continue
+            table = table.filter(pc.fill_null(table["dicom"], False))
+            if table.num_rows == 0:
+                continue
+            table = with_schema(table.append_column("part_key", keys(table, settings)), schema)
+            index = pc.subtract(
+                table["part_key"], pc.multiply(pc.divide(table["part_key"], count), count)
+            )
+            for part, writer in zip(parts, writers, strict=True):
+                rows = table.filter(pc.equal(index, part.index)) if count > 1 else table
+                if rows.num_rows:
+                    writer.write_table(rows)
+    finally:
+        for writer in writers:
+            writer.close()
+    fingerprints = []
+    for part, tmp in zip(parts, temps, strict=True):
+        fingerprint = _fingerprint(tmp)
+        final = folder / f"{part.name}-{fingerprint}.parquet"
+        if final.exists():
+            tmp.unlink()
+        else:
+            tmp.rename(final)
+        fingerprints.append(fingerprint)
+    # Earlier rows of each partition, and of another partition count: nobody reads them.
+    current = {folder / f"{p.name}-{f}.parquet" for p, f in zip(parts, fingerprints, strict=True)}
+    for stale in set(folder.glob("p*of*-*.parquet")) - current:
+        stale.unlink(missing_ok=True)
+    return {"partitions": count, "fingerprints": fingerprints}
+
+
+def settle_other_partitionings(
+    state_dir: Path, input_dir: Path, output_dir: Path, mode: str, count: int
+) -> int:
+    """Commit what killed transfers of another partition count (or of a version before
+    partitions) had placed: no job of this run will look at their pending plans."""
+    settled = 0
+    earlier = [(None, pending_file(state_dir))] + [
+        (parse_part(path.stem.removeprefix("pending-")), path)
+        for path in sorted(state_dir.glob("plan/pending-*.parquet"))
+    ]
+    for part, pending in earlier:
+        if part is not None and part.count == count:
+            continue
+        if pending.exists():
+            settled += settle(pending, input_dir, output_dir, state_dir, mode, part)
+            pending.unlink(missing_ok=True)
+    return settled
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m dcmsort.partition", description=__doc__)
+    parser.add_argument("--manifests", type=Path, nargs="*", default=[])
+    parser.add_argument("--input-dir", type=Path, required=True)
+    parser.add_argument("--output-dir", type=Path, required=True)
+    parser.add_argument("--state-dir", type=Path, required=True)
+    parser.add_argument("--naming", required=True, help="Naming settings as JSON")
+    parser.add_argument("--partitions", default="auto")
+    parser.add_argument("--mode", default="copy", help="transfer_mode (to settle a killed one)")
+    parser.add_argument("--routes", type=Path, required=True)
+    parser.add_argument("--log", type=Path, help="this job's log (earlier ones are removed)")
+    args = parser.parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s", stream=sys.stderr)
+    started = time.perf_counter()
+    settings = Naming(**json.loads(args.naming))
+    partitions = None if args.partitions == "auto" else int(args.partitions)
+    if args.manifests:  # a batch count no longer used leaves manifests nobody reads
+        for stale in set(args.manifests[0].parent.glob("batch-*.parquet")) - set(args.manifests):
+            stale.unlink()
+    routes = route(args.manifests, args.state_dir, settings, partitions)
+    settled = settle_other_partitionings(
+        args.state_dir, args.input_dir, args.output_dir, args.mode, routes["partitions"]
+    )
+    if settled:
+        log.info("committed %d files a killed transfer had placed", settled)
+    with atomic_path(args.routes) as tmp:
+        tmp.write_text(json.dumps(routes, indent=1))
+    # Earlier routes and logs: the target names this run's (routes.current finds it).
+    remove_other_versions(args.routes, "partitions")
+    if args.log:
+        remove_other_versions(args.log, "partition")
+    log.info(
+        "partitions: %d (%s); %.2f s, peak RSS %d MB",
+        routes["partitions"],
+        args.partitions,
+        time.perf_counter() - started,
+        peak_rss_mb(),
+    )
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,64 @@
+"""Partitions and their names: which plan and transfer jobs a run has.
+
+The partition stage writes ``partitions-<inputs>.json`` (the partition count and the
+fingerprint of each partition's rows), named by a digest of what it read (the batch
+manifests' names, the settings): Snakemake takes an existing checkpoint output as current,
+so any change to its inputs must be a missing file for the checkpoint to run again before
+any plan. Every job file of a partition is named ``p<index>of<count>-<fingerprint>``, so a
+partition whose rows did not change keeps its files and runs no job. Standard library
+only: the Snakefile reads it at every start.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import re
+from pathlib import Path
+from typing import NamedTuple
+
+ROUTES = "partitions-{inputs}.json"
+_PART = re.compile(r"^p(\d+)of(\d+)$")
+
+
+class Part(NamedTuple):
+    """Partition ``index`` of ``count``: the files whose ``part_key % count == index``."""
+
+    index: int
+    count: int
+
+    @property
+    def name(self) -> str:
+        return f"p{self.index}of{self.count}"
+
+
+def parse_part(name: str) -> Part | None:
+    """The Part named ``p<index>of<count>``, or None."""
+    match = _PART.match(name)
+    if not match or not int(match[1]) < int(match[2]):
+        return None
+    return Part(int(match[1]), int(match[2]))
+
+
+def digest(inputs: list[str]) -> str:
+    """What names the routes file of a partition job that reads ``inputs`` (file names
+    and settings)."""
+    return hashlib.sha256("\n".join(inputs).encode("utf-8", "surrogateescape")).hexdigest()[:16]
+
+
+def current(state_dir: str | Path) -> Path:
+    """The routes file the last partition job wrote (it removes earlier ones)."""
+    found = sorted(Path(state_dir).glob(ROUTES.format(inputs="*")), key=lambda p: p.stat().st_mtime)
+    if not found:
+        raise FileNotFoundError(f"no {ROUTES.format(inputs='*')} in {state_dir}")
+    return found[-1]
+
+
+def jobs(routes_file: str | Path) -> list[tuple[Part, str]]:
+    """(partition, ``p<index>of<count>-<fingerprint>``) of every partition."""
+    routes = json.loads(Path(routes_file).read_text())
+    count = routes["partitions"]
+    return [
+        (Part(k, count), f"{Part(k, count).name}-{fingerprint}")
+        for k, fingerprint in enumerate(routes["fingerprints"])
+    ]

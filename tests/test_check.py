@@ -65,13 +65,30 @@ def test_a_truncated_copy_is_restored_and_the_damaged_file_kept_beside_it(job):
     assert run_check(job) == {}, "a second check finds it whole"
 
 
+@pytest.mark.parametrize("how", ["chmod", "moved out and back"])
+def test_a_copy_is_restored_from_an_input_whose_ctime_alone_changed(job, how):
+    placed(job)  # verify size: the ledger records no digest
+    (job.output / DESTINATION).unlink()
+    source = job.input / "p/IM1"
+    if how == "chmod":
+        source.chmod(0o600)
+    else:
+        source.rename(job.root / "IM1")
+        (job.root / "IM1").rename(source)
+    row = run_check(job)[DESTINATION]
+    assert (row["outcome"], row["source"]) == (RESTORED, "p/IM1")
+    assert (job.output / DESTINATION).read_bytes() == original(job)
+
+
 def test_an_input_replaced_with_the_same_size_and_old_mtime_is_no_source_to_restore_from(job):
     placed(job)  # verify size: the ledger records no digest
     first = original(job)
     (job.output / DESTINATION).write_bytes(first[:100])
     source = job.input / "p/IM1"
     old = source.stat()
-    source.write_bytes(bytes(reversed(first)))  # cp -p of a corrected file: the same size
+    # cp -p of a corrected file: the same size, another file renamed over the input
+    source.with_name("new").write_bytes(bytes(reversed(first)))
+    source.with_name("new").rename(source)
     os.utime(source, ns=(old.st_atime_ns, old.st_mtime_ns))
     row = run_check(job)[DESTINATION]
     assert (row["outcome"], row["source"]) == (DAMAGED, None)

@@ -122,6 +122,8 @@ def test_template_problems_name_unknown_keywords_and_traversal():
     assert template_problems(SEED_TEMPLATE) == []
     assert "PatientNmae" in template_problems("{PatientNmae}")[0]
     assert template_problems("../{PatientID}")
+    assert "empty folder level" in template_problems("{PatientID}//{Modality}")[0]
+    assert "empty folder level" in template_problems("{PatientID}/")[0]
     assert template_problems("static")
 
 

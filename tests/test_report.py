@@ -315,3 +315,28 @@ def test_report_numbers_equal_what_is_on_disk(sorter):
         assert loader not in page
     assert last_history(sorter.state / "history.jsonl")["files_sorted"] == len(placed)
     assert os.path.exists(sorter.state / "summary.json")
+
+
+def test_this_runs_numbers_leave_out_what_a_killed_run_transferred(tmp_path):
+    # A killed run's partitions that finished wrote their results before this run started
+    # (it rewrites its lock first): their files are in the ledger, not "new this run".
+    import pyarrow.parquet as pq
+
+    from dcmsort import report
+
+    state = tmp_path / "state"
+    state.mkdir()
+    killed_run, this_run = state / "t-p0of2.parquet", state / "t-p1of2.parquet"
+    pq.write_table(transfers(("a", "P/S/a", "copied", 10)), killed_run)
+    (state / "run.lock").write_text("pid 1")
+    pq.write_table(transfers(("b", "P/S/b", "copied", 20)), this_run)
+    os.utime(killed_run, (1_000, 1_000))
+    os.utime(state / "run.lock", (2_000, 2_000))
+    args = ["--transfers", str(killed_run), str(this_run), "--state-dir", str(state)]
+    args += ["--output-dir", str(tmp_path / "out"), "--mode", "copy"]
+    args += ["--html", str(state / "r.html"), "--summary", str(state / "s.json")]
+    args += ["--removed", str(state / "gone.csv")]
+    args += ["--naming", json.dumps({"folder_template": "{PatientID}"})]
+    assert report.main(args) == 0
+    summary = json.loads((state / "s.json").read_text())
+    assert (summary["files_new"], summary["bytes_written"]) == (1, 20)

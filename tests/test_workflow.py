@@ -154,6 +154,9 @@ def test_link_modes_place_every_file(sorter, mode):
         ({"folder_template": '""'}, "folder_template is empty; leave it out for the default"),
         ({"placeholder": "''"}, "placeholder is empty; leave it out for the default"),
         ({"file_template": "a/{filename}"}, "contains '/', but it names one file; put folders"),
+        ({"folder_template": "{PatientID}//{Modality}"}, "has an empty folder level ('//'"),
+        # A file system that makes no folder where it is asked to (was: RecursionError).
+        ({"output_dir": "/proc/dcmsort-out"}, "/proc/dcmsort-out: No such file or directory"),
         ({"transfer_mode": "move"}, "transfer_mode must be one of copy, hardlink, symlink"),
         ({"batches": 0}, "batches must be a whole number from 1 to 10000, or auto, not 0"),
     ],
@@ -183,6 +186,15 @@ def test_a_run_without_both_folders_says_what_to_pass(tmp_path, given):
     assert len(errors) == 1, proc.stderr
     assert "not set; every run names its folders: snakemake --config input_dir=" in errors[0]
     assert "Traceback" not in proc.stderr
+
+
+def test_a_template_of_no_dicom_keyword_sorts_by_input_folder(sorter):
+    # No keyword to read but the identifying ones: the extract job gets an empty list.
+    demo.generate(sorter.input_dir, patients=2, series=1, instances=2, junk=False)
+    sorter.run(folder_template="{input_folder}")
+    folders = sorted(p.name for p in sorter.output_dir.iterdir() if p.name != ".dcmsort")
+    assert folders == ["patient_1", "patient_2"]
+    assert_every_file_accounted_for(sorter)
 
 
 def test_a_template_typed_without_quotes_is_taken_as_text(sorter):

@@ -93,16 +93,17 @@ class Source:
     relpath: str
     versions: frozenset[tuple[int, int | None, int | None]]
 
-    def holds(self, info: os.stat_result, hard_linked: bool = False) -> bool:
-        """Is the file now one of the versions recorded? ctime and inode are compared where
-        the ledger has them (not in rows of v0.3): a same-size replacement that kept its
-        mtime is another version, whose bytes are not the placement's. Not the ctime of a
-        hard-linked input: removing the link from the output changed it."""
+    def holds(self, info: os.stat_result) -> bool:
+        """Is the file now one of the versions recorded, as far as a stat can tell without
+        a digest? The size (compared by the caller), the mtime and, where the ledger has it
+        (not in rows of v0.3), the inode: a replacement renamed over the input with its old
+        mtime set back is another file. Not the ctime: a chmod, a `mv` out and back, or
+        removing a hard link from the output change it and nothing else. An input rewritten
+        in place with its old mtime set back passes; with a recorded digest (verify:
+        checksum, or any file once compared) the digest decides instead."""
         return any(
-            mtime == info.st_mtime_ns
-            and (hard_linked or ctime in (None, info.st_ctime_ns))
-            and ino in (None, info.st_ino)
-            for mtime, ctime, ino in self.versions
+            mtime == info.st_mtime_ns and ino in (None, info.st_ino)
+            for mtime, _ctime, ino in self.versions
         )
 
 
@@ -257,7 +258,6 @@ def live_source(
     input_dir: Path,
     digest: str | None,
     compute: bool = False,
-    hard_linked: bool = False,
 ) -> tuple[Row | None, str]:
     """An input that still holds the content (size bytes, digest when known), as a row for
     ``transfer.put`` naming its version now; else None and why. Without a known digest,
@@ -272,7 +272,7 @@ def live_source(
         gone = False
         if not stat.S_ISREG(info.st_mode) or info.st_size != size:
             continue
-        if digest is None and not source.holds(info, hard_linked):
+        if digest is None and not source.holds(info):
             continue
         try:
             actual = file_digest(path) if digest or compute else None
@@ -367,18 +367,13 @@ def resolve(
 ) -> dict | None:
     """Restore a finding if an input holds its content: its result row (None: whole)."""
     placement, problem = finding.placement, finding.problem
-    hard_linked = placement.mode == "hardlink"
     if problem is None:  # checksum without a recorded digest: compare with its input's
-        source, why = live_source(
-            sources, placement.size, input_dir, None, compute=True, hard_linked=hard_linked
-        )
+        source, why = live_source(sources, placement.size, input_dir, None, compute=True)
         if source is None or source.digest == finding.digest:
             return None  # whole; or, with no input of its version left, checked by size
         problem = "content differs from its input"
     else:
-        source, why = live_source(
-            sources, placement.size, input_dir, placement.digest, hard_linked=hard_linked
-        )
+        source, why = live_source(sources, placement.size, input_dir, placement.digest)
     row = {
         "destination": placement.destination,
         "mode": placement.mode,

@@ -15,8 +15,8 @@ DuckDB locking, which NFS and Lustre do not honour):
   and removing what it replaces changes nothing.
 
 A run killed between placing a file and committing it is settled by the next plan or
-transfer (``transfer.settle``): the plan's copy ``pending.parquet`` names what it may have
-placed.
+transfer (``transfer.settle``): the plan's copy ``plan/pending-p<k>of<n>.parquet`` names
+what it may have placed.
 
 A file that cannot be read (a damaged disk, a partial copy of the state folder) is ignored
 with a warning, never fatal: its placements are on disk and the next plan finds them there

@@ -228,6 +228,8 @@ def template_problems(template: str, one_name: bool = False) -> list[str]:
             )
     if template.startswith("/") or any(part in ("..", ".") for part in template.split("/")):
         problems.append("must be a relative path without '.' or '..' components")
+    elif "" in template.split("/"):
+        problems.append("has an empty folder level ('//' or a '/' at its end)")
     return problems
 
 

@@ -21,9 +21,9 @@ flagged as a conflict by the report, which reads everything).
 
 This stage (one job, after extract) writes each partition's manifest rows to one file
 named by a fingerprint of its rows, ``parts/p<k>of<P>-<fingerprint>.parquet``, and the list
-of current files to ``partitions.json``. A partition whose rows did not change keeps its
-file, so its plan and transfer jobs do not run again: a rerun runs jobs only for the
-partitions that got new or changed files.
+of current files to ``partitions-<inputs>.json`` (named by what it read). A partition
+whose rows did not change keeps its file, so its plan and transfer jobs do not run again:
+a rerun runs jobs only for the partitions that got new or changed files.
 """
 
 from __future__ import annotations

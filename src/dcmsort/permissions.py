@@ -148,8 +148,8 @@ def make_folders(folder: Path, mode: int | None = None) -> None:
     try:
         os.mkdir(folder, OWNER_DIR)
     except FileNotFoundError:
-        if folder.parent == folder:
-            raise
+        if folder.parent == folder or folder.parent.is_dir():
+            raise  # the parent is there, and this file system makes no folder in it
         make_folders(folder.parent, mode)
         make_folders(folder, mode)
         return

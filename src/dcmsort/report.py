@@ -29,6 +29,7 @@ import pyarrow.parquet as pq
 from dcmsort import ledger, naming
 from dcmsort.check import DAMAGED, RESTORED, RESULT_SCHEMA, read_results
 from dcmsort.fileops import atomic_path, read_parquet
+from dcmsort.permissions import LOCK_FILE
 from dcmsort.plan import PLAN_SCHEMA
 from dcmsort.progress import peak_rss_mb
 from dcmsort.status import (
@@ -466,8 +467,11 @@ def main(argv: list[str] | None = None) -> int:
     committed = ledger.read(args.state_dir, LEDGER_COLUMNS)
     history = args.state_dir / HISTORY
     previous = last_history(history)
-    # This run's work: the partitions whose jobs ran since the last report.
-    since = (previous or {}).get("generated_at", 0)
+    # This run's work: the partitions whose jobs ran since this run started (the run
+    # rewrites its lock first) and since the last report; not those a killed run finished.
+    lock = args.state_dir / LOCK_FILE
+    started = lock.stat().st_mtime if lock.exists() else 0.0
+    since = max((previous or {}).get("generated_at", 0), started)
     transfers = _read_since(args.transfers, since, TRANSFER_SCHEMA)
     if args.plan_csv:
         plans = _read_since(args.plans, since, PLAN_SCHEMA)

@@ -155,11 +155,11 @@ class Row:
 
 def with_temp_token(plan: pa.Table) -> pa.Table:
     """The plan, carrying a new random token that every temporary file its transfer makes
-    has in its name (``fileops.temp_name_for``). The plan and its copy ``pending.parquet``
-    are written before any such file exists, so a file with the token of a pending plan is
-    one a killed transfer made: ``settle`` removes those, and only those. Nothing else is
-    ever removed, whoever's it is (a user's file at ``.<name>.dcmsort-tmp``, a leftover of
-    a plan without a token)."""
+    has in its name (``fileops.temp_name_for``). The plan and its copy
+    ``plan/pending-p<k>of<n>.parquet`` are written before any such file exists, so a file
+    with the token of a pending plan is one a killed transfer made: ``settle`` removes
+    those, and only those. Nothing else is ever removed, whoever's it is (a user's file at
+    ``.<name>.dcmsort-tmp``, a leftover of a plan without a token)."""
     metadata = {**(plan.schema.metadata or {}), TEMP_TOKEN: secrets.token_hex(6).encode()}
     return plan.replace_schema_metadata(metadata)
 

@@ -28,6 +28,6 @@ rule extract:
     shell:
         "{params.dcmsort} headers --input-dir {params.input_dir:q}"
         " --batch {wildcards.batch} --batches {params.batches}"
-        " --keywords {params.keywords:q} --manifests {params.manifests:q}"
+        " --keywords={params.keywords:q} --manifests {params.manifests:q}"
         " --output {output.manifest:q} --log {log:q} --workers {threads}"
         " --state-dir {params.state_dir:q} 2> {log:q}"

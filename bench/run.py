@@ -478,10 +478,11 @@ def ratios(summary: dict) -> list[tuple[str, float, float]]:
     rows.append(("copy: CPU / wall (cores busy)", r["dcmsort copy"]["cpu_s"]["median"] / copy, 1.8))
     split = next((label for label in r if label.startswith("dcmsort copy, partitions=")), None)
     if split:
-        rows.append((f"{split[7:]} / copy", wall(split) / copy, 1.15))
+        count = split.rpartition("=")[2]
+        rows.append((f"copy, {count} partitions / copy", wall(split) / copy, 1.15))
         rows.append(
             (
-                f"largest job, {split[13:]} / copy",
+                f"largest job, {count} partitions / copy",
                 r[split]["largest_job_rss_mb"]["max"]
                 / r["dcmsort copy"]["largest_job_rss_mb"]["max"],
                 0.7,

@@ -59,7 +59,8 @@ log = logging.getLogger("dcmsort.partition")
 
 PARTS = "parts"
 # auto: one partition per this many files (a power of two, at most MAX_AUTO). Measured at
-# 1,000,000 files: the plan job peaks at ~1.7 KB per file, so 250,000 files stay < 0.5 GB.
+# 10,000,000 files (bench plan10m): a plan job peaks at ~1.3 KB per file plus ~60 MB, so a
+# partition of 250,000 files stays under 0.5 GB.
 FILES_PER_PARTITION = 250_000
 MAX_AUTO = 64
 _FINGERPRINT_ROWS = 100_000  # rows rendered as text at a time for the fingerprint

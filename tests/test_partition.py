@@ -9,6 +9,7 @@ import pyarrow as pa
 import pytest
 
 from conftest import assert_every_file_accounted_for, write_dicom
+from test_settings import DEFAULTS
 from dcmsort import demo, ledger, naming, partition, settings
 from dcmsort.fileops import with_schema
 from dcmsort.naming import Naming
@@ -75,18 +76,8 @@ def test_parts_are_named_and_parsed_one_way():
 def test_more_partitions_than_one_need_a_top_level_made_of_header_values(tmp_path):
     (tmp_path / "in").mkdir()
     (tmp_path / "in" / "a.dcm").write_bytes(b"x")
-    config = {
-        "input_dir": "in",
-        "output_dir": "out",
-        "folder_template": "{input_folder}/{PatientID}",
-        "file_template": "{filename}",
-        "placeholder": "UNKNOWN",
-        "keep_series_apart": True,
-        "transfer_mode": "copy",
-        "verify": "size",
-        "batches": "auto",
-        "partitions": 4,
-    }
+    config = {**DEFAULTS, "input_dir": "in", "output_dir": "out", "partitions": 4}
+    config["folder_template"] = "{input_folder}/{PatientID}"
     with pytest.raises(settings.ConfigError, match="partitions=4 needs a folder_template"):
         settings.resolve(config, cwd=tmp_path)
     assert settings.resolve({**config, "partitions": "auto"}, cwd=tmp_path).partitions is None

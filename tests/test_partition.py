@@ -7,9 +7,9 @@ from pathlib import Path
 
 import pyarrow as pa
 import pytest
+from test_settings import DEFAULTS
 
 from conftest import assert_every_file_accounted_for, write_dicom
-from test_settings import DEFAULTS
 from dcmsort import demo, ledger, naming, partition, settings
 from dcmsort.fileops import with_schema
 from dcmsort.naming import Naming

@@ -123,12 +123,16 @@ def empty() -> pa.Table:
     return SCHEMA.empty_table()
 
 
+def part_index(keys: pa.ChunkedArray | pa.Array, count: int) -> pa.ChunkedArray | pa.Array:
+    """The partition of each part_key among count (``key % count``; keys are >= 0)."""
+    return pc.subtract(keys, pc.multiply(pc.divide(keys, count), count))
+
+
 def _of_part(table: pa.Table, part: Part) -> pa.Table:
     """The rows of part; rows without a part_key (written before partitions) are kept, as
     a superset of a partition's rows is always safe to plan against."""
-    keys = table["part_key"]
-    remainder = pc.subtract(keys, pc.multiply(pc.divide(keys, part.count), part.count))
-    return table.filter(pc.fill_null(pc.equal(remainder, part.index), True))
+    index = part_index(table["part_key"], part.count)
+    return table.filter(pc.fill_null(pc.equal(index, part.index), True))
 
 
 def read(state_dir: Path, columns: list[str] | None = None, part: Part | None = None) -> pa.Table:

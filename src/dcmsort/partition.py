@@ -169,13 +169,18 @@ def route(
             if table.num_rows == 0:
                 continue
             table = with_schema(table.append_column("part_key", keys(table, settings)), schema)
-            index = pc.subtract(
-                table["part_key"], pc.multiply(pc.divide(table["part_key"], count), count)
-            )
-            for part, writer in zip(parts, writers, strict=True):
-                rows = table.filter(pc.equal(index, part.index)) if count > 1 else table
-                if rows.num_rows:
-                    writer.write_table(rows)
+            if count == 1:
+                writers[0].write_table(table)
+                continue
+            # One stable sort by partition, then a slice per partition present: one pass,
+            # not a filter of the whole batch for each of the count partitions.
+            index = ledger.part_index(table["part_key"], count)
+            order = pc.sort_indices(index)
+            table, index = table.take(order), index.take(order)
+            start = 0
+            for run in pc.value_counts(index).to_pylist():  # in sorted order
+                writers[run["values"]].write_table(table.slice(start, run["counts"]))
+                start += run["counts"]
     finally:
         for writer in writers:
             writer.close()

@@ -74,7 +74,13 @@ def test_names_that_are_not_utf8_are_listed_in_a_form_that_round_trips(tmp_path)
         root + b"/pat_\xe9/s/IM\xff.dcm"
     )
     assert inventory.file_name(entry.relpath) == os.fsdecode(b"IM\xff.dcm")
-    assert inventory.batch_fingerprint(tmp_path, ["pat_%E9"])
+    walks = inventory.walk_folders(tmp_path, ["pat_%E9"])
+    assert inventory.batch_fingerprint(walks)
+    # The Snakefile's walk reaches the extract job through a file, names and versions intact.
+    path = tmp_path / "walk.marshal"
+    inventory.write_walk(path, inventory.dump_walk(walks))
+    assert inventory.load_walk(path) == walks
+    assert inventory.load_walk(tmp_path / "none.marshal") is None
     assert inventory.encode_name("100%") == "100%25" and inventory.decode_name("100%25") == "100%"
 
 

@@ -442,6 +442,7 @@ def check_tree(
             progress.advance()
             if row is not None:
                 results.append(row)
+    tree.close()
     progress.finish()
     results.sort(key=lambda r: r["destination"])
     return pa.Table.from_pylist(results, schema=RESULT_SCHEMA), len(wanted)

@@ -640,16 +640,22 @@ def extract_batch(
     workers: int = 1,
     log_file: Path | None = None,
     state_dir: Path | None = None,
+    walks: dict[str, list[inventory.Entry]] | None = None,
 ) -> dict[str, int]:
     """Update the manifest of every folder in one batch, reading only new or changed files,
     and write the batch manifest (all its folders' rows) for the plan stage. Earlier
     versions of the batch manifest (and of ``log_file``) are removed. ``state_dir``: where
-    the ledger is, which tells which inputs changed only by a hard link dcmsort made."""
+    the ledger is, which tells which inputs changed only by a hard link dcmsort made.
+    ``walks``: the batch's folders as the Snakefile walked them (inventory.load_walk), else
+    they are walked here."""
     keywords = list(dict.fromkeys(MANIFEST_TAGS + keywords))
     schema = manifest_schema(keywords)
-    folders = [
-        f for f in inventory.list_folders(input_dir) if inventory.batch_of(f, batches) == batch
-    ]
+    if walks is None:
+        folders = [
+            f for f in inventory.list_folders(input_dir) if inventory.batch_of(f, batches) == batch
+        ]
+        walks = inventory.walk_folders(input_dir, folders)
+    folders = sorted(walks)
     permissions.make_folders(manifests)  # the state folder's mode (group shares)
     _remove_manifests_of_removed_folders(manifests, set(folders), batch, batches)
     current: dict[str, pa.Table] = {}
@@ -657,7 +663,7 @@ def extract_batch(
     fingerprints: dict[str, str] = {}
     earlier, earlier_fingerprints = _previous_batch(output, batch, schema)
     for folder in folders:
-        entries = inventory.walk_folder(input_dir, folder)
+        entries = walks[folder]
         fingerprint = fingerprints[folder] = inventory.fingerprint(entries)
         if earlier_fingerprints.get(folder) == fingerprint:
             continue  # its rows are in the last batch manifest: one read for all of them
@@ -704,6 +710,9 @@ def extract_batch(
         pq.write_table(combined, tmp, row_group_size=ROW_GROUP)
     for stale in _earlier_versions(output, batch):  # replaced by the one just written
         stale.unlink(missing_ok=True)
+    walk = inventory.walk_path(output)  # read; and those of runs killed before their read
+    for stale in walk.parent.glob(f"batch-{batch}-*{walk.suffix}"):
+        stale.unlink(missing_ok=True)
     if log_file is not None:
         for stale in _earlier_versions(log_file, batch):
             stale.unlink(missing_ok=True)
@@ -736,6 +745,7 @@ def main(argv: list[str] | None = None) -> int:
         args.workers,
         args.log,
         args.state_dir,
+        inventory.load_walk(inventory.walk_path(args.output)),
     )
     log.info(
         "batch %d: %d folders (%d changed), %d files, %d headers read, %d not sortable, "

@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import errno
 import hashlib
+import marshal
 import os
 import re
 import stat
@@ -238,13 +239,59 @@ def fingerprint(entries: list[Entry]) -> str:
     return digest.hexdigest()
 
 
-def batch_fingerprint(input_dir: str | Path, folders: list[str]) -> str:
-    """One digest over the given folders' fingerprints (the extract job's rerun trigger)."""
+def walk_folders(input_dir: str | Path, folders: list[str]) -> dict[str, list[Entry]]:
+    """walk_folder of each folder, in sorted order."""
+    return {folder: walk_folder(input_dir, folder) for folder in sorted(folders)}
+
+
+def batch_fingerprint(walks: dict[str, list[Entry]]) -> str:
+    """One digest over the walked folders' fingerprints (the extract job's rerun trigger)."""
     digest = hashlib.sha256()
-    for folder in sorted(folders):
+    for folder in sorted(walks):
         digest.update(
-            f"{folder}\0{fingerprint(walk_folder(input_dir, folder))}\n".encode(
-                "utf-8", "surrogateescape"
-            )
+            f"{folder}\0{fingerprint(walks[folder])}\n".encode("utf-8", "surrogateescape")
         )
     return digest.hexdigest()[:16]
+
+
+# --- one walk per run ----------------------------------------------------------------------
+# The Snakefile walks the input to name each batch's manifest; the extract job of a changed
+# batch takes that walk from a file instead of stat-ing every file again (on Lustre or NFS
+# each stat is a round trip to a metadata server). A file changed in between is caught where
+# it always is: the transfer compares the input with the version the walk saw.
+
+
+def walk_path(manifest: str | Path) -> Path:
+    """Where the walk behind a batch manifest (``<state>/manifests/batch-<n>-<fp>.parquet``)
+    is kept until its extract job has read it: ``<state>/walks/batch-<n>-<fp>.marshal``."""
+    manifest = Path(manifest)
+    return manifest.parent.parent / "walks" / f"{manifest.stem}.marshal"
+
+
+def dump_walk(walks: dict[str, list[Entry]]) -> bytes:
+    """A batch's walk as bytes for ``load_walk`` (marshal: the standard library's fastest
+    format for plain tuples; read only by this version of dcmsort, beside it). Compact, so
+    the Snakefile can hold it from its walk until onstart has made the state folder."""
+    return marshal.dumps(
+        {
+            folder: [(e.relpath, e.size, e.mtime_ns, e.kind, e.ctime_ns, e.ino) for e in entries]
+            for folder, entries in walks.items()
+        }
+    )
+
+
+def write_walk(path: Path, walk: bytes) -> None:
+    """Write dump_walk's bytes to path, whole or not at all (the umask, narrowed by the
+    Snakefile to output_dir's, gives the file its mode: file names are patient data)."""
+    tmp = path.with_name(f".{path.name}.tmp")
+    tmp.write_bytes(walk)
+    os.replace(tmp, path)
+
+
+def load_walk(path: Path) -> dict[str, list[Entry]] | None:
+    """A walk dump_walk wrote, or None if there is none (or it cannot be read)."""
+    try:
+        data = marshal.loads(Path(path).read_bytes())
+    except (OSError, EOFError, ValueError, TypeError):
+        return None
+    return {folder: [Entry(*fields) for fields in rows] for folder, rows in data.items()}

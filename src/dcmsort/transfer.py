@@ -202,10 +202,25 @@ class OutputTree:
             os.stat(self.root).st_mode, permissions.current_umask()
         )
 
-    def open_folder(self, folder: str, create: bool = True) -> int:
-        fd = os.open(self.root, os.O_RDONLY | os.O_DIRECTORY)
+        # Held for the tree's life: every folder is opened from it, not from the path again.
+        self.root_fd = os.open(self.root, os.O_RDONLY | os.O_DIRECTORY)
+
+    def close(self) -> None:
+        os.close(self.root_fd)
+
+    def open_folder(
+        self, folder: str, create: bool = True, at: tuple[int, str] | None = None
+    ) -> int:
+        """A new descriptor of folder (relative to output_dir). at: an open folder
+        (descriptor, path) that folder lies in, to start from instead of output_dir: one
+        open per component below it (on a shared file system each is a round trip)."""
+        start_fd, rest = self.root_fd, folder
+        if at is not None:
+            start_fd, start = at
+            rest = folder[len(start) :].lstrip("/") if start else folder
+        fd = start_fd
         try:
-            for component in folder.split("/") if folder else []:
+            for component in rest.split("/") if rest else []:
                 flags = os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW
                 try:
                     child = os.open(component, flags, dir_fd=fd)
@@ -220,17 +235,19 @@ class OutputTree:
                     child = os.open(component, flags, dir_fd=fd)
                     if created:
                         os.fchmod(child, self.folder_mode)
-                os.close(fd)
+                if fd != start_fd:
+                    os.close(fd)
                 fd = child
         except OSError as error:
-            os.close(fd)
+            if fd != start_fd:
+                os.close(fd)
             if error.errno in _NOT_A_FOLDER:
                 raise TransferError(
                     f"a link or a file stands where folder {folder!r} must be; it is never "
                     "followed or replaced: rerun, and the plan chooses another folder name"
                 ) from error
             raise
-        return fd
+        return os.dup(fd) if fd == start_fd else fd
 
     def holds(self, destination: str) -> bool:
         """Is there something at destination, reached without following any link?"""
@@ -298,16 +315,19 @@ def _version_digest(source: str, row: Row) -> str:
 def _copy(
     folder_fd: int, name: str, source: str, row: Row, verify: str, token: str
 ) -> tuple[str, str | None]:
-    """Copy to a temporary name, check, then link to name (never replacing)."""
+    """Copy to a temporary name, check, then link to name (never replacing).
+
+    One fstat of the input, after its bytes were copied: a change at any time since its
+    header was read (before the copy or during it) has changed its ctime, so one check
+    there is as strong as one before and one after, for one metadata call fewer (on
+    Lustre/NFS each is a round trip). The copy is made ``0600`` and given its mode from
+    that same fstat, so it is never more open than the input, even for a moment."""
     fd_in = os.open(source, os.O_RDONLY)
     try:
-        before = os.fstat(fd_in)
-        _check_version(before, row)
         tmp = temp_name_for(name, token)
         flags = os.O_RDWR | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW  # read back by checksum
-        mode = permissions.copy_mode(before.st_mode, permissions.current_umask())
         try:
-            fd_out = os.open(tmp, flags, mode, dir_fd=folder_fd)
+            fd_out = os.open(tmp, flags, permissions.OWNER_FILE, dir_fd=folder_fd)
         except FileExistsError:
             # Not this plan's killed transfer's (settle removed those): never touched.
             raise TransferError(
@@ -319,13 +339,14 @@ def _copy(
             try:
                 # What the kernel says it wrote to this new, empty file (no fstat of it:
                 # its size is kept by that same write path, so it could say no more).
-                written = copy_range(fd_in, fd_out, before.st_size)
-                if written != before.st_size:
+                written = copy_range(fd_in, fd_out, row.size)
+                after = os.fstat(fd_in)
+                _check_version(after, row)  # changed since its header was read
+                if written != after.st_size:
                     raise TransferError(
-                        f"short copy: {written} of {before.st_size} bytes written "
+                        f"short copy: {written} of {after.st_size} bytes written "
                         "(disk full?); nothing was placed"
                     )
-                _check_version(os.fstat(fd_in), row)  # changed while it was copied
                 if verify == "checksum":
                     digest = _digest_fd(fd_in)
                     if _digest_fd(fd_out) != digest:
@@ -333,7 +354,8 @@ def _copy(
                             "the copy differs from its source (checksum); nothing was "
                             "placed: check the disk"
                         )
-                os.utime(fd_out, ns=(before.st_atime_ns, before.st_mtime_ns))
+                os.fchmod(fd_out, permissions.copy_mode(after.st_mode, permissions.current_umask()))
+                os.utime(fd_out, ns=(after.st_atime_ns, after.st_mtime_ns))
             finally:
                 os.close(fd_out)  # raises a write error a network file system reports late
             placed = _link_into_place(folder_fd, tmp, name, source, digest)
@@ -543,6 +565,17 @@ def _folder_rows(rows: list[Row]) -> Iterator[tuple[str, list[Row]]]:
     yield from by_folder.items()
 
 
+def _sibling_folders(rows: list[Row]) -> Iterator[tuple[str, list[tuple[str, list[Row]]]]]:
+    """The rows by folder, the folders by their parent (a patient's series folders): the
+    parent is opened once for all of them. Folders right below output_dir are each their
+    own group, so that the work still spreads over threads."""
+    by_parent: dict[str, list[tuple[str, list[Row]]]] = {}
+    for folder, folder_rows in _folder_rows(rows):
+        parent = folder.rpartition("/")[0]
+        by_parent.setdefault(parent or folder, []).append((folder, folder_rows))
+    yield from by_parent.items()
+
+
 @dataclass(slots=True)
 class Outcome:
     row: Row
@@ -553,17 +586,45 @@ class Outcome:
     ctime_ns: int | None = None  # the input's ctime, when placing it changed it (hard link)
 
 
+def _place_folders(
+    tree: OutputTree,
+    parent: str,
+    folders: list[tuple[str, list[Row]]],
+    input_dir: Path,
+    mode: str,
+    verify: str,
+    token: str,
+) -> list[Outcome]:
+    """Place the rows of sibling folders (``_sibling_folders``), their parent opened once."""
+    try:
+        parent_fd = tree.open_folder(parent)
+    except (TransferError, OSError) as error:
+        detail = str(error) if isinstance(error, TransferError) else error.strerror
+        return [Outcome(row, ERROR, detail=detail) for _, rows in folders for row in rows]
+    try:
+        return [
+            outcome
+            for folder, rows in folders
+            for outcome in _place_folder(
+                tree, folder, rows, (parent_fd, parent), input_dir, mode, verify, token
+            )
+        ]
+    finally:
+        os.close(parent_fd)
+
+
 def _place_folder(
     tree: OutputTree,
     folder: str,
     rows: list[Row],
+    at: tuple[int, str],
     input_dir: Path,
     mode: str,
     verify: str,
     token: str,
 ) -> list[Outcome]:
     try:
-        folder_fd = tree.open_folder(folder)
+        folder_fd = tree.open_folder(folder, at=at)
     except (TransferError, OSError) as error:
         detail = str(error) if isinstance(error, TransferError) else error.strerror
         return [Outcome(row, ERROR, detail=detail) for row in rows]
@@ -678,17 +739,29 @@ def _settle(
     tree = OutputTree(output_dir)
     found: list[Outcome] = []
     placed: set[str] = set()
+    tops = set(os.listdir(tree.root_fd))  # a folder not made yet holds nothing to settle
     for folder, folder_rows in _folder_rows([r for r in rows if r.action != "duplicate"]):
+        if folder.partition("/")[0] not in tops:
+            continue
         try:
             fd = tree.open_folder(folder, create=False)
         except (OSError, TransferError):
             continue
         try:
+            # One listing per folder, not a call per row: on a shared file system each
+            # stat or unlink is a round trip, and most rows have nothing in place yet.
+            try:
+                names = set(os.listdir(fd))
+            except OSError:
+                continue
             for row in folder_rows:
                 name = row.destination.rpartition("/")[2]
-                if token:  # a name with it was made by a transfer of this plan
+                # A name with the token was made by a transfer of this plan.
+                if token and (temp := temp_name_for(name, token)) in names:
                     with contextlib.suppress(FileNotFoundError):
-                        os.unlink(temp_name_for(name, token), dir_fd=fd)
+                        os.unlink(temp, dir_fd=fd)
+                if name not in names:
+                    continue
                 source = inventory.source_path(input_dir, row.relpath)
                 how = _holds_version(fd, name, row, source)
                 if how:
@@ -701,6 +774,7 @@ def _settle(
                     placed.add(row.destination)
         finally:
             os.close(fd)
+    tree.close()
     # Duplicates of what was just settled (of anything else: the transfer decides).
     found += [
         Outcome(row, DUPLICATE, row.digest)
@@ -775,8 +849,8 @@ def transfer_plan(
 
     with ThreadPoolExecutor(max_workers=max(1, workers)) as pool:
         tasks = [
-            pool.submit(_place_folder, tree, folder, folder_rows, input_dir, mode, verify, temp)
-            for folder, folder_rows in _folder_rows(placing)
+            pool.submit(_place_folders, tree, parent, folders, input_dir, mode, verify, temp)
+            for parent, folders in _sibling_folders(placing)
         ]
         for task in tasks:
             done = task.result()
@@ -835,6 +909,7 @@ def transfer_plan(
     outcomes += duplicates
     uncommitted += duplicates
     commit()
+    tree.close()
     progress.finish()
     pending_file(state_dir, part).unlink(missing_ok=True)  # all committed or reported
     ledger.compact(state_dir, part=part)

@@ -75,6 +75,7 @@ STATE_FOLDERS = (
     "parts",
     "plan",
     "transfers",
+    "walks",
 )
 if SETTINGS.check:
     STATE_FOLDERS += ("check", "logs/check")
@@ -91,11 +92,22 @@ for _folder in FOLDERS:
     )
 
 
+# The walk of each batch whose manifest is missing (its extract job will run), kept until
+# onstart has made the state folder and writes it there for that job (inventory.walk_path):
+# the input is stat-ed once per run, not again by the extract job.
+WALKS_TO_WRITE = {}
+
+
 @cache
 def batch_fingerprint(batch):
-    """Names, sizes and mtimes of a batch's files (stat only): part of the name of the
-    batch's manifest, so a change makes the extract job run again."""
-    return inventory.batch_fingerprint(SETTINGS.input_dir, FOLDERS_OF_BATCH[int(batch)])
+    """Names and versions of a batch's files (stat only): part of the name of the batch's
+    manifest, so a change makes the extract job run again."""
+    walks = inventory.walk_folders(SETTINGS.input_dir, FOLDERS_OF_BATCH[int(batch)])
+    fingerprint = inventory.batch_fingerprint(walks)
+    manifest = f"{STATE}/manifests/batch-{batch}-{fingerprint}.parquet"
+    if not os.path.exists(manifest):
+        WALKS_TO_WRITE[inventory.walk_path(manifest)] = inventory.dump_walk(walks)
+    return fingerprint
 
 
 def threads_per_batch(wildcards):
@@ -215,6 +227,9 @@ onstart:
                 file=sys.stderr,
             )
             os._exit(1)
+        for path, walk in WALKS_TO_WRITE.items():
+            inventory.write_walk(path, walk)
+        WALKS_TO_WRITE.clear()
         # Appended in place by each run's report: made with a state file's mode.
         permissions.create_state_file(SETTINGS.state_dir / status.HISTORY)
         # Until this run's report replaces it, the last one must not read as current,

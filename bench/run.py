@@ -6,7 +6,7 @@
     python bench/run.py --shape dag          # 10,000 folders: DAG build and no-op rerun
     python bench/run.py --shape huge         # 1,000,000 small files (generated once, cached)
     python bench/run.py --shape plan10m      # 10,000,000 files planned, no files on disk
-    python bench/run.py --repeat 5           # more repetitions
+    python bench/run.py --repeat 3           # fewer repetitions (5 by default)
 
 For each shape it generates data with the project's generator and measures wall time, CPU
 time (user + sys of every process started) and peak RSS of:
@@ -17,8 +17,10 @@ write-up describes), dcmsort in copy and hardlink modes, dcmsort's no-op rerun, 
 after 1 % new folders, and a bare Snakemake no-op (a one-rule workflow with nothing to do:
 what any Snakemake run costs). Each is repeated
 (``--repeat``), contenders alternating, and reported as median (min-max): single runs on a
-shared machine vary several-fold. The page cache is warm for all, and each command starts
-after a ``sync`` (nothing of an earlier one still to be written back).
+shared machine vary several-fold. Each command starts after a ``sync`` (nothing of an
+earlier one still to be written back). On the shapes compared with ``cp -r`` and dcm2niix
+those three also run cold: with the page cache dropped before each command (as root;
+otherwise the table says it could not be dropped), as a user meets data on disk.
 
 Peak RSS is that of the largest single process (``wait4`` of the command), and the
 largest dcmsort job's own peak, which every job writes to its log ("peak RSS").
@@ -55,6 +57,8 @@ SHAPES = {
 }
 CACHED = {"huge"}  # generated once into bench/out/cache and kept: generating takes minutes
 FLOORS = {"large", "many"}
+COLD = "(cold)"  # label suffix of a contender run with the page cache dropped
+NOT_DROPPED = "NOT dropped (not root: these are warm too)"
 # Shapes also sorted with the plan and the transfer split into this many partitions.
 PARTITIONED = {"many": 4, "huge": 4}  # shapes compared with cp -r, the parse floor and dcm2niix
 PARSE_FLOOR = """
@@ -76,13 +80,23 @@ DCM2NIIX_FLAGS = ("-r", "y", "-f", "%n_%i/%d_%s/%b", "-o")
 _JOB_PEAK = re.compile(rb"peak RSS (\d+) MB")
 
 
-def measure(command: list[str], job_logs: Path | None = None) -> dict:
+DROP_CACHES = Path("/proc/sys/vm/drop_caches")
+
+
+def can_drop_caches() -> bool:
+    return os.geteuid() == 0 and DROP_CACHES.exists()
+
+
+def measure(command: list[str], job_logs: Path | None = None, cold: bool = False) -> dict:
     """Wall, CPU and peak RSS of one command and everything it starts. os.wait4 gives this
-    child's own usage (RUSAGE_CHILDREN would report the largest child of the whole run)."""
+    child's own usage (RUSAGE_CHILDREN would report the largest child of the whole run).
+    cold: the page cache (data, inodes, folders) is dropped first, when this is root."""
     # Every contender starts with nothing left to write back: the previous one's copies and
     # the removal of earlier outputs (ext4 with discard) would otherwise land on whoever
     # runs next, and they varied runs here several-fold.
     os.sync()
+    if cold and can_drop_caches():
+        DROP_CACHES.write_text("3\n")
     since = time.time()
     with tempfile.TemporaryFile() as output:
         started = time.perf_counter()
@@ -329,9 +343,12 @@ def run_shape(name: str, out: Path, cores: int, repeat: int) -> dict:
     )
     samples: dict[str, list[dict]] = {}
 
-    def record(label: str, command: list[str], job_logs: Path | None = None) -> None:
+    def record(
+        label: str, command: list[str], job_logs: Path | None = None, cold: bool = False
+    ) -> None:
+        label = f"{label} {COLD}" if cold else label
         print(f"[{name}] {label} ...", flush=True)
-        samples.setdefault(label, []).append(measure(command, job_logs))
+        samples.setdefault(label, []).append(measure(command, job_logs, cold))
 
     reps = 1 if name in CACHED else repeat
     for _ in range(reps):
@@ -348,6 +365,30 @@ def run_shape(name: str, out: Path, cores: int, repeat: int) -> dict:
             ],
         )
         if name in FLOORS:
+            # Cold first: cp -r, dcm2niix and a dcmsort copy, as a user meets data on disk.
+            dcm2niix = shutil.which("dcm2niix") or str(Path(sys.executable).parent / "dcm2niix")
+            for folder in ("cp", "dcm2niix", "sorted-cold", "work-cold"):
+                shutil.rmtree(base / folder, ignore_errors=True)
+            record("cp -r", ["cp", "-r", str(source), str(base / "cp")], cold=True)
+            if Path(dcm2niix).exists():
+                (base / "dcm2niix").mkdir()
+                record(
+                    "dcm2niix -r y",
+                    [dcm2niix, *DCM2NIIX_FLAGS, str(base / "dcm2niix"), str(source)],
+                    cold=True,
+                )
+            (base / "work-cold").mkdir()
+            record(
+                "dcmsort copy",
+                dcmsort(base / "work-cold", source, base / "sorted-cold", cores),
+                base / "sorted-cold" / ".dcmsort" / "logs",
+                cold=True,
+            )
+            for folder in ("cp", "dcm2niix", "sorted-cold", "work-cold"):
+                shutil.rmtree(base / folder, ignore_errors=True)
+            for path in source.rglob("*"):  # warm again for the warm contenders
+                if path.is_file():
+                    path.read_bytes()
             shutil.rmtree(base / "cp", ignore_errors=True)
             record("cp -r (floor)", ["cp", "-r", str(source), str(base / "cp")])
             shutil.rmtree(base / "cp", ignore_errors=True)
@@ -355,7 +396,6 @@ def run_shape(name: str, out: Path, cores: int, repeat: int) -> dict:
                 "header read, 1 process (floor)",
                 [sys.executable, "-c", PARSE_FLOOR, str(source)],
             )
-            dcm2niix = shutil.which("dcm2niix") or str(Path(sys.executable).parent / "dcm2niix")
             if Path(dcm2niix).exists():
                 shutil.rmtree(base / "dcm2niix", ignore_errors=True)
                 (base / "dcm2niix").mkdir()
@@ -431,6 +471,7 @@ def run_shape(name: str, out: Path, cores: int, repeat: int) -> dict:
         "folders": folders,
         "cores": cores,
         "repeat": reps,
+        "caches_dropped": can_drop_caches(),
         "results": results,
     }
     shutil.rmtree(base)
@@ -445,7 +486,21 @@ def ratios(summary: dict) -> list[tuple[str, float, float]]:
         return r[label]["wall_s"]["median"]
 
     copy, bare = wall("dcmsort copy"), wall("bare Snakemake no-op")
-    rows = [
+    rows = []
+    if f"cp -r {COLD}" in r:
+        cold_copy = wall(f"dcmsort copy {COLD}")
+        rows.append(("copy / cp -r, cold", cold_copy / wall(f"cp -r {COLD}"), 1.5))
+        if f"dcm2niix -r y {COLD}" in r:
+            rows.append(
+                ("copy / dcm2niix -r y, cold", cold_copy / wall(f"dcm2niix -r y {COLD}"), 0.7)
+            )
+        extra_cpu = (
+            r[f"dcmsort copy {COLD}"]["cpu_s"]["median"] - r[f"cp -r {COLD}"]["cpu_s"]["median"]
+        )
+        rows.append(
+            ("CPU beyond cp -r, ms per file, cold", extra_cpu * 1000 / summary["files"], 0.2)
+        )
+    rows += [
         (
             "no-op rerun - bare / full run - bare",
             (wall("dcmsort no-op rerun") - bare) / (copy - bare),
@@ -504,7 +559,8 @@ def print_table(summary: dict) -> None:
     print(
         f"\n**{summary['shape']}**: {summary['files']:,} files, {summary['bytes'] / 1e6:,.0f} MB, "
         f"{summary['folders']:,} folders, {summary['cores']} cores, median (min-max) of "
-        f"{summary['repeat']} runs, warm cache\n"
+        f"{summary['repeat']} runs; warm page cache, except {COLD}: "
+        f"{'dropped before each command' if summary.get('caches_dropped') else NOT_DROPPED}\n"
     )
     print("| what | wall s | CPU s | peak RSS MB | largest job MB |")
     print("|---|---:|---:|---:|---:|")
@@ -528,7 +584,7 @@ def main() -> int:
     )
     parser.add_argument("--shape", choices=sorted(SHAPES), action="append")
     parser.add_argument("--cores", type=int, default=os.cpu_count())
-    parser.add_argument("--repeat", type=int, default=3)
+    parser.add_argument("--repeat", type=int, default=5)
     parser.add_argument("--out", type=Path, default=REPO / "bench" / "out")
     args = parser.parse_args()
     args.out.mkdir(parents=True, exist_ok=True)

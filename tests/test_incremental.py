@@ -44,6 +44,8 @@ def test_a_new_patient_folder_is_the_only_one_read_and_transferred(sorted_once):
     assert {p.split("/")[0] for p in result.opened} == {"patient_50"}
     assert sorter.summary()["files_new"] == len(new)
     assert sorter.summary()["headers_read"] == len(new) + 2  # + Thumbs.db and notes.txt
+    # The walk the Snakefile handed to the extract job is gone once it was read.
+    assert list((sorter.state / "walks").iterdir()) == []
     after = output_files(sorter)
     assert all(after[k] == v for k, v in old_outputs.items()), "an earlier file was touched"
     assert_every_file_accounted_for(sorter)

@@ -77,10 +77,14 @@ def test_names_that_are_not_utf8_are_listed_in_a_form_that_round_trips(tmp_path)
     walks = inventory.walk_folders(tmp_path, ["pat_%E9"])
     assert inventory.batch_fingerprint(walks)
     # The Snakefile's walk reaches the extract job through a file, names and versions intact.
-    path = tmp_path / "walk.marshal"
-    inventory.write_walk(path, inventory.dump_walk(walks))
+    folder = tmp_path / "walks"
+    folder.mkdir()
+    (folder / "batch-0-0123456789abcdef.marshal").write_bytes(b"a killed run's")
+    path = folder / "batch-0-fedcba9876543210.marshal"
+    inventory.write_walks(folder, {path: inventory.dump_walk(walks)})
     assert inventory.load_walk(path) == walks
-    assert inventory.load_walk(tmp_path / "none.marshal") is None
+    assert [p.name for p in folder.iterdir()] == [path.name]
+    assert inventory.load_walk(folder / "none.marshal") is None
     assert inventory.encode_name("100%") == "100%25" and inventory.decode_name("100%25") == "100%"
 
 

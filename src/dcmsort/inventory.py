@@ -280,12 +280,18 @@ def dump_walk(walks: dict[str, list[Entry]]) -> bytes:
     )
 
 
-def write_walk(path: Path, walk: bytes) -> None:
-    """Write dump_walk's bytes to path, whole or not at all (the umask, narrowed by the
-    Snakefile to output_dir's, gives the file its mode: file names are patient data)."""
-    tmp = path.with_name(f".{path.name}.tmp")
-    tmp.write_bytes(walk)
-    os.replace(tmp, path)
+def write_walks(folder: Path, walks: dict[Path, bytes]) -> None:
+    """Replace what folder holds (walks of earlier runs, killed before their extract job
+    read them) by these (path: dump_walk's bytes), each written whole or not at all. The
+    umask, narrowed by the Snakefile to output_dir's, gives the files their mode: file names
+    are patient data."""
+    for stale in folder.glob("*"):
+        if stale not in walks:
+            stale.unlink(missing_ok=True)
+    for path, walk in walks.items():
+        tmp = path.with_name(f".{path.name}.tmp")
+        tmp.write_bytes(walk)
+        os.replace(tmp, path)
 
 
 def load_walk(path: Path) -> dict[str, list[Entry]] | None:

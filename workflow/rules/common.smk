@@ -227,8 +227,7 @@ onstart:
                 file=sys.stderr,
             )
             os._exit(1)
-        for path, walk in WALKS_TO_WRITE.items():
-            inventory.write_walk(path, walk)
+        inventory.write_walks(SETTINGS.state_dir / "walks", WALKS_TO_WRITE)
         WALKS_TO_WRITE.clear()
         # Appended in place by each run's report: made with a state file's mode.
         permissions.create_state_file(SETTINGS.state_dir / status.HISTORY)

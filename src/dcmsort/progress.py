@@ -16,6 +16,7 @@ the log's lines.
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
 import resource
@@ -86,10 +87,8 @@ class Progress:
                 # A console that went away (a closed pipe) must never fail the job, nor
                 # the flush of what is left in the buffer at exit.
                 self.console = False
-                try:
+                with contextlib.suppress(OSError, ValueError):
                     os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
-                except (OSError, ValueError):
-                    pass
 
     def advance(self, count: int = 1) -> None:
         self.done += count

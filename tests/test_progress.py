@@ -1,4 +1,5 @@
-"""Progress lines: at most one per interval, none for a short stage, plain lines."""
+"""Progress lines: at most one per interval, none for a short stage, plain lines; on the
+console of a local run (end to end through the real Snakemake)."""
 
 from __future__ import annotations
 
@@ -6,6 +7,7 @@ import logging
 
 import pytest
 
+from conftest import Sorter, assert_every_file_accounted_for, write_dicom
 from dcmsort import progress
 from dcmsort.progress import Progress
 
@@ -92,3 +94,50 @@ def test_a_closed_console_does_not_fail_the_stage(log, caplog, monkeypatch):
     bar.advance(5)
     assert not bar.console
     assert len(lines(caplog)) == 2  # the log goes on
+
+
+# --- end to end: the console of a local run ------------------------------------------------
+
+FOLDERS, PER_FOLDER = 6, 50
+
+
+def many_files(sorter: Sorter) -> int:
+    for folder in range(FOLDERS):
+        for number in range(PER_FOLDER):
+            write_dicom(
+                sorter.input_dir / f"p{folder}" / f"IM{number}.dcm",
+                f"P^{folder}",
+                str(folder),
+                "T1",
+                sop=f"1.2.{folder}.{number}",
+                instance=number,
+            )
+    return FOLDERS * PER_FOLDER
+
+
+def test_a_local_run_shows_progress_lines_on_the_console(sorter, monkeypatch):
+    files = many_files(sorter)
+    # A line at every step of every stage, as a long stage gives one every 5 s.
+    monkeypatch.setenv(progress.EVERY_ENV, "0")
+    result = sorter.run()
+    lines = result.stdout.splitlines()
+    stages = {line.split(":")[0] for line in lines}
+    assert stages == {"dcmsort extract", "dcmsort plan", "dcmsort transfer"}, lines
+    assert len(lines) >= 3
+    assert all(" of " in line and "files/s" in line for line in lines), lines
+    assert "\r" not in result.stdout
+    # No flood: even a line at every step is a line per folder or per batch of files,
+    # never one per file.
+    assert len(lines) < files / 5, lines
+    # The job's log keeps them too.
+    log = next((sorter.state / "logs" / "extract").glob("*.log")).read_text()
+    assert "extract: " in log and "files/s" in log
+    assert_every_file_accounted_for(sorter)
+
+
+def test_a_run_shorter_than_the_interval_prints_no_progress_line(sorter, monkeypatch):
+    many_files(sorter)
+    monkeypatch.delenv(progress.EVERY_ENV, raising=False)
+    result = sorter.run()
+    assert result.stdout == ""
+    assert "files sorted" in result.stderr

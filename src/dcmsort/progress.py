@@ -82,7 +82,8 @@ class Progress:
         self.log.info("%s", line)
         if self.console:
             try:
-                print(f"dcmsort {line}", flush=True)
+                sys.stdout.write(f"dcmsort {line}\n")  # one write: whole lines side by side
+                sys.stdout.flush()
             except (OSError, ValueError):
                 # A console that went away (a closed pipe) must never fail the job, nor
                 # the flush of what is left in the buffer at exit.

@@ -31,6 +31,7 @@ demo: $(INSTALLED)
 	@echo "Sorted tree:  demo/Classified/"
 	@echo "Report:       demo/Classified/.dcmsort/report.html  (open it in a browser)"
 	@echo "This run:     demo/Classified/.dcmsort/plan.csv (its decisions), skipped.csv (why not sorted)"
+	@echo "A file:       $(BIN)/dcmsort where demo/Classified demo/Unclassified/loose.dcm"
 
 test: $(INSTALLED)
 	$(BIN)/python -m pytest

@@ -678,7 +678,8 @@ def extract_batch(
     if state_dir is not None:
         _reuse_after_linking(changed.values(), state_dir)
     to_read = sum(len(_to_read(entries, reusable)) for entries, _, reusable in changed.values())
-    progress = Progress("extract", to_read, log)
+    stage = "extract" if batches == 1 else f"extract batch {batch}"  # jobs side by side
+    progress = Progress(stage, to_read, log)
     reader = _FolderReader(input_dir, tuple(keywords), schema, manifests)
     with _folder_reader(reader, workers) as read_folders:
         tasks = [(folder, *changed[folder]) for folder in changed]

@@ -50,7 +50,7 @@ import pyarrow.parquet as pq
 from dcmsort import inventory, ledger, naming
 from dcmsort.fileops import atomic_path, file_digest, read_parquet, remove_other_versions
 from dcmsort.naming import Naming, fold
-from dcmsort.progress import peak_rss_mb
+from dcmsort.progress import Progress, peak_rss_mb
 from dcmsort.routes import parse_part
 from dcmsort.settings import ConfigError, check_layout, layout_record
 from dcmsort.transfer import pending_file, settle, with_temp_token
@@ -673,9 +673,11 @@ def make_plan(
     settings: Naming,
     disk: Disk,
     digest_of_input: Callable[[str], str | None],
+    stage: str = "plan",
 ) -> pa.Table:
     """One plan row per new file version (PLAN_SCHEMA), decided against the ledger
-    (``committed``), the output folder (``disk``) and each other."""
+    (``committed``), the output folder (``disk``) and each other. Its progress is logged
+    as ``stage``."""
     files = _with_columns(files)
     new = new_files(files, committed)
     new = new.append_column(PATIENT_ID, ledger.patient_ids(new["PatientID"]))
@@ -704,11 +706,14 @@ def make_plan(
     new = new.combine_chunks()
     order = _planning_order(new)
     decided = [pa.table({name: [] for name in DECISIONS}, schema=DECISION_SCHEMA)]
+    progress = Progress(stage, len(order), log)
     for start in range(0, len(order), _CHUNK):
         rows = new.take(order[start : start + _CHUNK]).to_pylist()
         decisions = [planner.decide(row) for row in rows]
         columns = {name: [d.get(name) for d in decisions] for name in DECISIONS}
         decided.append(pa.table(columns, schema=DECISION_SCHEMA))
+        progress.advance(len(rows))
+    progress.finish()
     decisions = pa.concat_tables(decided).combine_chunks()
     ordered = new.take(order)
     return pa.table(
@@ -829,7 +834,14 @@ def main(argv: list[str] | None = None) -> int:
         except OSError:
             return None
 
-    plan = make_plan(files, committed, settings, Disk(args.output_dir), digest_of_input)
+    plan = make_plan(
+        files,
+        committed,
+        settings,
+        Disk(args.output_dir),
+        digest_of_input,
+        f"plan {part.name}" if part and part.count > 1 else "plan",
+    )
     plan = with_temp_token(plan)  # written before any temporary file with it exists
     with atomic_path(layout_file) as tmp:
         record = layout_record(settings, args.output_dir, args.state_dir)

@@ -9,9 +9,12 @@ REPO = Path(__file__).resolve().parents[2]  # src/dcmsort/ -> the checkout
 SNAKEFILE = REPO / "Snakefile"
 
 
-def snakemake_command(workdir: Path, *flags: str, cores: int = 2, **config: object) -> list[str]:
+def snakemake_command(
+    workdir: Path, *flags: str, cores: int | str | None = 2, **config: object
+) -> list[str]:
     """The command line of one dcmsort run (config holds input_dir, output_dir, ...).
-    Flags go before ``--config``: after it, Snakemake would read them as config values."""
+    Flags go before ``--config``: after it, Snakemake would read them as config values.
+    ``cores=None``: the profile's (the default profile: all)."""
     return [
         sys.executable,
         "-m",
@@ -20,8 +23,7 @@ def snakemake_command(workdir: Path, *flags: str, cores: int = 2, **config: obje
         str(SNAKEFILE),
         "--directory",
         str(workdir),
-        "--cores",
-        str(cores),
+        *(["--cores", str(cores)] if cores is not None else []),
         *flags,
         "--config",
         *(f"{k}={v}" for k, v in config.items()),

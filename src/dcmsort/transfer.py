@@ -837,7 +837,9 @@ def transfer_plan(
     placing = [r for r in rows if r.action != "duplicate"]
     temp = token or _UNRECORDED_TOKEN  # the token of this transfer's temporary names
     tree = OutputTree(output_dir)
-    progress = Progress("transfer", len(rows), log)
+    progress = Progress(
+        f"transfer {part.name}" if part and part.count > 1 else "transfer", len(rows), log
+    )
     outcomes: list[Outcome] = list(settled)
     uncommitted: list[Outcome] = []
     last_commit = time.monotonic()

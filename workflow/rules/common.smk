@@ -16,7 +16,7 @@ REPO = Path(workflow.basedir)  # the top-level Snakefile's folder
 sys.path.insert(0, str(REPO / "src"))
 
 from dcmsort import inventory, permissions, routes, settings  # noqa: E402
-from dcmsort import status  # noqa: E402
+from dcmsort import progress, status  # noqa: E402
 
 
 def fail(message):
@@ -227,6 +227,13 @@ onstart:
                 file=sys.stderr,
             )
             os._exit(1)
+        # A local shell job's stdout is Snakemake's own: its progress lines reach the
+        # console. A cluster job's is the scheduler's log file: there they stay in the
+        # job's log alone (nothing floods a cluster log).
+        if workflow.local_exec:
+            os.environ[progress.CONSOLE_ENV] = "1"
+        else:
+            os.environ.pop(progress.CONSOLE_ENV, None)
         inventory.write_walks(SETTINGS.state_dir / "walks", WALKS_TO_WRITE)
         WALKS_TO_WRITE.clear()
         # Appended in place by each run's report: made with a state file's mode.

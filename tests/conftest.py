@@ -222,7 +222,7 @@ def outcomes(input_dir: Path, output_dir: Path, state: Path) -> Outcomes:
         ]
         + [
             {
-                "relpath": r["relpath"],
+                "relpath": report.from_spreadsheet_safe(r["relpath"]),
                 "action": "skip",
                 "destination": None,
                 "reason": r["reason"],

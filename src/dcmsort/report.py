@@ -471,8 +471,9 @@ def patients_section(patients: pa.Table, series: pa.Table, lists: dict[str, str]
     return title + note + "".join(blocks)
 
 
-def skipped_section(reasons: pa.Table, skipped: int) -> str:
-    """Skipped files by reason: files, size and a few example paths per reason."""
+def skipped_section(reasons: pa.Table, by_reason: dict[str, int]) -> str:
+    """Skipped files by reason (the first ones of by_reason, every reason's count): files,
+    size and a few example paths per reason."""
     title = "<h2>Skipped files by reason</h2>"
     if reasons.num_rows == 0:
         return f"{title}<p class='none'>None.</p>"
@@ -485,11 +486,12 @@ def skipped_section(reasons: pa.Table, skipped: int) -> str:
         + "</td></tr>"
         for row in reasons.to_pylist()
     )
-    listed = pc.sum(reasons["files"]).as_py() or 0
+    more_reasons = len(by_reason) - reasons.num_rows
+    more_files = sum(by_reason.values()) - (pc.sum(reasons["files"]).as_py() or 0)
     more = (
-        f"<p>{skipped - listed:,} more skipped files have other, rarer reasons "
-        "(counted in summary.json).</p>"
-        if skipped > listed
+        f"<p>{more_reasons:,} more reasons, of {more_files:,} skipped files, are counted in "
+        "summary.json.</p>"
+        if more_reasons
         else ""
     )
     return (
@@ -593,7 +595,7 @@ details {{ margin: .2em 0; }} summary {{ cursor: pointer; overflow-wrap: anywher
 {_table(tables["unplaced"], "Not placed by this run (see the reason)")}
 {_table(tables["check"], "Check: placements missing or damaged") if check else ""}
 {patients_section(tables["patients"], tables["series"], lists or {})}
-{skipped_section(tables["skip_reasons"], summary["skipped"])}
+{skipped_section(tables["skip_reasons"], summary["skipped_by_reason"])}
 {_table(tables["conflicts"], "Conflicts: same SOPInstanceUID, different content (all kept)")}
 {_table(tables["duplicates"], "Exact duplicates (not written again)")}
 {_table(tables["gone"], "Sources gone since they were sorted (their copies are kept)")}

@@ -15,15 +15,9 @@ import pytest
 
 from conftest import assert_every_file_accounted_for, write_dicom
 from dcmsort import demo, ledger, status
+from dcmsort.fileops import from_spreadsheet_safe, spreadsheet_safe, write_csv
 from dcmsort.headers import NOT_DICOM
-from dcmsort.report import (
-    MAX_PATIENTS_LISTED,
-    from_spreadsheet_safe,
-    render_html,
-    spreadsheet_safe,
-    summarise,
-    write_csv,
-)
+from dcmsort.report import MAX_PATIENTS_LISTED, render_html, summarise
 from dcmsort.status import last_history
 from dcmsort.transfer import RESULT_SCHEMA
 

@@ -24,12 +24,11 @@ from urllib.parse import quote
 
 import pyarrow as pa
 import pyarrow.compute as pc
-import pyarrow.csv as pacsv
 import pyarrow.parquet as pq
 
 from dcmsort import ledger, naming
 from dcmsort.check import DAMAGED, RESTORED, RESULT_SCHEMA, read_results
-from dcmsort.fileops import atomic_path, read_parquet
+from dcmsort.fileops import atomic_path, read_parquet, write_csv
 from dcmsort.permissions import LOCK_FILE
 from dcmsort.plan import PLAN_SCHEMA
 from dcmsort.progress import peak_rss_mb
@@ -602,39 +601,6 @@ details {{ margin: .2em 0; }} summary {{ cursor: pointer; overflow-wrap: anywher
 {_table(tables["shared"], "Patient folders holding more than one PatientID")}
 </body></html>
 """
-
-
-# --- the lists -------------------------------------------------------------------------
-
-# A spreadsheet runs a cell that starts with = + - @ (or a tab or CR before one) as a
-# formula: such text cells get a ' in front, and so does text that starts with ' itself,
-# so that dropping one leading ' always gives the value back (from_spreadsheet_safe).
-_FORMULA_START = r"^[=+\-@\t\r']"
-
-
-def spreadsheet_safe(table: pa.Table) -> pa.Table:
-    """table with every text cell a spreadsheet would read as a formula quoted (a leading
-    '). Columnar; a column without such a cell is not copied."""
-    for index, field in enumerate(table.schema):
-        if not (pa.types.is_string(field.type) or pa.types.is_large_string(field.type)):
-            continue
-        column = table.column(index)
-        risky = pc.match_substring_regex(column, _FORMULA_START)
-        if pc.any(risky).as_py():
-            quoted = pc.binary_join_element_wise("'", column, "")
-            table = table.set_column(index, field, pc.if_else(risky, quoted, column))
-    return table
-
-
-def from_spreadsheet_safe(text: str) -> str:
-    """A text cell of dcmsort's CSV files as the value it stands for."""
-    return text[1:] if text.startswith("'") else text
-
-
-def write_csv(table: pa.Table, path: Path) -> None:
-    """table as CSV at path, atomically, safe to open in a spreadsheet."""
-    with atomic_path(path) as tmp:
-        pacsv.write_csv(spreadsheet_safe(table), tmp)
 
 
 def read_manifests(paths: list[Path]) -> tuple[pa.Table, list[dict]]:

@@ -528,3 +528,20 @@ def test_hostile_names_are_escaped_on_the_page_and_never_formulas_in_the_csv_fil
     assert "<img src" not in page
     assert html.escape(skipped["relpath"]) in page
     assert f"<b>{html.escape(patient)}</b>" in page
+
+
+def test_patient_folders_are_counted_at_the_templates_level_with_the_patient_id(tmp_path):
+    c = committed(
+        {"relpath": "a", "destination": "MR/r1/S/a", "size": 5},
+        {"relpath": "b", "destination": "MR/r1/T/b", "size": 6},
+        {"relpath": "c", "destination": "MR/r2/S/c", "size": 7},
+    )
+    f = files(("a", 5, 1), ("b", 6, 1), ("c", 7, 1))
+    summary, tables = summarise(f, c, transfers(), [], None, tmp_path, "r", "r.html", None, 1)
+    assert tables["patients"].select(
+        ["patient folder", "series", "files", "bytes"]
+    ).to_pylist() == [
+        {"patient folder": "MR/r1", "series": 2, "files": 2, "bytes": 11},
+        {"patient folder": "MR/r2", "series": 1, "files": 1, "bytes": 7},
+    ]
+    assert (summary["patients"], summary["series"]) == (2, 3)

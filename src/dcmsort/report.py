@@ -86,8 +86,8 @@ def _where(table: pa.Table, mask: pa.ChunkedArray) -> pa.Table:
 
 
 def patient_folders(paths: pa.ChunkedArray | pa.Array, level: int | None) -> pa.ChunkedArray:
-    """The patient folder of each path below output_dir: its component at the template's
-    level with ``{PatientID}`` (``naming.patient_level``), else its first."""
+    """The patient folder of each path below output_dir: the path down to the template's
+    level with ``{PatientID}`` (``naming.patient_level``), else its first component."""
     depth = (level or 0) + 1
     return pc.replace_substring_regex(paths, rf"^((?:[^/]*/){{{depth - 1}}}[^/]*)/.*$", r"\1")
 

@@ -12,7 +12,7 @@ from pathlib import Path
 
 import pytest
 
-from dcmsort import demo, inventory, ledger, report, routes
+from dcmsort import demo, fileops, inventory, ledger, report, routes
 from dcmsort.runner import snakemake_command
 
 OPEN_COUNTER = Path(__file__).resolve().parent / "opencounter"
@@ -222,7 +222,7 @@ def outcomes(input_dir: Path, output_dir: Path, state: Path) -> Outcomes:
         ]
         + [
             {
-                "relpath": r["relpath"],
+                "relpath": fileops.from_spreadsheet_safe(r["relpath"]),
                 "action": "skip",
                 "destination": None,
                 "reason": r["reason"],

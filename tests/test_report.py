@@ -3,16 +3,21 @@ honest about a run that did not finish."""
 
 from __future__ import annotations
 
+import csv
+import html
 import json
 import os
+from collections import Counter
 from pathlib import Path
 
 import pyarrow as pa
 import pytest
 
-from conftest import assert_every_file_accounted_for
+from conftest import assert_every_file_accounted_for, write_dicom
 from dcmsort import demo, ledger, status
-from dcmsort.report import render_html, summarise
+from dcmsort.fileops import from_spreadsheet_safe, spreadsheet_safe, write_csv
+from dcmsort.headers import NOT_DICOM
+from dcmsort.report import MAX_PATIENTS_LISTED, render_html, summarise
 from dcmsort.status import last_history
 from dcmsort.transfer import RESULT_SCHEMA
 
@@ -273,11 +278,80 @@ def test_header_values_are_escaped_in_the_html_and_never_crash_it(tmp_path, moda
     assert summary["files_per_modality"] == {"MR": 1, modality: 1}
     for raw in ("<script>alert", "<img src=x", "<b>MR", "<i>", "<em>", "<u>"):
         assert raw not in page
-    assert "&lt;script&gt;alert(1)&lt;/script&gt;" in page
+    assert "<b>&lt;script&gt;alert(1)&lt;</b>" in page  # its patient folder (up to the /)
     assert "p/&lt;img src=x onerror=alert(1)&gt;.txt" in page
     assert "Q/S/&lt;u&gt;z" in page
     assert f"<span class='label'>{html_escape(modality)}</span>" in page
     assert "not DICOM &lt;em&gt;" in page
+
+
+def test_the_page_for_10000_patients_stays_small_and_the_rest_is_in_the_csv_files(tmp_path):
+    patients, series, per_series, added = 10_000, 3, 2, 50
+    rows = [
+        {
+            "relpath": f"in/{p}/{s}/{i}",
+            "size": 1_000 + p,
+            "destination": f"PATIENT^WITH^A^LONGISH^NAME^{p:05d}_ID{p:08d}/"
+            f"SERIES DESCRIPTION {s}_{s}/IM{i}.dcm",
+        }
+        for p in range(patients)
+        for s in range(series)
+        for i in range(per_series)
+    ]
+    c = committed(*rows)
+    skipped = [(f"in/junk/{r}/file{i}", 5, 1, f"reason {r}") for r in range(200) for i in range(5)]
+    f = files(*[(r["relpath"], r["size"], 1) for r in rows], *skipped)
+    # This run added the files of the first 50 patients: the smallest.
+    new_rows = rows[: added * series * per_series]
+    t = transfers(*[(r["relpath"], r["destination"], "copied", r["size"]) for r in new_rows])
+    summary, tables = summarise(f, c, t, [], None, tmp_path, "copy", "r.html")
+    page = render_html(summary, tables, {"patients": "patients.csv", "series": "series.csv"})
+
+    assert len(page.encode()) < 2_000_000
+    assert (summary["patients"], summary["series"]) == (patients, patients * series)
+    assert (summary["patients_with_new_files"], summary["series_with_new_files"]) == (
+        added,
+        added * series,
+    )
+    more = patients - MAX_PATIENTS_LISTED
+    assert f"{more:,} more patient folders are in <a href='patients.csv'>patients.csv</a>" in page
+    assert "150 more reasons, of 750 skipped files, are counted in summary.json" in page
+    write_csv(tables["patients"], tmp_path / "patients.csv")
+    write_csv(tables["series"], tmp_path / "series.csv")
+    listed = csv_rows(tmp_path / "patients.csv")
+    assert len(listed) == patients and len(csv_rows(tmp_path / "series.csv")) == patients * series
+    # This run's patients first (the largest of them first), then the largest.
+    assert [int(r["patient folder"][-8:]) for r in listed[:51]] == [*range(49, -1, -1), 9_999]
+    assert int(listed[0]["new files this run"]) == series * per_series
+    assert listed[0]["bytes"] == str(series * per_series * (1_000 + 49))
+    first, last_shown = (
+        listed[0]["patient folder"],
+        listed[MAX_PATIENTS_LISTED - 1]["patient folder"],
+    )
+    assert page.index(html.escape(first)) < page.index(html.escape(last_shown))
+    assert html.escape(listed[MAX_PATIENTS_LISTED]["patient folder"]) not in page
+
+
+def test_csv_cells_a_spreadsheet_would_run_are_quoted_and_read_back():
+    values = ["=1+2", "+cmd", "-2+3", "@SUM(A1)", "\t=x", "\r=x", "'quoted", "plain", "a=b", None]
+    table = pa.table({"text": values, "number": list(range(-5, 5))})
+    safe = spreadsheet_safe(table)
+    assert safe["text"].to_pylist() == [
+        *(f"'{v}" for v in values[:7]),
+        "plain",
+        "a=b",
+        None,
+    ]
+    assert safe["number"] == table["number"], "numbers are never text"
+    assert [from_spreadsheet_safe(v) for v in safe["text"].to_pylist()[:-1]] == values[:-1]
+
+
+def csv_rows(path: Path) -> list[dict]:
+    """A CSV file of dcmsort's as a user's program reads it: text cells as the values."""
+    with open(path, newline="", encoding="utf-8") as handle:
+        return [
+            {k: from_spreadsheet_safe(v) for k, v in row.items()} for row in csv.DictReader(handle)
+        ]
 
 
 def html_escape(text: str) -> str:
@@ -340,3 +414,134 @@ def test_this_runs_numbers_leave_out_what_a_killed_run_transferred(tmp_path):
     assert report.main(args) == 0
     summary = json.loads((state / "s.json").read_text())
     assert (summary["files_new"], summary["bytes_written"]) == (1, 20)
+
+
+def sorted_tree(output_dir: Path) -> dict[str, int]:
+    """Every sorted file below output_dir (not the state folder) with its size."""
+    return {
+        str(p.relative_to(output_dir)): p.stat().st_size
+        for p in output_dir.rglob("*")
+        if p.is_file() and ".dcmsort" not in p.relative_to(output_dir).parts
+    }
+
+
+def test_files_and_bytes_per_patient_and_series_folder_match_the_sorted_tree(sorter):
+    write_dicom(sorter.input_dir / "a" / "1.dcm", "DOE^ANN", "1", "T1", instance=1)
+    write_dicom(sorter.input_dir / "a" / "2.dcm", "DOE^ANN", "1", "T1", instance=2, rows=32)
+    write_dicom(sorter.input_dir / "a" / "3.dcm", "DOE^ANN", "1", "T2", number=2, rows=24)
+    write_dicom(sorter.input_dir / "b" / "1.dcm", "ROE^BOB", "2", "T1", rows=64)
+    sorter.run()
+    assert_every_file_accounted_for(sorter)
+    per_series, per_patient = Counter(), Counter()
+    files_per_series, files_per_patient = Counter(), Counter()
+    for path, size in sorted_tree(sorter.output_dir).items():
+        series_folder, patient = path.rsplit("/", 1)[0], path.split("/")[0]
+        per_series[series_folder] += size
+        files_per_series[series_folder] += 1
+        per_patient[patient] += size
+        files_per_patient[patient] += 1
+    series = csv_rows(sorter.state / "series.csv")
+    assert {r["series folder"]: (int(r["files"]), int(r["bytes"])) for r in series} == {
+        folder: (files_per_series[folder], per_series[folder]) for folder in per_series
+    }
+    patients = csv_rows(sorter.state / "patients.csv")
+    assert {
+        r["patient folder"]: (int(r["series"]), int(r["files"]), int(r["bytes"])) for r in patients
+    } == {
+        "DOE^ANN_1": (2, 3, per_patient["DOE^ANN_1"]),
+        "ROE^BOB_2": (1, 1, per_patient["ROE^BOB_2"]),
+    }
+    page = (sorter.state / "report.html").read_text()
+    assert "<b>DOE^ANN_1</b> · 2 series · 3 files" in page
+    assert "<a href='patients.csv'>patients.csv</a>" in page
+    assert "<a href='series.csv'>series.csv</a>" in page
+
+
+def test_a_rerun_lists_the_patient_it_added_first(sorter):
+    for i in range(3):
+        write_dicom(
+            sorter.input_dir / "big" / f"{i}.dcm", "BIG^ONE", "1", "CT", instance=i, rows=64
+        )
+    write_dicom(sorter.input_dir / "small" / "1.dcm", "SMALL^ONE", "2", "MR")
+    sorter.run()
+    first = csv_rows(sorter.state / "patients.csv")
+    assert [(r["patient folder"], r["new files this run"]) for r in first] == [
+        ("BIG^ONE_1", "3"),
+        ("SMALL^ONE_2", "1"),
+    ]
+    write_dicom(sorter.input_dir / "new" / "1.dcm", "NEW^ONE", "3", "MR", rows=8)
+    sorter.run()
+    again = csv_rows(sorter.state / "patients.csv")
+    assert [(r["patient folder"], r["new files this run"]) for r in again] == [
+        ("NEW^ONE_3", "1"),
+        ("BIG^ONE_1", "0"),
+        ("SMALL^ONE_2", "0"),
+    ]
+    assert csv_rows(sorter.state / "series.csv")[0]["patient folder"] == "NEW^ONE_3"
+    summary = sorter.summary()
+    assert (summary["patients_with_new_files"], summary["series_with_new_files"]) == (1, 1)
+    page = (sorter.state / "report.html").read_text()
+    assert page.index("<b>NEW^ONE_3</b>") < page.index("<b>BIG^ONE_1</b>")
+    assert "1 new this run" in page
+
+
+def test_skipped_files_are_summarised_by_reason_with_a_few_examples(sorter):
+    write_dicom(sorter.input_dir / "a" / "1.dcm")
+    for i in range(5):
+        (sorter.input_dir / "a" / f"notes{i}.txt").write_text("hello")
+    (sorter.input_dir / "a" / "empty.dcm").write_bytes(b"")
+    sorter.run()
+    assert_every_file_accounted_for(sorter)
+    page = (sorter.state / "report.html").read_text()
+    section = page[page.index("Skipped files by reason") :]
+    examples = "<br>".join(f"a/notes{i}.txt" for i in range(3))
+    assert (
+        f"<tr><td>{html.escape(NOT_DICOM)}</td><td>5</td><td>25 B</td><td>{examples}</td>"
+        in section
+    )
+    assert "a/notes3.txt" not in section, "a few examples, not every file"
+    assert "<tr><td>empty file (0 bytes)</td><td>1</td><td>0 B</td><td>a/empty.dcm</td>" in section
+    assert len(csv_rows(sorter.state / "skipped.csv")) == 6, "every one in skipped.csv"
+
+
+FORMULA = ("=", "+", "-", "@")
+
+
+def test_hostile_names_are_escaped_on_the_page_and_never_formulas_in_the_csv_files(sorter):
+    folder = sorter.input_dir / "=cmd|' calc'!A0"
+    write_dicom(folder / "-2+3.dcm", "=HYPERLINK(1)", "@1", "+SER")
+    (folder / "<img src=x onerror=alert(1)>.txt").write_text("not an image")
+    sorter.run()
+    outcomes = assert_every_file_accounted_for(sorter)
+    [sorted_file] = outcomes.where(action="sort").column("destination")
+    patient, series_folder = sorted_file.split("/")[0], sorted_file.rsplit("/", 1)[0]
+    assert patient.startswith("=") and series_folder.split("/")[1].startswith("+")
+    for name in ("patients", "series", "skipped", "plan", "removed_sources"):
+        with open(sorter.state / f"{name}.csv", newline="", encoding="utf-8") as handle:
+            cells = [cell for row in csv.reader(handle) for cell in row]
+        assert not [c for c in cells if c.startswith(FORMULA)], name
+    assert csv_rows(sorter.state / "patients.csv")[0]["patient folder"] == patient
+    assert csv_rows(sorter.state / "series.csv")[0]["series folder"] == series_folder
+    [skipped] = csv_rows(sorter.state / "skipped.csv")
+    assert skipped["relpath"] == "=cmd|' calc'!A0/<img src=x onerror=alert(1)>.txt"
+    page = (sorter.state / "report.html").read_text()
+    assert "<img src" not in page
+    assert html.escape(skipped["relpath"]) in page
+    assert f"<b>{html.escape(patient)}</b>" in page
+
+
+def test_patient_folders_are_counted_at_the_templates_level_with_the_patient_id(tmp_path):
+    c = committed(
+        {"relpath": "a", "destination": "MR/r1/S/a", "size": 5},
+        {"relpath": "b", "destination": "MR/r1/T/b", "size": 6},
+        {"relpath": "c", "destination": "MR/r2/S/c", "size": 7},
+    )
+    f = files(("a", 5, 1), ("b", 6, 1), ("c", 7, 1))
+    summary, tables = summarise(f, c, transfers(), [], None, tmp_path, "r", "r.html", None, 1)
+    assert tables["patients"].select(
+        ["patient folder", "series", "files", "bytes"]
+    ).to_pylist() == [
+        {"patient folder": "MR/r1", "series": 2, "files": 2, "bytes": 11},
+        {"patient folder": "MR/r2", "series": 1, "files": 1, "bytes": 7},
+    ]
+    assert (summary["patients"], summary["series"]) == (2, 3)

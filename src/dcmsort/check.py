@@ -46,7 +46,6 @@ from pathlib import Path
 
 import pyarrow as pa
 import pyarrow.compute as pc
-import pyarrow.csv as pacsv
 import pyarrow.parquet as pq
 
 from dcmsort import inventory, ledger
@@ -57,6 +56,7 @@ from dcmsort.fileops import (
     file_digest,
     read_parquet,
     rename_no_replace,
+    write_csv,
 )
 from dcmsort.progress import Progress, peak_rss_mb
 from dcmsort.transfer import OutputTree, Row, TransferError, put
@@ -476,8 +476,7 @@ def main(argv: list[str] | None = None) -> int:
     results = results.replace_schema_metadata(
         {META_CHECKED: str(checked).encode(), META_HOW: args.how.encode()}
     )
-    with atomic_path(args.csv) as tmp:
-        pacsv.write_csv(results, tmp)
+    write_csv(results, args.csv)
     with atomic_path(args.results) as tmp:
         pq.write_table(results, tmp)
     # Earlier runs' result tables (each run's has its own name, so that it runs again).

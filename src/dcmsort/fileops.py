@@ -171,3 +171,40 @@ def read_parquet(path: str | Path, columns: list[str] | None = None):
 
     with pq.ParquetFile(path) as parquet:
         return parquet.read(columns=columns)
+
+
+# A spreadsheet runs a cell that starts with = + - @ (or a tab or CR before one) as a
+# formula: such text cells get a ' in front, and so does text that starts with ' itself,
+# so that dropping one leading ' always gives the value back (from_spreadsheet_safe).
+_FORMULA_START = r"^[=+\-@\t\r']"
+
+
+def spreadsheet_safe(table):
+    """table with every text cell a spreadsheet would read as a formula quoted (a leading
+    '). Header values and file names are untrusted. Columnar; a column without such a cell
+    is not copied."""
+    import pyarrow as pa
+    import pyarrow.compute as pc
+
+    for index, field in enumerate(table.schema):
+        if not (pa.types.is_string(field.type) or pa.types.is_large_string(field.type)):
+            continue
+        column = table.column(index)
+        risky = pc.match_substring_regex(column, _FORMULA_START)
+        if pc.any(risky).as_py():
+            quoted = pc.binary_join_element_wise("'", column, "")
+            table = table.set_column(index, field, pc.if_else(risky, quoted, column))
+    return table
+
+
+def from_spreadsheet_safe(text: str) -> str:
+    """A text cell of dcmsort's CSV files as the value it stands for."""
+    return text[1:] if text.startswith("'") else text
+
+
+def write_csv(table, path: str | Path) -> None:
+    """table as CSV at path, atomically, safe to open in a spreadsheet."""
+    import pyarrow.csv as pacsv
+
+    with atomic_path(path) as tmp:
+        pacsv.write_csv(spreadsheet_safe(table), tmp)

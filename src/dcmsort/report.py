@@ -20,15 +20,15 @@ import os
 import sys
 import time
 from pathlib import Path
+from urllib.parse import quote
 
 import pyarrow as pa
 import pyarrow.compute as pc
-import pyarrow.csv as pacsv
 import pyarrow.parquet as pq
 
 from dcmsort import ledger, naming
 from dcmsort.check import DAMAGED, RESTORED, RESULT_SCHEMA, read_results
-from dcmsort.fileops import atomic_path, read_parquet
+from dcmsort.fileops import atomic_path, read_parquet, write_csv
 from dcmsort.permissions import LOCK_FILE
 from dcmsort.plan import PLAN_SCHEMA
 from dcmsort.progress import peak_rss_mb
@@ -46,6 +46,15 @@ from dcmsort.transfer import RESULT_SCHEMA as TRANSFER_SCHEMA
 log = logging.getLogger("dcmsort.report")
 
 MAX_LISTED = 500  # rows of a detail table in the HTML; the CSV files have all
+# The patients section stays a few hundred KB at any number of patients: the first
+# patient folders (this run's, then the largest), each with its first series; patients.csv
+# and series.csv have all of them.
+MAX_PATIENTS_LISTED = 100
+MAX_SERIES_LISTED = 2000  # series rows on the page, over all patient folders listed
+MAX_SERIES_PER_PATIENT = 50
+MAX_REASONS_LISTED = 50  # skip reasons on the page; summary.json counts every one
+SKIP_EXAMPLES = 3  # example paths per skip reason
+NEW = "new files this run"
 
 
 # --- the numbers ------------------------------------------------------------------------
@@ -74,6 +83,18 @@ LEDGER_COLUMNS += ["modality", "mode", "patient_id"]
 def _where(table: pa.Table, mask: pa.ChunkedArray) -> pa.Table:
     """table.filter(mask), without copying every column when every row is kept."""
     return table if pc.all(mask).as_py() in (True, None) else table.filter(mask)
+
+
+def patient_folders(paths: pa.ChunkedArray | pa.Array, level: int | None) -> pa.ChunkedArray:
+    """The patient folder of each path below output_dir: the path down to the template's
+    level with ``{PatientID}`` (``naming.patient_level``), else its first component."""
+    depth = (level or 0) + 1
+    return pc.replace_substring_regex(paths, rf"^((?:[^/]*/){{{depth - 1}}}[^/]*)/.*$", r"\1")
+
+
+def parent_folders(paths: pa.ChunkedArray | pa.Array) -> pa.ChunkedArray:
+    """The folder of each path: a file's series folder."""
+    return pc.replace_substring_regex(paths, r"/[^/]*$", "")
 
 
 def placements(committed: pa.Table) -> pa.Table:
@@ -128,10 +149,7 @@ def shared_patient_folders(
                 ),
             ]
         )
-    depth = (level or 0) + 1
-    folders = pc.replace_substring_regex(
-        placed["destination"], rf"^((?:[^/]*/){{{depth - 1}}}[^/]*)/.*$", r"\1"
-    )
+    folders = patient_folders(placed["destination"], level)
     ids = pa.table({"folder": folders, "ids": placed["patient_id"]}).filter(
         pc.is_valid(placed["patient_id"])
     )
@@ -200,7 +218,8 @@ def summarise(
     conflicts = conflicted(placed)
     shared = shared_patient_folders(placed, committed, files, patient_level)
     since = (previous or {}).get("generated_at", 0)
-    destinations = placed["destination"]
+    added = transfers.filter(pc.is_in(transfers["status"], pa.array(["copied", "linked"])))
+    patients, series = folder_tables(placed, added["destination"], patient_level)
     summary = {
         "status": COMPLETE,
         "generated_at": time.time(),
@@ -209,9 +228,12 @@ def summarise(
         "transfer_mode": mode,
         "previous_transfer_mode": (previous or {}).get("transfer_mode"),
         "input_files": files.num_rows,
-        "patients": _distinct(pc.replace_substring_regex(destinations, r"/.*$", "")),
+        # Patient folders (the template's level with {PatientID}) and series folders.
+        "patients": patients.num_rows,
         "studies": _distinct(placed["study_uid"].drop_null()),
-        "series": _distinct(pc.replace_substring_regex(destinations, r"/[^/]*$", "")),
+        "series": series.num_rows,
+        "patients_with_new_files": _count_positive(patients[NEW]),
+        "series_with_new_files": _count_positive(series[NEW]),
         "files_sorted": placed.num_rows,
         "bytes_sorted": pc.sum(placed["size"]).as_py() or 0,
         "files_new": status.get("copied", 0) + status.get("linked", 0),
@@ -250,41 +272,98 @@ def summarise(
             "damaged": outcomes.get(DAMAGED, 0),
         }
     unplaced = transfers.filter(pc.is_in(transfers["status"], pa.array(["changed", "error"])))
-    added = transfers.filter(pc.is_in(transfers["status"], pa.array(["copied", "linked"])))
     tables = {
         "skipped": skipped.select(["relpath", "size", "skip_reason"]),
+        "skip_reasons": skip_summary(skipped),
         "conflicts": conflicts.select(["destination", "sop_uid"]).sort_by("sop_uid"),
         "duplicates": duplicates.select(["relpath", "destination"]),
         "unplaced": unplaced.select(["relpath", "destination", "status", "detail"]),
-        "added": _per_folder(added["destination"], "new files"),
         "gone": listed.select(["relpath", "destination", "mode"]),
-        "series": _series_table(placed),
+        "patients": patients,
+        "series": series,
         "check": checked,
         "shared": shared.set_column(1, "PatientIDs", pc.binary_join(shared["PatientIDs"], ", ")),
     }
     return summary, tables
 
 
-def _per_folder(destinations: pa.ChunkedArray, label: str) -> pa.Table:
-    folders = pc.replace_substring_regex(destinations, r"/[^/]*$", "")
-    counts = pc.value_counts(folders) if len(folders) else None
-    if counts is None:
-        return pa.table({"folder": pa.array([], pa.string()), label: pa.array([], pa.int64())})
-    return pa.table({"folder": counts.field("values"), label: counts.field("counts")}).sort_by(
-        "folder"
+def _count_positive(counts: pa.ChunkedArray) -> int:
+    return pc.sum(pc.greater(counts, 0)).as_py() or 0
+
+
+# This run's additions first, then the largest; the name settles ties.
+def _this_run_first(folder: str) -> list[tuple[str, str]]:
+    return [(NEW, "descending"), ("bytes", "descending"), (folder, "ascending")]
+
+
+def folder_tables(
+    placed: pa.Table, added: pa.ChunkedArray, level: int | None
+) -> tuple[pa.Table, pa.Table]:
+    """Files and bytes per patient folder and per series folder (placements), and how many
+    files this run added to each (added: their destinations). Patient folders with this
+    run's files come first, then the largest; series likewise. Columnar: one group_by over
+    the placements, the patients from the (far fewer) series rows."""
+    per_file = pa.table(
+        {
+            "series folder": parent_folders(placed["destination"]),
+            "size": placed["size"],
+            "modality": placed["modality"],
+        }
+    )
+    series = per_file.group_by("series folder", use_threads=False).aggregate(
+        [([], "count_all"), ("size", "sum"), ("modality", "first")]
+    )
+    series = series.rename_columns(["series folder", "files", "bytes", "modality"])
+    new = pc.value_counts(parent_folders(added)) if len(added) else None
+    new_per_series = pa.table(
+        {
+            "series folder": new.field("values") if new else pa.array([], pa.string()),
+            NEW: new.field("counts") if new else pa.array([], pa.int64()),
+        }
+    )
+    series = series.join(new_per_series, "series folder", join_type="left outer")
+    series = series.set_column(
+        series.schema.get_field_index(NEW), NEW, pc.fill_null(series[NEW], 0)
+    )
+    series = series.append_column("patient folder", patient_folders(series["series folder"], level))
+    series = series.select(["patient folder", "series folder", "modality", "files", "bytes", NEW])
+    patients = series.group_by("patient folder", use_threads=False).aggregate(
+        [([], "count_all"), ("files", "sum"), ("bytes", "sum"), (NEW, "sum")]
+    )
+    patients = patients.rename_columns(["patient folder", "series", "files", "bytes", NEW])
+    return (
+        patients.sort_by(_this_run_first("patient folder")),
+        series.sort_by(_this_run_first("series folder")),
     )
 
 
-def _series_table(placed: pa.Table) -> pa.Table:
-    series = placed.append_column(
-        "series folder", pc.replace_substring_regex(placed["destination"], r"/[^/]*$", "")
+def skip_summary(skipped: pa.Table) -> pa.Table:
+    """Per skip reason (the manifests' and any filter's alike): files, bytes and the first
+    few paths (by name) as examples; the most frequent reasons first, at most
+    MAX_REASONS_LISTED of them."""
+    rows = pa.table(
+        {
+            "reason": pc.fill_null(skipped["skip_reason"], "(none)"),
+            "relpath": skipped["relpath"],
+            "size": skipped["size"],
+        }
     )
-    grouped = series.group_by("series folder", use_threads=False).aggregate(
-        [("destination", "count"), ("size", "sum"), ("modality", "first")]
+    per_reason = rows.group_by("reason", use_threads=False).aggregate(
+        [([], "count_all"), ("size", "sum")]
     )
-    return grouped.rename_columns(["series folder", "files", "bytes", "modality"]).sort_by(
-        "series folder"
-    )
+    per_reason = per_reason.rename_columns(["reason", "files", "bytes"])
+    top = per_reason.sort_by([("files", "descending"), ("reason", "ascending")])
+    top = top.slice(0, MAX_REASONS_LISTED).sort_by("reason")
+    # Sorted by reason, then path: each reason's rows start where the counts before it end.
+    listed = rows.filter(pc.is_in(rows["reason"], value_set=top["reason"]))
+    paths = listed.sort_by([("reason", "ascending"), ("relpath", "ascending")])["relpath"]
+    starts = pc.subtract(pc.cumulative_sum(top["files"]), top["files"]).to_pylist()
+    examples = [
+        paths.slice(start, min(count, SKIP_EXAMPLES)).to_pylist()
+        for start, count in zip(starts, top["files"].to_pylist(), strict=True)
+    ]
+    top = top.append_column("examples", pa.array(examples, pa.list_(pa.string())))
+    return top.sort_by([("files", "descending"), ("reason", "ascending")])
 
 
 # --- the page ---------------------------------------------------------------------------
@@ -309,6 +388,117 @@ def _table(table: pa.Table, caption: str) -> str:
     return f"<h2>{html.escape(caption)}</h2>{note}<table><tr>{head}</tr>{body}</table>"
 
 
+def _size(n: int) -> str:
+    """Bytes for people: 1 kB is 1,000 bytes, as the totals at the top count them."""
+    for unit, scale in (("TB", 1e12), ("GB", 1e9), ("MB", 1e6), ("kB", 1e3)):
+        if n >= scale:
+            return f"{n / scale:,.1f} {unit}"
+    return f"{n:,} B"
+
+
+def _link(target: str | None) -> str:
+    """A link to a list written beside the page, or the plain name when it was not."""
+    name = html.escape(os.path.basename(target or "")) or "(not written)"
+    return f"<a href='{html.escape(quote(target))}'>{name}</a>" if target else name
+
+
+def _cells(values: list[object], tag: str = "td") -> str:
+    return "".join(f"<{tag}>{html.escape(str(v))}</{tag}>" for v in values)
+
+
+def patients_section(patients: pa.Table, series: pa.Table, lists: dict[str, str]) -> str:
+    """The first MAX_PATIENTS_LISTED patient folders (this run's first, then the largest),
+    each a collapsed block of its series; how many more, and where all of them are
+    (lists: the links of ``patients`` and ``series`` CSV files beside the page). Python
+    touches only the rows shown."""
+    title = "<h2>Patients and series (this run's additions first)</h2>"
+    if patients.num_rows == 0:
+        return f"{title}<p class='none'>None.</p>"
+    shown = patients.slice(0, MAX_PATIENTS_LISTED)
+    rank = pc.index_in(series["patient folder"], value_set=shown["patient folder"])
+    listed = series.append_column("rank", rank).filter(pc.is_valid(rank))
+    listed = listed.sort_by([("rank", "ascending"), *_this_run_first("series folder")])
+    by_patient: dict[str, list[dict]] = {}
+    for row in listed.slice(0, MAX_SERIES_LISTED).to_pylist():
+        rows = by_patient.setdefault(row["patient folder"], [])
+        if len(rows) < MAX_SERIES_PER_PATIENT:
+            rows.append(row)
+    head = _cells(["series folder", "modality", "files", "size", NEW], "th")
+    blocks = []
+    for patient in shown.to_pylist():
+        folder, rows = patient["patient folder"], by_patient.get(patient["patient folder"], [])
+        new = patient[NEW]
+        line = (
+            f"<b>{html.escape(folder)}</b> · {patient['series']:,} series · "
+            f"{patient['files']:,} files · {_size(patient['bytes'])}"
+            + (f" · <span class='new'>{new:,} new this run</span>" if new else "")
+        )
+        body = "".join(
+            "<tr>"
+            + _cells(
+                [
+                    row["series folder"].removeprefix(f"{folder}/"),
+                    row["modality"] or "",
+                    f"{row['files']:,}",
+                    _size(row["bytes"]),
+                    f"{row[NEW]:,}",
+                ]
+            )
+            + "</tr>"
+            for row in rows
+        )
+        more = patient["series"] - len(rows)
+        rest = f"<p>{more:,} more series in {_link(lists.get('series'))}.</p>" if more else ""
+        blocks.append(
+            f"<details><summary>{line}</summary><table><tr>{head}</tr>{body}</table>"
+            f"{rest}</details>"
+        )
+    added = _count_positive(patients[NEW])
+    more = patients.num_rows - shown.num_rows
+    note = (
+        f"<p>{patients.num_rows:,} patient folders, {series.num_rows:,} series folders; "
+        f"{added:,} patient folders got files in this run (listed first), then the largest."
+        + (
+            f" The first {shown.num_rows:,} are shown; {more:,} more patient folders are in "
+            f"{_link(lists.get('patients'))}."
+            if more
+            else ""
+        )
+        + f" Every patient and series folder with its files and bytes: "
+        f"{_link(lists.get('patients'))}, {_link(lists.get('series'))}.</p>"
+    )
+    return title + note + "".join(blocks)
+
+
+def skipped_section(reasons: pa.Table, by_reason: dict[str, int]) -> str:
+    """Skipped files by reason (the first ones of by_reason, every reason's count): files,
+    size and a few example paths per reason."""
+    title = "<h2>Skipped files by reason</h2>"
+    if reasons.num_rows == 0:
+        return f"{title}<p class='none'>None.</p>"
+    head = _cells(["reason", "files", "size", "examples"], "th")
+    body = "".join(
+        "<tr>"
+        + _cells([row["reason"], f"{row['files']:,}", _size(row["bytes"])])
+        + "<td>"
+        + "<br>".join(html.escape(path) for path in row["examples"])
+        + "</td></tr>"
+        for row in reasons.to_pylist()
+    )
+    more_reasons = len(by_reason) - reasons.num_rows
+    more_files = sum(by_reason.values()) - (pc.sum(reasons["files"]).as_py() or 0)
+    more = (
+        f"<p>{more_reasons:,} more reasons, of {more_files:,} skipped files, are counted in "
+        "summary.json.</p>"
+        if more_reasons
+        else ""
+    )
+    return (
+        f"{title}<p>Every skipped file, with its reason: skipped.csv.</p>{more}"
+        f"<table><tr>{head}</tr>{body}</table>"
+    )
+
+
 def bar_chart(counts: dict[str, int], title: str, limit: int = 20) -> str:
     """A horizontal bar chart in HTML and CSS: labels are escaped text, never markup or
     mathtext, and the page needs no script, image or plotting library."""
@@ -324,8 +514,11 @@ def bar_chart(counts: dict[str, int], title: str, limit: int = 20) -> str:
     return f"<h2>{html.escape(title)}</h2><div class='chart'>{rows}</div>"
 
 
-def render_html(summary: dict, tables: dict[str, pa.Table]) -> str:
-    """The report page: totals, chart, what this run did, then everything in place."""
+def render_html(
+    summary: dict, tables: dict[str, pa.Table], lists: dict[str, str] | None = None
+) -> str:
+    """The report page: totals, chart, what this run did, then everything in place.
+    lists: links (relative to the page) of the ``patients`` and ``series`` CSV files."""
     totals = [
         ("Patients", summary["patients"]),
         ("Studies", summary["studies"]),
@@ -388,7 +581,8 @@ table {{ border-collapse: collapse; margin: .5em 0 1.5em; font-size: .9em; }}
 td, th {{ border: 1px solid #ddd; padding: .25em .6em; text-align: left;
           overflow-wrap: anywhere; max-width: 45em; }}
 th {{ background: #f2f4f8; }}
-.warn {{ color: #a00; }} .none {{ color: #777; }}
+.warn {{ color: #a00; }} .none {{ color: #777; }} .new {{ color: #060; font-weight: 600; }}
+details {{ margin: .2em 0; }} summary {{ cursor: pointer; overflow-wrap: anywhere; }}
 </style></head><body>
 {STATUS_START}{STATUS_END}
 <h1>dcmsort report</h1>
@@ -399,14 +593,12 @@ th {{ background: #f2f4f8; }}
 {bar_chart(summary["files_per_modality"], "Files per modality")}
 {_table(tables["unplaced"], "Not placed by this run (see the reason)")}
 {_table(tables["check"], "Check: placements missing or damaged") if check else ""}
-{_table(tables["added"], "Added by this run")}
-{bar_chart(summary["skipped_by_reason"], "Skipped files by reason")}
-{_table(tables["skipped"], "Skipped files")}
+{patients_section(tables["patients"], tables["series"], lists or {})}
+{skipped_section(tables["skip_reasons"], summary["skipped_by_reason"])}
 {_table(tables["conflicts"], "Conflicts: same SOPInstanceUID, different content (all kept)")}
 {_table(tables["duplicates"], "Exact duplicates (not written again)")}
 {_table(tables["gone"], "Sources gone since they were sorted (their copies are kept)")}
 {_table(tables["shared"], "Patient folders holding more than one PatientID")}
-{_table(tables["series"], "Patients and series")}
 </body></html>
 """
 
@@ -458,6 +650,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--html", type=Path, required=True)
     parser.add_argument("--summary", type=Path, required=True)
     parser.add_argument("--removed", type=Path, required=True)
+    parser.add_argument("--patients", type=Path, help="files and bytes per patient folder, CSV")
+    parser.add_argument("--series", type=Path, help="files and bytes per series folder, CSV")
     parser.add_argument(
         "--check", type=Path, nargs="*", default=[], help="this run's check results, if any"
     )
@@ -475,9 +669,9 @@ def main(argv: list[str] | None = None) -> int:
     transfers = _read_since(args.transfers, since, TRANSFER_SCHEMA)
     if args.plan_csv:
         plans = _read_since(args.plans, since, PLAN_SCHEMA)
-        with atomic_path(args.plan_csv) as tmp:
-            internal = [c for c in PLAN_INTERNAL if c in plans.column_names]
-            pacsv.write_csv(plans.drop_columns(internal), tmp)
+        internal = [c for c in PLAN_INTERNAL if c in plans.column_names]
+        write_csv(plans.drop_columns(internal), args.plan_csv)
+        del plans
     summary, tables = summarise(
         files,
         committed,
@@ -490,14 +684,17 @@ def main(argv: list[str] | None = None) -> int:
         read_results(args.check[0]) if args.check else None,
         naming.patient_level(json.loads(args.naming)["folder_template"]),
     )
-    with atomic_path(args.removed) as tmp:
-        pacsv.write_csv(tables["gone"], tmp)
+    write_csv(tables["gone"], args.removed)
     if args.skipped:
-        with atomic_path(args.skipped) as tmp:
-            skipped = tables["skipped"]
-            pacsv.write_csv(skipped.rename_columns(["relpath", "size", "reason"]), tmp)
+        write_csv(tables["skipped"].rename_columns(["relpath", "size", "reason"]), args.skipped)
+    lists = {}
+    for name in ("patients", "series"):
+        path = getattr(args, name)
+        if path:
+            write_csv(tables[name], path)
+            lists[name] = os.path.relpath(path, args.html.parent)
     with atomic_path(args.html) as tmp:
-        tmp.write_text(render_html(summary, tables), encoding="utf-8")
+        tmp.write_text(render_html(summary, tables, lists), encoding="utf-8")
     with atomic_path(args.summary) as tmp:
         tmp.write_text(json.dumps(summary, indent=2, ensure_ascii=False))
     append_history(history, summary)

@@ -21,6 +21,8 @@ rule report:
         removed=f"{STATE}/removed_sources.csv",
         plan_csv=f"{STATE}/plan.csv",
         skipped=f"{STATE}/skipped.csv",
+        patients=f"{STATE}/patients.csv",
+        series=f"{STATE}/series.csv",
     log:
         f"{STATE}/logs/report.log",
     conda:
@@ -43,4 +45,5 @@ rule report:
         " --output-dir {params.output_dir:q} --mode {params.mode}"
         " --html {output.html:q} --summary {output.summary:q}"
         " --removed {output.removed:q} --check {input.check:q}"
+        " --patients {output.patients:q} --series {output.series:q}"
         " --naming {params.naming:q} 2> {log:q}"

@@ -185,3 +185,13 @@ def test_a_setting_the_workflow_refuses_gives_its_line_and_exit_code(sorter):
     )
     assert "Traceback" not in result.output
     assert not sorter.output_dir.exists()
+
+
+def test_the_install_puts_a_dcmsort_command_beside_python(tmp_path):
+    # What README's "Real use" runs after `source .venv/bin/activate`.
+    command = Path(sys.executable).parent / "dcmsort"
+    assert command.exists(), "pyproject.toml's [project.scripts] has no dcmsort"
+    result = subprocess.run(
+        [str(command), "--help"], capture_output=True, text=True, cwd=tmp_path, timeout=60
+    )
+    assert result.returncode == 0 and "input_dir" in result.stdout

@@ -85,7 +85,7 @@ def keys(files: pa.Table, settings: Naming) -> pa.Array:
     """The partition key of every row (rendered once per distinct combination of the
     top level's values)."""
     template = naming.top_level(settings.folder_template)
-    fields = [field for field, _ in naming.template_fields(template)]
+    fields = naming.template_keywords(template)
 
     def column(field: str) -> list:
         if field == "filename":

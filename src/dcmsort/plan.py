@@ -455,8 +455,8 @@ class Renderer:
 
     def __init__(self, settings: Naming):
         self.settings = settings
-        self._folder_fields = [f for f, _ in naming.template_fields(settings.folder_template)]
-        self._file_fields = [f for f, _ in naming.template_fields(settings.file_template)]
+        self._folder_fields = naming.template_keywords(settings.folder_template)
+        self._file_fields = naming.template_keywords(settings.file_template)
         self._cache: dict[tuple, str] = {}
 
     @staticmethod

@@ -40,8 +40,12 @@ def test_each_kind_of_rule_matches_as_documented():
         {
             "Modality": ["MR", "CT", "SR", None, "MR", "MR", "MR", "MR"],
             "SeriesDescription": ["T1", "Scout", "T1", "T1", "T1", "T1", "T1", "T1"],
-            "ImageType": ["ORIGINAL\\PRIMARY", "", "", "", "DERIVED\\SECONDARY"]
-            + ["NOT_DERIVED", None, None],
+            "ImageType": [
+                "ORIGINAL\\PRIMARY",
+                *["", "", ""],
+                "DERIVED\\SECONDARY",
+                *["NOT_DERIVED", None, None],
+            ],
             "StudyDescription": [None] * 6 + ["Head RESEARCH", "test"],
         }
     )

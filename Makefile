@@ -24,13 +24,15 @@ install-slurm: $(INSTALLED)
 	$(BIN)/python -m pip install --quiet -e ".[slurm]"
 
 # The demo data is generated once; run `make demo` again to see an incremental no-op run.
+# config/demo.yaml adds a fallback and a filter to the defaults (`make clean` first if an
+# older demo/Classified was sorted with the plain default template: its layout is kept).
 demo: $(INSTALLED)
 	@test -d demo/Unclassified || $(BIN)/python -m dcmsort.demo demo/Unclassified --messy
-	$(BIN)/snakemake --cores $(CORES) --config input_dir=demo/Unclassified output_dir=demo/Classified
+	$(BIN)/snakemake --cores $(CORES) --configfile config/demo.yaml --config input_dir=demo/Unclassified output_dir=demo/Classified
 	@echo
-	@echo "Sorted tree:  demo/Classified/"
+	@echo "Sorted tree:  demo/Classified/  (a series without a description is named by its modality: DOE^JOHN_12345/RTSTRUCT_901)"
 	@echo "Report:       demo/Classified/.dcmsort/report.html  (open it in a browser)"
-	@echo "This run:     demo/Classified/.dcmsort/plan.csv (its decisions), skipped.csv (why not sorted)"
+	@echo "This run:     demo/Classified/.dcmsort/plan.csv (its decisions), skipped.csv (why not sorted; localizers: left out by the filter in config/demo.yaml)"
 	@echo "A file:       $(BIN)/dcmsort where demo/Classified demo/Unclassified/loose.dcm"
 
 test: $(INSTALLED)

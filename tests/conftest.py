@@ -42,7 +42,8 @@ def write_dicom(
     path: Path, name: str = "DOE^JOHN", pid: str = "1", desc: str = "T1", **kw
 ) -> bytes:
     """One real DICOM file from the project's generator (series ``desc`` of patient
-    ``pid``; ``sop``, ``instance``, ``number``, ``rows`` as keywords); returns its bytes."""
+    ``pid``; ``sop``, ``instance``, ``number``, ``rows`` as keywords; ``tags``: keyword ->
+    value to set, None to drop the tag); returns its bytes."""
     series = demo.Series(
         name,
         pid,
@@ -54,6 +55,11 @@ def write_dicom(
     )
     sop = kw.get("sop") or demo.uid(path)
     instance = demo.make_instance(series, kw.get("instance", 1), sop, rows=kw.get("rows", 16))
+    for keyword, value in kw.get("tags", {}).items():
+        if value is None:
+            delattr(instance, keyword)
+        else:
+            setattr(instance, keyword, value)
     demo.write(instance, path)
     return path.read_bytes()
 

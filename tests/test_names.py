@@ -393,3 +393,68 @@ def test_an_output_an_earlier_version_merged_keeps_its_files_and_the_report_flag
     sorter.run()
     later = assert_accounted_for(sorter)
     assert later["b/IM2.dcm"]["destination"] == merged.replace("IM1", "IM2")
+
+
+# --- issue 20: fallback chains in templates -------------------------------------------------
+
+FALLBACK_TEMPLATE = (
+    '{PatientName|PatientID}_{PatientID}/{SeriesDescription|ProtocolName|"no description"}'
+    "_{SeriesNumber|AcquisitionNumber:03d}"
+)
+
+
+def test_a_fallback_chain_names_folders_by_the_first_tag_with_a_value(sorter, tmp_path):
+    put = sorter.input_dir / "p"
+    write_dicom(put / "described.dcm", desc="T1", number=3, tags={"ProtocolName": "P"})
+    # SeriesDescription missing, or empty: the protocol names the series.
+    write_dicom(put / "missing.dcm", desc=None, number=4, tags={"ProtocolName": "ax t2"})
+    write_dicom(put / "empty.dcm", desc="", number=5, tags={"ProtocolName": "dwi"})
+    # Neither: the literal text; no SeriesNumber: the AcquisitionNumber, formatted.
+    write_dicom(
+        put / "bare.dcm",
+        desc=None,
+        tags={"SeriesNumber": None, "AcquisitionNumber": "7", "ProtocolName": ""},
+    )
+    # No PatientName: the PatientID names the patient; nothing at all: the placeholder.
+    write_dicom(sorter.input_dir / "q" / "anon.dcm", name="", pid="42", desc="T1")
+    write_dicom(
+        sorter.input_dir / "q" / "nothing.dcm",
+        name="",
+        pid="43",
+        desc=None,
+        tags={"SeriesNumber": None},
+    )
+    config = tmp_path / "fallbacks.yaml"
+    config.write_text(f"folder_template: '{FALLBACK_TEMPLATE}'\n")
+    sorter.run("--configfile", str(config))
+    rows = assert_accounted_for(sorter)
+    folders = {relpath: row["destination"].rsplit("/", 1)[0] for relpath, row in rows.items()}
+    assert folders == {
+        "p/described.dcm": "DOE^JOHN_1/T1_003",
+        "p/missing.dcm": "DOE^JOHN_1/ax t2_004",
+        "p/empty.dcm": "DOE^JOHN_1/dwi_005",
+        "p/bare.dcm": "DOE^JOHN_1/no description_007",
+        "q/anon.dcm": "42_42/T1_001",
+        "q/nothing.dcm": "43_43/no description_UNKNOWN",
+    }
+
+
+def test_a_chain_of_empty_tags_ends_with_the_placeholder(sorter):
+    write_dicom(sorter.input_dir / "p" / "IM1.dcm", desc=None, tags={"ProtocolName": ""})
+    sorter.run(folder_template="{PatientID}/{SeriesDescription|ProtocolName}", placeholder="NONE")
+    rows = assert_accounted_for(sorter)
+    assert rows["p/IM1.dcm"]["destination"] == "1/NONE/IM1.dcm"
+
+
+def test_two_patients_named_by_a_fallback_never_share_a_patient_folder(sorter):
+    # Same name, two IDs; and two without a name whose IDs differ only in case.
+    write_dicom(sorter.input_dir / "a" / "IM1.dcm", "ROE^ANN", "r1", "SER")
+    write_dicom(sorter.input_dir / "b" / "IM1.dcm", "ROE^ANN", "r2", "SER")
+    write_dicom(sorter.input_dir / "c" / "IM1.dcm", "", "x9", "SER")
+    write_dicom(sorter.input_dir / "d" / "IM1.dcm", "", "X9", "SER")
+    sorter.run(folder_template="{PatientName|PatientID}/{SeriesDescription}", partitions=2)
+    rows = assert_accounted_for(sorter)
+    patients = {relpath: row["destination"].split("/")[0] for relpath, row in rows.items()}
+    assert len({naming.fold(p) for p in patients.values()}) == 4, patients
+    assert patients["a/IM1.dcm"] == "ROE^ANN" or patients["b/IM1.dcm"] == "ROE^ANN"
+    assert sorter.summary()["patient_folders_with_several_ids"] == []

@@ -17,6 +17,7 @@ from dcmsort.naming import (
     safe_component,
     safe_value,
     short_hash,
+    template_keywords,
     template_problems,
 )
 
@@ -353,3 +354,70 @@ def test_the_patient_level_is_the_first_that_names_the_patient_id():
     assert patient_level(SEED_TEMPLATE) == 0
     assert patient_level("{Modality}/{PatientName}_{PatientID}/{SeriesNumber}") == 1
     assert patient_level("{PatientName}/{SeriesDescription}") is None
+    # A name that falls back to the ID is a patient folder: two IDs never share it.
+    assert patient_level("{PatientName|PatientID}/{SeriesDescription}") == 0
+
+
+FALLBACK_TEMPLATE = (
+    '{PatientName|PatientID}_{PatientID}/{SeriesDescription|ProtocolName|"no description"}'
+    "_{SeriesNumber|AcquisitionNumber:03d}"
+)
+
+
+@pytest.mark.parametrize(
+    ("values", "rendered"),
+    [
+        (
+            {"PatientName": "DOE^JOHN", "PatientID": "7", "SeriesDescription": "T1"},
+            "DOE^JOHN_7/T1_UNKNOWN",
+        ),
+        # Missing, empty and blank values fall through to the next in the chain.
+        (
+            {"PatientName": " ", "PatientID": "7", "SeriesDescription": "", "ProtocolName": "P"},
+            "7_7/P_UNKNOWN",
+        ),
+        ({"PatientID": "7", "SeriesNumber": "3"}, "7_7/no description_003"),
+        # The format spec applies to whichever value is chosen.
+        ({"AcquisitionNumber": "4"}, "UNKNOWN_UNKNOWN/no description_004"),
+        # A value chosen by a chain is made safe like any value.
+        ({"ProtocolName": "a/../b", "PatientID": "7"}, None),
+    ],
+)
+def test_a_fallback_chain_renders_its_first_value_that_is_not_empty(values, rendered):
+    path = render_path(FALLBACK_TEMPLATE, values, "UNKNOWN")
+    if rendered is not None:
+        assert path == rendered
+    assert len(path.split("/")) == 2 and all(map(is_safe_component, path.split("/")))
+
+
+def test_a_chain_without_text_ends_with_the_placeholder():
+    assert render_path("{SeriesDescription|ProtocolName}", {}, "NONE") == "NONE"
+
+
+def test_the_keywords_of_a_template_are_every_link_of_every_chain():
+    assert template_keywords(FALLBACK_TEMPLATE) == [
+        "PatientName",
+        "PatientID",
+        "SeriesDescription",
+        "ProtocolName",
+        "SeriesNumber",
+        "AcquisitionNumber",
+    ]
+
+
+@pytest.mark.parametrize(
+    ("template", "problem"),
+    [
+        ("{PatientID|}", "empty fallback in '{PatientID|}'"),
+        ("{|PatientID}", "empty fallback"),
+        ("{PatientID||Modality}", "empty fallback"),
+        ("{PatientID|PatientNmae}", "'{PatientNmae}', which is not a DICOM keyword"),
+        ('{PatientID|"none}', "without its closing"),
+        ('{PatientID|"none"|Modality}', 'after the fallback text "none", which is always'),
+        ('{PatientID|""}', "empty fallback text"),
+        ('{PatientID|"a/b"}', "not a valid file name on every system"),
+        ('{PatientID|".x"}', "not a valid file name on every system"),
+    ],
+)
+def test_a_broken_fallback_chain_is_named(template, problem):
+    assert problem in template_problems(template)[0]

@@ -40,3 +40,8 @@ def tag_for_keyword(keyword: str) -> int | None:
 def vr_for_keyword(keyword: str) -> str | None:
     entry = _by_keyword().get(keyword)
     return entry[1] if entry else None
+
+
+def keywords() -> list[str]:
+    """Every keyword of the dictionary (for a "did you mean" hint)."""
+    return list(_by_keyword())

@@ -244,9 +244,14 @@ def walk_folders(input_dir: str | Path, folders: list[str]) -> dict[str, list[En
     return {folder: walk_folder(input_dir, folder) for folder in sorted(folders)}
 
 
-def batch_fingerprint(walks: dict[str, list[Entry]]) -> str:
-    """One digest over the walked folders' fingerprints (the extract job's rerun trigger)."""
+def batch_fingerprint(walks: dict[str, list[Entry]], filter_keywords: list[str] = ()) -> str:
+    """One digest over the walked folders' fingerprints (the extract job's rerun trigger),
+    and over the keywords the filters read, if any: a filter on a keyword the manifests do
+    not carry yet must have them extracted again (the rows of unchanged files are reused,
+    and re-read only where a column is missing)."""
     digest = hashlib.sha256()
+    if filter_keywords:
+        digest.update(("\0".join(filter_keywords) + "\n").encode())
     for folder in sorted(walks):
         digest.update(
             f"{folder}\0{fingerprint(walks[folder])}\n".encode("utf-8", "surrogateescape")

@@ -236,6 +236,13 @@ def rows_by_key(table: pa.Table, other: pa.Table, keep: str) -> pa.Table:
     return table.filter(found if keep == "found" else pc.invert(found))
 
 
+def positions_by_key(table: pa.Table, other: pa.Table) -> pa.Array:
+    """For each row of table, the row of other with its file version (SOURCE_KEY), or null."""
+    if other.num_rows == 0:
+        return pa.nulls(table.num_rows, pa.int32())
+    return pc.index_in(_key(table), value_set=pc.unique(_key(other)))
+
+
 def patient_ids(values: pa.ChunkedArray | pa.Array) -> pa.ChunkedArray | pa.Array:
     """PatientID values as a patient folder compares them: exactly, after the trimming of
     padding spaces the standard allows (LO), and "" for none (absent and empty are one)."""

@@ -30,6 +30,8 @@ _WINDOWS_RESERVED = frozenset(
 )
 # Fields a template may use besides DICOM keywords.
 FILE_FIELDS = {"filename": "the original file name", "input_folder": "the top-level input folder"}
+# Separates the fallbacks of one field: {SeriesDescription|ProtocolName|"no description"}.
+FALLBACK = "|"
 
 
 @dataclass(frozen=True)
@@ -45,9 +47,9 @@ class Naming:
     def fields(self) -> set[str]:
         """Every field the two templates use (DICOM keywords and FILE_FIELDS)."""
         return {
-            field
+            keyword
             for template in (self.folder_template, self.file_template)
-            for field, _ in template_fields(template)
+            for keyword in template_keywords(template)
         }
 
 
@@ -99,7 +101,7 @@ def patient_level(folder_template: str) -> int | None:
     level = 0
     for literal, field_name, _, _ in _parsed(folder_template):
         level += literal.count("/")
-        if field_name == "PatientID":
+        if field_name is not None and "PatientID" in fallbacks(field_name).keywords:
             return level
     return None
 
@@ -197,12 +199,81 @@ def _parsed(template: str) -> tuple[tuple, ...]:
 
 
 def template_fields(template: str) -> list[tuple[str, str]]:
-    """The (field, format spec) pairs of a template, in order."""
+    """The (field, format spec) pairs of a template, in order; a field may be a chain of
+    fallbacks (``fallbacks``)."""
     return [
         (field, spec or "")
         for _, field, spec, _ in string.Formatter().parse(template)
         if field is not None
     ]
+
+
+@dataclass(frozen=True)
+class Fallbacks:
+    """What one field of a template renders: the first of ``keywords`` whose value is not
+    empty, else ``text`` (a quoted literal, last in the chain), else the placeholder.
+    ``problem`` says why the field cannot be used (None when it can)."""
+
+    keywords: tuple[str, ...]
+    text: str | None = None
+    problem: str | None = None
+
+
+_QUOTES = "\"'"
+
+
+@cache
+def fallbacks(field: str) -> Fallbacks:
+    """The chain of a field: ``PatientName|PatientID`` or ``StudyDate|"no date"``."""
+    keywords: list[str] = []
+    rest = field
+    while True:
+        if rest[:1] in _QUOTES and rest:
+            quote = rest[0]
+            text, closed, after = rest[1:].partition(quote)
+            if not closed:
+                problem = (
+                    f"has the fallback text {rest} without its closing {quote} (a fallback "
+                    "text cannot hold ':', '!', '{' or '}')"
+                )
+            elif after:
+                quoted = f"{quote}{text}{quote}"
+                problem = f"has {after!r} after the fallback text {quoted}, which is always used"
+            elif not text.strip():
+                problem = (
+                    f"has an empty fallback text {quote}{text}{quote}; leave it out for the "
+                    "placeholder"
+                )
+            elif not is_safe_component(text) or text != text.strip():
+                problem = (
+                    f"has the fallback text {quote}{text}{quote}, which is not a valid file name "
+                    "on every system; use letters, digits, spaces, '-' or '_'"
+                )
+            else:
+                return Fallbacks(tuple(keywords), text)
+            return Fallbacks(tuple(keywords), None, problem)
+        keyword, bar, rest = rest.partition(FALLBACK)
+        keyword = keyword.strip()
+        if not keyword:
+            what = (
+                "an empty field '{}'"
+                if not field.strip()
+                else f"an empty fallback in '{{{field}}}'"
+            )
+            return Fallbacks(tuple(keywords), None, f"has {what}")
+        keywords.append(keyword)
+        if not bar:
+            return Fallbacks(tuple(keywords))
+        rest = rest.strip()
+
+
+def template_keywords(template: str) -> list[str]:
+    """Every keyword a template reads (DICOM keywords and FILE_FIELDS), each once, in order."""
+    return list(
+        dict.fromkeys(
+            k for field, _ in template_fields(template) for k in fallbacks(field).keywords
+        )
+    )
 
 
 def template_problems(template: str, one_name: bool = False) -> list[str]:
@@ -219,13 +290,15 @@ def template_problems(template: str, one_name: bool = False) -> list[str]:
     if not fields:
         problems.append("uses no field in braces, so every file would get the same name")
     for field, _ in fields:
-        if not field:
-            problems.append("has an empty field '{}'")
-        elif field not in FILE_FIELDS and dictionary.tag_for_keyword(field) is None:
-            problems.append(
-                f"uses '{{{field}}}', which is not a DICOM keyword "
-                f"(examples: PatientID, SeriesNumber, StudyDate) nor one of {sorted(FILE_FIELDS)}"
-            )
+        chain = fallbacks(field)
+        if chain.problem:
+            problems.append(chain.problem)
+        problems.extend(
+            f"uses '{{{keyword}}}', which is not a DICOM keyword "
+            f"(examples: PatientID, SeriesNumber, StudyDate) nor one of {sorted(FILE_FIELDS)}"
+            for keyword in chain.keywords
+            if keyword not in FILE_FIELDS and dictionary.tag_for_keyword(keyword) is None
+        )
     if template.startswith("/") or any(part in ("..", ".") for part in template.split("/")):
         problems.append("must be a relative path without '.' or '..' components")
     elif "" in template.split("/"):
@@ -264,20 +337,30 @@ def render_path(template: str, values: Mapping[str, str | None], placeholder: st
             components[-1][1].append(chunk)
         if field is None:
             continue
-        value = values.get(field)
-        if value is None or str(value).strip() == "":
+        keyword, value = _first_value(fallbacks(field), values)
+        if value is None:
             safe = text = safe_component(placeholder)
         else:
-            text = str(value)
-            if _is_person_name(field):
+            text = value
+            if _is_person_name(keyword):
                 text = render_person_name(text)
             text = _format_value(text, spec)
             # Values are made safe on their own first, so a separator inside a value stays
             # text.
-            safe = safe_value(text, keep_extension=field == "filename")
+            safe = safe_value(text, keep_extension=keyword == "filename")
         components[-1][0].append(safe)
         components[-1][1].append(text)
     return "/".join(_component(safe, raw, placeholder) for safe, raw in components)
+
+
+def _first_value(chain: Fallbacks, values: Mapping[str, str | None]) -> tuple[str, str | None]:
+    """(keyword, value) of the first fallback with a value that is not empty or blank;
+    ("", text) for the chain's text; ("", None) when there is none (the placeholder)."""
+    for keyword in chain.keywords:
+        value = values.get(keyword)
+        if value is not None and str(value).strip() != "":
+            return keyword, str(value)
+    return "", chain.text
 
 
 def _component(safe_pieces: list[str], raw_pieces: list[str], placeholder: str) -> str:
@@ -311,5 +394,4 @@ def top_level(template: str) -> str:
 
 def top_level_from_headers(settings: Naming) -> bool:
     """Is the top-level folder rendered from header values only (partitions can split)?"""
-    fields = {field for field, _ in template_fields(top_level(settings.folder_template))}
-    return not fields & FILE_FIELDS.keys()
+    return not set(template_keywords(top_level(settings.folder_template))) & FILE_FIELDS.keys()

@@ -49,6 +49,7 @@ from dcmsort.fileops import (
     temp_path_for,
     with_schema,
 )
+from dcmsort.filters import NO_FILTERS, Filters
 from dcmsort.naming import Naming
 from dcmsort.plan import PLAN_TAGS, fold
 from dcmsort.progress import peak_rss_mb
@@ -85,7 +86,7 @@ def keys(files: pa.Table, settings: Naming) -> pa.Array:
     """The partition key of every row (rendered once per distinct combination of the
     top level's values)."""
     template = naming.top_level(settings.folder_template)
-    fields = [field for field, _ in naming.template_fields(template)]
+    fields = naming.template_keywords(template)
 
     def column(field: str) -> list:
         if field == "filename":
@@ -111,14 +112,17 @@ def keys(files: pa.Table, settings: Naming) -> pa.Array:
     return pa.array(result, pa.int64())
 
 
-def _fingerprint(path: Path) -> str:
+def _fingerprint(path: Path, filters: Filters) -> str:
     """A digest of a partition's rows, independent of their order: the version key
     columns sorted, as CSV text (a byte-exact rendering of the values; Arrow buffers may
-    carry padding), a slice at a time so that memory stays bounded."""
+    carry padding), a slice at a time so that memory stays bounded. The filters, if any,
+    are part of it: the plan applies them, so a change of filters plans again."""
     # One chunk: taking rows from a chunked table joins its chunks on every call.
     table = read_parquet(path, columns=list(ledger.SOURCE_KEY)).combine_chunks()
     order = pc.sort_indices(table, [(c, "ascending") for c in ledger.SOURCE_KEY])
     digest = hashlib.sha256()
+    if filters:
+        digest.update(filters.to_json().encode() + b"\n")
     no_header = pacsv.WriteOptions(include_header=False)
     for start in range(0, len(order), _FINGERPRINT_ROWS):
         sink = pa.BufferOutputStream()
@@ -128,16 +132,17 @@ def _fingerprint(path: Path) -> str:
     return digest.hexdigest()[:16]
 
 
-def slice_schema(settings: Naming) -> pa.Schema:
-    """The columns a plan job reads: the version key, the tags planning and the
-    templates use, and the partition key."""
+def slice_schema(settings: Naming, filters: Filters = NO_FILTERS) -> pa.Schema:
+    """The columns a plan job reads: the version key, the tags planning, the templates
+    and the filters use, and the partition key."""
     fields = [
         ("folder", pa.string()),
         *[(c, ledger.SCHEMA.field(c).type) for c in ledger.SOURCE_KEY],
         ("dicom", pa.bool_()),
     ]
     names = {name for name, _ in fields}
-    for tag in dict.fromkeys([*PLAN_TAGS, *sorted(settings.fields - naming.FILE_FIELDS.keys())]):
+    keywords = sorted((settings.fields | set(filters.keywords)) - naming.FILE_FIELDS.keys())
+    for tag in dict.fromkeys([*PLAN_TAGS, *keywords]):
         if tag not in names:
             fields.append((tag, pa.string()))
     return pa.schema([*fields, ("part_key", pa.int64())])
@@ -148,12 +153,13 @@ def route(
     state_dir: Path,
     settings: Naming,
     partitions: int | None,
+    filters: Filters = NO_FILTERS,
 ) -> dict:
     """Write each partition's rows (``parts/``); return the routes (partition count and
     the fingerprint of each partition's rows)."""
     total = sum(pq.ParquetFile(p).metadata.num_rows for p in manifests)
     count = partitions or (auto_partitions(total) if naming.top_level_from_headers(settings) else 1)
-    schema = slice_schema(settings)
+    schema = slice_schema(settings, filters)
     parts = [Part(k, count) for k in range(count)]
     folder = state_dir / PARTS
     folder.mkdir(parents=True, exist_ok=True)
@@ -186,7 +192,7 @@ def route(
             writer.close()
     fingerprints = []
     for part, tmp in zip(parts, temps, strict=True):
-        fingerprint = _fingerprint(tmp)
+        fingerprint = _fingerprint(tmp, filters)
         final = folder / f"{part.name}-{fingerprint}.parquet"
         if final.exists():
             tmp.unlink()
@@ -226,6 +232,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--output-dir", type=Path, required=True)
     parser.add_argument("--state-dir", type=Path, required=True)
     parser.add_argument("--naming", required=True, help="Naming settings as JSON")
+    parser.add_argument("--filters", default="{}", help="include and exclude rules as JSON")
     parser.add_argument("--partitions", default="auto")
     parser.add_argument("--mode", default="copy", help="transfer_mode (to settle a killed one)")
     parser.add_argument("--routes", type=Path, required=True)
@@ -238,7 +245,8 @@ def main(argv: list[str] | None = None) -> int:
     if args.manifests:  # a batch count no longer used leaves manifests nobody reads
         for stale in set(args.manifests[0].parent.glob("batch-*.parquet")) - set(args.manifests):
             stale.unlink()
-    routes = route(args.manifests, args.state_dir, settings, partitions)
+    filters = Filters.from_json(args.filters)
+    routes = route(args.manifests, args.state_dir, settings, partitions, filters)
     settled = settle_other_partitionings(
         args.state_dir, args.input_dir, args.output_dir, args.mode, routes["partitions"]
     )

@@ -49,6 +49,7 @@ import pyarrow.parquet as pq
 
 from dcmsort import inventory, ledger, naming
 from dcmsort.fileops import atomic_path, file_digest, read_parquet, remove_other_versions
+from dcmsort.filters import NO_FILTERS, Filters
 from dcmsort.naming import Naming, fold
 from dcmsort.progress import Progress, peak_rss_mb
 from dcmsort.routes import parse_part
@@ -311,6 +312,33 @@ def new_files(files: pa.Table, committed: pa.Table) -> pa.Table:
     return ledger.rows_by_key(dicom, committed, keep="missing")
 
 
+# The new files the filters leave out, as the report lists them: version and rule.
+EXCLUDED_SCHEMA = pa.schema(
+    [*(ledger.SCHEMA.field(name) for name in SOURCE_KEY), ("reason", pa.string())]
+)
+
+
+def leave_out(files: pa.Table, committed: pa.Table, filters: Filters) -> tuple[pa.Table, pa.Table]:
+    """(files without the new ones the filters leave out, those left out: EXCLUDED_SCHEMA).
+    Only new files (not in the ledger) are filtered: a file placed earlier stays placed
+    and counted, whatever the filters say now. A file left out is never in the ledger, so
+    every plan of its partition meets it as new again: the list is always complete, and a
+    file a later change of filters includes is planned like any new file."""
+    if not filters:
+        return files, EXCLUDED_SCHEMA.empty_table()
+    new = new_files(files, committed)
+    reasons = filters.reasons(new)
+    left_out = new.filter(pc.is_valid(reasons))
+    excluded = pa.table(
+        {
+            **{name: left_out[name] for name in SOURCE_KEY},
+            "reason": reasons.filter(pc.is_valid(reasons)),
+        },
+        schema=EXCLUDED_SCHEMA,
+    )
+    return ledger.rows_by_key(files, excluded, keep="missing"), excluded
+
+
 def _parent(destinations: pa.ChunkedArray | pa.Array) -> pa.Array:
     return pc.replace_substring_regex(destinations, pattern=r"/[^/]*$", replacement="")
 
@@ -455,8 +483,8 @@ class Renderer:
 
     def __init__(self, settings: Naming):
         self.settings = settings
-        self._folder_fields = [f for f, _ in naming.template_fields(settings.folder_template)]
-        self._file_fields = [f for f, _ in naming.template_fields(settings.file_template)]
+        self._folder_fields = naming.template_keywords(settings.folder_template)
+        self._file_fields = naming.template_keywords(settings.file_template)
         self._cache: dict[tuple, str] = {}
 
     @staticmethod
@@ -757,8 +785,8 @@ def _with_columns(files: pa.Table) -> pa.Table:
 # --- entry point ------------------------------------------------------------------------
 
 
-def read_manifests(paths: list[Path], settings: Naming) -> pa.Table:
-    """Every manifest row with the columns planning uses."""
+def read_manifests(paths: list[Path], settings: Naming, filters: Filters = NO_FILTERS) -> pa.Table:
+    """Every manifest row with the columns planning and the filters use."""
     wanted = list(
         dict.fromkeys(
             [
@@ -768,6 +796,7 @@ def read_manifests(paths: list[Path], settings: Naming) -> pa.Table:
                 "skip_reason",
                 *PLAN_TAGS,
                 *sorted(settings.fields),
+                *filters.keywords,
                 "part_key",
             ]
         )
@@ -806,6 +835,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument(
         "--ledger-marker", type=Path, help="written into the ledger folder once planned"
     )
+    parser.add_argument("--filters", default="{}", help="include and exclude rules as JSON")
+    parser.add_argument("--excluded", type=Path, help="the new files the filters leave out")
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s", stream=sys.stderr)
     started = time.perf_counter()
@@ -823,8 +854,10 @@ def main(argv: list[str] | None = None) -> int:
     settled = settle(pending, args.input_dir, args.output_dir, args.state_dir, args.mode, part)
     if settled:
         log.info("committed %d files a killed transfer had placed", settled)
-    files = read_manifests(args.manifests, settings)
+    filters = Filters.from_json(args.filters)
+    files = read_manifests(args.manifests, settings, filters)
     committed = ledger.read(args.state_dir, part=part)
+    files, excluded = leave_out(files, committed, filters)
     hashed = []
 
     def digest_of_input(relpath: str) -> str | None:
@@ -858,6 +891,11 @@ def main(argv: list[str] | None = None) -> int:
     # is what tells the next plan what a killed transfer may have left.
     with atomic_path(pending) as tmp:
         pq.write_table(plan, tmp)
+    if args.excluded is not None:
+        with atomic_path(args.excluded) as tmp:
+            pq.write_table(excluded, tmp)
+        if part:
+            remove_other_versions(args.excluded, part.name)
     if args.ledger_marker is not None:
         with atomic_path(args.ledger_marker) as tmp:
             tmp.write_text(LEDGER_MARKER)
@@ -865,11 +903,13 @@ def main(argv: list[str] | None = None) -> int:
             remove_other_versions(args.ledger_marker, f"planned-{part.name}")
     actions = plan["action"].to_pylist()
     log.info(
-        "plan%s: %d files, %d committed earlier, %d new: %d to sort, %d already present, "
-        "%d to relink, %d duplicates, %d conflicts; %d digests; %.2f s, peak RSS %d MB",
+        "plan%s: %d files, %d committed earlier, %d left out by filters, %d new: %d to sort, "
+        "%d already present, %d to relink, %d duplicates, %d conflicts; %d digests; %.2f s, "
+        "peak RSS %d MB",
         f" {part.name}" if part else "",
-        files.num_rows,
+        files.num_rows + excluded.num_rows,
         committed.num_rows,
+        excluded.num_rows,
         plan.num_rows,
         actions.count(SORT),
         actions.count(PRESENT),

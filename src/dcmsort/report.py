@@ -624,6 +624,25 @@ def read_manifests(paths: list[Path]) -> tuple[pa.Table, list[dict]]:
     return pa.concat_tables(tables), meta
 
 
+def with_excluded(files: pa.Table, paths: list[Path]) -> pa.Table:
+    """files with those the filters left out (``plan.leave_out``, one list per partition)
+    as skipped, the rule as their reason."""
+    lists = [read_parquet(p) for p in paths if p.exists()]
+    excluded = pa.concat_tables(lists) if lists else None
+    if excluded is None or excluded.num_rows == 0:
+        return files
+    found = ledger.positions_by_key(files, excluded)
+    reason = excluded["reason"].combine_chunks().take(found)
+    left_out = pc.is_valid(found)
+    return files.set_column(
+        files.column_names.index("dicom"), "dicom", pc.and_not(files["dicom"], left_out)
+    ).set_column(
+        files.column_names.index("skip_reason"),
+        "skip_reason",
+        pc.if_else(left_out, reason, files["skip_reason"]),
+    )
+
+
 # Plan columns for the next stages, not for people reading plan.csv.
 PLAN_INTERNAL = ["ctime_ns", "ino", "committed", "digest", "base_folder", "part_key"]
 
@@ -642,6 +661,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--plans", type=Path, nargs="*", default=[])
     parser.add_argument("--plan-csv", type=Path, help="this run's decisions, as CSV")
     parser.add_argument("--skipped", type=Path, help="the files not sorted and why, as CSV")
+    parser.add_argument(
+        "--excluded", type=Path, nargs="*", default=[], help="the files filters left out"
+    )
     parser.add_argument("--manifests", type=Path, nargs="*", default=[])
     parser.add_argument("--state-dir", type=Path, required=True)
     parser.add_argument("--output-dir", type=Path, required=True)
@@ -658,6 +680,7 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s", stream=sys.stderr)
     files, meta = read_manifests(args.manifests)
+    files = with_excluded(files, args.excluded)
     committed = ledger.read(args.state_dir, LEDGER_COLUMNS)
     history = args.state_dir / HISTORY
     previous = last_history(history)

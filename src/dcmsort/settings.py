@@ -16,11 +16,11 @@ import fcntl
 import json
 import os
 from collections.abc import Mapping
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import IO, Any
 
-from dcmsort import naming, permissions
+from dcmsort import filters, naming, permissions
 from dcmsort.naming import Naming
 
 STATE_FOLDER = ".dcmsort"
@@ -63,15 +63,23 @@ class Settings:
     # How this run checks every placement after the transfer: "size", "checksum", or None
     # (a plain run trusts the ledger and looks at no placed file).
     check: str | None = None
+    # Which files are sorted (config keys include and exclude); not part of the layout:
+    # a change sorts newly included files and removes none.
+    filters: filters.Filters = field(default_factory=filters.Filters)
 
     @property
     def naming_json(self) -> str:
         return json.dumps(asdict(self.naming), ensure_ascii=False)
 
     @property
+    def filters_json(self) -> str:
+        return self.filters.to_json()
+
+    @property
     def keywords(self) -> list[str]:
-        """DICOM keywords the templates use (the manifests must carry them)."""
-        return sorted(self.naming.fields - naming.FILE_FIELDS.keys())
+        """DICOM keywords the templates and the filters use (the manifests must carry
+        them)."""
+        return sorted((self.naming.fields | set(self.filters.keywords)) - naming.FILE_FIELDS.keys())
 
 
 def _inside(path: Path, folder: Path) -> bool:
@@ -163,14 +171,20 @@ def _describe(schema: Mapping) -> str:
     if "enum" in schema:
         return "one of " + ", ".join(map(str, schema["enum"]))
     kind = schema.get("type")
+    if isinstance(kind, list):
+        return " or ".join(_describe({**schema, "type": one}) for one in kind)
     if kind == "integer":
         low, high = schema.get("minimum"), schema.get("maximum")
         if low is not None and high is not None:
             return f"a whole number from {low} to {high}"
         return "a whole number"
-    return {"boolean": "true or false", "string": "text", "number": "a number"}.get(
-        kind, f"of type {kind}"
-    )
+    return {
+        "boolean": "true or false",
+        "string": "text",
+        "number": "a number",
+        "object": "a mapping (keyword: value)",
+        "null": "empty",
+    }.get(kind, f"of type {kind}")
 
 
 def schema_message(error: Any) -> str:
@@ -350,6 +364,10 @@ def resolve(config: dict, cwd: Path | None = None) -> Settings:
         placeholder,
         bool(config["keep_series_apart"]),
     )
+    try:
+        rules = filters.parse(config)
+    except filters.FilterError as error:
+        raise ConfigError(f"{error} (filters: {README})") from None
     given = config.get("partitions", "auto")
     partitions = None if given == "auto" else int(given)
     if partitions and partitions > 1 and not naming.top_level_from_headers(naming_settings):
@@ -368,6 +386,7 @@ def resolve(config: dict, cwd: Path | None = None) -> Settings:
         batches=None if config["batches"] == "auto" else int(config["batches"]),
         partitions=partitions,
         check=check_how(config.get("check", False), config["verify"]),
+        filters=rules,
     )
 
 

@@ -67,6 +67,7 @@ STATE = str(SETTINGS.state_dir)
 # Folders under STATE the rules write into: made in onstart with the state folder's mode
 # (Snakemake would make them with the plain umask, closed to a sharing group).
 STATE_FOLDERS = (
+    "excluded",
     "ledger",
     "logs/extract",
     "logs/plan",
@@ -103,7 +104,7 @@ def batch_fingerprint(batch):
     """Names and versions of a batch's files (stat only): part of the name of the batch's
     manifest, so a change makes the extract job run again."""
     walks = inventory.walk_folders(SETTINGS.input_dir, FOLDERS_OF_BATCH[int(batch)])
-    fingerprint = inventory.batch_fingerprint(walks)
+    fingerprint = inventory.batch_fingerprint(walks, SETTINGS.filters.keywords)
     manifest = f"{STATE}/manifests/batch-{batch}-{fingerprint}.parquet"
     if not os.path.exists(manifest):
         WALKS_TO_WRITE[inventory.walk_path(manifest)] = inventory.dump_walk(walks)
@@ -141,11 +142,13 @@ def manifests_by_name(wildcards=None):
 @cache
 def routes_key():
     """The name of the partition job's output: a digest of everything it reads (the batch
-    manifests, named by their fingerprints; this run's check; the settings it applies).
+    manifests, named by their fingerprints; this run's check; the settings it applies,
+    the filters among them, so that a change of filters plans every partition again).
     Snakemake takes an existing checkpoint output as current, so any change must be a
     missing file for the partition job to run again before the plans."""
     inputs = [*batch_manifests(), *check_results(), str(SETTINGS.partitions)]
-    return routes.digest([*inputs, SETTINGS.naming_json])
+    rules = [SETTINGS.filters_json] if SETTINGS.filters else []
+    return routes.digest([*inputs, SETTINGS.naming_json, *rules])
 
 
 def partition_jobs():
@@ -160,6 +163,11 @@ def transfer_results(wildcards=None):
 
 def partition_plans(wildcards=None):
     return [f"{STATE}/plan/{job}.parquet" for job in partition_jobs()]
+
+
+def excluded_lists(wildcards=None):
+    """Each partition's files the filters left out, with the rule (for skipped.csv)."""
+    return [f"{STATE}/excluded/{job}.parquet" for job in partition_jobs()]
 
 
 def threads_per_partition(wildcards):
@@ -287,6 +295,7 @@ def rewrite_report():
     write_report(
         ["--transfers", *[f"{STATE}/transfers/{job}.parquet" for job in jobs]]
         + ["--plans", *[f"{STATE}/plan/{job}.parquet" for job in jobs]]
+        + ["--excluded", *[f"{STATE}/excluded/{job}.parquet" for job in jobs]]
         + ["--plan-csv", rules.report.output.plan_csv]
         + ["--skipped", rules.report.output.skipped]
         + ["--manifests", *batch_manifests()]

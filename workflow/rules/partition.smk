@@ -22,6 +22,7 @@ checkpoint partition:
         dcmsort=DCMSORT,
         # A function, so that the braces of the templates are not read as wildcards.
         naming=lambda wildcards: SETTINGS.naming_json,
+        filters=lambda wildcards: SETTINGS.filters_json,
         input_dir=SETTINGS.input_dir,
         output_dir=SETTINGS.output_dir,
         # The state folder, from an output (not a fixed prefix: snakemake --lint).
@@ -32,5 +33,5 @@ checkpoint partition:
         "{params.dcmsort} partition --manifests {input.manifests:q}"
         " --input-dir {params.input_dir:q} --output-dir {params.output_dir:q}"
         " --state-dir {params.state_dir:q} --naming {params.naming:q}"
-        " --partitions {params.partitions} --mode {params.mode}"
+        " --filters {params.filters:q} --partitions {params.partitions} --mode {params.mode}"
         " --routes {output.routes:q} --log {log:q} 2> {log:q}"

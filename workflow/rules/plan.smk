@@ -10,6 +10,8 @@ rule plan:
         # Named by the target: a ledger removed by hand takes it along, and the next run
         # plans every file again (they are found on disk by content, not copied twice).
         ledger_marker=f"{STATE}/ledger/planned-{{part}}-{{fingerprint}}.txt",
+        # The new files the filters leave out, with the rule: read by the report.
+        excluded=f"{STATE}/excluded/{{part}}-{{fingerprint}}.parquet",
     log:
         f"{STATE}/logs/plan/{{part}}-{{fingerprint}}.log",
     conda:
@@ -21,6 +23,7 @@ rule plan:
         dcmsort=DCMSORT,
         # A function, so that the braces of the templates are not read as wildcards.
         naming=lambda wildcards: SETTINGS.naming_json,
+        filters=lambda wildcards: SETTINGS.filters_json,
         input_dir=SETTINGS.input_dir,
         output_dir=SETTINGS.output_dir,
         # The state folder, from an output (not a fixed prefix: snakemake --lint).
@@ -33,4 +36,5 @@ rule plan:
         " --input-dir {params.input_dir:q} --output-dir {params.output_dir:q}"
         " --state-dir {params.state_dir:q} --naming {params.naming:q}"
         " --plan {output.plan:q} --mode {params.mode} --log {log:q}"
-        " --ledger-marker {output.ledger_marker:q} 2> {log:q}"
+        " --ledger-marker {output.ledger_marker:q} --filters {params.filters:q}"
+        " --excluded {output.excluded:q} 2> {log:q}"

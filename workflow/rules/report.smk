@@ -9,6 +9,7 @@ rule report:
     input:
         transfers=transfer_results,
         plans=partition_plans,
+        excluded=excluded_lists,
         manifests=batch_manifests,
         check=check_results,
     output:
@@ -40,6 +41,7 @@ rule report:
         naming=lambda wildcards: SETTINGS.naming_json,
     shell:
         "{params.dcmsort} report --transfers {input.transfers:q} --plans {input.plans:q}"
+        " --excluded {input.excluded:q}"
         " --plan-csv {output.plan_csv:q} --skipped {output.skipped:q}"
         " --manifests {input.manifests:q} --state-dir {params.state_dir:q}"
         " --output-dir {params.output_dir:q} --mode {params.mode}"

@@ -78,6 +78,8 @@ rule all:
 BARE_FLAGS = ("-c1", "--quiet", "-d")
 DCM2NIIX_FLAGS = ("-r", "y", "-f", "%n_%i/%d_%s/%b", "-o")
 _JOB_PEAK = re.compile(rb"peak RSS (\d+) MB")
+# A progress line a dcmsort job printed on the console (issue 20: at least 3, no flood).
+_PROGRESS = re.compile(r"^dcmsort (extract|plan|transfer)\b.* files/s", re.MULTILINE)
 
 
 DROP_CACHES = Path("/proc/sys/vm/drop_caches")
@@ -121,6 +123,7 @@ def measure(command: list[str], job_logs: Path | None = None, cold: bool = False
             for m in _JOB_PEAK.findall(log.read_bytes()[-400:])
         ]
         result["largest_job_rss_mb"] = max(peaks, default=0)
+        result["progress_lines"] = len(_PROGRESS.findall(text))
     return result
 
 
@@ -459,7 +462,7 @@ def run_shape(name: str, out: Path, cores: int, repeat: int) -> dict:
     results = {
         label: {
             key: summarise([s[key] for s in runs])
-            for key in ("wall_s", "cpu_s", "peak_rss_mb", "largest_job_rss_mb")
+            for key in ("wall_s", "cpu_s", "peak_rss_mb", "largest_job_rss_mb", "progress_lines")
             if key in runs[0]
         }
         for label, runs in samples.items()
@@ -562,14 +565,16 @@ def print_table(summary: dict) -> None:
         f"{summary['repeat']} runs; warm page cache, except {COLD}: "
         f"{'dropped before each command' if summary.get('caches_dropped') else NOT_DROPPED}\n"
     )
-    print("| what | wall s | CPU s | peak RSS MB | largest job MB |")
-    print("|---|---:|---:|---:|---:|")
+    print("| what | wall s | CPU s | peak RSS MB | largest job MB | console progress lines |")
+    print("|---|---:|---:|---:|---:|---:|")
     for label, value in summary["results"].items():
         job = value.get("largest_job_rss_mb")
         job_cell = "" if job is None else f"{job['max']:.0f}"
+        lines = value.get("progress_lines")
+        lines_cell = "" if lines is None else f"{lines['median']:.0f}"
         print(
             f"| {label} | {_cell(value['wall_s'])} | {_cell(value['cpu_s'])} | "
-            f"{value['peak_rss_mb']['median']:.0f} | {job_cell} |"
+            f"{value['peak_rss_mb']['median']:.0f} | {job_cell} | {lines_cell} |"
         )
     print("\n| target (ratio of medians) | measured | limit | met |")
     print("|---|---:|---:|:-:|")

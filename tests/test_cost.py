@@ -26,9 +26,11 @@ def test_a_full_run_stays_within_two_stats_and_three_opens_per_file(tmp_path):
         return sum(calls.get(call, (0, 0))[0] for calls in result[run].values())
 
     # One stat per file to fingerprint it, one fstat when its copy is checked; one open to
-    # read its header, two to copy it (the input and the new file).
-    assert per_file("full run", "stat") == pytest.approx(2.0, abs=0.01)
-    assert per_file("full run", "open") == pytest.approx(3.0, abs=0.01)
+    # read its header, two to copy it (the input and the new file). The margin is for the
+    # odd call a run makes once (a lazy import, a log) that lands in one count and not the
+    # other; one call more per file is 1.0 more.
+    assert per_file("full run", "stat") <= 2.1
+    assert per_file("full run", "open") <= 3.1
     # A no-op rerun: the fingerprint's stat, and no input opened.
-    assert per_file("no-op rerun", "stat") == pytest.approx(1.0, abs=0.01)
-    assert per_file("no-op rerun", "open") == pytest.approx(0.0, abs=0.01)
+    assert per_file("no-op rerun", "stat") <= 1.1
+    assert per_file("no-op rerun", "open") <= 0.1

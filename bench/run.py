@@ -368,9 +368,9 @@ def run_shape(name: str, out: Path, cores: int, repeat: int) -> dict:
                 str(bare),
             ],
         )
+        dcm2niix = shutil.which("dcm2niix") or str(Path(sys.executable).parent / "dcm2niix")
         if name in COLD_SHAPES:
             # Cold first: cp -r, dcm2niix and a dcmsort copy, as a user meets data on disk.
-            dcm2niix = shutil.which("dcm2niix") or str(Path(sys.executable).parent / "dcm2niix")
             for folder in ("cp", "dcm2niix", "sorted-cold", "work-cold"):
                 shutil.rmtree(base / folder, ignore_errors=True)
             record("cp -r", ["cp", "-r", str(source), str(base / "cp")], cold=True)
@@ -393,6 +393,7 @@ def run_shape(name: str, out: Path, cores: int, repeat: int) -> dict:
             for path in source.rglob("*"):  # warm again for the warm contenders
                 if path.is_file():
                     path.read_bytes()
+        if name in FLOORS:
             shutil.rmtree(base / "cp", ignore_errors=True)
             record("cp -r (floor)", ["cp", "-r", str(source), str(base / "cp")])
             shutil.rmtree(base / "cp", ignore_errors=True)

@@ -589,6 +589,12 @@ class Outcome:
     ctime_ns: int | None = None  # the input's ctime, when placing it changed it (hard link)
 
 
+def _unplaced(rows: list[Row], error: TransferError | OSError) -> list[Outcome]:
+    """The outcome of rows whose folder could not be opened or made."""
+    detail = str(error) if isinstance(error, TransferError) else error.strerror
+    return [Outcome(row, ERROR, detail=detail) for row in rows]
+
+
 def _place_folders(
     tree: OutputTree,
     parent: str,
@@ -602,8 +608,7 @@ def _place_folders(
     try:
         parent_fd = tree.open_folder(parent)
     except (TransferError, OSError) as error:
-        detail = str(error) if isinstance(error, TransferError) else error.strerror
-        return [Outcome(row, ERROR, detail=detail) for _, rows in folders for row in rows]
+        return _unplaced([row for _, rows in folders for row in rows], error)
     try:
         return [
             outcome
@@ -629,8 +634,7 @@ def _place_folder(
     try:
         folder_fd = tree.open_folder(folder, at=at)
     except (TransferError, OSError) as error:
-        detail = str(error) if isinstance(error, TransferError) else error.strerror
-        return [Outcome(row, ERROR, detail=detail) for row in rows]
+        return _unplaced(rows, error)
     outcomes = []
     try:
         for row in rows:

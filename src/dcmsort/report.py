@@ -360,6 +360,12 @@ def input_folders(relpaths: pa.ChunkedArray | pa.Array) -> pa.ChunkedArray | pa.
     return pc.replace_substring_regex(relpaths, r"^(?:(.*)/)?[^/]*$", r"\1")
 
 
+def as_times(seconds: pa.ChunkedArray | pa.Array) -> pa.ChunkedArray | pa.Array:
+    """Seconds since the epoch (a ledger's committed_at) as UTC times, to the millisecond."""
+    milliseconds = pc.floor(pc.multiply(seconds, 1000)).cast(pa.int64())
+    return milliseconds.cast(pa.timestamp("ms", "UTC"))
+
+
 def typed_values(table: pa.Table) -> pa.Table:
     """table with each text column of a DICOM date (DA) as dates and of a number (IS, DS)
     as numbers; a value that is not one (header values are untrusted) is null."""
@@ -427,7 +433,7 @@ def catalog(
     )
     grouped = grouped.filter(pc.greater(grouped["size_count"], 0))
     added = {
-        name: pc.floor(grouped[f"added_{how}"]).cast(pa.int64()).cast(pa.timestamp("s", "UTC"))
+        name: as_times(grouped[f"added_{how}"])
         for name, how in (("first added", "min"), ("last added", "max"))
     }
     table = pa.table(

@@ -391,66 +391,69 @@ def catalog(
     committed: pa.Table, placed: pa.Table, files: pa.Table, tags: list[str], level: int | None
 ) -> pa.Table:
     """One row per series folder holding placed files: its patient folder, header values
-    (CATALOG_HEADERS and tags: the first value found among its files, from the ledger or
-    the manifest of a current input), files and bytes, when its first and last file were
-    added, and the input folders of every input whose content is in it. No input file is
-    opened. Columnar: one group_by over the ledger rows and the placements."""
+    (CATALOG_HEADERS and tags: those of its first file whose input is current, else those
+    the ledger keeps of its first file), files and bytes, when its first and last file
+    were added, and the input folders of every input whose content is in it. No input
+    file is opened. Columnar, and header values are taken for one file per folder only."""
     headers = list(dict.fromkeys([*CATALOG_HEADERS, *tags]))
+    per_placement = pa.table(
+        {
+            "series folder": parent_folders(placed["destination"]),
+            "size": placed["size"],
+            "added": placed["committed_at"],
+        }
+    )
+    counts = per_placement.group_by("series folder", use_threads=False).aggregate(
+        [([], "count_all"), ("size", "sum"), ("added", "min"), ("added", "max")]
+    )
+    del per_placement
+    series = counts["series folder"]
+    # Every ledger row (placed or duplicate) whose destination is in a series folder.
+    folders = parent_folders(committed["destination"])
+    sources = pa.table(
+        {"series folder": folders, "input folder": input_folders(committed["relpath"])}
+    )
+    sources = sources.group_by("series folder", use_threads=False).aggregate(
+        [("input folder", "distinct")]
+    )
+    # One file per series folder: its first row, and its first row whose input is current.
     found = ledger.positions_by_key(committed, files)
-    per_row = {
-        "series folder": parent_folders(committed["destination"]),
-        "input folder": input_folders(committed["relpath"]),
-        "size": pa.nulls(committed.num_rows, pa.int64()),
-        "added": pa.nulls(committed.num_rows, pa.float64()),
-    }
+    current = pc.indices_nonzero(pc.is_valid(found))
+    first = pc.index_in(series, value_set=folders)
+    first_current = current.take(pc.index_in(series, value_set=folders.take(current)))
+    row = pc.coalesce(first_current, first)
+    in_manifest = found.take(first_current)
+    values = {}
     for name in headers:
-        manifest = (
-            files[name].take(found)
+        value = (
+            files[name].take(in_manifest).cast(pa.string())
             if name in files.column_names
-            else pa.nulls(committed.num_rows, pa.string())
+            else pa.nulls(len(series), pa.string())
         )
         known = _LEDGER_HEADERS.get(name)
-        per_row[name] = pc.coalesce(committed[known], manifest) if known else manifest
-    # The placements (one row per file in place) count the files, bytes and times.
-    per_file = {
-        "series folder": parent_folders(placed["destination"]),
-        "input folder": input_folders(placed["relpath"]),
-        "size": placed["size"],
-        "added": placed["committed_at"],
-        **{name: pa.nulls(placed.num_rows, pa.string()) for name in headers},
-    }
-    rows = pa.concat_tables([pa.table(per_row), pa.table(per_file)])
-    del per_row, per_file
-    grouped = rows.group_by("series folder", use_threads=False).aggregate(
-        [
-            ("size", "count"),
-            ("size", "sum"),
-            ("added", "min"),
-            ("added", "max"),
-            ("input folder", "distinct"),
-            *((name, "first") for name in headers),
-        ]
-    )
-    grouped = grouped.filter(pc.greater(grouped["size_count"], 0))
+        values[name] = pc.coalesce(committed[known].take(row), value) if known else value
     added = {
-        name: as_times(grouped[f"added_{how}"])
+        name: as_times(counts[f"added_{how}"])
         for name, how in (("first added", "min"), ("last added", "max"))
     }
+    inputs = sources["input folder_distinct"].take(
+        pc.index_in(series, value_set=sources["series folder"])
+    )
     table = pa.table(
         {
-            "patient folder": patient_folders(grouped["series folder"], level),
-            "series folder": grouped["series folder"],
-            **{name: grouped[f"{name}_first"] for name in headers},
-            "files": grouped["size_count"],
-            "bytes": grouped["size_sum"],
+            "patient folder": patient_folders(series, level),
+            "series folder": series,
+            **values,
+            "files": counts["count_all"],
+            "bytes": counts["size_sum"],
             **added,
-            "input folders": _sorted_lists(grouped["input folder_distinct"]),
+            "input folders": _sorted_lists(inputs),
         }
     )
     return typed_values(table).sort_by("series folder")
 
 
-def _sorted_lists(lists: pa.ChunkedArray) -> pa.Array:
+def _sorted_lists(lists: pa.ChunkedArray | pa.Array) -> pa.Array:
     """Each list sorted (a distinct aggregate keeps no order)."""
     return pa.array([sorted(found) for found in lists.to_pylist()], pa.list_(pa.string()))
 
@@ -745,6 +748,10 @@ def read_manifests(paths: list[Path], headers: list[str] = ()) -> tuple[pa.Table
         for name in columns:
             if name not in table.column_names:
                 table = table.append_column(name, pa.nulls(table.num_rows, pa.string()))
+        for name in headers:  # few distinct values each: a dictionary holds them in little memory
+            if name != "PatientID":
+                index = table.column_names.index(name)
+                table = table.set_column(index, name, pc.dictionary_encode(table[name]))
         tables.append(table.select(columns))
         meta.append({k.decode(): v.decode() for k, v in (schema.metadata or {}).items()})
     if not tables:

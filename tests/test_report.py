@@ -560,7 +560,7 @@ def test_catalogue_has_one_row_per_series_folder_also_when_its_inputs_are_gone()
         {"relpath": "q/a", "destination": "P/S1/a", "status": ledger.DUPLICATE},
         {"relpath": "old/c", "destination": "P/S2/c", "series_uid": "2.2", "modality": "CT"},
     )
-    table = catalog(c, placements(c), f, ["Modality"], level=0)
+    table = catalog(c, ledger.live(c, f), placements(c), f, ["Modality"], level=0)
     rows = {row["series folder"]: row for row in table.to_pylist()}
     assert rows.keys() == {"P/S1", "P/S2"}
     s1, s2 = rows["P/S1"], rows["P/S2"]

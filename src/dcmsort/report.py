@@ -285,7 +285,7 @@ def summarise(
         "series": series,
         "check": checked,
         "shared": shared.set_column(1, "PatientIDs", pc.binary_join(shared["PatientIDs"], ", ")),
-        "catalog": catalog(committed, placed, files, list(catalog_tags), patient_level),
+        "catalog": catalog(committed, live_rows, placed, files, list(catalog_tags), patient_level),
     }
     return summary, tables
 
@@ -388,7 +388,12 @@ def typed_values(table: pa.Table) -> pa.Table:
 
 
 def catalog(
-    committed: pa.Table, placed: pa.Table, files: pa.Table, tags: list[str], level: int | None
+    committed: pa.Table,
+    live: pa.Table,
+    placed: pa.Table,
+    files: pa.Table,
+    tags: list[str],
+    level: int | None,
 ) -> pa.Table:
     """One row per series folder holding placed files: its patient folder, header values
     (CATALOG_HEADERS and tags: those of its first file whose input is current, else those
@@ -416,13 +421,12 @@ def catalog(
     sources = sources.group_by("series folder", use_threads=False).aggregate(
         [("input folder", "distinct")]
     )
-    # One file per series folder: its first row, and its first row whose input is current.
-    found = ledger.positions_by_key(committed, files)
-    current = pc.indices_nonzero(pc.is_valid(found))
+    # One file per series folder: its first row whose input is current (live: the ledger
+    # rows whose input file version is in files), else its first row.
     first = pc.index_in(series, value_set=folders)
-    first_current = current.take(pc.index_in(series, value_set=folders.take(current)))
-    row = pc.coalesce(first_current, first)
-    in_manifest = found.take(first_current)
+    first_live = pc.index_in(series, value_set=parent_folders(live["destination"]))
+    representative = live.take(first_live)
+    in_manifest = ledger.positions_by_key(representative, files)
     values = {}
     for name in headers:
         value = (
@@ -431,7 +435,9 @@ def catalog(
             else pa.nulls(len(series), pa.string())
         )
         known = _LEDGER_HEADERS.get(name)
-        values[name] = pc.coalesce(committed[known].take(row), value) if known else value
+        if known:
+            value = pc.coalesce(representative[known], committed[known].take(first), value)
+        values[name] = value
     added = {
         name: as_times(counts[f"added_{how}"])
         for name, how in (("first added", "min"), ("last added", "max"))

@@ -117,7 +117,8 @@ class Tables:
         self, columns: list[str] | None = None, filters: Filters = None
     ) -> pandas.DataFrame:
         """The manifests: one row per current input file (skipped ones too, ``dicom``
-        false), with the header values the extract read (text; dates and numbers typed)."""
+        false), with the header values the extract read; dates and numbers are typed after
+        reading, so filters compare the stored text: ``[("StudyDate", ">=", "20240101")]``."""
         return to_pandas(typed_values(self._read(self._manifests(), columns, filters)))
 
     def skipped(

@@ -17,7 +17,7 @@ from conftest import assert_every_file_accounted_for, write_dicom
 from dcmsort import demo, ledger, status
 from dcmsort.fileops import from_spreadsheet_safe, spreadsheet_safe, write_csv
 from dcmsort.headers import NOT_DICOM
-from dcmsort.report import MAX_PATIENTS_LISTED, render_html, summarise
+from dcmsort.report import MAX_PATIENTS_LISTED, catalog, placements, render_html, summarise
 from dcmsort.status import last_history
 from dcmsort.transfer import RESULT_SCHEMA
 
@@ -545,3 +545,56 @@ def test_patient_folders_are_counted_at_the_templates_level_with_the_patient_id(
         {"patient folder": "MR/r2", "series": 1, "files": 1, "bytes": 7},
     ]
     assert (summary["patients"], summary["series"]) == (2, 3)
+
+
+# --- the series catalogue -------------------------------------------------------------------
+
+
+def test_catalogue_has_one_row_per_series_folder_also_when_its_inputs_are_gone():
+    f = files(("p/1/a", 10, 1), ("q/a", 10, 1)).append_column(
+        "SeriesDescription", pa.array(["=T1 axial", "=T1 axial"])
+    )
+    c = committed(
+        {"relpath": "p/1/a", "destination": "P/S1/a", "patient_id": "7", "committed_at": 5.0},
+        {"relpath": "p/1/b", "destination": "P/S1/b", "committed_at": 9.0},  # gone since
+        {"relpath": "q/a", "destination": "P/S1/a", "status": ledger.DUPLICATE},
+        {"relpath": "old/c", "destination": "P/S2/c", "series_uid": "2.2", "modality": "CT"},
+    )
+    table = catalog(c, ledger.live(c, f), placements(c), f, ["Modality"], level=0)
+    rows = {row["series folder"]: row for row in table.to_pylist()}
+    assert rows.keys() == {"P/S1", "P/S2"}
+    s1, s2 = rows["P/S1"], rows["P/S2"]
+    assert (s1["files"], s1["bytes"], s1["input folders"]) == (2, 20, ["p/1", "q"])
+    assert (s1["SeriesDescription"], s1["PatientID"], s1["Modality"]) == ("=T1 axial", "7", "MR")
+    assert s1["first added"].timestamp() == 5.0 and s1["last added"].timestamp() == 9.0
+    # Every input of S2 is gone: what the ledger keeps is still there.
+    assert (s2["files"], s2["SeriesInstanceUID"], s2["Modality"]) == (1, "2.2", "CT")
+    assert s2["SeriesDescription"] is None and s2["input folders"] == ["old"]
+
+
+def test_catalogue_types_dates_and_numbers_and_nulls_what_is_not_one():
+    from dcmsort.report import typed_values
+
+    table = typed_values(
+        pa.table(
+            {
+                "StudyDate": ["20240131", "2024-01-31", None],
+                "SeriesNumber": [" 3", "+4", "x"],
+                "SliceThickness": ["1.25", "1e-1", "1\\2"],
+                "SeriesDescription": ["20240131", "3", "x"],
+            }
+        )
+    ).to_pylist()
+    assert [r["StudyDate"] and r["StudyDate"].isoformat() for r in table] == [
+        "2024-01-31",
+        None,
+        None,
+    ]
+    assert [r["SeriesNumber"] for r in table] == [3, 4, None]
+    assert [r["SliceThickness"] for r in table] == [1.25, 0.1, None]
+    assert [r["SeriesDescription"] for r in table] == ["20240131", "3", "x"]
+
+
+def test_catalogue_of_an_empty_output_is_empty(tmp_path):
+    table = report(tmp_path, files(), committed(), transfers())[1]["catalog"]
+    assert table.num_rows == 0 and "input folders" in table.column_names

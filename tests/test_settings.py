@@ -342,3 +342,19 @@ def test_keep_series_apart_false_on_the_command_line_is_a_boolean():
     given = {"keep_series_apart": "false"}
     fixed = from_command_line({"input_dir": "in", "output_dir": "out", **given}, given)
     assert fixed["keep_series_apart"] is False
+
+
+def test_catalog_tags_add_only_keywords_no_manifest_has_yet(tmp_path, input_dir):
+    def keywords(tags):
+        given = config(input_dir="in", output_dir="out", catalog_tags=tags)
+        return resolve(given, cwd=tmp_path).keywords
+
+    assert keywords(["StudyDate", "Modality"]) == ["PatientID", "SeriesNumber"]
+    assert keywords(["BodyPartExamined"]) == ["BodyPartExamined", "PatientID", "SeriesNumber"]
+
+
+def test_a_catalog_tag_that_is_no_dicom_keyword_is_refused_with_a_hint(tmp_path, input_dir):
+    with pytest.raises(ConfigError, match="catalog_tags names 'BodyPartExamind'.*BodyPartExamined"):
+        resolve(
+            config(input_dir="in", output_dir="out", catalog_tags=["BodyPartExamind"]), tmp_path
+        )

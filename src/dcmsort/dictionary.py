@@ -13,6 +13,23 @@ import importlib.util
 from functools import cache
 from pathlib import Path
 
+# Tags every manifest has; templates, filters and catalog_tags may add more. Here, not in
+# headers, so that the Snakefile knows them without importing pyarrow.
+MANIFEST_TAGS = [
+    "PatientName",
+    "PatientID",
+    "StudyInstanceUID",
+    "StudyDate",
+    "StudyDescription",
+    "SeriesInstanceUID",
+    "SeriesNumber",
+    "SeriesDescription",
+    "SOPInstanceUID",
+    "SOPClassUID",
+    "InstanceNumber",
+    "Modality",
+]
+
 
 @cache
 def _by_keyword() -> dict[str, tuple[int, str]]:

@@ -32,6 +32,7 @@ import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
 from dcmsort import dictionary, inventory, ledger, permissions, scanner
+from dcmsort.dictionary import MANIFEST_TAGS
 from dcmsort.fileops import atomic_path, read_parquet
 from dcmsort.progress import Progress, peak_rss_mb
 
@@ -53,21 +54,6 @@ def _pydicom():
     return pydicom
 
 
-# Tags every manifest has; templates may add more keywords.
-MANIFEST_TAGS = [
-    "PatientName",
-    "PatientID",
-    "StudyInstanceUID",
-    "StudyDate",
-    "StudyDescription",
-    "SeriesInstanceUID",
-    "SeriesNumber",
-    "SeriesDescription",
-    "SOPInstanceUID",
-    "SOPClassUID",
-    "InstanceNumber",
-    "Modality",
-]
 FILE_META_TAGS = ["TransferSyntaxUID", "MediaStorageSOPClassUID"]
 DICOMDIR_SOP_CLASS = "1.2.840.10008.1.3.10"
 # A stored instance carries one of these with a UID-shaped value. The check matters most

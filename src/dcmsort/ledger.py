@@ -119,6 +119,17 @@ def _files(state_dir: Path, part: Part | None = None) -> Files:
     return _groups(state_dir).get(part.name if part else "", (None, []))
 
 
+def current_files(state_dir: Path) -> list[Path]:
+    """The files whose rows are the ledger: of each writer group, its newest base and the
+    segments after it (what ``read`` reads)."""
+    groups = _groups(state_dir)
+    return [
+        path
+        for group in sorted(groups)
+        for _, path in ([groups[group][0]] if groups[group][0] else []) + groups[group][1]
+    ]
+
+
 def empty() -> pa.Table:
     return SCHEMA.empty_table()
 

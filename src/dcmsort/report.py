@@ -26,7 +26,7 @@ import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
-from dcmsort import ledger, naming
+from dcmsort import dictionary, ledger, naming
 from dcmsort.check import DAMAGED, RESTORED, RESULT_SCHEMA, read_results
 from dcmsort.fileops import atomic_path, read_parquet, write_csv
 from dcmsort.permissions import LOCK_FILE
@@ -74,10 +74,10 @@ def _distinct(column: pa.ChunkedArray | pa.Array) -> int:
 
 
 PLACEMENT_COLUMNS = ["destination", "relpath", "size", "sop_uid", "study_uid", "modality", "mode"]
-PLACEMENT_COLUMNS += ["patient_id"]
-# What the report reads of the ledger (not digests, base folders, series).
+PLACEMENT_COLUMNS += ["patient_id", "series_uid", "committed_at"]
+# What the report reads of the ledger (not digests, base folders).
 LEDGER_COLUMNS = [*ledger.SOURCE_KEY, "status", "destination", "sop_uid", "study_uid"]
-LEDGER_COLUMNS += ["modality", "mode", "patient_id"]
+LEDGER_COLUMNS += ["modality", "mode", "patient_id", "series_uid", "committed_at"]
 
 
 def _where(table: pa.Table, mask: pa.ChunkedArray) -> pa.Table:
@@ -183,10 +183,12 @@ def summarise(
     report_path: str,
     check: tuple[pa.Table, dict] | None = None,
     patient_level: int | None = 0,
+    catalog_tags: list[str] = (),
 ) -> tuple[dict, dict[str, pa.Table]]:
-    """The numbers of the summary, and the tables the page lists. ``check``: this run's
-    check results and numbers (``check.read_results``), when it checked; patient_level is
-    ``naming.patient_level`` of the folder template."""
+    """The numbers of the summary, and the tables the page lists and the catalogue.
+    ``check``: this run's check results and numbers (``check.read_results``), when it
+    checked; patient_level is ``naming.patient_level`` of the folder template;
+    catalog_tags: the catalogue's header columns besides CATALOG_HEADERS."""
     placed = placements(committed)
     live_rows = ledger.live(committed, files)
     gone = gone_sources(committed, live_rows, placed)
@@ -283,6 +285,7 @@ def summarise(
         "series": series,
         "check": checked,
         "shared": shared.set_column(1, "PatientIDs", pc.binary_join(shared["PatientIDs"], ", ")),
+        "catalog": catalog(committed, live_rows, placed, files, list(catalog_tags), patient_level),
     }
     return summary, tables
 
@@ -335,6 +338,140 @@ def folder_tables(
         patients.sort_by(_this_run_first("patient folder")),
         series.sort_by(_this_run_first("series folder")),
     )
+
+
+# --- the series catalogue ---------------------------------------------------------------
+
+# Header columns of every catalogue row; catalog_tags adds more.
+CATALOG_HEADERS = ["PatientID", "StudyInstanceUID", "SeriesInstanceUID", "SeriesNumber"]
+CATALOG_HEADERS += ["SeriesDescription"]
+# Values the ledger keeps of every placement, also of one whose input is gone.
+_LEDGER_HEADERS = {
+    "PatientID": "patient_id",
+    "StudyInstanceUID": "study_uid",
+    "SeriesInstanceUID": "series_uid",
+    "Modality": "modality",
+}
+CATALOG = "catalog.parquet"  # in the state folder (dcmsort.tables reads it)
+
+
+def input_folders(relpaths: pa.ChunkedArray | pa.Array) -> pa.ChunkedArray | pa.Array:
+    """The folder of each input path relative to input_dir ("" for a file lying in it)."""
+    return pc.replace_substring_regex(relpaths, r"^(?:(.*)/)?[^/]*$", r"\1")
+
+
+def as_times(seconds: pa.ChunkedArray | pa.Array) -> pa.ChunkedArray | pa.Array:
+    """Seconds since the epoch (a ledger's committed_at) as UTC times, to the millisecond."""
+    milliseconds = pc.floor(pc.multiply(seconds, 1000)).cast(pa.int64())
+    return milliseconds.cast(pa.timestamp("ms", "UTC"))
+
+
+def typed_values(table: pa.Table) -> pa.Table:
+    """table with each text column of a DICOM date (DA) as dates and of a number (IS, DS)
+    as numbers; a value that is not one (header values are untrusted) is null."""
+    for index, name in enumerate(table.column_names):
+        vr = dictionary.vr_for_keyword(name)
+        column = table.column(index)
+        if vr not in ("DA", "IS", "DS") or not pa.types.is_string(column.type):
+            continue
+        text = pc.utf8_trim_whitespace(column)
+        if vr == "DA":
+            parsed = pc.strptime(text, format="%Y%m%d", unit="s", error_is_null=True)
+            typed = parsed.cast(pa.date32())
+        else:
+            shape = r"^[+-]?\d{1,18}$" if vr == "IS" else r"^[+-]?(\d+\.?\d*|\.\d+)([eE][+-]?\d+)?$"
+            valid = pc.fill_null(pc.match_substring_regex(text, shape), False)
+            number = pc.if_else(valid, pc.replace_substring_regex(text, r"^\+", ""), None)
+            typed = number.cast(pa.int64() if vr == "IS" else pa.float64())
+        table = table.set_column(index, name, typed)
+    return table
+
+
+def catalog(
+    committed: pa.Table,
+    live: pa.Table,
+    placed: pa.Table,
+    files: pa.Table,
+    tags: list[str],
+    level: int | None,
+) -> pa.Table:
+    """One row per series folder holding placed files: its patient folder, header values
+    (CATALOG_HEADERS and tags: those of its first file whose input is current, else those
+    the ledger keeps of its first file), files and bytes, when its first and last file
+    were added, and the input folders of every input whose content is in it. No input
+    file is opened. Columnar, and header values are taken for one file per folder only."""
+    headers = list(dict.fromkeys([*CATALOG_HEADERS, *tags]))
+    per_placement = pa.table(
+        {
+            "series folder": parent_folders(placed["destination"]),
+            "size": placed["size"],
+            "added": placed["committed_at"],
+        }
+    )
+    counts = per_placement.group_by("series folder", use_threads=False).aggregate(
+        [([], "count_all"), ("size", "sum"), ("added", "min"), ("added", "max")]
+    )
+    del per_placement
+    series = counts["series folder"]
+    # Every ledger row (placed or duplicate) whose destination is in a series folder.
+    folders = parent_folders(committed["destination"])
+    sources = pa.table(
+        {"series folder": folders, "input folder": input_folders(committed["relpath"])}
+    )
+    sources = sources.group_by("series folder", use_threads=False).aggregate(
+        [("input folder", "distinct")]
+    )
+    # One file per series folder: its first row whose input is current (live: the ledger
+    # rows whose input file version is in files), else its first row.
+    first = pc.index_in(series, value_set=folders)
+    first_live = pc.index_in(series, value_set=parent_folders(live["destination"]))
+    representative = live.take(first_live)
+    in_manifest = ledger.positions_by_key(representative, files)
+    values = {}
+    for name in headers:
+        value = (
+            files[name].take(in_manifest).cast(pa.string())
+            if name in files.column_names
+            else pa.nulls(len(series), pa.string())
+        )
+        known = _LEDGER_HEADERS.get(name)
+        if known:
+            value = pc.coalesce(representative[known], committed[known].take(first), value)
+        values[name] = value
+    added = {
+        name: as_times(counts[f"added_{how}"])
+        for name, how in (("first added", "min"), ("last added", "max"))
+    }
+    inputs = sources["input folder_distinct"].take(
+        pc.index_in(series, value_set=sources["series folder"])
+    )
+    table = pa.table(
+        {
+            "patient folder": patient_folders(series, level),
+            "series folder": series,
+            **values,
+            "files": counts["count_all"],
+            "bytes": counts["size_sum"],
+            **added,
+            "input folders": _sorted_lists(inputs),
+        }
+    )
+    return typed_values(table).sort_by("series folder")
+
+
+def _sorted_lists(lists: pa.ChunkedArray | pa.Array) -> pa.Array:
+    """Each list sorted (a distinct aggregate keeps no order)."""
+    return pa.array([sorted(found) for found in lists.to_pylist()], pa.list_(pa.string()))
+
+
+def write_catalog(table: pa.Table, parquet: Path, csv: Path) -> None:
+    """The catalogue as parquet (typed, input folders as lists) and as CSV (spreadsheet-safe,
+    input folders joined by "; ")."""
+    with atomic_path(parquet) as tmp:
+        pq.write_table(table, tmp)
+    index = table.schema.get_field_index("input folders")
+    joined = pc.binary_join(table["input folders"], "; ")
+    write_csv(table.set_column(index, "input folders", joined), csv)
 
 
 def skip_summary(skipped: pa.Table) -> pa.Table:
@@ -603,14 +740,25 @@ details {{ margin: .2em 0; }} summary {{ cursor: pointer; overflow-wrap: anywher
 """
 
 
-def read_manifests(paths: list[Path]) -> tuple[pa.Table, list[dict]]:
-    """Key and skip columns of every manifest, and each manifest's metadata."""
+def read_manifests(paths: list[Path], headers: list[str] = ()) -> tuple[pa.Table, list[dict]]:
+    """Key and skip columns of every manifest and the headers asked for (null where a
+    manifest has none), and each manifest's metadata."""
     columns = [*ledger.SOURCE_KEY, "dicom", "skip_reason", "PatientID"]
+    columns += [name for name in headers if name not in columns]
     tables, meta = [], []
     for path in paths:
         schema = pq.read_schema(path)
-        table = read_parquet(path, columns=[c for c in columns if c in schema.names])
-        tables.append(ledger.with_version_columns(table).select(columns))
+        table = ledger.with_version_columns(
+            read_parquet(path, columns=[c for c in columns if c in schema.names])
+        )
+        for name in columns:
+            if name not in table.column_names:
+                table = table.append_column(name, pa.nulls(table.num_rows, pa.string()))
+        for name in headers:  # few distinct values each: a dictionary holds them in little memory
+            if name != "PatientID":
+                index = table.column_names.index(name)
+                table = table.set_column(index, name, pc.dictionary_encode(table[name]))
+        tables.append(table.select(columns))
         meta.append({k.decode(): v.decode() for k, v in (schema.metadata or {}).items()})
     if not tables:
         schema = pa.schema(
@@ -677,9 +825,14 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument(
         "--check", type=Path, nargs="*", default=[], help="this run's check results, if any"
     )
+    parser.add_argument(
+        "--catalog-tags", nargs="*", default=[], help="header columns of the series catalogue"
+    )
+    parser.add_argument("--catalog", type=Path, help="the series catalogue, parquet")
+    parser.add_argument("--catalog-csv", type=Path, help="the series catalogue, CSV")
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s", stream=sys.stderr)
-    files, meta = read_manifests(args.manifests)
+    files, meta = read_manifests(args.manifests, [*CATALOG_HEADERS, *args.catalog_tags])
     files = with_excluded(files, args.excluded)
     committed = ledger.read(args.state_dir, LEDGER_COLUMNS)
     history = args.state_dir / HISTORY
@@ -706,7 +859,10 @@ def main(argv: list[str] | None = None) -> int:
         str(args.html),
         read_results(args.check[0]) if args.check else None,
         naming.patient_level(json.loads(args.naming)["folder_template"]),
+        args.catalog_tags,
     )
+    if args.catalog and args.catalog_csv:
+        write_catalog(tables["catalog"], args.catalog, args.catalog_csv)
     write_csv(tables["gone"], args.removed)
     if args.skipped:
         write_csv(tables["skipped"].rename_columns(["relpath", "size", "reason"]), args.skipped)

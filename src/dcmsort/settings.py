@@ -20,7 +20,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import IO, Any
 
-from dcmsort import filters, naming, permissions
+from dcmsort import dictionary, filters, naming, permissions
 from dcmsort.naming import Naming
 
 STATE_FOLDER = ".dcmsort"
@@ -44,6 +44,8 @@ OUTPUT_KEY = "output_dir"
 # (only "True" and "False" become booleans), which the schema would refuse.
 BOOLEAN_KEYS = ("keep_series_apart", "check")
 _BOOLEAN_WORDS = {"true": True, "false": False}
+# Every manifest has these already (headers.MANIFEST_TAGS): the default costs nothing.
+DEFAULT_CATALOG_TAGS = ("StudyDate", "StudyDescription", "Modality")
 
 
 class ConfigError(Exception):
@@ -66,6 +68,9 @@ class Settings:
     # Which files are sorted (config keys include and exclude); not part of the layout:
     # a change sorts newly included files and removes none.
     filters: filters.Filters = field(default_factory=filters.Filters)
+    # Header values the series catalogue carries besides those every manifest has (config
+    # key catalog_tags): read by the extract jobs with the rest.
+    catalog_tags: tuple[str, ...] = DEFAULT_CATALOG_TAGS
 
     @property
     def naming_json(self) -> str:
@@ -77,9 +82,13 @@ class Settings:
 
     @property
     def keywords(self) -> list[str]:
-        """DICOM keywords the templates and the filters use (the manifests must carry
-        them)."""
-        return sorted((self.naming.fields | set(self.filters.keywords)) - naming.FILE_FIELDS.keys())
+        """DICOM keywords the templates, the filters and the catalogue use (the manifests
+        must carry them)."""
+        # A catalogue tag every manifest has already changes nothing (the extract jobs'
+        # command line neither: Snakemake runs a job again when its params change).
+        extra = set(self.catalog_tags) - set(dictionary.MANIFEST_TAGS)
+        used = self.naming.fields | set(self.filters.keywords) | extra
+        return sorted(used - naming.FILE_FIELDS.keys())
 
 
 def _inside(path: Path, folder: Path) -> bool:
@@ -368,6 +377,15 @@ def resolve(config: dict, cwd: Path | None = None) -> Settings:
         rules = filters.parse(config)
     except filters.FilterError as error:
         raise ConfigError(f"{error} (filters: {README})") from None
+    catalog_tags = tuple(dict.fromkeys(str(tag) for tag in config.get("catalog_tags") or ()))
+    for tag in catalog_tags:
+        if dictionary.tag_for_keyword(tag) is None:
+            close = difflib.get_close_matches(tag, dictionary.keywords(), 1)
+            hint = f" (did you mean {close[0]}?)" if close else ""
+            raise ConfigError(
+                f"catalog_tags names '{tag}', which is not a DICOM keyword{hint}; list "
+                f"keywords, e.g. catalog_tags: [StudyDate, BodyPartExamined] ({README})"
+            )
     given = config.get("partitions", "auto")
     partitions = None if given == "auto" else int(given)
     if partitions and partitions > 1 and not naming.top_level_from_headers(naming_settings):
@@ -387,6 +405,7 @@ def resolve(config: dict, cwd: Path | None = None) -> Settings:
         partitions=partitions,
         check=check_how(config.get("check", False), config["verify"]),
         filters=rules,
+        catalog_tags=catalog_tags,
     )
 
 

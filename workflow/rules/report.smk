@@ -24,6 +24,8 @@ rule report:
         skipped=f"{STATE}/skipped.csv",
         patients=f"{STATE}/patients.csv",
         series=f"{STATE}/series.csv",
+        catalog=f"{STATE}/catalog.parquet",
+        catalog_csv=f"{STATE}/catalog.csv",
     log:
         f"{STATE}/logs/report.log",
     conda:
@@ -39,6 +41,7 @@ rule report:
         mode=SETTINGS.transfer_mode,
         # A function, so that the braces of the templates are not read as wildcards.
         naming=lambda wildcards: SETTINGS.naming_json,
+        catalog_tags=SETTINGS.catalog_tags,
     shell:
         "{params.dcmsort} report --transfers {input.transfers:q} --plans {input.plans:q}"
         " --excluded {input.excluded:q}"
@@ -48,4 +51,6 @@ rule report:
         " --html {output.html:q} --summary {output.summary:q}"
         " --removed {output.removed:q} --check {input.check:q}"
         " --patients {output.patients:q} --series {output.series:q}"
+        " --catalog {output.catalog:q} --catalog-csv {output.catalog_csv:q}"
+        " --catalog-tags {params.catalog_tags:q}"
         " --naming {params.naming:q} 2> {log:q}"

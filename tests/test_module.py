@@ -11,7 +11,7 @@ import sys
 from pathlib import Path
 
 from conftest import Run, Sorter, assert_every_file_accounted_for, write_dicom
-from dcmsort import runner, status
+from dcmsort import runner, settings, status
 
 OUTER_SNAKEFILE = """\
 module dcmsort:
@@ -39,6 +39,15 @@ rule count_patients:
         "patients.txt",
     shell:
         "grep -c . {{input}} > {{output}}"
+
+
+# Declared after the module statement: dcmsort's handlers run as well.
+onstart:
+    print("outer onstart")
+
+
+onsuccess:
+    print("outer onsuccess")
 """
 
 
@@ -99,6 +108,9 @@ def test_a_workflow_using_dcmsort_as_a_module_sorts_the_files(tmp_path):
     assert (sorter.workdir / "patients.txt").is_file()
     assert status.status_of(sorter.state) == status.COMPLETE
     assert "dcmsort: 3 files sorted (3 new this run)" in result.stderr
+    assert (sorter.state / settings.LOCK_FILE).read_text().startswith("pid ")
+    assert "outer onstart" in result.stdout
+    assert "outer onsuccess" in result.stdout
 
 
 def test_a_module_run_again_with_nothing_new_changes_nothing(tmp_path):

@@ -153,6 +153,7 @@ def batch_manifests(wildcards=None):
     """The current manifest of every batch. An input function, so that the input is walked
     only when a plan or report job is in the DAG (not in each cluster job's own parse).
     """
+    attach_handlers()
     return [
         f"{STATE}/manifests/batch-{b}-{batch_fingerprint(b)}.parquet"
         for b in sorted(FOLDERS_OF_BATCH)
@@ -380,14 +381,26 @@ def run_before(handler, then):
         handler()
         then(log)
 
+    both.dcmsort_handlers = {id(handler), *getattr(then, "dcmsort_handlers", ())}
     return both
 
 
-if AS_MODULE:
-    # Snakemake calls the main Snakefile's onstart, onsuccess and onerror alone, and a module
-    # cannot run without its onstart (it makes the state folders, takes the run lock). So
-    # dcmsort's run first, then those the outer workflow declared before its module
-    # statement; one it declares after the module statement replaces dcmsort's (README).
-    workflow._onstart = run_before(onstart, workflow._onstart)
-    workflow._onsuccess = run_before(onsuccess, workflow._onsuccess)
-    workflow._onerror = run_before(onerror, workflow._onerror)
+def attach_handlers():
+    """As a module: Snakemake calls the main Snakefile's onstart, onsuccess and onerror
+    alone, and a run needs dcmsort's onstart (it makes the state folders and takes the run
+    lock). So dcmsort's run first, then the outer workflow's. Called once the module is
+    read, and again when the DAG is built (from batch_manifests): a handler the outer
+    workflow declares after its module statement has replaced dcmsort's by then."""
+    if not AS_MODULE:
+        return
+    for name, handler in (
+        ("_onstart", onstart),
+        ("_onsuccess", onsuccess),
+        ("_onerror", onerror),
+    ):
+        current = getattr(workflow, name)
+        if id(handler) not in getattr(current, "dcmsort_handlers", ()):
+            setattr(workflow, name, run_before(handler, current))
+
+
+attach_handlers()

@@ -1,3 +1,36 @@
 """dcmsort: sort a dump of unorganised DICOM files into a clean, predictable tree."""
 
-__version__ = "0.1.0"
+from __future__ import annotations
+
+from pathlib import Path
+
+# The one place the version is written by hand is pyproject.toml.
+_PYPROJECT = Path(__file__).resolve().parents[2] / "pyproject.toml"
+
+
+def version() -> str:
+    """dcmsort's version: the pyproject.toml of the checkout this code runs from (an
+    editable install's recorded version is the one it was installed with), else the
+    installed package's."""
+    try:
+        import tomllib
+
+        project = tomllib.loads(_PYPROJECT.read_text(encoding="utf-8")).get("project", {})
+    except (OSError, ValueError):
+        project = {}
+    if project.get("name") == "dcmsort" and "version" in project:
+        return project["version"]
+    from importlib.metadata import PackageNotFoundError
+    from importlib.metadata import version as installed_version
+
+    try:
+        return installed_version("dcmsort")
+    except PackageNotFoundError:
+        return "unknown"
+
+
+def __getattr__(name: str) -> str:
+    # Read when asked: every job imports this package, and none needs it.
+    if name == "__version__":
+        return version()
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

@@ -45,13 +45,13 @@ test-slurm: install-slurm
 lint: $(INSTALLED)
 	$(BIN)/ruff check src tests bench tools workflow/scripts
 	$(BIN)/ruff format --check src tests bench tools workflow/scripts
-	$(BIN)/snakefmt --check Snakefile workflow/rules
+	$(BIN)/snakefmt --check Snakefile workflow/Snakefile workflow/rules
 	$(BIN)/snakemake --lint --config input_dir=src output_dir=/tmp/dcmsort-lint
 
 format: $(INSTALLED)
 	$(BIN)/ruff format src tests bench tools workflow/scripts
 	$(BIN)/ruff check --fix src tests bench tools workflow/scripts
-	$(BIN)/snakefmt Snakefile workflow/rules
+	$(BIN)/snakefmt Snakefile workflow/Snakefile workflow/rules
 
 # Breaks each invariant-guarding statement on purpose, one at a time, and reports any mutant
 # that no test notices (MUTATE_ARGS: e.g. `transfer`, `--list`, `--strict`).

@@ -3,6 +3,7 @@
 ::
 
     dcmsort IN OUT [--cores N] [--mode M] [--dry-run] [--profile slurm] [--set KEY=VALUE ...]
+    dcmsort --version
     dcmsort config OUT
     dcmsort where OUT FILE [FILE ...]
 
@@ -29,6 +30,7 @@ import textwrap
 from pathlib import Path
 from typing import NoReturn
 
+import dcmsort
 from dcmsort import inventory, routes, runner, settings, status
 
 SCHEMA = runner.REPO / "workflow" / "schemas" / "config.schema.yaml"
@@ -119,6 +121,7 @@ def run_parser() -> Parser:
         help="transfer_mode: how a file reaches the output (default: "
         f"{shown(config_keys()['transfer_mode'].get('default'))})",
     )
+    parser.add_argument("--version", action="version", version=version_line())
     parser.add_argument(
         "-n", "--dry-run", action="store_true", help="show the jobs a run would do; write nothing"
     )
@@ -135,6 +138,10 @@ def run_parser() -> Parser:
         help="any other setting (below), as snakemake --config KEY=VALUE",
     )
     return parser
+
+
+def version_line() -> str:
+    return f"dcmsort {dcmsort.version()}"
 
 
 def _cores(text: str) -> str:
@@ -430,6 +437,9 @@ def main(argv: list[str] | None = None) -> int:
         return show_config(argv[1:])
     if argv and argv[0] == "where":
         return where(argv[1:])
+    if argv == ["--version"]:  # also without a checkout beside the package
+        print(version_line())
+        return 0
     extra = []
     if "--" in argv:  # Snakemake's own options, as they are
         extra = argv[argv.index("--") + 1 :]

@@ -12,11 +12,33 @@ from snakemake.exceptions import WorkflowError
 from snakemake.settings.types import DeploymentMethod
 from snakemake.utils import validate
 
-REPO = Path(workflow.basedir)  # the top-level Snakefile's folder
-sys.path.insert(0, str(REPO / "src"))
+from snakemake.sourcecache import LocalSourceFile
 
-from dcmsort import inventory, permissions, routes, settings  # noqa: E402
-from dcmsort import progress, status  # noqa: E402
+# Where this workflow's own files are: this file's folder, two levels down. Not
+# workflow.basedir, which is the main Snakefile's folder (another workflow's when dcmsort
+# is used as a module). A module from a git host (github(...), as snakedeploy writes it)
+# has no checkout on disk: its code is the installed dcmsort package of the same version.
+RULES_DIR = workflow.current_basedir
+REPO = (
+    Path(RULES_DIR.get_path_or_uri(secret_free=True)).parents[1]
+    if isinstance(RULES_DIR, LocalSourceFile)
+    else None
+)
+if REPO is not None:
+    sys.path.insert(0, str(REPO / "src"))
+# Snakemake runs only the main Snakefile's onstart, onsuccess and onerror (below).
+AS_MODULE = not workflow.modifier.is_main_snakefile()
+
+try:
+    from dcmsort import inventory, permissions, routes, settings
+    from dcmsort import progress, status
+except ImportError:
+    sys.exit(
+        f"dcmsort: error: the workflow at {RULES_DIR.get_path_or_uri(secret_free=True)} "
+        "needs the dcmsort package of the same version in the environment that runs "
+        "Snakemake (pip install dcmsort from that release), or a local checkout as the "
+        "module's snakefile"
+    )
 
 
 def fail(message):
@@ -27,9 +49,9 @@ def fail(message):
 
 try:
     # Snakemake reads --config values as YAML: folder_template={PatientID} is a mapping.
-    config.update(
-        settings.from_command_line(config, workflow.config_settings.overwrite_config)
-    )
+    # A module's config is what the outer workflow gives it, not the command line's.
+    given = {} if AS_MODULE else workflow.config_settings.overwrite_config
+    config.update(settings.from_command_line(config, given))
     validate(config, schema="../schemas/config.schema.yaml")
 except settings.ConfigError as error:
     fail(error)
@@ -53,14 +75,19 @@ permissions.narrow_umask(SETTINGS.output_dir, SETTINGS.input_dir)
 CONDA_ENV = "../../environment.yml"
 DCMSORT = " ".join(
     shlex.quote(str(part))
-    # The checkout's own file (workflow.source_path would give a cached copy without src/).
     for part in (
         (
             "python"
             if DeploymentMethod.CONDA in workflow.deployment_settings.deployment_method
             else sys.executable
         ),
-        REPO / "workflow" / "scripts" / "dcmsort_stage.py",
+        # The checkout's own file: workflow.source_path gives a cached copy without src/,
+        # which only a module from a git host needs (its jobs import the installed package).
+        (
+            REPO / "workflow" / "scripts" / "dcmsort_stage.py"
+            if REPO is not None
+            else workflow.source_path("../scripts/dcmsort_stage.py")
+        ),
     )
 )
 STATE = str(SETTINGS.state_dir)
@@ -126,6 +153,7 @@ def batch_manifests(wildcards=None):
     """The current manifest of every batch. An input function, so that the input is walked
     only when a plan or report job is in the DAG (not in each cluster job's own parse).
     """
+    attach_handlers()
     return [
         f"{STATE}/manifests/batch-{b}-{batch_fingerprint(b)}.parquet"
         for b in sorted(FOLDERS_OF_BATCH)
@@ -344,3 +372,35 @@ onerror:
         f"{STATE}/logs/). Inputs are untouched; fix the cause and rerun the same command.",
         file=sys.stderr,
     )
+
+
+def run_before(handler, then):
+    """dcmsort's handler (already given its log), then the outer workflow's."""
+
+    def both(log):
+        handler()
+        then(log)
+
+    both.dcmsort_handlers = {id(handler), *getattr(then, "dcmsort_handlers", ())}
+    return both
+
+
+def attach_handlers():
+    """As a module: Snakemake calls the main Snakefile's onstart, onsuccess and onerror
+    alone, and a run needs dcmsort's onstart (it makes the state folders and takes the run
+    lock). So dcmsort's run first, then the outer workflow's. Called once the module is
+    read, and again when the DAG is built (from batch_manifests): a handler the outer
+    workflow declares after its module statement has replaced dcmsort's by then."""
+    if not AS_MODULE:
+        return
+    for name, handler in (
+        ("_onstart", onstart),
+        ("_onsuccess", onsuccess),
+        ("_onerror", onerror),
+    ):
+        current = getattr(workflow, name)
+        if id(handler) not in getattr(current, "dcmsort_handlers", ()):
+            setattr(workflow, name, run_before(handler, current))
+
+
+attach_handlers()

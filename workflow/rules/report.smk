@@ -1,10 +1,6 @@
 # Stage 5: what is in place and what this run did, for people (HTML) and programs (JSON).
 
 
-localrules:
-    report,
-
-
 rule report:
     input:
         transfers=transfer_results,
@@ -28,6 +24,8 @@ rule report:
         catalog_csv=f"{STATE}/catalog.csv",
     log:
         f"{STATE}/logs/report.log",
+    # In the rule, not a localrules: list (a module's list keeps the names unprefixed).
+    localrule: True
     conda:
         CONDA_ENV
     resources:

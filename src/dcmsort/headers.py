@@ -746,7 +746,8 @@ def main(argv: list[str] | None = None) -> int:
         args.workers,
         args.log,
         args.state_dir,
-        inventory.load_walk(inventory.walk_path(args.output)),
+        # Only the walk its manifest is named after (batch-<n>-<fingerprint>.parquet).
+        inventory.load_walk(inventory.walk_path(args.output), args.output.stem.rpartition("-")[2]),
     )
     log.info(
         "batch %d: %d folders (%d changed), %d files, %d headers read, %d not sortable, "

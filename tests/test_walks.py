@@ -4,7 +4,11 @@ walk must never hang a job or fill the disk."""
 
 from __future__ import annotations
 
+import contextlib
 import marshal
+import os
+import threading
+import time
 from pathlib import Path
 
 import pyarrow.parquet as pq
@@ -55,3 +59,38 @@ def test_a_damaged_walk_is_walked_again_not_a_failed_job(tmp_path):
     assert inventory.load_walk(path) is None
     path.write_bytes(marshal.dumps({"a": [("a/1.dcm", 1)]}))  # rows of another layout
     assert inventory.load_walk(path) is None
+
+
+def _unblock_after(fifo: Path, seconds: float) -> threading.Thread:
+    """Open fifo for writing after a while: a reader blocked in open() is released (so a
+    test of a hang fails instead of hanging)."""
+
+    def release() -> None:
+        time.sleep(seconds)
+        for _ in range(60):  # every open of it, for a minute
+            with contextlib.suppress(OSError):
+                os.close(os.open(fifo, os.O_WRONLY | os.O_NONBLOCK))
+            time.sleep(0.5)
+
+    thread = threading.Thread(target=release, daemon=True)
+    thread.start()
+    return thread
+
+
+def test_a_file_replaced_by_a_fifo_after_the_walk_does_not_hang_the_extract(tmp_path):
+    # The extract job takes its files from the Snakefile's walk: a file that is a FIFO by
+    # the time its header is read is opened as one (a blocking open, before this fix).
+    source = _two_folders(tmp_path)
+    walks = inventory.walk_folders(source, inventory.list_folders(source))
+    fifo = source / "a" / "1.dcm"
+    fifo.unlink()
+    os.mkfifo(fifo)
+    _unblock_after(fifo, 5)
+    started = time.monotonic()
+    headers.extract_batch(
+        source, 0, 1, [], tmp_path / "folders", tmp_path / "b.parquet", walks=walks
+    )
+    assert time.monotonic() - started < 4, "the extract blocked on a FIFO"
+    rows = {r["relpath"]: r for r in pq.read_table(tmp_path / "b.parquet").to_pylist()}
+    assert rows["a/1.dcm"]["skip_reason"], "a FIFO is not sortable"
+    assert rows["b/1.dcm"]["skip_reason"] is None

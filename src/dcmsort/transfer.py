@@ -281,9 +281,9 @@ def _existing_is_same(folder_fd: int, name: str, source: str, digest: str | None
         return False
     if (info.st_ino, info.st_dev) == (source_info.st_ino, source_info.st_dev):
         return True
-    if info.st_size != source_info.st_size:
-        return False
-    with open(source, "rb") as handle:
+    if info.st_size != source_info.st_size or not stat.S_ISREG(source_info.st_mode):
+        return False  # a FIFO or a device (a link to /dev/zero) is no content to compare
+    with open(os.open(source, os.O_RDONLY | os.O_NONBLOCK), "rb") as handle:
         wanted = digest or _digest_fd(handle.fileno())
     return _digest_at(folder_fd, name) == wanted
 
@@ -304,8 +304,9 @@ def _check_version(info: os.stat_result, row: Row) -> None:
 
 def _version_digest(source: str, row: Row) -> str:
     """The digest of the row's input version (SourceChanged if the input is another
-    version, or changes while it is read)."""
-    fd = os.open(source, os.O_RDONLY)
+    version, or changes while it is read). Non-blocking: a FIFO in its place blocks
+    nothing (its version differs)."""
+    fd = os.open(source, os.O_RDONLY | os.O_NONBLOCK)
     try:
         _check_version(os.fstat(fd), row)
         digest = _digest_fd(fd)
@@ -324,8 +325,11 @@ def _copy(
     header was read (before the copy or during it) has changed its ctime, so one check
     there is as strong as one before and one after, for one metadata call fewer (on
     Lustre/NFS each is a round trip). The copy is made ``0600`` and given its mode from
-    that same fstat, so it is never more open than the input, even for a moment."""
-    fd_in = os.open(source, os.O_RDONLY)
+    that same fstat, so it is never more open than the input, even for a moment. The input
+    is opened non-blocking: one replaced by a FIFO since it was planned would otherwise
+    block the open until some writer came (the check after the copy then finds it
+    changed)."""
+    fd_in = os.open(source, os.O_RDONLY | os.O_NONBLOCK)
     try:
         tmp = temp_name_for(name, token)
         flags = os.O_RDWR | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW  # read back by checksum

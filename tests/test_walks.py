@@ -12,9 +12,10 @@ import time
 from pathlib import Path
 
 import pyarrow.parquet as pq
+import pytest
 
 from conftest import write_dicom
-from dcmsort import headers, inventory
+from dcmsort import fileops, headers, inventory
 
 
 def _two_folders(tmp_path: Path) -> Path:
@@ -94,3 +95,21 @@ def test_a_file_replaced_by_a_fifo_after_the_walk_does_not_hang_the_extract(tmp_
     rows = {r["relpath"]: r for r in pq.read_table(tmp_path / "b.parquet").to_pylist()}
     assert rows["a/1.dcm"]["skip_reason"], "a FIFO is not sortable"
     assert rows["b/1.dcm"]["skip_reason"] is None
+
+
+def test_the_digest_of_an_input_replaced_by_a_fifo_or_a_device_is_an_error_not_a_hang(tmp_path):
+    # The plan hashes inputs (duplicates, conflicts) long after the Snakefile's walk.
+    fifo = tmp_path / "fifo"
+    os.mkfifo(fifo)
+    _unblock_after(fifo, 5)
+    device = tmp_path / "zero"
+    device.symlink_to("/dev/zero")
+    started = time.monotonic()
+    for path in (fifo, device):
+        with pytest.raises(OSError):
+            fileops.file_digest(path)
+    assert time.monotonic() - started < 4
+    regular = tmp_path / "f"
+    regular.write_bytes(b"x" * 3_000_000)
+    with open(regular, "rb") as handle:
+        assert fileops.file_digest(regular) == fileops.digest_of(handle)

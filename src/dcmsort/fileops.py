@@ -7,6 +7,7 @@ import ctypes
 import errno
 import hashlib
 import os
+import stat
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
@@ -78,9 +79,22 @@ DIGEST = "blake2b"  # content identity: (size, digest), never (size, mtime)
 
 
 def file_digest(path: str | Path) -> str:
-    """Content digest used to tell exact duplicates from conflicts and to verify copies."""
-    with open(path, "rb") as handle:
-        return digest_of(handle)
+    """Content digest used to tell exact duplicates from conflicts and to verify copies.
+
+    OSError for anything but a regular file: an input replaced since the walk by a FIFO
+    would block the open until some writer came, a link to a device (/dev/zero) would be
+    read forever. Opened non-blocking and checked with one fstat (as ``open()`` made one
+    anyway), then read with plain reads."""
+    fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK)
+    try:
+        if not stat.S_ISREG(os.fstat(fd).st_mode):
+            raise OSError(errno.EINVAL, "not a regular file", os.fspath(path))
+        digest = hashlib.new(DIGEST)
+        while chunk := os.read(fd, 1 << 20):
+            digest.update(chunk)
+    finally:
+        os.close(fd)
+    return digest.hexdigest()[:32]
 
 
 def digest_of(handle: BinaryIO) -> str:

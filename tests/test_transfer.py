@@ -839,3 +839,33 @@ def test_a_source_replaced_by_a_fifo_is_not_placed_and_blocks_nothing(job, mode)
     assert time.monotonic() - started < 4, "the transfer blocked on a FIFO"
     assert result["status"] == CHANGED, result["detail"]
     assert_not_placed(job, "P/S/IM1")
+
+
+# --- a duplicate or a present row is the planned version too ---------------------------------
+
+
+@pytest.mark.parametrize("mode", MODES)
+def test_a_duplicate_whose_own_input_changed_since_the_plan_is_changed_not_committed(job, mode):
+    # Its twin is placed; the duplicate itself was rewritten after the plan hashed it (same
+    # size, its mtime set back): committing it would say its content is in the output.
+    job.add("p/IM1", b"same bytes" * 20)
+    second = job.add("q/IM1", b"same bytes" * 20)
+    job.plan(job.row("p/IM1", "P/S/IM1"), job.row("q/IM1", "P/S/IM1", action="duplicate"))
+    second.write_bytes(b"new  bytes" * 20)
+    os.utime(second, ns=(1_000_000_000, 2_000_000_000))
+    results = job.transfer(mode)
+    assert results["p/IM1"]["status"] in (COPIED, LINKED)
+    assert results["q/IM1"]["status"] == CHANGED
+    assert [r["relpath"] for r in job.committed()] == ["p/IM1"] * len(job.committed())
+
+
+def test_a_present_row_whose_input_changed_since_the_plan_is_changed_not_committed(job):
+    source = job.add("p/IM1", b"same bytes" * 20)
+    (job.output / "P/S").mkdir(parents=True)
+    (job.output / "P/S/IM1").write_bytes(b"same bytes" * 20)
+    row = job.row("p/IM1", "P/S/IM1", action="present", digest=file_digest(source))
+    job.plan(row)
+    source.write_bytes(b"new  bytes" * 20)
+    os.utime(source, ns=(1_000_000_000, 2_000_000_000))
+    assert job.transfer()["p/IM1"]["status"] == CHANGED
+    assert job.committed() == []

@@ -33,6 +33,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import dataclasses
 import errno
 import hashlib
 import logging
@@ -544,8 +545,12 @@ def put(
     name = row.destination.rpartition("/")[2]
     source = inventory.source_path(input_dir, row.relpath)
     try:
-        if row.action == "present" and _existing_is_same(folder_fd, name, source, row.digest):
-            return PRESENT, row.digest, None
+        if row.action == "present":
+            # The planned version is still the input (one stat), or the run would say the
+            # content of an input rewritten since the plan is in the output.
+            _check_version(os.stat(source), row)
+            if _existing_is_same(folder_fd, name, source, row.digest):
+                return PRESENT, row.digest, None
         if row.action == "relink":
             previous = inventory.source_path(input_dir, row.previous_relpath)
             return _relink(folder_fd, name, source, previous, row, token), row.digest, None
@@ -808,6 +813,20 @@ def _holds_version(folder_fd: int, name: str, row: Row, source: str) -> str | No
     return ("hardlink" if info.st_nlink > 1 else "copy") if same else None
 
 
+def _input_is_planned_version(input_dir: Path, row: Row, linked_inodes: set) -> bool:
+    """Is a duplicate's input still the version the plan hashed? One stat: one rewritten
+    since (its mtime set back or not) must not be committed as a copy of its twin. A ctime
+    changed by a hard link this run made to the same inode is not a change."""
+    try:
+        info = os.stat(inventory.source_path(input_dir, row.relpath))
+        if info.st_ino in linked_inodes:
+            row = dataclasses.replace(row, ctime_ns=None)
+        _check_version(info, row)
+    except (OSError, SourceChanged):
+        return False
+    return True
+
+
 def pending_rows(plan: pa.Table, committed: pa.Table) -> pa.Table:
     """Plan rows whose file version the ledger does not hold yet (a rerun of a killed
     transfer skips what it already committed), in one chunk: each commit takes its rows
@@ -890,12 +909,25 @@ def transfer_plan(
             committed_since = set(ledger.placed_destinations(placed).to_pylist())
         return row.destination in committed_since
 
+    # Inputs this run hard-linked: linking changed their ctime (an input hard-linked twice
+    # in the input folder shares it with its duplicate).
+    linked_inodes = {o.row.ino for o in outcomes if o.ctime_ns is not None}
     duplicates = []
     for row in rows:
         if row.action != "duplicate":
             continue
         if committed(row) and row.destination not in unplaced_now and tree.holds(row.destination):
-            duplicates.append(Outcome(row, DUPLICATE, row.digest))
+            if _input_is_planned_version(input_dir, row, linked_inodes):
+                duplicates.append(Outcome(row, DUPLICATE, row.digest))
+            else:
+                duplicates.append(
+                    Outcome(
+                        row,
+                        CHANGED,
+                        detail="the input changed after it was planned; it is sorted by the "
+                        "next run",
+                    )
+                )
         elif row.destination in changed_now:
             duplicates.append(
                 Outcome(

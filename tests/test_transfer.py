@@ -869,3 +869,16 @@ def test_a_present_row_whose_input_changed_since_the_plan_is_changed_not_committ
     os.utime(source, ns=(1_000_000_000, 2_000_000_000))
     assert job.transfer()["p/IM1"]["status"] == CHANGED
     assert job.committed() == []
+
+
+def test_a_duplicate_hard_linked_to_its_twin_in_the_input_is_committed_as_it_is_now(job):
+    # Two names of one inode in the input: hard-linking the first into the output changes
+    # the ctime of both; the duplicate is committed at that ctime too, as its twin is.
+    job.add("p/IM1", b"same bytes" * 20)
+    os.link(job.input / "p/IM1", job.input / "p/IM2")
+    job.plan(job.row("p/IM1", "P/S/IM1"), job.row("p/IM2", "P/S/IM1", action="duplicate"))
+    results = job.transfer("hardlink")
+    assert (results["p/IM1"]["status"], results["p/IM2"]["status"]) == (LINKED, DUPLICATE)
+    now = (job.input / "p/IM2").stat()
+    held = {(r["relpath"], r["ctime_ns"]) for r in job.committed()}
+    assert ("p/IM2", now.st_ctime_ns) in held

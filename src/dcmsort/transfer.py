@@ -813,18 +813,21 @@ def _holds_version(folder_fd: int, name: str, row: Row, source: str) -> str | No
     return ("hardlink" if info.st_nlink > 1 else "copy") if same else None
 
 
-def _input_is_planned_version(input_dir: Path, row: Row, linked_inodes: set) -> bool:
+def _input_is_planned_version(
+    input_dir: Path, row: Row, linked_inodes: set
+) -> tuple[bool, int | None]:
     """Is a duplicate's input still the version the plan hashed? One stat: one rewritten
     since (its mtime set back or not) must not be committed as a copy of its twin. A ctime
-    changed by a hard link this run made to the same inode is not a change."""
+    changed by a hard link this run made to the same inode is not a change: then its ctime
+    now comes along, to be committed too (else the next lookup of the input, at its
+    current version, would not find it)."""
     try:
         info = os.stat(inventory.source_path(input_dir, row.relpath))
-        if info.st_ino in linked_inodes:
-            row = dataclasses.replace(row, ctime_ns=None)
-        _check_version(info, row)
+        relinked = info.st_ino in linked_inodes and info.st_ctime_ns != row.ctime_ns
+        _check_version(info, dataclasses.replace(row, ctime_ns=None) if relinked else row)
     except (OSError, SourceChanged):
-        return False
-    return True
+        return False, None
+    return True, info.st_ctime_ns if relinked else None
 
 
 def pending_rows(plan: pa.Table, committed: pa.Table) -> pa.Table:
@@ -917,8 +920,10 @@ def transfer_plan(
         if row.action != "duplicate":
             continue
         if committed(row) and row.destination not in unplaced_now and tree.holds(row.destination):
-            if _input_is_planned_version(input_dir, row, linked_inodes):
-                duplicates.append(Outcome(row, DUPLICATE, row.digest))
+            planned, relinked_ctime = _input_is_planned_version(input_dir, row, linked_inodes)
+            if planned:
+                # Committed also at the ctime this run's link gave it, as the link itself.
+                duplicates.append(Outcome(row, DUPLICATE, row.digest, ctime_ns=relinked_ctime))
             else:
                 duplicates.append(
                     Outcome(

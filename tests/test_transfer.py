@@ -8,9 +8,14 @@ wrote, or the system calls under it.
 
 from __future__ import annotations
 
+import contextlib
 import errno
 import os
+import resource
+import signal
 import stat
+import threading
+import time
 from pathlib import Path
 
 import pyarrow as pa
@@ -773,3 +778,107 @@ def test_only_what_is_in_place_is_committed_when_some_rows_fail(job):
     assert statuses == {"p/ok": COPIED, "p/changed": CHANGED, "p/blocked": ERROR}
     assert [r["relpath"] for r in job.committed()] == ["p/ok"]
     assert not (job.output / "P/changed").exists()
+
+
+# --- an input that is no longer a regular file (replaced since the plan) ---------------------
+
+
+def test_copy_range_copies_no_more_than_it_was_asked_where_copy_file_range_is_refused(tmp_path):
+    # copy_file_range refuses a pipe or a device (EINVAL): the copy in user space must stop
+    # at size too, or an input replaced by a link to /dev/zero fills the output's disk.
+    read_end, write_end = os.pipe()
+    os.write(write_end, b"x" * 1000)
+    os.close(write_end)
+    with open(tmp_path / "copy", "wb") as out:
+        try:
+            written = copy_range(read_end, out.fileno(), 100)
+        finally:
+            os.close(read_end)
+    assert written == 100 and (tmp_path / "copy").stat().st_size == 100
+
+
+@pytest.fixture
+def small_files():
+    """Files this process writes are limited to 1 MB (a write past it fails, EFBIG): a test
+    of an endless input fails instead of filling the disk."""
+    previous_limit = resource.getrlimit(resource.RLIMIT_FSIZE)
+    previous_handler = signal.signal(signal.SIGXFSZ, signal.SIG_IGN)
+    resource.setrlimit(resource.RLIMIT_FSIZE, (1 << 20, previous_limit[1]))
+    yield
+    resource.setrlimit(resource.RLIMIT_FSIZE, previous_limit)
+    signal.signal(signal.SIGXFSZ, previous_handler)
+
+
+def test_a_source_replaced_by_a_link_to_a_device_is_not_placed(job, small_files):
+    source = job.add("p/IM1")
+    job.plan(job.row("p/IM1", "P/S/IM1"))
+    source.unlink()
+    source.symlink_to("/dev/zero")
+    result = job.transfer()["p/IM1"]
+    assert result["status"] == CHANGED, result["detail"]
+    assert_not_placed(job, "P/S/IM1")
+
+
+@pytest.mark.parametrize("mode", MODES)
+def test_a_source_replaced_by_a_fifo_is_not_placed_and_blocks_nothing(job, mode):
+    source = job.add("p/IM1")
+    job.plan(job.row("p/IM1", "P/S/IM1"))
+    source.unlink()
+    os.mkfifo(source)
+
+    def release() -> None:  # a blocked open of it returns (the test fails, never hangs)
+        time.sleep(5)
+        for _ in range(60):
+            with contextlib.suppress(OSError):
+                os.close(os.open(source, os.O_WRONLY | os.O_NONBLOCK))
+            time.sleep(0.5)
+
+    threading.Thread(target=release, daemon=True).start()
+    started = time.monotonic()
+    result = job.transfer(mode)["p/IM1"]
+    assert time.monotonic() - started < 4, "the transfer blocked on a FIFO"
+    assert result["status"] == CHANGED, result["detail"]
+    assert_not_placed(job, "P/S/IM1")
+
+
+# --- a duplicate or a present row is the planned version too ---------------------------------
+
+
+@pytest.mark.parametrize("mode", MODES)
+def test_a_duplicate_whose_own_input_changed_since_the_plan_is_changed_not_committed(job, mode):
+    # Its twin is placed; the duplicate itself was rewritten after the plan hashed it (same
+    # size, its mtime set back): committing it would say its content is in the output.
+    job.add("p/IM1", b"same bytes" * 20)
+    second = job.add("q/IM1", b"same bytes" * 20)
+    job.plan(job.row("p/IM1", "P/S/IM1"), job.row("q/IM1", "P/S/IM1", action="duplicate"))
+    second.write_bytes(b"new  bytes" * 20)
+    os.utime(second, ns=(1_000_000_000, 2_000_000_000))
+    results = job.transfer(mode)
+    assert results["p/IM1"]["status"] in (COPIED, LINKED)
+    assert results["q/IM1"]["status"] == CHANGED
+    assert [r["relpath"] for r in job.committed()] == ["p/IM1"] * len(job.committed())
+
+
+def test_a_present_row_whose_input_changed_since_the_plan_is_changed_not_committed(job):
+    source = job.add("p/IM1", b"same bytes" * 20)
+    (job.output / "P/S").mkdir(parents=True)
+    (job.output / "P/S/IM1").write_bytes(b"same bytes" * 20)
+    row = job.row("p/IM1", "P/S/IM1", action="present", digest=file_digest(source))
+    job.plan(row)
+    source.write_bytes(b"new  bytes" * 20)
+    os.utime(source, ns=(1_000_000_000, 2_000_000_000))
+    assert job.transfer()["p/IM1"]["status"] == CHANGED
+    assert job.committed() == []
+
+
+def test_a_duplicate_hard_linked_to_its_twin_in_the_input_is_committed_as_it_is_now(job):
+    # Two names of one inode in the input: hard-linking the first into the output changes
+    # the ctime of both; the duplicate is committed at that ctime too, as its twin is.
+    job.add("p/IM1", b"same bytes" * 20)
+    os.link(job.input / "p/IM1", job.input / "p/IM2")
+    job.plan(job.row("p/IM1", "P/S/IM1"), job.row("p/IM2", "P/S/IM1", action="duplicate"))
+    results = job.transfer("hardlink")
+    assert (results["p/IM1"]["status"], results["p/IM2"]["status"]) == (LINKED, DUPLICATE)
+    now = (job.input / "p/IM2").stat()
+    held = {(r["relpath"], r["ctime_ns"]) for r in job.committed()}
+    assert ("p/IM2", now.st_ctime_ns) in held

@@ -262,9 +262,30 @@ MUTANTS = [
     Mutant(
         "fileops: the fallback copy (no copy_file_range) writes nothing",
         "src/dcmsort/fileops.py",
-        "shutil.copyfileobj(src, dst, 1 << 20)",
-        "pass",
+        "view = view[os.write(fd_out, view) :]",
+        "view = view[len(view) :]",
         (TRANSFER,),
+    ),
+    Mutant(
+        "fileops: the fallback copy reads to the end of its input, past the planned size",
+        "src/dcmsort/fileops.py",
+        "chunk = os.read(fd_in, min(1 << 20, size - written))",
+        "chunk = os.read(fd_in, 1 << 20)",
+        (TRANSFER,),
+    ),
+    Mutant(
+        "transfer: the input is opened blocking (a FIFO in its place hangs the job)",
+        "src/dcmsort/transfer.py",
+        "fd_in = os.open(source, os.O_RDONLY | os.O_NONBLOCK)",
+        "fd_in = os.open(source, os.O_RDONLY)",
+        (TRANSFER,),
+    ),
+    Mutant(
+        "inventory: a walk not behind its manifest's fingerprint is used",
+        "src/dcmsort/inventory.py",
+        "batch_fingerprint(walks, filter_keywords) != fingerprint",
+        "False",
+        ("tests/test_walks.py",),
     ),
     # --- ledger: appends whole, never fatal to read, nothing lost or read twice ---
     Mutant(

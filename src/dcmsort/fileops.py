@@ -2,11 +2,12 @@
 
 from __future__ import annotations
 
+import contextlib
 import ctypes
 import errno
 import hashlib
 import os
-import shutil
+import stat
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
@@ -78,9 +79,22 @@ DIGEST = "blake2b"  # content identity: (size, digest), never (size, mtime)
 
 
 def file_digest(path: str | Path) -> str:
-    """Content digest used to tell exact duplicates from conflicts and to verify copies."""
-    with open(path, "rb") as handle:
-        return digest_of(handle)
+    """Content digest used to tell exact duplicates from conflicts and to verify copies.
+
+    OSError for anything but a regular file: an input replaced since the walk by a FIFO
+    would block the open until some writer came, a link to a device (/dev/zero) would be
+    read forever. Opened non-blocking and checked with one fstat (as ``open()`` made one
+    anyway), then read with plain reads."""
+    fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK)
+    try:
+        if not stat.S_ISREG(os.fstat(fd).st_mode):
+            raise OSError(errno.EINVAL, "not a regular file", os.fspath(path))
+        digest = hashlib.new(DIGEST)
+        while chunk := os.read(fd, 1 << 20):
+            digest.update(chunk)
+    finally:
+        os.close(fd)
+    return digest.hexdigest()[:32]
 
 
 def digest_of(handle: BinaryIO) -> str:
@@ -108,12 +122,27 @@ def copy_range(fd_in: int, fd_out: int, size: int) -> int:
     except OSError as error:
         if error.errno not in _NO_COPY_RANGE:
             raise
-        os.lseek(fd_in, 0, os.SEEK_SET)
+        # From the start, and never more than size bytes: an input that is no longer a
+        # regular file (replaced by a FIFO or a link to /dev/zero since it was planned) is
+        # refused by copy_file_range and may never end; the version check after the copy
+        # then tells it changed.
+        with contextlib.suppress(OSError):  # a pipe or a device has no position
+            os.lseek(fd_in, 0, os.SEEK_SET)
         os.ftruncate(fd_out, 0)
         os.lseek(fd_out, 0, os.SEEK_SET)
-        with open(fd_in, "rb", closefd=False) as src, open(fd_out, "wb", closefd=False) as dst:
-            shutil.copyfileobj(src, dst, 1 << 20)
-        return os.fstat(fd_out).st_size
+        written = 0
+        while written < size:
+            try:
+                chunk = os.read(fd_in, min(1 << 20, size - written))
+            except BlockingIOError:  # a FIFO opened non-blocking, nothing in it
+                break
+            if not chunk:
+                break
+            view = memoryview(chunk)
+            while view:
+                view = view[os.write(fd_out, view) :]
+            written += len(chunk)
+        return written
 
 
 _RENAME_NOREPLACE, _RENAME_EXCHANGE = 1, 2

@@ -17,6 +17,7 @@ import json
 import logging
 import multiprocessing
 import os
+import stat
 import sys
 import time
 import warnings
@@ -211,6 +212,18 @@ def _parse(data: bytes, tags: list[str], force: bool, whole: bool) -> pydicom.Da
     return dataset if whole or buffer.tell() < len(data) else None
 
 
+class NotARegularFile(OSError):
+    """The path is no longer a regular file (a FIFO, a device) though the walk saw one."""
+
+
+def _open_input(path: str) -> int:
+    """A descriptor of an input file, read only. Non-blocking: the walk that found the
+    file as a regular one may be long past (the Snakefile's, before the job was even
+    scheduled), and a FIFO put in its place meanwhile would otherwise block this open until
+    some writer came, forever; on a regular file the flag changes nothing."""
+    return os.open(path, os.O_RDONLY | os.O_NONBLOCK)
+
+
 TRUNCATED_META = "damaged DICOM: the file ends inside its file meta information (truncated)"
 
 
@@ -218,7 +231,7 @@ def _damaged(path: str, error: Exception) -> str:
     """The skip reason of a file pydicom could not parse: damaged DICOM when it has a DICM
     preamble, else not DICOM (pydicom was only guessing)."""
     try:
-        with open(path, "rb") as handle:
+        with open(_open_input(path), "rb") as handle:
             preamble = handle.read(132)[128:] == b"DICM"
     except OSError:
         preamble = False
@@ -237,8 +250,11 @@ def _meta_state(meta: object, size: int) -> str:
 
 def _read(path: str, keywords: list[str]) -> tuple[pydicom.Dataset | None, bool, int]:
     """(dataset or None if the first bytes rule DICOM out, preamble?, size)."""
-    with open(path, "rb") as handle:
-        size = os.fstat(handle.fileno()).st_size
+    with open(_open_input(path), "rb") as handle:
+        info = os.fstat(handle.fileno())
+        if not stat.S_ISREG(info.st_mode):
+            raise NotARegularFile(path)
+        size = info.st_size
         if size == 0:
             return None, False, 0
         data = handle.read(CHUNK_BYTES)
@@ -293,7 +309,7 @@ def _scanned_header(path: str, keywords: list[str]) -> dict[str, str | None] | N
     if wanted is None:
         return None
     try:
-        fd = os.open(path, os.O_RDONLY)
+        fd = _open_input(path)
     except OSError:
         return None
     try:
@@ -377,6 +393,8 @@ def _header_by_pydicom(path: str, keywords: list[str]) -> dict[str, str | None]:
                 # Part 10 repeats the instance UID in the file meta; anonymisers keep it.
                 result["SOPInstanceUID"] = _value(meta, *_META_TAG["MediaStorageSOPInstanceUID"])
                 instance_from_meta = True
+    except NotARegularFile:  # replaced since the walk: by a FIFO, a link to a device
+        return {**result, "skip_reason": SKIP_REASONS[inventory.SPECIAL]}
     except PermissionError:
         return {**result, "skip_reason": "unreadable: permission denied"}
     except OSError as error:
@@ -732,7 +750,8 @@ def main(argv: list[str] | None = None) -> int:
         args.workers,
         args.log,
         args.state_dir,
-        inventory.load_walk(inventory.walk_path(args.output)),
+        # Only the walk its manifest is named after (batch-<n>-<fingerprint>.parquet).
+        inventory.load_walk(inventory.walk_path(args.output), args.output.stem.rpartition("-")[2]),
     )
     log.info(
         "batch %d: %d folders (%d changed), %d files, %d headers read, %d not sortable, "

@@ -273,15 +273,23 @@ def walk_path(manifest: str | Path) -> Path:
     return manifest.parent.parent / "walks" / f"{manifest.stem}.marshal"
 
 
-def dump_walk(walks: dict[str, list[Entry]]) -> bytes:
+def dump_walk(walks: dict[str, list[Entry]], filter_keywords: list[str] = ()) -> bytes:
     """A batch's walk as bytes for ``load_walk`` (marshal: the standard library's fastest
     format for plain tuples; read only by this version of dcmsort, beside it). Compact, so
-    the Snakefile can hold it from its walk until onstart has made the state folder."""
+    the Snakefile can hold it from its walk until onstart has made the state folder. The
+    filter keywords go with it: with them the extract job recomputes the batch
+    fingerprint from what it read and takes the walk only if it is the one its manifest
+    is named after (``load_walk``)."""
     return marshal.dumps(
-        {
-            folder: [(e.relpath, e.size, e.mtime_ns, e.kind, e.ctime_ns, e.ino) for e in entries]
-            for folder, entries in walks.items()
-        }
+        (
+            list(filter_keywords),
+            {
+                folder: [
+                    (e.relpath, e.size, e.mtime_ns, e.kind, e.ctime_ns, e.ino) for e in entries
+                ]
+                for folder, entries in walks.items()
+            },
+        )
     )
 
 
@@ -299,10 +307,17 @@ def write_walks(folder: Path, walks: dict[Path, bytes]) -> None:
         os.replace(tmp, path)
 
 
-def load_walk(path: Path) -> dict[str, list[Entry]] | None:
-    """A walk dump_walk wrote, or None if there is none (or it cannot be read)."""
+def load_walk(path: Path, fingerprint: str | None = None) -> dict[str, list[Entry]] | None:
+    """A walk dump_walk wrote, or None if there is none, it cannot be read, or (with
+    ``fingerprint``, the batch fingerprint its manifest is named after) it is not the walk
+    behind that fingerprint: a foreign or damaged walk would name the manifest after one
+    input and fill it with another, whose missing files no later run would see. The
+    caller then walks the input itself."""
     try:
-        data = marshal.loads(Path(path).read_bytes())
-    except (OSError, EOFError, ValueError, TypeError):
+        filter_keywords, data = marshal.loads(Path(path).read_bytes())
+        walks = {folder: [Entry(*fields) for fields in rows] for folder, rows in data.items()}
+        if fingerprint is not None and batch_fingerprint(walks, filter_keywords) != fingerprint:
+            return None
+    except (OSError, EOFError, ValueError, TypeError, AttributeError):
         return None
-    return {folder: [Entry(*fields) for fields in rows] for folder, rows in data.items()}
+    return walks

@@ -33,6 +33,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import dataclasses
 import errno
 import hashlib
 import logging
@@ -281,9 +282,9 @@ def _existing_is_same(folder_fd: int, name: str, source: str, digest: str | None
         return False
     if (info.st_ino, info.st_dev) == (source_info.st_ino, source_info.st_dev):
         return True
-    if info.st_size != source_info.st_size:
-        return False
-    with open(source, "rb") as handle:
+    if info.st_size != source_info.st_size or not stat.S_ISREG(source_info.st_mode):
+        return False  # a FIFO or a device (a link to /dev/zero) is no content to compare
+    with open(os.open(source, os.O_RDONLY | os.O_NONBLOCK), "rb") as handle:
         wanted = digest or _digest_fd(handle.fileno())
     return _digest_at(folder_fd, name) == wanted
 
@@ -304,8 +305,9 @@ def _check_version(info: os.stat_result, row: Row) -> None:
 
 def _version_digest(source: str, row: Row) -> str:
     """The digest of the row's input version (SourceChanged if the input is another
-    version, or changes while it is read)."""
-    fd = os.open(source, os.O_RDONLY)
+    version, or changes while it is read). Non-blocking: a FIFO in its place blocks
+    nothing (its version differs)."""
+    fd = os.open(source, os.O_RDONLY | os.O_NONBLOCK)
     try:
         _check_version(os.fstat(fd), row)
         digest = _digest_fd(fd)
@@ -324,8 +326,11 @@ def _copy(
     header was read (before the copy or during it) has changed its ctime, so one check
     there is as strong as one before and one after, for one metadata call fewer (on
     Lustre/NFS each is a round trip). The copy is made ``0600`` and given its mode from
-    that same fstat, so it is never more open than the input, even for a moment."""
-    fd_in = os.open(source, os.O_RDONLY)
+    that same fstat, so it is never more open than the input, even for a moment. The input
+    is opened non-blocking: one replaced by a FIFO since it was planned would otherwise
+    block the open until some writer came (the check after the copy then finds it
+    changed)."""
+    fd_in = os.open(source, os.O_RDONLY | os.O_NONBLOCK)
     try:
         tmp = temp_name_for(name, token)
         flags = os.O_RDWR | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW  # read back by checksum
@@ -540,8 +545,12 @@ def put(
     name = row.destination.rpartition("/")[2]
     source = inventory.source_path(input_dir, row.relpath)
     try:
-        if row.action == "present" and _existing_is_same(folder_fd, name, source, row.digest):
-            return PRESENT, row.digest, None
+        if row.action == "present":
+            # The planned version is still the input (one stat), or the run would say the
+            # content of an input rewritten since the plan is in the output.
+            _check_version(os.stat(source), row)
+            if _existing_is_same(folder_fd, name, source, row.digest):
+                return PRESENT, row.digest, None
         if row.action == "relink":
             previous = inventory.source_path(input_dir, row.previous_relpath)
             return _relink(folder_fd, name, source, previous, row, token), row.digest, None
@@ -808,6 +817,23 @@ def _holds_version(folder_fd: int, name: str, row: Row, source: str) -> str | No
     return ("hardlink" if info.st_nlink > 1 else "copy") if same else None
 
 
+def _input_is_planned_version(
+    input_dir: Path, row: Row, linked_inodes: set
+) -> tuple[bool, int | None]:
+    """Is a duplicate's input still the version the plan hashed? One stat: one rewritten
+    since (its mtime set back or not) must not be committed as a copy of its twin. A ctime
+    changed by a hard link this run made to the same inode is not a change: then its ctime
+    now comes along, to be committed too (else the next lookup of the input, at its
+    current version, would not find it)."""
+    try:
+        info = os.stat(inventory.source_path(input_dir, row.relpath))
+        relinked = info.st_ino in linked_inodes and info.st_ctime_ns != row.ctime_ns
+        _check_version(info, dataclasses.replace(row, ctime_ns=None) if relinked else row)
+    except (OSError, SourceChanged):
+        return False, None
+    return True, info.st_ctime_ns if relinked else None
+
+
 def pending_rows(plan: pa.Table, committed: pa.Table) -> pa.Table:
     """Plan rows whose file version the ledger does not hold yet (a rerun of a killed
     transfer skips what it already committed), in one chunk: each commit takes its rows
@@ -890,12 +916,27 @@ def transfer_plan(
             committed_since = set(ledger.placed_destinations(placed).to_pylist())
         return row.destination in committed_since
 
+    # Inputs this run hard-linked: linking changed their ctime (an input hard-linked twice
+    # in the input folder shares it with its duplicate).
+    linked_inodes = {o.row.ino for o in outcomes if o.ctime_ns is not None}
     duplicates = []
     for row in rows:
         if row.action != "duplicate":
             continue
         if committed(row) and row.destination not in unplaced_now and tree.holds(row.destination):
-            duplicates.append(Outcome(row, DUPLICATE, row.digest))
+            planned, relinked_ctime = _input_is_planned_version(input_dir, row, linked_inodes)
+            if planned:
+                # Committed also at the ctime this run's link gave it, as the link itself.
+                duplicates.append(Outcome(row, DUPLICATE, row.digest, ctime_ns=relinked_ctime))
+            else:
+                duplicates.append(
+                    Outcome(
+                        row,
+                        CHANGED,
+                        detail="the input changed after it was planned; it is sorted by the "
+                        "next run",
+                    )
+                )
         elif row.destination in changed_now:
             duplicates.append(
                 Outcome(

@@ -134,7 +134,9 @@ def batch_fingerprint(batch):
     fingerprint = inventory.batch_fingerprint(walks, SETTINGS.filters.keywords)
     manifest = f"{STATE}/manifests/batch-{batch}-{fingerprint}.parquet"
     if not os.path.exists(manifest):
-        WALKS_TO_WRITE[inventory.walk_path(manifest)] = inventory.dump_walk(walks)
+        WALKS_TO_WRITE[inventory.walk_path(manifest)] = inventory.dump_walk(
+            walks, SETTINGS.filters.keywords
+        )
     return fingerprint
 
 

@@ -195,3 +195,21 @@ def test_the_install_puts_a_dcmsort_command_beside_python(tmp_path):
         [str(command), "--help"], capture_output=True, text=True, cwd=tmp_path, timeout=60
     )
     assert result.returncode == 0 and "input_dir" in result.stdout
+
+
+@pytest.mark.parametrize(
+    "name", ["out #2", "out ", "a: b", "x'y\"z", "q'", "t=1", "[x]", "é\udcff", "😀\x85\x9f\u2028"]
+)
+def test_in_and_out_reach_the_workflow_exactly_as_given(tmp_path, monkeypatch, name):
+    # Snakemake reads each --config value as YAML: unquoted, "out #2" would be "out" (a
+    # comment), "out " would lose its space, and the run would sort into another folder.
+    from snakemake.cli import parse_config
+
+    from dcmsort import cli
+
+    monkeypatch.chdir(tmp_path)
+    args = cli.run_parser().parse_args([f"in {name}", name])
+    command = cli.sort_command(args, [])
+    config = parse_config(command[command.index("--config") + 1 :])
+    assert config["input_dir"] == os.path.abspath(f"in {name}")
+    assert config["output_dir"] == os.path.abspath(name)

@@ -552,7 +552,24 @@ class Planner:
     patients_of_folder: dict[str, set[str | None]]
     digest_of_input: Callable[[str], str | None]
     disk: Disk
+    # fold(patient folder) -> its PatientIDs in the whole ledger (every partition): asked
+    # only about a patient folder that stands on disk and this partition's ledger does not
+    # know (one another partition named, e.g. with a PatientID suffix that equals a name
+    # this partition renders).
+    patients_elsewhere: Callable[[str], set[str | None]] = lambda _folder: set()
     _owners: dict[str, SeriesKey] = field(default_factory=dict)
+
+    def _patients_of(self, patient_path: str) -> set[str | None]:
+        """The PatientIDs a patient folder holds (this plan's view, grown by its claims)."""
+        folded = fold(patient_path)
+        if folded not in self.patients_of_folder:
+            parent, _, name = patient_path.rpartition("/")
+            held = self.disk.children(parent).get(fold(name))
+            on_disk = held is not None and held[1] == Disk.DIR
+            self.patients_of_folder[folded] = (
+                set(self.patients_elsewhere(folded)) if on_disk else set()
+            )
+        return self.patients_of_folder[folded]
 
     def series_folder(self, base: str, series_uid: str, patient_id: str) -> str:
         """The folder of a series: its earlier one, else base, else base + a hash of the
@@ -585,7 +602,9 @@ class Planner:
                 patient_folder = (
                     fold("/".join(candidate.split("/")[: level + 1])) if level is not None else ""
                 )
-                if not self.patients_of_folder.get(patient_folder, set()) <= {None, key[2]}:
+                if level is not None and not self._patients_of(
+                    "/".join(candidate.split("/")[: level + 1])
+                ) <= {None, key[2]}:
                     break  # another patient's folder
                 if candidate not in self._owners:
                     self._owners.update(self.owner_of_folder([candidate]))
@@ -702,6 +721,7 @@ def make_plan(
     disk: Disk,
     digest_of_input: Callable[[str], str | None],
     stage: str = "plan",
+    patients_elsewhere: Callable[[str], set[str | None]] | None = None,
 ) -> pa.Table:
     """One plan row per new file version (PLAN_SCHEMA), decided against the ledger
     (``committed``), the output folder (``disk``) and each other. Its progress is logged
@@ -726,6 +746,7 @@ def make_plan(
         ),
         digest_of_input=digest_of_input,
         disk=disk,
+        patients_elsewhere=patients_elsewhere or (lambda _folder: set()),
     )
     # Decisions go into compact Arrow columns a chunk at a time, so memory holds Python
     # values for one chunk of rows, not for every new file. One chunk of the table (one
@@ -821,6 +842,25 @@ def read_manifests(paths: list[Path], settings: Naming, filters: Filters = NO_FI
     return pa.concat_tables(tables, promote_options="default")
 
 
+def patients_elsewhere(state_dir: Path, settings: Naming) -> Callable[[str], set[str | None]]:
+    """A lookup: fold(patient folder) -> its PatientIDs in the ledger of every partition.
+    A partition's plan knows its own patient folders; a folder another partition made (a
+    name with a PatientID's hash that equals a name rendered here) is known only there.
+    The whole ledger's (destination, PatientID) pairs are read at the first question, which
+    only a patient folder on disk that this partition's ledger does not know asks."""
+    level = naming.patient_level(settings.folder_template)
+    found: dict[str, set[str | None]] | None = None
+
+    def lookup(folder: str) -> set[str | None]:
+        nonlocal found
+        if found is None:
+            rows = ledger.read(state_dir, ["destination", "patient_id"])
+            found = patient_owners(rows, _parent(rows["destination"]), level)
+        return found.get(folder, set())
+
+    return lookup
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m dcmsort.plan", description=__doc__)
     parser.add_argument("--manifests", type=Path, nargs="*", default=[])
@@ -874,6 +914,7 @@ def main(argv: list[str] | None = None) -> int:
         Disk(args.output_dir),
         digest_of_input,
         f"plan {part.name}" if part and part.count > 1 else "plan",
+        patients_elsewhere(args.state_dir, settings) if part and part.count > 1 else None,
     )
     plan = with_temp_token(plan)  # written before any temporary file with it exists
     with atomic_path(layout_file) as tmp:

@@ -213,3 +213,19 @@ def test_in_and_out_reach_the_workflow_exactly_as_given(tmp_path, monkeypatch, n
     config = parse_config(command[command.index("--config") + 1 :])
     assert config["input_dir"] == os.path.abspath(f"in {name}")
     assert config["output_dir"] == os.path.abspath(name)
+
+
+def test_where_finds_a_skipped_file_whose_path_a_spreadsheet_would_run(sorter):
+    # skipped.csv writes '=dir/+x as "'=dir/+x" (no spreadsheet runs it); where must read
+    # the path back, not say that nothing knows the file.
+    small_input(sorter)
+    for name in ("=dir/+x.txt", "p2/-notes.txt", "@at/'q.txt"):
+        (sorter.input_dir / name).parent.mkdir(exist_ok=True)
+        (sorter.input_dir / name).write_text("not an image")
+    assert dcmsort(sorter.input_dir, sorter.output_dir, cwd=sorter.workdir).returncode == 0
+    for name in ("=dir/+x.txt", "p2/-notes.txt", "@at/'q.txt"):
+        found = dcmsort("where", sorter.output_dir, sorter.input_dir / name, cwd=sorter.workdir)
+        assert found.returncode == 1, found.output
+        assert found.stdout.endswith(
+            ": skipped: not DICOM (no DICM preamble and no DICOM identifiers)\n"
+        ), found.stdout

@@ -327,11 +327,19 @@ def relpath_candidates(path: str) -> list[str]:
 
 
 def _skipped(state: Path) -> dict[str, dict]:
+    """skipped.csv's rows by relpath, each text cell as the value it stands for (a cell a
+    spreadsheet would run, '=dir/x', is written "'=dir/x")."""
+    from dcmsort.fileops import from_spreadsheet_safe
+
     try:
         with open(state / "skipped.csv", newline="", encoding="utf-8") as f:
-            return {row["relpath"]: row for row in csv.DictReader(f)}
+            rows = [
+                {key: from_spreadsheet_safe(value or "") for key, value in row.items()}
+                for row in csv.DictReader(f)
+            ]
     except OSError:
         return {}
+    return {row["relpath"]: row for row in rows}
 
 
 def _last_transfers(state: Path) -> dict[str, dict]:

@@ -318,16 +318,28 @@ EXCLUDED_SCHEMA = pa.schema(
 )
 
 
-def leave_out(files: pa.Table, committed: pa.Table, filters: Filters) -> tuple[pa.Table, pa.Table]:
+def leave_out(
+    files: pa.Table,
+    committed: pa.Table,
+    filters: Filters,
+    digests: tuple[Callable[[str], str | None], Callable[[str], str | None]] | None = None,
+) -> tuple[pa.Table, pa.Table]:
     """(files without the new ones the filters leave out, those left out: EXCLUDED_SCHEMA).
     Only new files (not in the ledger) are filtered: a file placed earlier stays placed
     and counted, whatever the filters say now. A file left out is never in the ledger, so
     every plan of its partition meets it as new again: the list is always complete, and a
-    file a later change of filters includes is planned like any new file."""
+    file a later change of filters includes is planned like any new file.
+
+    ``digests`` (of an input relpath, of an output destination): a new file version that
+    holds the content of a placement (a placed file renamed, touched or copied) is that
+    placement's (present, relinked or a duplicate), not left out, so the placement is not
+    "gone"; only files with a placement of their SOPInstanceUID and size are read."""
     if not filters:
         return files, EXCLUDED_SCHEMA.empty_table()
     new = new_files(files, committed)
     reasons = filters.reasons(new)
+    if digests is not None:
+        reasons = _unless_placed(new, reasons, committed, *digests)
     left_out = new.filter(pc.is_valid(reasons))
     excluded = pa.table(
         {
@@ -337,6 +349,59 @@ def leave_out(files: pa.Table, committed: pa.Table, filters: Filters) -> tuple[p
         schema=EXCLUDED_SCHEMA,
     )
     return ledger.rows_by_key(files, excluded, keep="missing"), excluded
+
+
+def _unless_placed(
+    new: pa.Table,
+    reasons: pa.Array,
+    committed: pa.Table,
+    digest_of_input: Callable[[str], str | None],
+    digest_of_output: Callable[[str], str | None],
+) -> pa.Array:
+    """reasons, without those of files whose content a placement holds."""
+    if committed.num_rows == 0 or not pc.any(pc.is_valid(reasons)).as_py():
+        return reasons
+    placed = committed.filter(pc.equal(committed["status"], ledger.PLACED))
+    sop = pc.fill_null(placed["sop_uid"].cast(pa.string()), "")
+    twins: dict[tuple[str, int], dict[str, str | None]] = {}
+    keys = set(
+        zip(
+            pc.fill_null(new["SOPInstanceUID"].cast(pa.string()), "").to_pylist(),
+            new["size"].to_pylist(),
+            strict=True,
+        )
+    )
+    for key, destination, digest in zip(
+        zip(sop.to_pylist(), placed["size"].to_pylist(), strict=True),
+        placed["destination"].to_pylist(),
+        placed["digest"].to_pylist(),
+        strict=True,
+    ):
+        if key in keys:
+            known = twins.setdefault(key, {})
+            known[destination] = known.get(destination) or digest
+    if not twins:
+        return reasons
+    found = reasons.to_pylist()
+    for index, (reason, relpath, sop_uid, size) in enumerate(
+        zip(
+            found,
+            new["relpath"].to_pylist(),
+            new["SOPInstanceUID"].to_pylist(),
+            new["size"].to_pylist(),
+            strict=True,
+        )
+    ):
+        candidates = twins.get((sop_uid or "", size)) if reason is not None else None
+        if not candidates:
+            continue
+        digest = digest_of_input(relpath)
+        if digest is not None and any(
+            (known or digest_of_output(destination)) == digest
+            for destination, known in candidates.items()
+        ):
+            found[index] = None
+    return pa.array(found, pa.string())
 
 
 def _parent(destinations: pa.ChunkedArray | pa.Array) -> pa.Array:
@@ -897,7 +962,6 @@ def main(argv: list[str] | None = None) -> int:
     filters = Filters.from_json(args.filters)
     files = read_manifests(args.manifests, settings, filters)
     committed = ledger.read(args.state_dir, part=part)
-    files, excluded = leave_out(files, committed, filters)
     hashed = []
 
     def digest_of_input(relpath: str) -> str | None:
@@ -907,11 +971,14 @@ def main(argv: list[str] | None = None) -> int:
         except OSError:
             return None
 
+    disk = Disk(args.output_dir)
+    files, excluded = leave_out(files, committed, filters, (digest_of_input, disk.digest))
+
     plan = make_plan(
         files,
         committed,
         settings,
-        Disk(args.output_dir),
+        disk,
         digest_of_input,
         f"plan {part.name}" if part and part.count > 1 else "plan",
         patients_elsewhere(args.state_dir, settings) if part and part.count > 1 else None,

@@ -166,6 +166,8 @@ def test_where_says_where_a_file_went_or_why_not(sorter):
         (["config", "."], "holds no dcmsort state"),
         (["config", "OUT"], "OUT is not a folder"),
         (["where", "OUT"], "the following arguments are required: FILE"),
+        (["IN", "OUT", "--", "--config", "partitions=2"], "--config after --: give settings"),
+        (["IN", "OUT", "--", "-Cpartitions=2"], "-Cpartitions=2 after --: give settings"),
     ],
 )
 def test_a_bad_argument_is_one_error_line_and_exit_code_2(tmp_path, args, message):

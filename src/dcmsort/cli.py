@@ -461,6 +461,14 @@ def main(argv: list[str] | None = None) -> int:
     if "--" in argv:  # Snakemake's own options, as they are
         extra = argv[argv.index("--") + 1 :]
         argv = argv[: argv.index("--")]
+        # dcmsort gives Snakemake its own --config last, and Snakemake keeps the last one:
+        # settings given this way would be dropped without a word.
+        given = next(
+            (a for a in extra if a in ("--config", "-C") or a.startswith(("--config=", "-C"))),
+            None,
+        )
+        if given is not None:
+            refuse(f"{given} after --: give settings with --set KEY=VALUE (see dcmsort --help)")
     if not runner.SNAKEFILE.is_file():
         refuse(
             f"no workflow at {runner.SNAKEFILE}; install dcmsort from its checkout (pip install -e)"

@@ -495,3 +495,33 @@ def test_one_run_that_suffixes_into_another_partitions_name_is_honest_then_settl
     patients = {relpath: row["destination"].split("/")[0] for relpath, row in rows.items()}
     assert len({naming.fold(p) for p in patients.values()}) == 3, patients
     assert sorter.summary()["patient_folders_with_several_ids"] == []
+
+
+def test_a_series_folder_suffixed_in_one_partition_is_never_shared_from_another(sorter):
+    # keep_series_apart with the series folder at the top level: the second T1 series gets
+    # T1_<hash of its UID>; a later series described so renders to it from a partition
+    # whose ledger does not know the folder, and must not move in.
+    suffixed = f"T1_{naming.short_hash('1.2.3.2')}"
+    parts = [partition.key(name) % 4 for name in ("T1", suffixed)]
+    assert parts[0] != parts[1], "the two names must fall into different partitions"
+    for folder, pid, uid in (("a", "1", "1.2.3.1"), ("b", "2", "1.2.3.2")):
+        write_dicom(
+            sorter.input_dir / folder / "IM1.dcm",
+            "X",
+            pid,
+            "T1",
+            tags={"SeriesInstanceUID": uid},
+        )
+    sorter.run(folder_template="{SeriesDescription}", partitions=4)
+    write_dicom(
+        sorter.input_dir / "c" / "IM1.dcm",
+        "X",
+        "3",
+        suffixed,
+        tags={"SeriesInstanceUID": "1.2.3.3"},
+    )
+    sorter.run(folder_template="{SeriesDescription}", partitions=4)
+    rows = assert_accounted_for(sorter)
+    folders = {relpath: row["destination"].split("/")[0] for relpath, row in rows.items()}
+    assert folders["b/IM1.dcm"] == suffixed
+    assert len({naming.fold(f) for f in folders.values()}) == 3, folders

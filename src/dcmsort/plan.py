@@ -622,17 +622,23 @@ class Planner:
     # know (one another partition named, e.g. with a PatientID suffix that equals a name
     # this partition renders).
     patients_elsewhere: Callable[[str], set[str | None]] = lambda _folder: set()
+    # The same for series folders: series folder -> its SeriesKey in the whole ledger,
+    # asked only about a folder on disk that this partition's ledger does not know (a
+    # series folder at the top level that another partition named with a UID's hash).
+    owner_elsewhere: Callable[[list[str]], dict[str, SeriesKey]] = lambda _folders: {}
     _owners: dict[str, SeriesKey] = field(default_factory=dict)
+
+    def _on_disk(self, path: str) -> bool:
+        parent, _, name = path.rpartition("/")
+        held = self.disk.children(parent).get(fold(name))
+        return held is not None and held[1] == Disk.DIR
 
     def _patients_of(self, patient_path: str) -> set[str | None]:
         """The PatientIDs a patient folder holds (this plan's view, grown by its claims)."""
         folded = fold(patient_path)
         if folded not in self.patients_of_folder:
-            parent, _, name = patient_path.rpartition("/")
-            held = self.disk.children(parent).get(fold(name))
-            on_disk = held is not None and held[1] == Disk.DIR
             self.patients_of_folder[folded] = (
-                set(self.patients_elsewhere(folded)) if on_disk else set()
+                set(self.patients_elsewhere(folded)) if self._on_disk(patient_path) else set()
             )
         return self.patients_of_folder[folded]
 
@@ -673,6 +679,8 @@ class Planner:
                     break  # another patient's folder
                 if candidate not in self._owners:
                     self._owners.update(self.owner_of_folder([candidate]))
+                    if candidate not in self._owners and self._on_disk(candidate):
+                        self._owners.update(self.owner_elsewhere([candidate]))
                 owner = self._owners.get(candidate)
                 if owner is None or _same_series(owner, key) or not keep_apart:
                     self._owners[candidate] = key
@@ -786,7 +794,7 @@ def make_plan(
     disk: Disk,
     digest_of_input: Callable[[str], str | None],
     stage: str = "plan",
-    patients_elsewhere: Callable[[str], set[str | None]] | None = None,
+    elsewhere: Elsewhere | None = None,
 ) -> pa.Table:
     """One plan row per new file version (PLAN_SCHEMA), decided against the ledger
     (``committed``), the output folder (``disk``) and each other. Its progress is logged
@@ -811,7 +819,8 @@ def make_plan(
         ),
         digest_of_input=digest_of_input,
         disk=disk,
-        patients_elsewhere=patients_elsewhere or (lambda _folder: set()),
+        patients_elsewhere=elsewhere.patients if elsewhere else (lambda _folder: set()),
+        owner_elsewhere=elsewhere.owners if elsewhere else (lambda _folders: {}),
     )
     # Decisions go into compact Arrow columns a chunk at a time, so memory holds Python
     # values for one chunk of rows, not for every new file. One chunk of the table (one
@@ -907,23 +916,39 @@ def read_manifests(paths: list[Path], settings: Naming, filters: Filters = NO_FI
     return pa.concat_tables(tables, promote_options="default")
 
 
-def patients_elsewhere(state_dir: Path, settings: Naming) -> Callable[[str], set[str | None]]:
-    """A lookup: fold(patient folder) -> its PatientIDs in the ledger of every partition.
-    A partition's plan knows its own patient folders; a folder another partition made (a
-    name with a PatientID's hash that equals a name rendered here) is known only there.
-    The whole ledger's (destination, PatientID) pairs are read at the first question, which
-    only a patient folder on disk that this partition's ledger does not know asks."""
-    level = naming.patient_level(settings.folder_template)
-    found: dict[str, set[str | None]] | None = None
+class Elsewhere:
+    """What the ledger of every partition says about a folder: its PatientIDs (a patient
+    folder) and its SeriesKey (a series folder). A partition's plan knows its own folders;
+    one that another partition named (a name with a PatientID's or a series UID's hash
+    that equals a name rendered here) is known only there. The whole ledger is read at the
+    first question, which only a folder on disk that this partition's ledger does not know
+    asks (rare: never in a first run, nor for a patient this partition placed)."""
 
-    def lookup(folder: str) -> set[str | None]:
-        nonlocal found
-        if found is None:
-            rows = ledger.read(state_dir, ["destination", "patient_id"])
-            found = patient_owners(rows, _parent(rows["destination"]), level)
-        return found.get(folder, set())
+    def __init__(self, state_dir: Path, settings: Naming):
+        self.state_dir, self.settings = state_dir, settings
+        self._patients: dict[str, set[str | None]] | None = None
+        self._owners: Callable[[list[str]], dict[str, SeriesKey]] | None = None
 
-    return lookup
+    def _read(self) -> None:
+        rows = ledger.read(
+            self.state_dir, ["destination", "patient_id", "base_folder", "series_uid"]
+        )
+        parents = _parent(rows["destination"])
+        level = naming.patient_level(self.settings.folder_template)
+        self._patients = patient_owners(rows, parents, level)
+        self._owners = folder_owners(rows, parents, self.settings)
+
+    def patients(self, folder: str) -> set[str | None]:
+        """fold(patient folder) -> its PatientIDs."""
+        if self._patients is None:
+            self._read()
+        return self._patients.get(folder, set())
+
+    def owners(self, folders: list[str]) -> dict[str, SeriesKey]:
+        """series folder -> the SeriesKey that owns it."""
+        if self._owners is None:
+            self._read()
+        return self._owners(folders)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -981,7 +1006,7 @@ def main(argv: list[str] | None = None) -> int:
         disk,
         digest_of_input,
         f"plan {part.name}" if part and part.count > 1 else "plan",
-        patients_elsewhere(args.state_dir, settings) if part and part.count > 1 else None,
+        Elsewhere(args.state_dir, settings) if part and part.count > 1 else None,
     )
     plan = with_temp_token(plan)  # written before any temporary file with it exists
     with atomic_path(layout_file) as tmp:

@@ -166,6 +166,8 @@ def test_where_says_where_a_file_went_or_why_not(sorter):
         (["config", "."], "holds no dcmsort state"),
         (["config", "OUT"], "OUT is not a folder"),
         (["where", "OUT"], "the following arguments are required: FILE"),
+        (["IN", "OUT", "--", "--config", "partitions=2"], "--config after --: give settings"),
+        (["IN", "OUT", "--", "-Cpartitions=2"], "-Cpartitions=2 after --: give settings"),
     ],
 )
 def test_a_bad_argument_is_one_error_line_and_exit_code_2(tmp_path, args, message):
@@ -195,3 +197,37 @@ def test_the_install_puts_a_dcmsort_command_beside_python(tmp_path):
         [str(command), "--help"], capture_output=True, text=True, cwd=tmp_path, timeout=60
     )
     assert result.returncode == 0 and "input_dir" in result.stdout
+
+
+@pytest.mark.parametrize(
+    "name", ["out #2", "out ", "a: b", "x'y\"z", "q'", "t=1", "[x]", "é\udcff", "😀\x85\x9f\u2028"]
+)
+def test_in_and_out_reach_the_workflow_exactly_as_given(tmp_path, monkeypatch, name):
+    # Snakemake reads each --config value as YAML: unquoted, "out #2" would be "out" (a
+    # comment), "out " would lose its space, and the run would sort into another folder.
+    from snakemake.cli import parse_config
+
+    from dcmsort import cli
+
+    monkeypatch.chdir(tmp_path)
+    args = cli.run_parser().parse_args([f"in {name}", name])
+    command = cli.sort_command(args, [])
+    config = parse_config(command[command.index("--config") + 1 :])
+    assert config["input_dir"] == os.path.abspath(f"in {name}")
+    assert config["output_dir"] == os.path.abspath(name)
+
+
+def test_where_finds_a_skipped_file_whose_path_a_spreadsheet_would_run(sorter):
+    # skipped.csv writes '=dir/+x as "'=dir/+x" (no spreadsheet runs it); where must read
+    # the path back, not say that nothing knows the file.
+    small_input(sorter)
+    for name in ("=dir/+x.txt", "p2/-notes.txt", "@at/'q.txt"):
+        (sorter.input_dir / name).parent.mkdir(exist_ok=True)
+        (sorter.input_dir / name).write_text("not an image")
+    assert dcmsort(sorter.input_dir, sorter.output_dir, cwd=sorter.workdir).returncode == 0
+    for name in ("=dir/+x.txt", "p2/-notes.txt", "@at/'q.txt"):
+        found = dcmsort("where", sorter.output_dir, sorter.input_dir / name, cwd=sorter.workdir)
+        assert found.returncode == 1, found.output
+        assert found.stdout.endswith(
+            ": skipped: not DICOM (no DICM preamble and no DICOM identifiers)\n"
+        ), found.stdout

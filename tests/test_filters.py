@@ -255,3 +255,20 @@ def test_a_bad_filter_on_the_command_line_is_one_error_line(sorter):
         len(errors) == 1 and "exclude.ImageType: {'contain': 'DERIVED'} is not a rule" in errors[0]
     )
     assert "Traceback" not in result.output and not sorter.output_dir.exists()
+
+
+def test_a_placed_file_renamed_after_a_filter_now_leaves_it_out_is_not_gone(sorter):
+    write_dicom(sorter.input_dir / "p" / "IM1.dcm", "DOE^JOHN", "1", "T1")
+    write_dicom(sorter.input_dir / "p" / "LOC.dcm", "DOE^JOHN", "1", "LOCALIZER", number=2)
+    sorter.run()
+    (sorter.input_dir / "p" / "LOC.dcm").rename(sorter.input_dir / "p" / "LOC2.dcm")
+    sorter.run(keys={"exclude": "{SeriesDescription: LOCALIZER}"})
+    assert_every_file_accounted_for(sorter)
+    summary = sorter.summary()
+    assert summary["sources_gone"] == 0, summary
+    assert (sorter.state / "removed_sources.csv").read_text().count("\n") == 1
+    # The renamed file is its placement's (present), the copy a duplicate: neither is
+    # listed as left out, and nothing is copied again.
+    rows = {row["relpath"]: row for row in sorter.outcomes()}
+    assert rows["p/LOC2.dcm"]["destination"] == "DOE^JOHN_1/LOCALIZER_2/LOC.dcm"
+    assert rows["p/LOC2.dcm"]["action"] != "skip"

@@ -14,7 +14,7 @@ import pyarrow.parquet as pq
 import pytest
 
 from conftest import assert_every_file_accounted_for, tree_snapshot, write_dicom
-from dcmsort import demo, headers, inventory, ledger, naming
+from dcmsort import demo, headers, inventory, ledger, naming, partition
 from dcmsort.fileops import MAX_NAME_BYTES, TEMP_SUFFIX, temp_name_for, temp_path_for
 
 
@@ -458,3 +458,70 @@ def test_two_patients_named_by_a_fallback_never_share_a_patient_folder(sorter):
     assert len({naming.fold(p) for p in patients.values()}) == 4, patients
     assert patients["a/IM1.dcm"] == "ROE^ANN" or patients["b/IM1.dcm"] == "ROE^ANN"
     assert sorter.summary()["patient_folders_with_several_ids"] == []
+
+
+def test_a_patient_folder_suffixed_in_one_partition_is_never_shared_from_another(sorter):
+    # DOE/2 gets DOE_<hash of "2"> beside DOE/1; a later patient whose ID *is* that name
+    # renders to it, but its top-level folder is hashed to the other partition, whose
+    # ledger does not know the folder: it must not move in with patient 2.
+    template = "{PatientName|PatientID}/{SeriesDescription}"
+    suffixed = f"DOE_{naming.short_hash('2')}"
+    parts = [partition.key(name) % 2 for name in ("DOE", suffixed)]
+    assert parts[0] != parts[1], "the two names must fall into different partitions"
+    write_dicom(sorter.input_dir / "a" / "IM1.dcm", "DOE", "1", "SER")
+    write_dicom(sorter.input_dir / "b" / "IM1.dcm", "DOE", "2", "SER")
+    sorter.run(folder_template=template, partitions=2)
+    write_dicom(sorter.input_dir / "d" / "IM1.dcm", "", suffixed, "SER")
+    sorter.run(folder_template=template, partitions=2)
+    rows = assert_accounted_for(sorter)
+    patients = {relpath: row["destination"].split("/")[0] for relpath, row in rows.items()}
+    assert patients["b/IM1.dcm"] == suffixed
+    assert len({naming.fold(p) for p in patients.values()}) == 3, patients
+    assert sorter.summary()["patient_folders_with_several_ids"] == []
+
+
+def test_one_run_that_suffixes_into_another_partitions_name_is_honest_then_settles(sorter):
+    # The same three patients in one run: two plan jobs claim the name at once. The run
+    # may fail (nothing is overwritten); the rerun must keep the two IDs apart.
+    template = "{PatientName|PatientID}/{SeriesDescription}"
+    suffixed = f"DOE_{naming.short_hash('2')}"
+    write_dicom(sorter.input_dir / "a" / "IM1.dcm", "DOE", "1", "SER")
+    write_dicom(sorter.input_dir / "b" / "IM1.dcm", "DOE", "2", "SER")
+    write_dicom(sorter.input_dir / "d" / "IM1.dcm", "", suffixed, "SER")
+    first = sorter.run(folder_template=template, partitions=2, check=False)
+    if first.returncode != 0:
+        sorter.run(folder_template=template, partitions=2)
+    rows = assert_accounted_for(sorter)
+    patients = {relpath: row["destination"].split("/")[0] for relpath, row in rows.items()}
+    assert len({naming.fold(p) for p in patients.values()}) == 3, patients
+    assert sorter.summary()["patient_folders_with_several_ids"] == []
+
+
+def test_a_series_folder_suffixed_in_one_partition_is_never_shared_from_another(sorter):
+    # keep_series_apart with the series folder at the top level: the second T1 series gets
+    # T1_<hash of its UID>; a later series described so renders to it from a partition
+    # whose ledger does not know the folder, and must not move in.
+    suffixed = f"T1_{naming.short_hash('1.2.3.2')}"
+    parts = [partition.key(name) % 4 for name in ("T1", suffixed)]
+    assert parts[0] != parts[1], "the two names must fall into different partitions"
+    for folder, pid, uid in (("a", "1", "1.2.3.1"), ("b", "2", "1.2.3.2")):
+        write_dicom(
+            sorter.input_dir / folder / "IM1.dcm",
+            "X",
+            pid,
+            "T1",
+            tags={"SeriesInstanceUID": uid},
+        )
+    sorter.run(folder_template="{SeriesDescription}", partitions=4)
+    write_dicom(
+        sorter.input_dir / "c" / "IM1.dcm",
+        "X",
+        "3",
+        suffixed,
+        tags={"SeriesInstanceUID": "1.2.3.3"},
+    )
+    sorter.run(folder_template="{SeriesDescription}", partitions=4)
+    rows = assert_accounted_for(sorter)
+    folders = {relpath: row["destination"].split("/")[0] for relpath, row in rows.items()}
+    assert folders["b/IM1.dcm"] == suffixed
+    assert len({naming.fold(f) for f in folders.values()}) == 3, folders

@@ -22,6 +22,7 @@ import csv
 import difflib
 import json
 import os
+import re
 import signal
 import stat
 import subprocess
@@ -191,14 +192,32 @@ def sort_command(args: argparse.Namespace, extra: list[str]) -> list[str]:
         flags.append("--dry-run")
     if args.profile:
         flags += ["--workflow-profile", str(_profile_folder(args.profile))]
+    # Snakemake reads every --config value as YAML: a folder is passed as a quoted YAML
+    # text, so that "out #2" (a comment), "out " (a trailing space) or "a: b" (a mapping)
+    # reach the workflow as the folder given, never another one.
     config = {
-        "input_dir": os.path.abspath(args.input_dir),
-        "output_dir": os.path.abspath(args.output_dir),
+        "input_dir": _yaml_text(os.path.abspath(args.input_dir)),
+        "output_dir": _yaml_text(os.path.abspath(args.output_dir)),
     }
     if args.mode:
         config["transfer_mode"] = args.mode
     config.update(_settings_given(args.set))
     return runner.snakemake_command(Path.cwd(), *flags, *extra, cores=args.cores, **config)
+
+
+# Characters YAML refuses to read in a stream (C1 controls, surrogates: the bytes of a
+# name that is not UTF-8, U+FFFE, U+FFFF) or reads as line breaks (U+0085, U+2028,
+# U+2029): written as escapes.
+_NOT_YAML_PRINTABLE = re.compile("[\x7f-\x9f\u2028\u2029\ud800-\udfff\ufffe\uffff]")
+
+
+def _yaml_text(text: str) -> str:
+    """text as a YAML double-quoted scalar that Snakemake's --config reads back as is
+    (JSON's escapes are YAML's). The spaces around it keep Snakemake from stripping the
+    quotes, and a quote the text ends with, before it reads the YAML."""
+    quoted = json.dumps(text, ensure_ascii=False)
+    quoted = _NOT_YAML_PRINTABLE.sub(lambda m: f"\\u{ord(m.group()):04x}", quoted)
+    return f" {quoted} "
 
 
 def run(command: list[str]) -> int:
@@ -315,11 +334,19 @@ def relpath_candidates(path: str) -> list[str]:
 
 
 def _skipped(state: Path) -> dict[str, dict]:
+    """skipped.csv's rows by relpath, each text cell as the value it stands for (a cell a
+    spreadsheet would run, '=dir/x', is written "'=dir/x")."""
+    from dcmsort.fileops import from_spreadsheet_safe
+
     try:
         with open(state / "skipped.csv", newline="", encoding="utf-8") as f:
-            return {row["relpath"]: row for row in csv.DictReader(f)}
+            rows = [
+                {key: from_spreadsheet_safe(value or "") for key, value in row.items()}
+                for row in csv.DictReader(f)
+            ]
     except OSError:
         return {}
+    return {row["relpath"]: row for row in rows}
 
 
 def _last_transfers(state: Path) -> dict[str, dict]:
@@ -444,6 +471,14 @@ def main(argv: list[str] | None = None) -> int:
     if "--" in argv:  # Snakemake's own options, as they are
         extra = argv[argv.index("--") + 1 :]
         argv = argv[: argv.index("--")]
+        # dcmsort gives Snakemake its own --config last, and Snakemake keeps the last one:
+        # settings given this way would be dropped without a word.
+        given = next(
+            (a for a in extra if a in ("--config", "-C") or a.startswith(("--config=", "-C"))),
+            None,
+        )
+        if given is not None:
+            refuse(f"{given} after --: give settings with --set KEY=VALUE (see dcmsort --help)")
     if not runner.SNAKEFILE.is_file():
         refuse(
             f"no workflow at {runner.SNAKEFILE}; install dcmsort from its checkout (pip install -e)"

@@ -318,16 +318,28 @@ EXCLUDED_SCHEMA = pa.schema(
 )
 
 
-def leave_out(files: pa.Table, committed: pa.Table, filters: Filters) -> tuple[pa.Table, pa.Table]:
+def leave_out(
+    files: pa.Table,
+    committed: pa.Table,
+    filters: Filters,
+    digests: tuple[Callable[[str], str | None], Callable[[str], str | None]] | None = None,
+) -> tuple[pa.Table, pa.Table]:
     """(files without the new ones the filters leave out, those left out: EXCLUDED_SCHEMA).
     Only new files (not in the ledger) are filtered: a file placed earlier stays placed
     and counted, whatever the filters say now. A file left out is never in the ledger, so
     every plan of its partition meets it as new again: the list is always complete, and a
-    file a later change of filters includes is planned like any new file."""
+    file a later change of filters includes is planned like any new file.
+
+    ``digests`` (of an input relpath, of an output destination): a new file version that
+    holds the content of a placement (a placed file renamed, touched or copied) is that
+    placement's (present, relinked or a duplicate), not left out, so the placement is not
+    "gone"; only files with a placement of their SOPInstanceUID and size are read."""
     if not filters:
         return files, EXCLUDED_SCHEMA.empty_table()
     new = new_files(files, committed)
     reasons = filters.reasons(new)
+    if digests is not None:
+        reasons = _unless_placed(new, reasons, committed, *digests)
     left_out = new.filter(pc.is_valid(reasons))
     excluded = pa.table(
         {
@@ -337,6 +349,59 @@ def leave_out(files: pa.Table, committed: pa.Table, filters: Filters) -> tuple[p
         schema=EXCLUDED_SCHEMA,
     )
     return ledger.rows_by_key(files, excluded, keep="missing"), excluded
+
+
+def _unless_placed(
+    new: pa.Table,
+    reasons: pa.Array,
+    committed: pa.Table,
+    digest_of_input: Callable[[str], str | None],
+    digest_of_output: Callable[[str], str | None],
+) -> pa.Array:
+    """reasons, without those of files whose content a placement holds."""
+    if committed.num_rows == 0 or not pc.any(pc.is_valid(reasons)).as_py():
+        return reasons
+    placed = committed.filter(pc.equal(committed["status"], ledger.PLACED))
+    sop = pc.fill_null(placed["sop_uid"].cast(pa.string()), "")
+    twins: dict[tuple[str, int], dict[str, str | None]] = {}
+    keys = set(
+        zip(
+            pc.fill_null(new["SOPInstanceUID"].cast(pa.string()), "").to_pylist(),
+            new["size"].to_pylist(),
+            strict=True,
+        )
+    )
+    for key, destination, digest in zip(
+        zip(sop.to_pylist(), placed["size"].to_pylist(), strict=True),
+        placed["destination"].to_pylist(),
+        placed["digest"].to_pylist(),
+        strict=True,
+    ):
+        if key in keys:
+            known = twins.setdefault(key, {})
+            known[destination] = known.get(destination) or digest
+    if not twins:
+        return reasons
+    found = reasons.to_pylist()
+    for index, (reason, relpath, sop_uid, size) in enumerate(
+        zip(
+            found,
+            new["relpath"].to_pylist(),
+            new["SOPInstanceUID"].to_pylist(),
+            new["size"].to_pylist(),
+            strict=True,
+        )
+    ):
+        candidates = twins.get((sop_uid or "", size)) if reason is not None else None
+        if not candidates:
+            continue
+        digest = digest_of_input(relpath)
+        if digest is not None and any(
+            (known or digest_of_output(destination)) == digest
+            for destination, known in candidates.items()
+        ):
+            found[index] = None
+    return pa.array(found, pa.string())
 
 
 def _parent(destinations: pa.ChunkedArray | pa.Array) -> pa.Array:
@@ -552,7 +617,30 @@ class Planner:
     patients_of_folder: dict[str, set[str | None]]
     digest_of_input: Callable[[str], str | None]
     disk: Disk
+    # fold(patient folder) -> its PatientIDs in the whole ledger (every partition): asked
+    # only about a patient folder that stands on disk and this partition's ledger does not
+    # know (one another partition named, e.g. with a PatientID suffix that equals a name
+    # this partition renders).
+    patients_elsewhere: Callable[[str], set[str | None]] = lambda _folder: set()
+    # The same for series folders: series folder -> its SeriesKey in the whole ledger,
+    # asked only about a folder on disk that this partition's ledger does not know (a
+    # series folder at the top level that another partition named with a UID's hash).
+    owner_elsewhere: Callable[[list[str]], dict[str, SeriesKey]] = lambda _folders: {}
     _owners: dict[str, SeriesKey] = field(default_factory=dict)
+
+    def _on_disk(self, path: str) -> bool:
+        parent, _, name = path.rpartition("/")
+        held = self.disk.children(parent).get(fold(name))
+        return held is not None and held[1] == Disk.DIR
+
+    def _patients_of(self, patient_path: str) -> set[str | None]:
+        """The PatientIDs a patient folder holds (this plan's view, grown by its claims)."""
+        folded = fold(patient_path)
+        if folded not in self.patients_of_folder:
+            self.patients_of_folder[folded] = (
+                set(self.patients_elsewhere(folded)) if self._on_disk(patient_path) else set()
+            )
+        return self.patients_of_folder[folded]
 
     def series_folder(self, base: str, series_uid: str, patient_id: str) -> str:
         """The folder of a series: its earlier one, else base, else base + a hash of the
@@ -585,10 +673,14 @@ class Planner:
                 patient_folder = (
                     fold("/".join(candidate.split("/")[: level + 1])) if level is not None else ""
                 )
-                if not self.patients_of_folder.get(patient_folder, set()) <= {None, key[2]}:
+                if level is not None and not self._patients_of(
+                    "/".join(candidate.split("/")[: level + 1])
+                ) <= {None, key[2]}:
                     break  # another patient's folder
                 if candidate not in self._owners:
                     self._owners.update(self.owner_of_folder([candidate]))
+                    if candidate not in self._owners and self._on_disk(candidate):
+                        self._owners.update(self.owner_elsewhere([candidate]))
                 owner = self._owners.get(candidate)
                 if owner is None or _same_series(owner, key) or not keep_apart:
                     self._owners[candidate] = key
@@ -702,6 +794,7 @@ def make_plan(
     disk: Disk,
     digest_of_input: Callable[[str], str | None],
     stage: str = "plan",
+    elsewhere: Elsewhere | None = None,
 ) -> pa.Table:
     """One plan row per new file version (PLAN_SCHEMA), decided against the ledger
     (``committed``), the output folder (``disk``) and each other. Its progress is logged
@@ -726,6 +819,8 @@ def make_plan(
         ),
         digest_of_input=digest_of_input,
         disk=disk,
+        patients_elsewhere=elsewhere.patients if elsewhere else (lambda _folder: set()),
+        owner_elsewhere=elsewhere.owners if elsewhere else (lambda _folders: {}),
     )
     # Decisions go into compact Arrow columns a chunk at a time, so memory holds Python
     # values for one chunk of rows, not for every new file. One chunk of the table (one
@@ -821,6 +916,41 @@ def read_manifests(paths: list[Path], settings: Naming, filters: Filters = NO_FI
     return pa.concat_tables(tables, promote_options="default")
 
 
+class Elsewhere:
+    """What the ledger of every partition says about a folder: its PatientIDs (a patient
+    folder) and its SeriesKey (a series folder). A partition's plan knows its own folders;
+    one that another partition named (a name with a PatientID's or a series UID's hash
+    that equals a name rendered here) is known only there. The whole ledger is read at the
+    first question, which only a folder on disk that this partition's ledger does not know
+    asks (rare: never in a first run, nor for a patient this partition placed)."""
+
+    def __init__(self, state_dir: Path, settings: Naming):
+        self.state_dir, self.settings = state_dir, settings
+        self._patients: dict[str, set[str | None]] | None = None
+        self._owners: Callable[[list[str]], dict[str, SeriesKey]] | None = None
+
+    def _read(self) -> None:
+        rows = ledger.read(
+            self.state_dir, ["destination", "patient_id", "base_folder", "series_uid"]
+        )
+        parents = _parent(rows["destination"])
+        level = naming.patient_level(self.settings.folder_template)
+        self._patients = patient_owners(rows, parents, level)
+        self._owners = folder_owners(rows, parents, self.settings)
+
+    def patients(self, folder: str) -> set[str | None]:
+        """fold(patient folder) -> its PatientIDs."""
+        if self._patients is None:
+            self._read()
+        return self._patients.get(folder, set())
+
+    def owners(self, folders: list[str]) -> dict[str, SeriesKey]:
+        """series folder -> the SeriesKey that owns it."""
+        if self._owners is None:
+            self._read()
+        return self._owners(folders)
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m dcmsort.plan", description=__doc__)
     parser.add_argument("--manifests", type=Path, nargs="*", default=[])
@@ -857,7 +987,6 @@ def main(argv: list[str] | None = None) -> int:
     filters = Filters.from_json(args.filters)
     files = read_manifests(args.manifests, settings, filters)
     committed = ledger.read(args.state_dir, part=part)
-    files, excluded = leave_out(files, committed, filters)
     hashed = []
 
     def digest_of_input(relpath: str) -> str | None:
@@ -867,13 +996,17 @@ def main(argv: list[str] | None = None) -> int:
         except OSError:
             return None
 
+    disk = Disk(args.output_dir)
+    files, excluded = leave_out(files, committed, filters, (digest_of_input, disk.digest))
+
     plan = make_plan(
         files,
         committed,
         settings,
-        Disk(args.output_dir),
+        disk,
         digest_of_input,
         f"plan {part.name}" if part and part.count > 1 else "plan",
+        Elsewhere(args.state_dir, settings) if part and part.count > 1 else None,
     )
     plan = with_temp_token(plan)  # written before any temporary file with it exists
     with atomic_path(layout_file) as tmp:

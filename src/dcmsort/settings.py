@@ -249,6 +249,16 @@ def format_spec_problem(field: str, spec: str) -> str | None:
 
 def _folder_problem(key: str, path: Path) -> str | None:
     """Why path cannot be (or become) a folder dcmsort writes to."""
+    try:
+        str(path).encode("utf-8")
+    except UnicodeEncodeError:
+        # Snakemake records each output file by its path as UTF-8 (.snakemake/incomplete):
+        # a path with bytes that are not UTF-8 stops it with a traceback.
+        shown = os.fsencode(str(path)).decode("utf-8", "backslashreplace")
+        return (
+            f"{key} {shown} is not valid UTF-8 (a name with a byte such as \\xff), which "
+            "Snakemake cannot record; choose a folder whose path is UTF-8"
+        )
     if "{" in str(path) or "}" in str(path):
         return (
             f"{key} {path} contains '{{' or '}}', which Snakemake reads as a wildcard; "

@@ -130,8 +130,9 @@ MUTANTS = [
     Mutant(
         "transfer: a link counts as present where a different file holds its name",
         TRANSFER_PY,
-        'if row.action == "present" and _existing_is_same(folder_fd, name, source, row.digest):',
-        'if row.action == "present":',
+        "            if _existing_is_same(folder_fd, name, source, row.digest):\n"
+        "                return PRESENT, row.digest, None\n",
+        "            if True:\n                return PRESENT, row.digest, None\n",
         (TRANSFER,),
     ),
     Mutant(

@@ -204,7 +204,7 @@ MUTANTS = [
         "transfer: a duplicate is committed though its destination was not placed",
         TRANSFER_PY,
         "if committed(row) and row.destination not in unplaced_now and tree.holds(",
-        "if row.destination not in unplaced_now and tree.holds(",
+        "if committed(row) and tree.holds(",
         (TRANSFER,),
     ),
     Mutant(
@@ -546,7 +546,7 @@ MUTANTS = [
         "src/dcmsort/naming.py",
         "decomposed.upper().casefold()",
         "decomposed",
-        (PLAN,),
+        (NAMING,),
     ),
     Mutant(
         "plan: two series share a folder although keep_series_apart",

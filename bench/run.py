@@ -6,6 +6,7 @@
     python bench/run.py --shape dag          # 10,000 folders: DAG build and no-op rerun
     python bench/run.py --shape huge         # 1,000,000 small files (generated once, cached)
     python bench/run.py --shape plan10m      # 10,000,000 files planned, no files on disk
+    python bench/run.py --shape tables       # dcmsort.tables at 1,000,000 placements; pandas' cost
     python bench/run.py --repeat 3           # fewer repetitions (5 by default)
 
 For each shape it generates data with the project's generator and measures wall time, CPU
@@ -54,8 +55,12 @@ SHAPES = {
     "dag": (10000, 2, 16),
     "huge": (10000, 100, 8),
     "plan10m": (100_000, 100, 0),  # manifests only: run_planning_shape
+    "tables": (10000, 100, 8),  # the huge data, hard-linked once: run_tables_shape
 }
-CACHED = {"huge"}  # generated once into bench/out/cache and kept: generating takes minutes
+CACHED = {
+    "huge",
+    "tables",
+}  # generated once into bench/out/cache and kept: generating takes minutes
 FLOORS = {"large", "many"}
 COLD = "(cold)"  # label suffix of a contender run with the page cache dropped
 COLD_SHAPES = {"large"}  # the 9,600-file shape of issue 26; cold runs of many take ~3 min
@@ -279,6 +284,115 @@ def run_planning_shape(out: Path, files: int = PLANNING_FILES) -> dict:
         shutil.rmtree(state)
     shutil.rmtree(base)
     return {"shape": "plan10m", "files": files, "results": results}
+
+
+# Hides pandas from a process, as if it were not installed (a sitecustomize on PYTHONPATH):
+# what Snakemake's main process costs with and without it.
+HIDE_PANDAS = """
+import importlib.machinery, sys
+_path_finder = importlib.machinery.PathFinder
+class _NoPandas:
+    @staticmethod
+    def find_spec(name, path=None, target=None):
+        if name.partition(".")[0] == "pandas":
+            return None  # not found: as if not installed (importlib.util.find_spec too)
+        return _path_finder.find_spec(name, path, target)
+    @staticmethod
+    def invalidate_caches():
+        _path_finder.invalidate_caches()
+sys.meta_path[:] = [_NoPandas if f is _path_finder else f for f in sys.meta_path]
+"""
+TABLES_READS = {
+    "tables(OUT).placements()": "t.placements()",
+    "tables(OUT).series()": "t.series()",
+    "placements(), 2 columns, one patient": (
+        "t.placements(columns=['relpath', 'destination'], "
+        "filters=[('destination', '>=', 'PATIENT^000042_'), "
+        "('destination', '<', 'PATIENT^000043')])"
+    ),
+}
+
+
+def run_tables_shape(out: Path, repeat: int) -> dict:
+    """Issue 25: the pandas API's read time at 1,000,000 placements (the huge data, sorted
+    once with hard links), and what pandas costs Snakemake's main process (a no-op rerun
+    and a bare Snakemake no-op, with pandas importable and hidden)."""
+    source = out / "cache" / "huge"
+    if not (out / "cache" / "huge.complete").exists():
+        print("[tables] generating the huge data first ...", flush=True)
+        generate_fast(source, *SHAPES["huge"])
+        (out / "cache" / "huge.complete").touch()
+    base = out / "tables"
+    shutil.rmtree(base, ignore_errors=True)
+    (base / "work").mkdir(parents=True)
+    target = base / "sorted"
+    print("[tables] sorting 1,000,000 files with hard links once ...", flush=True)
+    measure(dcmsort(base / "work", source, target, 2, transfer_mode="hardlink"))
+    # The run after a hardlink run reads state once (the links changed the inputs' ctime).
+    measure(dcmsort(base / "work", source, target, 2, transfer_mode="hardlink"))
+    hide = base / "hide-pandas"
+    hide.mkdir()
+    (hide / "sitecustomize.py").write_text(HIDE_PANDAS)
+    bare = base / "bare"
+    bare.mkdir()
+    (bare / "Snakefile").write_text(BARE_SNAKEFILE)
+    bare_command = [sys.executable, "-m", "snakemake", "-s", str(bare / "Snakefile")]
+    subprocess.run([*bare_command, "-d", str(bare), "-c1"], check=True, capture_output=True)
+    commands = {
+        **{
+            label: [
+                sys.executable,
+                "-c",
+                f"import sys, dcmsort; t = dcmsort.tables(sys.argv[1]); {code}",
+                str(target),
+            ]
+            for label, code in TABLES_READS.items()
+        },
+        "bare Snakemake no-op": [*bare_command, *BARE_FLAGS, str(bare)],
+        "dcmsort no-op rerun": dcmsort(base / "work", source, target, 2, transfer_mode="hardlink"),
+    }
+    samples: dict[str, list[dict]] = {}
+    for _ in range(repeat):
+        for label, command in commands.items():
+            runs = [(label, None)]
+            if "no-op" in label:
+                runs = [(f"{label}, pandas installed", None), (f"{label}, pandas hidden", hide)]
+            for name, hidden in runs:
+                print(f"[tables] {name} ...", flush=True)
+                before = os.environ.pop("PYTHONPATH", None)
+                if hidden is not None:
+                    os.environ["PYTHONPATH"] = str(hidden)
+                try:
+                    samples.setdefault(name, []).append(measure(command))
+                finally:
+                    os.environ.pop("PYTHONPATH", None)
+                    if before is not None:
+                        os.environ["PYTHONPATH"] = before
+    shutil.rmtree(base)
+    return {
+        "shape": "tables",
+        "repeat": repeat,
+        "results": {
+            label: {
+                key: summarise([s[key] for s in runs]) for key in ("wall_s", "cpu_s", "peak_rss_mb")
+            }
+            for label, runs in samples.items()
+        },
+    }
+
+
+def print_tables_table(summary: dict) -> None:
+    print(
+        f"\n**tables**: `dcmsort.tables` on 1,000,000 placements, and Snakemake's main process "
+        f"with pandas installed and hidden; median (min-max) of {summary['repeat']} runs\n"
+    )
+    print("| what | wall s | CPU s | peak RSS MB |")
+    print("|---|---:|---:|---:|")
+    for label, value in summary["results"].items():
+        print(
+            f"| {label} | {_cell(value['wall_s'])} | {_cell(value['cpu_s'])} | "
+            f"{value['peak_rss_mb']['median']:.0f} |"
+        )
 
 
 def print_planning_table(summary: dict) -> None:
@@ -596,6 +710,11 @@ def main() -> int:
     args = parser.parse_args()
     args.out.mkdir(parents=True, exist_ok=True)
     for shape in args.shape or ["large", "many"]:
+        if shape == "tables":
+            summary = run_tables_shape(args.out, args.repeat)
+            (args.out / f"{shape}.json").write_text(json.dumps(summary, indent=2))
+            print_tables_table(summary)
+            continue
         if shape == "plan10m":
             summary = run_planning_shape(args.out)
             (args.out / f"{shape}.json").write_text(json.dumps(summary, indent=2))

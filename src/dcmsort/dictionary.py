@@ -9,6 +9,7 @@ literals; loaded on its own it takes ~10 ms.
 
 from __future__ import annotations
 
+import difflib
 import importlib.util
 from functools import cache
 from pathlib import Path
@@ -62,3 +63,10 @@ def vr_for_keyword(keyword: str) -> str | None:
 def keywords() -> list[str]:
     """Every keyword of the dictionary (for a "did you mean" hint)."""
     return list(_by_keyword())
+
+
+def keyword_hint(name: str) -> str:
+    """`` (did you mean X?)`` for a name that is not a DICOM keyword, with the closest
+    keyword, or "" when none is close."""
+    close = difflib.get_close_matches(name, keywords(), 1)
+    return f" (did you mean {close[0]}?)" if close else ""

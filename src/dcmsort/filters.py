@@ -23,7 +23,6 @@ evaluate the rules.
 
 from __future__ import annotations
 
-import difflib
 import fnmatch
 import json
 import re
@@ -167,10 +166,9 @@ def parse(config: Mapping[str, Any]) -> Filters:
 def _rule(key: str, keyword: str, value: object) -> Rule:
     where = f"{key}.{keyword}"
     if dictionary.tag_for_keyword(keyword) is None:
-        close = difflib.get_close_matches(keyword, dictionary.keywords(), 1)
-        hint = f" (did you mean {close[0]}?)" if close else ""
         raise FilterError(
-            f"{key} names '{keyword}', which is not a DICOM keyword{hint}; a rule is "
+            f"{key} names '{keyword}', which is not a DICOM keyword"
+            f"{dictionary.keyword_hint(keyword)}; a rule is "
             f"keyword: value, e.g. {key}: {{Modality: [MR, CT]}}"
         )
     items = value if isinstance(value, list) else [value]

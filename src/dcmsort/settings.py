@@ -390,10 +390,9 @@ def resolve(config: dict, cwd: Path | None = None) -> Settings:
     catalog_tags = tuple(dict.fromkeys(str(tag) for tag in config.get("catalog_tags") or ()))
     for tag in catalog_tags:
         if dictionary.tag_for_keyword(tag) is None:
-            close = difflib.get_close_matches(tag, dictionary.keywords(), 1)
-            hint = f" (did you mean {close[0]}?)" if close else ""
             raise ConfigError(
-                f"catalog_tags names '{tag}', which is not a DICOM keyword{hint}; list "
+                f"catalog_tags names '{tag}', which is not a DICOM keyword"
+                f"{dictionary.keyword_hint(tag)}; list "
                 f"keywords, e.g. catalog_tags: [StudyDate, BodyPartExamined] ({README})"
             )
     given = config.get("partitions", "auto")

@@ -26,13 +26,13 @@ from contextlib import contextmanager
 from dataclasses import dataclass
 from functools import cache
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, BinaryIO
 
 import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
-from dcmsort import dictionary, inventory, ledger, permissions, scanner
+from dcmsort import archives, dictionary, inventory, ledger, permissions, scanner
 from dcmsort.dictionary import MANIFEST_TAGS
 from dcmsort.fileops import atomic_path, read_parquet
 from dcmsort.progress import Progress, peak_rss_mb
@@ -227,14 +227,17 @@ def _open_input(path: str) -> int:
 TRUNCATED_META = "damaged DICOM: the file ends inside its file meta information (truncated)"
 
 
-def _damaged(path: str, error: Exception) -> str:
-    """The skip reason of a file pydicom could not parse: damaged DICOM when it has a DICM
-    preamble, else not DICOM (pydicom was only guessing)."""
+def _has_preamble(path: str) -> bool:
     try:
         with open(_open_input(path), "rb") as handle:
-            preamble = handle.read(132)[128:] == b"DICM"
+            return handle.read(132)[128:] == b"DICM"
     except OSError:
-        preamble = False
+        return False
+
+
+def _damaged(preamble: bool, error: Exception) -> str:
+    """The skip reason of a file pydicom could not parse: damaged DICOM when it has a DICM
+    preamble, else not DICOM (pydicom was only guessing)."""
     if not preamble:
         return NOT_DICOM
     return f"damaged DICOM header: {type(error).__name__}: {error}"
@@ -254,30 +257,34 @@ def _read(path: str, keywords: list[str]) -> tuple[pydicom.Dataset | None, bool,
         info = os.fstat(handle.fileno())
         if not stat.S_ISREG(info.st_mode):
             raise NotARegularFile(path)
-        size = info.st_size
-        if size == 0:
-            return None, False, 0
-        data = handle.read(CHUNK_BYTES)
-        preamble = data[128:132] == b"DICM"
-        if not _could_be_dicom(data, preamble):
-            return None, False, size
-        if preamble:
-            dataset = _parse(data, keywords, False, len(data) >= size)
-            if dataset is None:  # a long header: parse it from the file
-                handle.seek(0)
-                dataset = _pydicom().dcmread(
-                    handle, stop_before_pixels=True, specific_tags=keywords
-                )
-            return dataset, True, size
-        # Forced reads of junk make pydicom warn about what it guesses; the skip reason
-        # says what matters, so the job log is not flooded.
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore", UserWarning)
-            dataset = _parse(data, keywords, True, len(data) >= size)
-            if dataset is None:
-                data += handle.read(MAX_FORCED_BYTES - len(data))
-                dataset = _parse(data, keywords, True, True)
-        return dataset, False, size
+        return _read_from(handle, info.st_size, keywords)
+
+
+def _read_from(
+    handle: BinaryIO, size: int, keywords: list[str]
+) -> tuple[pydicom.Dataset | None, bool, int]:
+    """_read of a file already open at its start (seekable), size bytes long."""
+    if size == 0:
+        return None, False, 0
+    data = handle.read(CHUNK_BYTES)
+    preamble = data[128:132] == b"DICM"
+    if not _could_be_dicom(data, preamble):
+        return None, False, size
+    if preamble:
+        dataset = _parse(data, keywords, False, len(data) >= size)
+        if dataset is None:  # a long header: parse it from the file
+            handle.seek(0)
+            dataset = _pydicom().dcmread(handle, stop_before_pixels=True, specific_tags=keywords)
+        return dataset, True, size
+    # Forced reads of junk make pydicom warn about what it guesses; the skip reason
+    # says what matters, so the job log is not flooded.
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", UserWarning)
+        dataset = _parse(data, keywords, True, len(data) >= size)
+        if dataset is None:
+            data += handle.read(MAX_FORCED_BYTES - len(data))
+            dataset = _parse(data, keywords, True, True)
+    return dataset, False, size
 
 
 @cache
@@ -313,19 +320,26 @@ def _scanned_header(path: str, keywords: list[str]) -> dict[str, str | None] | N
     except OSError:
         return None
     try:
-        data = os.read(fd, FIRST_READ_BYTES)
-        try:
-            found = scanner.scan(data, wanted, len(data) < FIRST_READ_BYTES)
-        except scanner.NeedMore:
-            data += os.read(fd, CHUNK_BYTES - len(data))
-            try:
-                found = scanner.scan(data, wanted, len(data) < CHUNK_BYTES)
-            except scanner.NeedMore:
-                return None
+        return _scanned(lambda count: os.read(fd, count), wanted, keywords)
     except OSError:
         return None
     finally:
         os.close(fd)
+
+
+def _scanned(
+    read: Callable[[int], bytes], wanted: scanner.Wanted, keywords: list[str]
+) -> dict[str, str | None] | None:
+    """_scanned_header of what read (count -> bytes, fewer only at the end) gives."""
+    data = read(FIRST_READ_BYTES)
+    try:
+        found = scanner.scan(data, wanted, len(data) < FIRST_READ_BYTES)
+    except scanner.NeedMore:
+        data += read(CHUNK_BYTES - len(data))
+        try:
+            found = scanner.scan(data, wanted, len(data) < CHUNK_BYTES)
+        except scanner.NeedMore:
+            return None
     if found is None:
         return None
     values, meta = found
@@ -369,16 +383,37 @@ def read_header(path: str, keywords: list[str]) -> dict[str, str | None]:
     them), or any file carrying a SOP, series or study UID. Never raises for a bad file:
     the reason goes into the result instead.
     """
-    return _scanned_header(path, keywords) or _header_by_pydicom(path, keywords)
+    return _scanned_header(path, keywords) or _header_by_pydicom(
+        lambda tags: _read(path, tags), lambda: _has_preamble(path), keywords
+    )
 
 
-def _header_by_pydicom(path: str, keywords: list[str]) -> dict[str, str | None]:
+def member_header(data: bytes, size: int, keywords: list[str]) -> dict[str, str | None]:
+    """read_header of an archive member of size bytes, from data: its first bytes, all of
+    them up to archives.HEAD_BYTES (a header longer than that is not read: damaged)."""
+    wanted = _scan_plan(tuple(keywords))
+    if wanted is not None:
+        found = _scanned(io.BytesIO(data).read, wanted, keywords)
+        if found is not None:
+            return found
+    return _header_by_pydicom(
+        lambda tags: _read_from(io.BytesIO(data), size, tags),
+        lambda: data[128:132] == b"DICM",
+        keywords,
+    )
+
+
+def _header_by_pydicom(
+    read: Callable[[list[str]], tuple], preamble_of: Callable[[], bool], keywords: list[str]
+) -> dict[str, str | None]:
+    """read_header by pydicom; read: _read of the file for these keywords; preamble_of:
+    whether the file has a DICM preamble (asked only when pydicom failed)."""
     dataset_tags, meta_keywords = _tags(tuple(keywords))
     wanted = [keyword for keyword, _, _ in dataset_tags]
     result: dict[str, str | None] = dict.fromkeys(wanted + FILE_META_TAGS + meta_keywords)
     instance_from_meta = False
     try:
-        dataset, preamble, size = _read(path, wanted)
+        dataset, preamble, size = read(wanted)
         if size == 0:
             return {**result, "skip_reason": "empty file (0 bytes)"}
         if dataset is None:
@@ -400,9 +435,9 @@ def _header_by_pydicom(path: str, keywords: list[str]) -> dict[str, str | None]:
     except OSError as error:
         if error.errno is not None:  # the system's error; pydicom raises bare OSErrors
             return {**result, "skip_reason": f"unreadable: {error.strerror or error}"}
-        return {**result, "skip_reason": _damaged(path, error)}
+        return {**result, "skip_reason": _damaged(preamble_of(), error)}
     except Exception as error:  # pydicom raises many types on damaged data
-        return {**result, "skip_reason": _damaged(path, error)}
+        return {**result, "skip_reason": _damaged(preamble_of(), error)}
     if DICOMDIR_SOP_CLASS in (result.get("MediaStorageSOPClassUID"), result.get("SOPClassUID")):
         return {**result, "skip_reason": "DICOMDIR (an index of a DICOM medium, not an image)"}
     own_uids = [k for k in _IDENTIFYING_UIDS if not (k == "SOPInstanceUID" and instance_from_meta)]
@@ -463,10 +498,26 @@ def _previous_manifest(
         return None, {}
     if (previous.schema.metadata or {}).get(b"fingerprint") == fingerprint.encode():
         return previous.select(schema.names).cast(schema), {}
-    rows = previous.to_pylist()
-    return None, {
-        (r["relpath"], r["size"], r["mtime_ns"], r["ctime_ns"], r["ino"]): r for r in rows
-    }
+    return None, _reusable(previous.to_pylist())
+
+
+def _reusable(rows: list[dict]) -> dict[tuple, dict | list[dict]]:
+    """Earlier manifest rows by file version (inventory.Entry.version), and the rows of each
+    archive's members by the archive's version without its size (``_members_key``)."""
+    reusable: dict[tuple, dict | list[dict]] = {}
+    for r in rows:
+        relpath = r["relpath"]
+        if archives.is_member(relpath):
+            key = (archives.split(relpath)[0], r["mtime_ns"], r["ctime_ns"], r["ino"])
+            reusable.setdefault(key, []).append(r)
+        else:
+            reusable[(relpath, r["size"], r["mtime_ns"], r["ctime_ns"], r["ino"])] = r
+    return reusable
+
+
+def _members_key(entry: inventory.Entry) -> tuple[str, int, int, int]:
+    """Where _reusable keeps the member rows of the archive entry is (if it is one)."""
+    return (entry.relpath, entry.mtime_ns, entry.ctime_ns, entry.ino)
 
 
 FINGERPRINTS = "folder_fingerprints"  # batch manifest metadata: folder -> fingerprint
@@ -513,13 +564,75 @@ class _FolderReader:
         folder, entries, fingerprint, reusable = task
         paths = _to_read(entries, reusable)
         keywords = list(self.keywords)
-        headers = {
-            r: read_header(inventory.source_path(self.input_dir, r), keywords) for r in paths
-        }
+        headers = {r: _file_or_archive(self.input_dir, r, keywords) for r in paths}
         table = _write_folder_manifest(
             folder, entries, fingerprint, reusable, headers, self.schema, self.manifests
         )
         return folder, table, len(paths)
+
+
+def _file_or_archive(input_dir: Path, relpath: str, keywords: list[str]) -> dict | list:
+    """read_header of one input file; for an archive, the rows of its members instead
+    (``read_archive``)."""
+    path = inventory.source_path(input_dir, relpath)
+    header = read_header(path, keywords)
+    if header["skip_reason"] == NOT_DICOM:  # the one reason an archive is given
+        members = read_archive(path, relpath, keywords)
+        if members is not None:
+            return members
+    return header
+
+
+def read_archive(path: str, relpath: str, keywords: list[str]) -> list[dict] | None:
+    """The manifest rows (relpath, size and header; no file version) of an archive's
+    members, or None if the file at path is no archive. An archive that holds no file, or
+    could not be read to its end, has a row of its own too, saying so: a rerun reads it
+    again only once it changed (docs/design.md "Archives")."""
+    try:
+        handle, _ = archives.open_input(path)
+    except OSError:
+        return None
+    rows = []
+    with handle:
+        archive_kind = archives.kind(handle.read(512))
+        if archive_kind is None:
+            return None
+        handle.seek(0)
+        try:
+            for member in archives.members(handle, archive_kind):
+                member_relpath = archives.relpath_of(relpath, member.key)
+                if member.open is None:
+                    header = {"skip_reason": member.skip_reason}
+                else:
+                    header = _member_header(member, keywords)
+                rows.append({"relpath": member_relpath, "size": member.size, **header})
+        except archives.READ_ERRORS as error:
+            rows.append({"relpath": relpath, "skip_reason": archives.archive_reason(error)})
+    if not rows:
+        rows.append({"relpath": relpath, "skip_reason": archives.EMPTY})
+    return rows
+
+
+def _member_header(member: archives.Member, keywords: list[str]) -> dict[str, str | None]:
+    """read_header of one member: from its first CHUNK_BYTES, or up to archives.HEAD_BYTES
+    when those did not make it sortable. The rest is read too, and dropped: zipfile checks
+    a member's CRC at its end, so a damaged member is skipped here with its reason, not
+    found only by a transfer that then fails on every run (a tar stream is read through
+    anyway, to reach the next member)."""
+    try:
+        with member.open() as stream:
+            data = archives.read_exactly(stream, min(member.size, CHUNK_BYTES))
+            header = member_header(data, member.size, keywords)
+            if header["skip_reason"] and len(data) < min(member.size, archives.HEAD_BYTES):
+                data += archives.read_exactly(stream, archives.HEAD_BYTES - len(data))
+                header = member_header(data, member.size, keywords)
+            while stream.read(archives.COPY_BYTES):
+                pass
+    except NotImplementedError as error:  # a zip compression method Python lacks
+        return {"skip_reason": f"{archives.UNSUPPORTED}: {error}"}
+    except archives.READ_ERRORS as error:
+        return {"skip_reason": archives.member_reason(error)}
+    return header
 
 
 @contextmanager
@@ -560,7 +673,13 @@ ROW_GROUP = 16_384
 
 def _to_read(entries: list[inventory.Entry], reusable: dict) -> list[str]:
     """Files of a folder whose header must be read: new, or changed since the last read."""
-    return [e.relpath for e in entries if e.kind == inventory.FILE and e.version not in reusable]
+    return [
+        e.relpath
+        for e in entries
+        if e.kind == inventory.FILE
+        and e.version not in reusable
+        and _members_key(e) not in reusable
+    ]
 
 
 def _reuse_after_linking(changed: Iterable[tuple[list, str, dict]], state_dir: Path) -> None:
@@ -575,7 +694,9 @@ def _reuse_after_linking(changed: Iterable[tuple[list, str, dict]], state_dir: P
         if not reusable:
             continue
         by_inode = {
-            (r["relpath"], r["size"], r["mtime_ns"], r["ino"]): r for r in reusable.values()
+            (r["relpath"], r["size"], r["mtime_ns"], r["ino"]): r
+            for r in reusable.values()
+            if isinstance(r, dict)  # not an archive's members: those are never linked
         }
         for entry in entries:
             if entry.kind == inventory.FILE and entry.version not in reusable:
@@ -608,24 +729,28 @@ def _write_folder_manifest(
     rows = []
     for entry in entries:
         if entry.relpath in headers:
-            header = headers[entry.relpath]
+            found = headers[entry.relpath]
         elif entry.kind == inventory.FILE:
-            rows.append(reusable[entry.version])
+            rows += reusable.get(_members_key(entry), [])  # an archive's members
+            if entry.version in reusable:
+                rows.append(reusable[entry.version])
             continue
         else:
-            header = {"skip_reason": SKIP_REASONS[entry.kind]}
-        rows.append(
-            {
-                "folder": folder,
-                "relpath": entry.relpath,
-                "size": entry.size,
-                "mtime_ns": entry.mtime_ns,
-                "ctime_ns": entry.ctime_ns,
-                "ino": entry.ino,
-                **header,
-                "dicom": header["skip_reason"] is None,
-            }
-        )
+            found = {"skip_reason": SKIP_REASONS[entry.kind]}
+        # An archive's members (read_archive) have a relpath and size of their own.
+        for header in found if isinstance(found, list) else [found]:
+            rows.append(
+                {
+                    "folder": folder,
+                    "relpath": entry.relpath,
+                    "size": entry.size,
+                    "mtime_ns": entry.mtime_ns,
+                    "ctime_ns": entry.ctime_ns,
+                    "ino": entry.ino,
+                    **header,
+                    "dicom": header["skip_reason"] is None,
+                }
+            )
     table = pa.Table.from_pylist(
         rows, schema=schema.with_metadata({"fingerprint": fingerprint, "folder": folder})
     )

@@ -47,7 +47,7 @@ import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
-from dcmsort import inventory, ledger, naming
+from dcmsort import archives, inventory, ledger, naming
 from dcmsort.fileops import atomic_path, file_digest, read_parquet, remove_other_versions
 from dcmsort.filters import NO_FILTERS, Filters
 from dcmsort.naming import Naming, fold
@@ -988,9 +988,12 @@ def main(argv: list[str] | None = None) -> int:
     files = read_manifests(args.manifests, settings, filters)
     committed = ledger.read(args.state_dir, part=part)
     hashed = []
+    member_digests = archives.MemberDigests(args.input_dir)
 
     def digest_of_input(relpath: str) -> str | None:
         hashed.append(relpath)
+        if archives.is_member(relpath):
+            return member_digests(relpath)
         try:
             return file_digest(inventory.source_path(args.input_dir, relpath))
         except OSError:

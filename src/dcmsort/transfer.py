@@ -46,12 +46,13 @@ from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
+from typing import BinaryIO
 
 import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
-from dcmsort import inventory, ledger, permissions
+from dcmsort import archives, inventory, ledger, permissions
 from dcmsort.fileops import (
     DIGEST,
     atomic_path,
@@ -297,6 +298,8 @@ def _check_version(info: os.stat_result, row: Row) -> None:
     planned = (row.size, row.mtime_ns, row.ctime_ns, row.ino)
     if seen == planned:
         return
+    if archives.is_member(row.relpath):  # info is its archive's: of another size
+        seen, planned = seen[1:], planned[1:]
     if any(now != then for now, then in zip(seen, planned, strict=True) if then is not None):
         raise SourceChanged(
             "the input changed after its header was read; it is sorted by the next run"
@@ -332,16 +335,7 @@ def _copy(
     changed)."""
     fd_in = os.open(source, os.O_RDONLY | os.O_NONBLOCK)
     try:
-        tmp = temp_name_for(name, token)
-        flags = os.O_RDWR | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW  # read back by checksum
-        try:
-            fd_out = os.open(tmp, flags, permissions.OWNER_FILE, dir_fd=folder_fd)
-        except FileExistsError:
-            # Not this plan's killed transfer's (settle removed those): never touched.
-            raise TransferError(
-                f"something stands at the temporary name {tmp!r}, which is never opened or "
-                "removed; nothing was placed: rerun, and the next plan uses another name"
-            ) from None
+        tmp, fd_out = _create_temp(folder_fd, name, token)
         digest = row.digest
         try:
             try:
@@ -376,7 +370,145 @@ def _copy(
     return (COPIED if placed else PRESENT), digest
 
 
-def _link_into_place(folder_fd: int, tmp: str, name: str, source: str, digest: str | None) -> bool:
+def _create_temp(folder_fd: int, name: str, token: str) -> tuple[str, int]:
+    """(the temporary name of name, a new descriptor of it, read-write and 0600)."""
+    tmp = temp_name_for(name, token)
+    flags = os.O_RDWR | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW  # read back by checksum
+    try:
+        return tmp, os.open(tmp, flags, permissions.OWNER_FILE, dir_fd=folder_fd)
+    except FileExistsError:
+        # Not this plan's killed transfer's (settle removed those): never touched.
+        raise TransferError(
+            f"something stands at the temporary name {tmp!r}, which is never opened or "
+            "removed; nothing was placed: rerun, and the next plan uses another name"
+        ) from None
+
+
+def _copy_member(
+    folder_fd: int,
+    name: str,
+    stream: BinaryIO,
+    archive_fd: int,
+    row: Row,
+    verify: str,
+    token: str,
+) -> tuple[str, str | None]:
+    """_copy of an archive member from its stream: the same temporary name, checks and
+    no-replace rename. The archive's version is checked after the member's bytes were
+    read (one fstat of the open archive); zipfile checks each member's CRC at its end."""
+    tmp, fd_out = _create_temp(folder_fd, name, token)
+    digest = hashlib.new(DIGEST) if verify == "checksum" else None
+    try:
+        try:
+            written = 0
+            try:
+                while chunk := stream.read(archives.COPY_BYTES):
+                    if digest is not None:
+                        digest.update(chunk)
+                    view = memoryview(chunk)
+                    while view:
+                        view = view[os.write(fd_out, view) :]
+                    written += len(chunk)
+            except archives.READ_ERRORS as error:
+                if isinstance(error, OSError) and error.errno is not None:
+                    raise  # the system's (a full disk), not the archive's
+                raise TransferError(archives.member_reason(error)) from error
+            after = os.fstat(archive_fd)
+            _check_version(after, row)  # the archive changed since its member was read
+            if written != row.size:
+                raise TransferError(
+                    f"short copy: {written} of {row.size} bytes of the member written; "
+                    "nothing was placed"
+                )
+            hexdigest = digest.hexdigest()[:32] if digest is not None else row.digest
+            if digest is not None and _digest_fd(fd_out) != hexdigest:
+                raise TransferError(
+                    "the copy differs from the member (checksum); nothing was placed: "
+                    "check the disk"
+                )
+            os.fchmod(fd_out, permissions.copy_mode(after.st_mode, permissions.current_umask()))
+            os.utime(fd_out, ns=(after.st_atime_ns, after.st_mtime_ns))
+        finally:
+            os.close(fd_out)
+        placed = _link_into_place(folder_fd, tmp, name, None, hexdigest)
+    except BaseException:
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(tmp, dir_fd=folder_fd)
+        raise
+    return (COPIED if placed else PRESENT), hexdigest
+
+
+def _put_member(
+    folder_fd: int, stream: BinaryIO, archive_fd: int, row: Row, verify: str, token: str
+) -> tuple[str, str | None]:
+    """put, for an archive member (always copied: no link can point into an archive)."""
+    name = row.destination.rpartition("/")[2]
+    try:
+        if row.action == "present" and row.digest and _digest_at(folder_fd, name) == row.digest:
+            _check_version(os.fstat(archive_fd), row)
+            return PRESENT, row.digest
+        return _copy_member(folder_fd, name, stream, archive_fd, row, verify, token)
+    except TransferError:
+        raise
+    except OSError as error:
+        raise TransferError(error.strerror or str(error)) from error
+
+
+def _place_archive(
+    tree: OutputTree, archive: str, rows: list[Row], input_dir: Path, verify: str, token: str
+) -> list[Outcome]:
+    """Place the planned members of one archive, read once in stored order (a tar stream
+    can only be read forwards), each destination folder opened once."""
+    by_key = {archives.split(row.relpath)[1]: row for row in rows}
+    outcomes: list[Outcome] = []
+    folders: dict[str, int] = {}
+    try:
+        handle, info = archives.open_input(inventory.source_path(input_dir, archive))
+    except FileNotFoundError:
+        return [Outcome(r, CHANGED, detail="the archive is gone since it was read") for r in rows]
+    except OSError as error:
+        return _unplaced(rows, TransferError(error.strerror or str(error)))
+    try:
+        _check_version(info, rows[0])
+        handle_kind = archives.kind(handle.read(512))
+        handle.seek(0)
+        for member in archives.members(handle, handle_kind or archives.ZIP):
+            row = by_key.pop(member.key, None)
+            if row is None or member.open is None:
+                continue
+            try:
+                folder = row.destination.rpartition("/")[0]
+                if folder not in folders:
+                    folders[folder] = tree.open_folder(folder)
+                with member.open() as stream:
+                    status, digest = _put_member(
+                        folders[folder], stream, handle.fileno(), row, verify, token
+                    )
+                outcomes.append(Outcome(row, status, digest, mode="copy"))
+            except SourceChanged as error:
+                outcomes.append(Outcome(row, CHANGED, detail=str(error)))
+            except (TransferError, OSError, NotImplementedError) as error:
+                outcomes.append(Outcome(row, ERROR, detail=str(error)))
+            if not by_key:
+                break
+    except SourceChanged as error:
+        outcomes += [Outcome(r, CHANGED, detail=str(error)) for r in by_key.values()]
+        by_key = {}
+    except archives.READ_ERRORS as error:
+        outcomes += _unplaced(list(by_key.values()), TransferError(archives.archive_reason(error)))
+        by_key = {}
+    finally:
+        handle.close()
+        for fd in folders.values():
+            os.close(fd)
+    gone = "the member is no longer in its archive"
+    outcomes += [Outcome(r, CHANGED, detail=gone) for r in by_key.values()]
+    return outcomes
+
+
+def _link_into_place(
+    folder_fd: int, tmp: str, name: str, source: str | None, digest: str | None
+) -> bool:
     """Give the checked temporary file its name, never replacing what holds the name:
     renameat2(RENAME_NOREPLACE) in one call, else a hard link (which also never replaces),
     else (a file system with neither) check, then rename. Returns False when the name
@@ -414,10 +546,17 @@ def _link_into_place(folder_fd: int, tmp: str, name: str, source: str, digest: s
     return _taken_by_twin(folder_fd, tmp, name, source, digest)
 
 
-def _taken_by_twin(folder_fd: int, tmp: str, name: str, source: str, digest: str | None) -> bool:
+def _taken_by_twin(
+    folder_fd: int, tmp: str, name: str, source: str | None, digest: str | None
+) -> bool:
     """The name is held: by this content (False: nothing to place, the temporary file is
-    removed), else never replaced."""
-    if not _existing_is_same(folder_fd, name, source, digest):
+    removed), else never replaced. source None: an archive member's (no file to compare
+    with: the temporary copy is)."""
+    if source is None:
+        same = _digest_at(folder_fd, name) == (digest or _digest_at(folder_fd, tmp))
+    else:
+        same = _existing_is_same(folder_fd, name, source, digest)
+    if not same:
         raise _occupied() from None
     os.unlink(tmp, dir_fd=folder_fd)
     return False
@@ -568,6 +707,18 @@ def put(
             else ""
         )
         raise TransferError(f"{error.strerror or error}{hint}") from error
+
+
+def _by_archive(rows: list[Row]) -> tuple[list[Row], dict[str, list[Row]]]:
+    """(the rows of plain files, the rows of archive members by archive)."""
+    plain: list[Row] = []
+    members: dict[str, list[Row]] = {}
+    for row in rows:
+        if archives.is_member(row.relpath):
+            members.setdefault(archives.split(row.relpath)[0], []).append(row)
+        else:
+            plain.append(row)
+    return plain, members
 
 
 def _folder_rows(rows: list[Row]) -> Iterator[tuple[str, list[Row]]]:
@@ -826,7 +977,7 @@ def _input_is_planned_version(
     now comes along, to be committed too (else the next lookup of the input, at its
     current version, would not find it)."""
     try:
-        info = os.stat(inventory.source_path(input_dir, row.relpath))
+        info = os.stat(inventory.source_path(input_dir, archives.split(row.relpath)[0]))
         relinked = info.st_ino in linked_inodes and info.st_ctime_ns != row.ctime_ns
         _check_version(info, dataclasses.replace(row, ctime_ns=None) if relinked else row)
     except (OSError, SourceChanged):
@@ -883,9 +1034,13 @@ def transfer_plan(
         uncommitted, last_commit = [], time.monotonic()
 
     with ThreadPoolExecutor(max_workers=max(1, workers)) as pool:
+        plain, members = _by_archive(placing)
         tasks = [
             pool.submit(_place_folders, tree, parent, folders, input_dir, mode, verify, temp)
-            for parent, folders in _sibling_folders(placing)
+            for parent, folders in _sibling_folders(plain)
+        ] + [
+            pool.submit(_place_archive, tree, archive, archive_rows, input_dir, verify, temp)
+            for archive, archive_rows in members.items()
         ]
         for task in tasks:
             done = task.result()

@@ -1,0 +1,260 @@
+"""Archives in the input: zip and tar members sorted as files, never unpacked (issue 19)."""
+
+from __future__ import annotations
+
+import gzip
+import io
+import os
+import shutil
+import tarfile
+import zipfile
+from pathlib import Path
+
+import pytest
+from hypothesis import given
+from hypothesis import strategies as st
+from test_adversarial import kill_when, tree_files
+
+from conftest import assert_every_file_accounted_for, write_dicom
+from dcmsort import archives, demo, inventory, ledger
+
+
+def _pack_tar(archive: Path, folder: Path, mode: str = "w:gz") -> None:
+    with tarfile.open(archive, mode) as tar:
+        tar.add(folder, arcname=folder.name)
+
+
+def _pack_zip(archive: Path, folder: Path, method: int = zipfile.ZIP_DEFLATED) -> None:
+    with zipfile.ZipFile(archive, "w", method) as zf:
+        for path in sorted(folder.rglob("*")):
+            zf.write(path, path.relative_to(folder.parent))
+
+
+def _sorted_tree(output_dir: Path) -> dict[str, bytes]:
+    return {
+        str(p.relative_to(output_dir)): p.read_bytes()
+        for p in output_dir.rglob("*")
+        if p.is_file() and ".dcmsort" not in p.relative_to(output_dir).parts
+    }
+
+
+def _add_member(tar: tarfile.TarFile, name: str, data: bytes = b"", **fields) -> None:
+    info = tarfile.TarInfo(name)
+    info.size = len(data)
+    for key, value in fields.items():
+        setattr(info, key, value)
+    tar.addfile(info, io.BytesIO(data) if data else None)
+
+
+def _skip_reasons(sorter) -> dict[str, str]:
+    return {r["relpath"]: r["reason"] for r in sorter.outcomes() if r["action"] == "skip"}
+
+
+def test_a_folder_of_archives_sorts_exactly_like_the_same_files_unpacked(sorter, tmp_path):
+    plain = tmp_path / "plain"
+    demo.generate(plain, patients=6, series=2, instances=3)
+    folders = sorted(plain.iterdir())
+    sorter.input_dir.mkdir(parents=True, exist_ok=True)
+    (sorter.input_dir / "ward").mkdir()
+    shutil.copytree(folders[0], sorter.input_dir / folders[0].name)
+    _pack_zip(sorter.input_dir / "export_2.zip", folders[1])
+    _pack_tar(sorter.input_dir / "p3.tar.gz", folders[2], "w:gz")
+    _pack_tar(sorter.input_dir / "ward" / "p4.tar.bz2", folders[3], "w:bz2")
+    _pack_tar(sorter.input_dir / "p5.tar", folders[4], "w")
+    # Recognised by their first bytes, whatever the name says.
+    _pack_tar(sorter.input_dir / "p6.download", folders[5], "w:xz")
+
+    sorter.run()
+    assert_every_file_accounted_for(sorter)
+    unpacked = tmp_path / "unpacked-out"
+    sorter.run(input_dir=plain, output_dir=unpacked)
+    assert _sorted_tree(sorter.output_dir) == _sorted_tree(unpacked)
+    reasons = _skip_reasons(sorter)
+    assert any(r.startswith("p3.tar.gz//") and r.endswith("notes.txt") for r in reasons), reasons
+    # A member's destination and source are in the ledger like a plain file's.
+    placed = ledger.read(sorter.state)["relpath"].to_pylist()
+    assert any(r.startswith("ward/p4.tar.bz2//") for r in placed)
+
+
+def test_a_noop_rerun_opens_no_archive_and_a_changed_one_is_read_again(sorter, tmp_path):
+    plain = tmp_path / "plain"
+    demo.generate(plain, patients=2, series=1, instances=3, junk=False)
+    first, second = sorted(plain.iterdir())
+    sorter.input_dir.mkdir(parents=True, exist_ok=True)
+    archive = sorter.input_dir / "export.tar.gz"
+    _pack_tar(archive, first)
+    sorter.run()
+    before = sorter.summary()["files_sorted"]
+    assert sorter.run(count_opens=True).opened == []
+    # Replaced by a bigger archive holding the same files and more.
+    bigger = tmp_path / "bigger.tar.gz"
+    with tarfile.open(bigger, "w:gz") as tar:
+        tar.add(first, arcname=first.name)
+        tar.add(second, arcname=second.name)
+    os.replace(bigger, archive)
+    sorter.run()
+    assert_every_file_accounted_for(sorter)
+    summary = sorter.summary()
+    assert summary["files_sorted"] == 2 * before
+    assert summary["files_new"] == before, summary  # the first files are not copied again
+
+
+def test_hostile_member_names_never_steer_a_path_and_every_member_is_accounted_for(
+    sorter, tmp_path
+):
+    dicom = write_dicom(tmp_path / "one.dcm", name="EVIL", pid="6")
+    other = write_dicom(tmp_path / "two.dcm", name="EVIL", pid="6", instance=2)
+    sorter.input_dir.mkdir(parents=True, exist_ok=True)
+    with tarfile.open(sorter.input_dir / "hostile.tar", "w", format=tarfile.GNU_FORMAT) as tar:
+        for name in [
+            "../../escape.dcm",
+            "/etc/absolute.dcm",
+            "a/./../../../up.dcm",
+            "CON",
+            "x\\..\\y.dcm",
+            os.fsdecode(b"\xff\xfe-latin.dcm"),
+            "dup.dcm",
+        ]:
+            _add_member(tar, name, dicom)
+        _add_member(tar, "dup.dcm", other)  # the same name again, another file
+        _add_member(tar, "link.dcm", type=tarfile.SYMTYPE, linkname="/etc/passwd")
+        _add_member(tar, "hard.dcm", type=tarfile.LNKTYPE, linkname="dup.dcm")
+        _add_member(tar, "device", type=tarfile.CHRTYPE, devmajor=1, devminor=3)
+        _add_member(tar, "folder/", type=tarfile.DIRTYPE)
+    with zipfile.ZipFile(sorter.input_dir / "hostile.zip", "w") as zf:
+        zf.writestr("../../zip-escape.dcm", dicom)
+        zf.writestr("sub/../../../../zip-up.dcm", other)
+    sorter.run()
+    outcomes = assert_every_file_accounted_for(sorter)
+    for outside in (tmp_path, tmp_path.parent):
+        assert not {"escape.dcm", "up.dcm", "zip-escape.dcm", "zip-up.dcm"} & set(
+            os.listdir(outside)
+        )
+    reasons = _skip_reasons(sorter)
+    assert reasons["hostile.tar//link.dcm"] == archives.LINK
+    assert reasons["hostile.tar//hard.dcm"] == archives.LINK
+    assert reasons["hostile.tar//device"] == archives.SPECIAL
+    relpaths = set(outcomes.column("relpath"))
+    assert {"hostile.tar//dup.dcm", "hostile.tar//2//dup.dcm"} <= relpaths
+    assert "hostile.tar//../../escape.dcm" in relpaths  # the name, kept as text
+    assert "hostile.tar//%FF%FE-latin.dcm" in relpaths
+    files = tree_files(sorter.output_dir)
+    assert all(".." not in Path(f).parts for f in files)
+
+
+def _bad_crc_zip(path: Path, data: bytes) -> None:
+    """A stored zip whose one member's bytes no longer match its CRC."""
+    with zipfile.ZipFile(path, "w", zipfile.ZIP_STORED) as zf:
+        zf.writestr("IM1.dcm", data)
+    raw = bytearray(path.read_bytes())
+    at = raw.index(data[-64:])
+    raw[at] ^= 0xFF
+    path.write_bytes(bytes(raw))
+
+
+def _encrypted_zip(path: Path, data: bytes) -> None:
+    """A zip whose member says it is encrypted (zipfile writes no encryption)."""
+    with zipfile.ZipFile(path, "w", zipfile.ZIP_STORED) as zf:
+        zf.writestr("IM1.dcm", data)
+    raw = bytearray(path.read_bytes())
+    for signature, flag_at in ((b"PK\x03\x04", 6), (b"PK\x01\x02", 8)):
+        at = raw.index(signature)
+        raw[at + flag_at] |= 0x1
+    path.write_bytes(bytes(raw))
+
+
+def test_damaged_encrypted_and_odd_archives_are_reported_and_the_rest_is_sorted(sorter, tmp_path):
+    plain = tmp_path / "plain"
+    demo.generate(plain, patients=1, series=2, instances=4, junk=False)
+    (patient,) = plain.iterdir()
+    whole = tmp_path / "whole.tar.gz"
+    _pack_tar(whole, patient)
+    sorter.input_dir.mkdir(parents=True, exist_ok=True)
+    data = whole.read_bytes()
+    (sorter.input_dir / "truncated.tar.gz").write_bytes(data[: len(data) * 2 // 3])
+    small = write_dicom(tmp_path / "small.dcm", name="CRC", pid="7")
+    _bad_crc_zip(sorter.input_dir / "bad-crc-small.zip", small)
+    big = write_dicom(tmp_path / "big.dcm", name="CRC", pid="7", rows=300, instance=2)
+    _bad_crc_zip(sorter.input_dir / "bad-crc-big.zip", big)
+    _encrypted_zip(sorter.input_dir / "locked.zip", small)
+    (sorter.input_dir / "single.dcm.gz").write_bytes(gzip.compress(small))
+    zipfile.ZipFile(sorter.input_dir / "empty.zip", "w").close()
+    write_dicom(sorter.input_dir / "plain" / "IM1.dcm", name="PLAIN", pid="8")
+
+    sorter.run()
+    assert_every_file_accounted_for(sorter)
+    reasons = _skip_reasons(sorter)
+    assert reasons["truncated.tar.gz"].startswith("damaged archive"), reasons
+    assert any(
+        r.startswith("truncated.tar.gz//") for r in ledger.read(sorter.state)["relpath"].to_pylist()
+    )
+    assert reasons["bad-crc-small.zip//IM1.dcm"].startswith("damaged archive member"), reasons
+    assert reasons["locked.zip//IM1.dcm"] == archives.ENCRYPTED
+    assert reasons["single.dcm.gz"] == archives.NOT_A_TAR
+    assert reasons["empty.zip"] == archives.EMPTY
+    # A bad CRC is found past the header too: the member is skipped, not a failing copy.
+    assert reasons["bad-crc-big.zip//IM1.dcm"].startswith("damaged archive member"), reasons
+    assert "plain/IM1.dcm" in ledger.read(sorter.state)["relpath"].to_pylist()
+
+
+def test_members_are_copied_in_hardlink_mode(sorter, tmp_path):
+    plain = tmp_path / "plain"
+    demo.generate(plain, patients=1, series=1, instances=2, junk=False)
+    (patient,) = plain.iterdir()
+    sorter.input_dir.mkdir(parents=True, exist_ok=True)
+    _pack_zip(sorter.input_dir / "p.zip", patient)
+    write_dicom(sorter.input_dir / "loose" / "IM1.dcm", name="LOOSE", pid="9")
+    sorter.run(transfer_mode="hardlink")
+    assert_every_file_accounted_for(sorter)
+    rows = ledger.read(sorter.state).to_pylist()
+    modes = {archives.is_member(r["relpath"]): r["mode"] for r in rows}
+    assert modes == {True: "copy", False: "hardlink"}
+
+
+def test_a_run_killed_while_copying_a_member_is_finished_by_the_next(sorter, tmp_path):
+    sorter.input_dir.mkdir(parents=True, exist_ok=True)
+    with zipfile.ZipFile(sorter.input_dir / "big.zip", "w", zipfile.ZIP_STORED) as zf:
+        for i in range(3):
+            path = tmp_path / f"IM{i}.dcm"
+            zf.writestr(f"IM{i}.dcm", write_dicom(path, name="BIG", pid="9", rows=5000, instance=i))
+    kill_when(
+        sorter, lambda: any(n.endswith(".dcmsort-tmp") for n in tree_files(sorter.output_dir))
+    )
+    temps = [n for n in tree_files(sorter.output_dir) if n.endswith(".dcmsort-tmp")]
+    assert temps, "the run was not killed during a copy; retry"
+    sorter.run()
+    assert_every_file_accounted_for(sorter)
+    files = tree_files(sorter.output_dir)
+    assert not [n for n in files if n.endswith(".dcmsort-tmp")], files
+    assert sorter.summary()["files_sorted"] == 3
+
+
+@given(st.text(min_size=1, max_size=40))
+def test_any_member_name_round_trips_and_only_its_last_component_can_name_a_file(name):
+    seen: dict[str, int] = {}
+    key = archives.member_key(name, seen)
+    relpath = archives.relpath_of("a b/x.zip", key)
+    assert archives.split(relpath) == ("a b/x.zip", key)
+    assert archives.SEPARATOR not in key.rpartition(archives.SEPARATOR)[2]
+    file_name = inventory.file_name(relpath)
+    assert "/" not in file_name and file_name not in ("", ".")
+    # A second member of the same name is another relpath, with the same file name.
+    again = archives.relpath_of("a b/x.zip", archives.member_key(name, seen))
+    assert again != relpath and inventory.file_name(again) == file_name
+
+
+@pytest.mark.parametrize(
+    ("head", "kind"),
+    [
+        (b"PK\x03\x04rest", archives.ZIP),
+        (b"PK\x05\x06" + bytes(18), archives.ZIP),
+        (b"\x1f\x8b\x08", archives.TAR),
+        (b"BZh91AY", archives.TAR),
+        (b"\xfd7zXZ\x00", archives.TAR),
+        (bytes(257) + b"ustar\x0000", archives.TAR),
+        (bytes(128) + b"DICM", None),
+        (b"hello", None),
+    ],
+)
+def test_archives_are_recognised_by_their_first_bytes(head, kind):
+    assert archives.kind(head) == kind

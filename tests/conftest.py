@@ -252,11 +252,8 @@ def input_bytes(input_dir: Path, relpath: str) -> bytes:
     path = inventory.source_path(input_dir, archive)
     if not key:
         return Path(path).read_bytes()
-    handle, _ = archives.open_input(path)
-    with handle:
-        kind = archives.kind(handle.read(512))
-        handle.seek(0)
-        for member in archives.members(handle, kind):
+    with archives.reading(path) as (_, _, members):
+        for member in members:
             if member.key == key:
                 with member.open() as stream:
                     return stream.read()

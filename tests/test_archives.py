@@ -209,6 +209,9 @@ def test_members_are_copied_in_hardlink_mode(sorter, tmp_path):
     rows = ledger.read(sorter.state).to_pylist()
     modes = {archives.is_member(r["relpath"]): r["mode"] for r in rows}
     assert modes == {True: "copy", False: "hardlink"}
+    assert sorter.summary()["files_from_archives"] == 2
+    report = (sorter.state / "report.html").read_text()
+    assert "2 files came from archives in the input: they were copied" in report
 
 
 def test_a_run_killed_while_copying_a_member_is_finished_by_the_next(sorter, tmp_path):
@@ -258,3 +261,18 @@ def test_any_member_name_round_trips_and_only_its_last_component_can_name_a_file
 )
 def test_archives_are_recognised_by_their_first_bytes(head, kind):
     assert archives.kind(head) == kind
+
+
+def test_check_restores_a_damaged_copy_of_a_member_from_its_archive(sorter, tmp_path):
+    original = write_dicom(tmp_path / "IM1.dcm", name="DOE^JOHN", pid="1", rows=64)
+    sorter.input_dir.mkdir(parents=True, exist_ok=True)
+    with tarfile.open(sorter.input_dir / "p.tar.gz", "w:gz") as tar:
+        _add_member(tar, "p/IM1.dcm", original)
+    sorter.run()
+    copy = sorter.output_dir / "DOE^JOHN_1/T1_1/IM1.dcm"
+    os.truncate(copy, 1000)
+    sorter.run(keys={"check": "true"})
+    assert copy.read_bytes() == original
+    check = sorter.summary()["check"]
+    assert (check["restored"], check["damaged"]) == (1, 0)
+    assert_every_file_accounted_for(sorter)

@@ -31,6 +31,7 @@ import tarfile
 import zipfile
 import zlib
 from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from typing import BinaryIO
 
@@ -183,6 +184,19 @@ def open_input(path: str) -> tuple[BinaryIO, os.stat_result]:
     return handle, info
 
 
+@contextmanager
+def reading(path: str) -> Iterator[tuple[BinaryIO, os.stat_result, Iterator[Member]]]:
+    """(the open archive, its status, its members) of the archive at path; ArchiveError if
+    it is no archive (any more), OSError if it cannot be opened."""
+    handle, info = open_input(path)
+    with handle:
+        archive_kind = kind(handle.read(512))
+        if archive_kind is None:
+            raise ArchiveError("no longer an archive")
+        handle.seek(0)
+        yield handle, info, members(handle, archive_kind)
+
+
 def read_exactly(stream: BinaryIO, count: int) -> bytes:
     """Up to count bytes of stream (fewer only at its end)."""
     chunks, left = [], count
@@ -196,15 +210,9 @@ def digests(path: str) -> dict[str, str]:
     """The content digest of every regular member of the archive at path, in one pass
     (a tar stream can only be read from its start: one digest per member read would read
     the archive once per member). Raises OSError or what reading a damaged archive raises."""
-    handle, _ = open_input(path)
     found: dict[str, str] = {}
-    with handle:
-        head = handle.read(512)
-        handle.seek(0)
-        archive_kind = kind(head)
-        if archive_kind is None:
-            raise ArchiveError("no longer an archive")
-        for member in members(handle, archive_kind):
+    with reading(path) as (_, _, listed):
+        for member in listed:
             if member.open is None:
                 continue
             digest = hashlib.new(DIGEST)

@@ -48,7 +48,7 @@ import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
-from dcmsort import inventory, ledger
+from dcmsort import archives, inventory, ledger
 from dcmsort.fileops import (
     MAX_NAME_BYTES,
     atomic_path,
@@ -263,19 +263,25 @@ def live_source(
     ``transfer.put`` naming its version now; else None and why. Without a known digest,
     only a version the ledger recorded counts (``compute``: digest it all the same)."""
     gone = True
+    member_digests = archives.MemberDigests(input_dir)
     for source in sources:
-        path = inventory.source_path(input_dir, source.relpath)
+        # An archive member: its archive's status, and its own digest (size in it).
+        archive, member = archives.split(source.relpath)
+        path = inventory.source_path(input_dir, archive)
         try:
             info = os.stat(path)
         except OSError:
             continue
         gone = False
-        if not stat.S_ISREG(info.st_mode) or info.st_size != size:
+        if not stat.S_ISREG(info.st_mode) or (info.st_size != size and not member):
             continue
         if digest is None and not source.holds(info):
             continue
         try:
-            actual = file_digest(path) if digest or compute else None
+            if member:
+                actual = member_digests(source.relpath) if digest or compute else None
+            else:
+                actual = file_digest(path) if digest or compute else None
         except OSError:
             continue
         if digest is None or actual == digest:

@@ -26,7 +26,7 @@ import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
-from dcmsort import dictionary, ledger, naming
+from dcmsort import archives, dictionary, ledger, naming
 from dcmsort.check import DAMAGED, RESTORED, RESULT_SCHEMA, read_results
 from dcmsort.fileops import atomic_path, read_parquet, write_csv
 from dcmsort.permissions import LOCK_FILE
@@ -258,6 +258,11 @@ def summarise(
             if float(m.get("extracted_at", 0)) > since
         ),
         "files_per_modality": _count_by(placed["modality"]),
+        # Members of archives in the input: always copied, whatever transfer_mode says.
+        "files_from_archives": pc.sum(
+            pc.match_substring(placed["relpath"], archives.SEPARATOR)
+        ).as_py()
+        or 0,
         "check": None,
         # Every patient folder holding more than one PatientID (see config/README.md).
         "patient_folders_with_several_ids": [
@@ -683,6 +688,12 @@ def render_html(
             f"{html.escape(summary['previous_transfer_mode'])} to "
             f"{html.escape(summary['transfer_mode'])}: files placed earlier stay as "
             "they were placed.</p>"
+        )
+    if summary["files_from_archives"] and summary["transfer_mode"] != "copy":
+        notes += (
+            f"<p>{summary['files_from_archives']:,} files came from archives in the input: "
+            f"they were copied, not {html.escape(summary['transfer_mode'])}ed (no link can "
+            "point into an archive).</p>"
         )
     if summary["patient_folders_with_several_ids"]:
         notes += (

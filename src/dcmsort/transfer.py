@@ -462,48 +462,70 @@ def _place_archive(
     by_key = {archives.split(row.relpath)[1]: row for row in rows}
     outcomes: list[Outcome] = []
     folders: dict[str, int] = {}
-    try:
-        handle, info = archives.open_input(inventory.source_path(input_dir, archive))
-    except FileNotFoundError:
-        return [Outcome(r, CHANGED, detail="the archive is gone since it was read") for r in rows]
-    except OSError as error:
-        return _unplaced(rows, TransferError(error.strerror or str(error)))
-    try:
-        _check_version(info, rows[0])
-        handle_kind = archives.kind(handle.read(512))
-        handle.seek(0)
-        for member in archives.members(handle, handle_kind or archives.ZIP):
-            row = by_key.pop(member.key, None)
-            if row is None or member.open is None:
-                continue
-            try:
-                folder = row.destination.rpartition("/")[0]
-                if folder not in folders:
-                    folders[folder] = tree.open_folder(folder)
-                with member.open() as stream:
-                    status, digest = _put_member(
-                        folders[folder], stream, handle.fileno(), row, verify, token
-                    )
-                outcomes.append(Outcome(row, status, digest, mode="copy"))
-            except SourceChanged as error:
-                outcomes.append(Outcome(row, CHANGED, detail=str(error)))
-            except (TransferError, OSError, NotImplementedError) as error:
-                outcomes.append(Outcome(row, ERROR, detail=str(error)))
-            if not by_key:
-                break
-    except SourceChanged as error:
-        outcomes += [Outcome(r, CHANGED, detail=str(error)) for r in by_key.values()]
-        by_key = {}
-    except archives.READ_ERRORS as error:
-        outcomes += _unplaced(list(by_key.values()), TransferError(archives.archive_reason(error)))
-        by_key = {}
-    finally:
-        handle.close()
-        for fd in folders.values():
-            os.close(fd)
-    gone = "the member is no longer in its archive"
-    outcomes += [Outcome(r, CHANGED, detail=gone) for r in by_key.values()]
+    with contextlib.ExitStack() as stack:
+        try:
+            reading = archives.reading(inventory.source_path(input_dir, archive))
+            handle, info, members = stack.enter_context(reading)
+        except FileNotFoundError:
+            return [Outcome(r, CHANGED, detail=_ARCHIVE_GONE) for r in rows]
+        except (OSError, archives.ArchiveError) as error:
+            return [Outcome(r, CHANGED, detail=f"{_ARCHIVE_CHANGED}: {error}") for r in rows]
+        stack.callback(lambda: [os.close(fd) for fd in folders.values()])
+        try:
+            _check_version(info, rows[0])
+            for member in members:
+                row = by_key.pop(member.key, None)
+                if row is None or member.open is None:
+                    continue
+                try:
+                    folder = row.destination.rpartition("/")[0]
+                    if folder not in folders:
+                        folders[folder] = tree.open_folder(folder)
+                    with member.open() as stream:
+                        status, digest = _put_member(
+                            folders[folder], stream, handle.fileno(), row, verify, token
+                        )
+                    outcomes.append(Outcome(row, status, digest, mode="copy"))
+                except SourceChanged as error:
+                    outcomes.append(Outcome(row, CHANGED, detail=str(error)))
+                except (TransferError, OSError, NotImplementedError) as error:
+                    outcomes.append(Outcome(row, ERROR, detail=str(error)))
+                if not by_key:
+                    break
+        except SourceChanged as error:
+            outcomes += [Outcome(r, CHANGED, detail=str(error)) for r in by_key.values()]
+            by_key = {}
+        except archives.READ_ERRORS as error:
+            reason = TransferError(archives.archive_reason(error))
+            outcomes += _unplaced(list(by_key.values()), reason)
+            by_key = {}
+    outcomes += [Outcome(r, CHANGED, detail=_MEMBER_GONE) for r in by_key.values()]
     return outcomes
+
+
+_ARCHIVE_GONE = "the archive is gone since it was read"
+_ARCHIVE_CHANGED = "the archive changed since it was read"
+_MEMBER_GONE = "the member is no longer in its archive"
+
+
+def _put_archived(
+    folder_fd: int, row: Row, input_dir: Path, verify: str, token: str
+) -> tuple[str, str | None]:
+    """put of one archive member on its own (check restores one from its archive)."""
+    archive, key = archives.split(row.relpath)
+    try:
+        with archives.reading(inventory.source_path(input_dir, archive)) as (handle, _, members):
+            for member in members:
+                if member.key == key and member.open is not None:
+                    with member.open() as stream:
+                        return _put_member(folder_fd, stream, handle.fileno(), row, verify, token)
+    except FileNotFoundError as error:
+        raise SourceChanged(_ARCHIVE_GONE) from error
+    except archives.READ_ERRORS as error:
+        if isinstance(error, OSError) and error.errno is not None:
+            raise
+        raise SourceChanged(f"{_ARCHIVE_CHANGED}: {archives.archive_reason(error)}") from error
+    raise SourceChanged(_MEMBER_GONE)
 
 
 def _link_into_place(
@@ -681,6 +703,8 @@ def put(
     """Put one row's file in place; returns (status, digest if known, the input's ctime
     when placing it changed it: a new hard link's, else None). token: the plan's, for the
     temporary name of a copy (temp_token)."""
+    if archives.is_member(row.relpath):
+        return *_put_archived(folder_fd, row, input_dir, verify, token), None
     name = row.destination.rpartition("/")[2]
     source = inventory.source_path(input_dir, row.relpath)
     try:

@@ -494,18 +494,21 @@ def run_pandas_shape(out: Path, repeat: int) -> dict:
         raise SystemExit("pandas is not installed: nothing to compare")
     if subprocess.run(found, env={**os.environ, "PYTHONPATH": str(hide)}).returncode == 0:
         raise SystemExit(f"{hide}/sitecustomize.py did not hide pandas")
-    samples: dict[str, list[dict]] = {}
+    variants = (("pandas installed", None), ("pandas hidden", hide))
+    runs = ("dcmsort copy", "dcmsort no-op rerun")
+    # Labelled in the order of the table: each run with pandas installed, then hidden.
+    samples = {f"{run}, {variant}": [] for run in runs for variant, _ in variants}
     for _ in range(repeat):
-        for variant, hidden in (("pandas installed", None), ("pandas hidden", hide)):
+        for variant, hidden in variants:
             target, work = base / "sorted", base / "work"
             for folder in (target, work):
                 shutil.rmtree(folder, ignore_errors=True)
             work.mkdir()
             command = dcmsort(work, source, target, 2)
-            for run in ("dcmsort copy", "dcmsort no-op rerun"):
+            for run in runs:
                 label = f"{run}, {variant}"
                 print(f"[pandas] {label} ...", flush=True)
-                samples.setdefault(label, []).append(measure_with(hidden, command))
+                samples[label].append(measure_with(hidden, command))
     files, size = tree_size(source)
     shutil.rmtree(base)
     return {
@@ -515,9 +518,10 @@ def run_pandas_shape(out: Path, repeat: int) -> dict:
         "repeat": repeat,
         "results": {
             label: {
-                key: summarise([s[key] for s in runs]) for key in ("wall_s", "cpu_s", "peak_rss_mb")
+                key: summarise([s[key] for s in measured])
+                for key in ("wall_s", "cpu_s", "peak_rss_mb")
             }
-            for label, runs in sorted(samples.items())
+            for label, measured in samples.items()
         },
     }
 

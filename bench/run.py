@@ -7,6 +7,8 @@
     python bench/run.py --shape huge         # 1,000,000 small files (generated once, cached)
     python bench/run.py --shape plan10m      # 10,000,000 files planned, no files on disk
     python bench/run.py --shape tables       # dcmsort.tables at 1,000,000 placements; pandas' cost
+    python bench/run.py --shape pandas       # a full run and a no-op rerun, pandas installed/hidden
+    python bench/run.py --shape many --catalog-only   # sort once and check the catalogue only
     python bench/run.py --repeat 3           # fewer repetitions (5 by default)
 
 For each shape it generates data with the project's generator and measures wall time, CPU
@@ -22,6 +24,10 @@ shared machine vary several-fold. Each command starts after a ``sync`` (nothing 
 earlier one still to be written back). On the shapes compared with ``cp -r`` and dcm2niix
 those three also run cold on ``large``: with the page cache dropped before each command (as root;
 otherwise the table says it could not be dropped), as a user meets data on disk.
+
+After dcmsort's copy run and its rerun with 1 % new folders, the series catalogue is checked
+against the ledger and the output tree (``check_catalog``): "catalogue checked: N series, M
+files, OK" or the folders that differ, in the table and the json.
 
 Peak RSS is that of the largest single process (``wait4`` of the command), and the
 largest dcmsort job's own peak, which every job writes to its log ("peak RSS").
@@ -56,6 +62,7 @@ SHAPES = {
     "huge": (10000, 100, 8),
     "plan10m": (100_000, 100, 0),  # manifests only: run_planning_shape
     "tables": (10000, 100, 8),  # the huge data, hard-linked once: run_tables_shape
+    "pandas": (100, 100, 64),  # 10,000 files: run_pandas_shape
 }
 CACHED = {
     "huge",
@@ -139,6 +146,78 @@ def dcmsort(
     return snakemake_command(
         work, "--quiet", "rules", *flags, cores=cores, input_dir=source, output_dir=target, **config
     )
+
+
+def check_catalog(target: Path) -> dict:
+    """Issue 25 at scale: the series catalogue of the sorted output ``target`` against what
+    the ledger placed and what is on disk. For every series folder, its catalogue row's
+    ``files`` must equal the destinations the ledger has a "placed" row for in it and the
+    files in it on disk (the state folder left out), and ``dcmsort.tables(target).series()``
+    must sum to the placed files. Counted here from the ledger's parquet files and a walk,
+    not with the report's code."""
+    import pyarrow.compute as pc
+    import pyarrow.dataset as ds
+    import pyarrow.parquet as pq
+
+    import dcmsort
+    from dcmsort import ledger
+    from dcmsort.report import CATALOG
+    from dcmsort.settings import STATE_FOLDER
+
+    state = target / STATE_FOLDER
+    rows = ds.dataset(
+        [str(path) for path in ledger.current_files(state)], schema=ledger.SCHEMA
+    ).to_table(columns=["destination"], filter=pc.field("status") == ledger.PLACED)
+    placed: dict[str, int] = {}
+    for destination in set(rows["destination"].to_pylist()):
+        folder = destination.rpartition("/")[0]
+        placed[folder] = placed.get(folder, 0) + 1
+    on_disk: dict[str, int] = {}
+    for folder, subfolders, files in os.walk(target):
+        if Path(folder) == target:
+            subfolders[:] = [name for name in subfolders if name != STATE_FOLDER]
+        elif files:
+            on_disk[Path(folder).relative_to(target).as_posix()] = len(files)
+    catalogue = pq.read_table(state / CATALOG, columns=["series folder", "files"])
+    listed = {row["series folder"]: row["files"] for row in catalogue.to_pylist()}
+    series_files = int(dcmsort.tables(target).series(columns=["files"])["files"].sum())
+    differ = [
+        {
+            "series folder": name,
+            "catalogue": listed.get(name),
+            "ledger": placed.get(name),
+            "on disk": on_disk.get(name),
+        }
+        for name in sorted(set(listed) | set(placed) | set(on_disk))
+        if not listed.get(name) == placed.get(name) == on_disk.get(name)
+    ]
+    placed_files = sum(placed.values())
+    # A folder listed twice would be one entry of listed.
+    ok = not differ and catalogue.num_rows == len(listed) and series_files == placed_files
+    verdict = "OK" if ok else f"MISMATCH in {len(differ)} folders"
+    return {
+        "series": len(placed),
+        "placed files": placed_files,
+        "catalogue rows": catalogue.num_rows,
+        "tables(OUT).series() files": series_files,
+        "files on disk": sum(on_disk.values()),
+        "ok": ok,
+        "differ": differ[:20],  # the first few, by name
+        "message": f"catalogue checked: {len(placed):,} series, {placed_files:,} files, {verdict}"
+        + ("" if series_files == placed_files else f" (series() sums to {series_files:,})"),
+    }
+
+
+def catalog_checked(target: Path) -> dict:
+    """check_catalog in a process of its own: pandas stays out of this one (whose pages
+    every measured command would inherit until its exec)."""
+    done = subprocess.run(
+        [sys.executable, __file__, "--check-catalog", str(target)],
+        check=True,
+        capture_output=True,
+        text=True,
+    )
+    return json.loads(done.stdout)
 
 
 def tree_size(root: Path) -> tuple[int, int]:
@@ -302,6 +381,30 @@ class _NoPandas:
         _path_finder.invalidate_caches()
 sys.meta_path[:] = [_NoPandas if f is _path_finder else f for f in sys.meta_path]
 """
+
+
+def pandas_hider(base: Path) -> Path:
+    """A folder whose sitecustomize hides pandas from every process that has it on
+    PYTHONPATH (Snakemake's main process and, inheriting it, its jobs)."""
+    hide = base / "hide-pandas"
+    hide.mkdir(exist_ok=True)
+    (hide / "sitecustomize.py").write_text(HIDE_PANDAS)
+    return hide
+
+
+def measure_with(pythonpath: Path | None, command: list[str]) -> dict:
+    """measure(command) with PYTHONPATH set to pythonpath alone (None: unset)."""
+    before = os.environ.pop("PYTHONPATH", None)
+    if pythonpath is not None:
+        os.environ["PYTHONPATH"] = str(pythonpath)
+    try:
+        return measure(command)
+    finally:
+        os.environ.pop("PYTHONPATH", None)
+        if before is not None:
+            os.environ["PYTHONPATH"] = before
+
+
 TABLES_READS = {
     "tables(OUT).placements()": "t.placements()",
     "tables(OUT).series()": "t.series()",
@@ -330,9 +433,7 @@ def run_tables_shape(out: Path, repeat: int) -> dict:
     measure(dcmsort(base / "work", source, target, 2, transfer_mode="hardlink"))
     # The run after a hardlink run reads state once (the links changed the inputs' ctime).
     measure(dcmsort(base / "work", source, target, 2, transfer_mode="hardlink"))
-    hide = base / "hide-pandas"
-    hide.mkdir()
-    (hide / "sitecustomize.py").write_text(HIDE_PANDAS)
+    hide = pandas_hider(base)
     bare = base / "bare"
     bare.mkdir()
     (bare / "Snakefile").write_text(BARE_SNAKEFILE)
@@ -359,15 +460,7 @@ def run_tables_shape(out: Path, repeat: int) -> dict:
                 runs = [(f"{label}, pandas installed", None), (f"{label}, pandas hidden", hide)]
             for name, hidden in runs:
                 print(f"[tables] {name} ...", flush=True)
-                before = os.environ.pop("PYTHONPATH", None)
-                if hidden is not None:
-                    os.environ["PYTHONPATH"] = str(hidden)
-                try:
-                    samples.setdefault(name, []).append(measure(command))
-                finally:
-                    os.environ.pop("PYTHONPATH", None)
-                    if before is not None:
-                        os.environ["PYTHONPATH"] = before
+                samples.setdefault(name, []).append(measure_with(hidden, command))
     shutil.rmtree(base)
     return {
         "shape": "tables",
@@ -379,6 +472,73 @@ def run_tables_shape(out: Path, repeat: int) -> dict:
             for label, runs in samples.items()
         },
     }
+
+
+PANDAS_FOUND = "import importlib.util, sys; sys.exit(importlib.util.find_spec('pandas') is None)"
+
+
+def run_pandas_shape(out: Path, repeat: int) -> dict:
+    """Issue 25: what pandas, installed for dcmsort.tables, costs a whole dcmsort run. A
+    full copy run of 10,000 files (each into a new output folder) and its no-op rerun,
+    with pandas installed and hidden from the import system, alternating."""
+    folders, per_folder, rows = SHAPES["pandas"]
+    base = out / "pandas"
+    shutil.rmtree(base, ignore_errors=True)
+    source = base / "Unclassified"
+    print(f"[pandas] generating {folders * per_folder:,} files ...", flush=True)
+    generate_fast(source, folders, per_folder, rows)
+    hide = pandas_hider(base)
+    # The hiding works, and pandas is installed: else both variants measure the same.
+    found = [sys.executable, "-c", PANDAS_FOUND]
+    if subprocess.run(found).returncode != 0:
+        raise SystemExit("pandas is not installed: nothing to compare")
+    if subprocess.run(found, env={**os.environ, "PYTHONPATH": str(hide)}).returncode == 0:
+        raise SystemExit(f"{hide}/sitecustomize.py did not hide pandas")
+    variants = (("pandas installed", None), ("pandas hidden", hide))
+    runs = ("dcmsort copy", "dcmsort no-op rerun")
+    # Labelled in the order of the table: each run with pandas installed, then hidden.
+    samples = {f"{run}, {variant}": [] for run in runs for variant, _ in variants}
+    for _ in range(repeat):
+        for variant, hidden in variants:
+            target, work = base / "sorted", base / "work"
+            for folder in (target, work):
+                shutil.rmtree(folder, ignore_errors=True)
+            work.mkdir()
+            command = dcmsort(work, source, target, 2)
+            for run in runs:
+                label = f"{run}, {variant}"
+                print(f"[pandas] {label} ...", flush=True)
+                samples[label].append(measure_with(hidden, command))
+    files, size = tree_size(source)
+    shutil.rmtree(base)
+    return {
+        "shape": "pandas",
+        "files": files,
+        "bytes": size,
+        "repeat": repeat,
+        "results": {
+            label: {
+                key: summarise([s[key] for s in measured])
+                for key in ("wall_s", "cpu_s", "peak_rss_mb")
+            }
+            for label, measured in samples.items()
+        },
+    }
+
+
+def print_pandas_table(summary: dict) -> None:
+    print(
+        f"\n**pandas**: {summary['files']:,} files, {summary['bytes'] / 1e6:,.0f} MB, 2 cores, a "
+        f"full copy run and its no-op rerun with pandas installed and hidden, alternating; "
+        f"median (min-max) of {summary['repeat']} runs, warm cache\n"
+    )
+    print("| what | CPU s (user+sys) | wall s | peak RSS MB |")
+    print("|---|---:|---:|---:|")
+    for label, value in summary["results"].items():
+        print(
+            f"| {label} | {_cell(value['cpu_s'])} | {_cell(value['wall_s'])} | "
+            f"{value['peak_rss_mb']['median']:.0f} |"
+        )
 
 
 def print_tables_table(summary: dict) -> None:
@@ -417,7 +577,9 @@ def summarise(samples: list[float]) -> dict:
     }
 
 
-def run_shape(name: str, out: Path, cores: int, repeat: int) -> dict:
+def run_shape(name: str, out: Path, cores: int, repeat: int, catalog_only: bool = False) -> dict:
+    """One shape's contenders; catalog_only: dcmsort's copy and its rerun with 1 % new
+    folders alone, once, each followed by the catalogue check."""
     folders, per_folder, rows = SHAPES[name]
     base = out / name
     shutil.rmtree(base, ignore_errors=True)
@@ -468,22 +630,32 @@ def run_shape(name: str, out: Path, cores: int, repeat: int) -> dict:
         print(f"[{name}] {label} ...", flush=True)
         samples.setdefault(label, []).append(measure(command, job_logs, cold))
 
-    reps = 1 if name in CACHED else repeat
+    reps = 1 if name in CACHED or catalog_only else repeat
+    contest = not catalog_only
+    checks: dict[str, dict] = {}
+
+    def check(after: str, target: Path) -> None:
+        """The catalogue check, after the first repetition's run of its kind."""
+        if after not in checks:
+            checks[after] = catalog_checked(target)
+            print(f"[{name}] after {after}: {checks[after]['message']}", flush=True)
+
     for _ in range(reps):
-        record(
-            "bare Snakemake no-op",
-            [
-                sys.executable,
-                "-m",
-                "snakemake",
-                "-s",
-                str(bare / "Snakefile"),
-                *BARE_FLAGS,
-                str(bare),
-            ],
-        )
+        if contest:
+            record(
+                "bare Snakemake no-op",
+                [
+                    sys.executable,
+                    "-m",
+                    "snakemake",
+                    "-s",
+                    str(bare / "Snakefile"),
+                    *BARE_FLAGS,
+                    str(bare),
+                ],
+            )
         dcm2niix = shutil.which("dcm2niix") or str(Path(sys.executable).parent / "dcm2niix")
-        if name in COLD_SHAPES:
+        if name in COLD_SHAPES and contest:
             # Cold first: cp -r, dcm2niix and a dcmsort copy, as a user meets data on disk.
             for folder in ("cp", "dcm2niix", "sorted-cold", "work-cold"):
                 shutil.rmtree(base / folder, ignore_errors=True)
@@ -507,7 +679,7 @@ def run_shape(name: str, out: Path, cores: int, repeat: int) -> dict:
             for path in source.rglob("*"):  # warm again for the warm contenders
                 if path.is_file():
                     path.read_bytes()
-        if name in FLOORS:
+        if name in FLOORS and contest:
             shutil.rmtree(base / "cp", ignore_errors=True)
             record("cp -r (floor)", ["cp", "-r", str(source), str(base / "cp")])
             shutil.rmtree(base / "cp", ignore_errors=True)
@@ -552,7 +724,8 @@ def run_shape(name: str, out: Path, cores: int, repeat: int) -> dict:
         # more than one at 1,000,000 files).
         single = {"partitions": 1} if name in PARTITIONED else {}
         record("dcmsort copy", dcmsort(work, source, target, cores, **single), logs)
-        if name in PARTITIONED:
+        check("dcmsort copy", target)
+        if name in PARTITIONED and contest:
             split, split_work = base / "sorted-split", base / "work-split"
             for folder in (split, split_work):
                 shutil.rmtree(folder, ignore_errors=True)
@@ -564,16 +737,18 @@ def run_shape(name: str, out: Path, cores: int, repeat: int) -> dict:
             )
             for folder in (split, split_work):
                 shutil.rmtree(folder, ignore_errors=True)
-        record("dcmsort no-op rerun", dcmsort(work, source, target, cores, **single), logs)
+        if contest:
+            record("dcmsort no-op rerun", dcmsort(work, source, target, cores, **single), logs)
         moved = [source / p.name for p in extra.iterdir()]
         for folder in extra.iterdir():
             folder.rename(source / folder.name)
         try:
             record("dcmsort rerun, 1% new", dcmsort(work, source, target, cores, **single), logs)
+            check("dcmsort rerun, 1% new", target)
         finally:
             for folder in moved:
                 folder.rename(extra / folder.name)
-        if name == "dag":
+        if name == "dag" and contest:
             record("dry run (DAG build)", dcmsort(work, source, target, cores, "-n"))
     results = {
         label: {
@@ -592,6 +767,7 @@ def run_shape(name: str, out: Path, cores: int, repeat: int) -> dict:
         "repeat": reps,
         "caches_dropped": can_drop_caches(),
         "results": results,
+        "catalog_check": checks,
     }
     shutil.rmtree(base)
     return summary
@@ -692,6 +868,12 @@ def print_table(summary: dict) -> None:
             f"| {label} | {_cell(value['wall_s'])} | {_cell(value['cpu_s'])} | "
             f"{value['peak_rss_mb']['median']:.0f} | {job_cell} | {lines_cell} |"
         )
+    for after, checked in summary.get("catalog_check", {}).items():
+        print(f"\nAfter {after}: {checked['message']}")
+        for row in checked["differ"]:
+            print(f"  {row}")
+    if "bare Snakemake no-op" not in summary["results"]:
+        return  # --catalog-only: no contenders to compare
     print("\n| target (ratio of medians) | measured | limit | met |")
     print("|---|---:|---:|:-:|")
     for label, measured, limit in ratios(summary):
@@ -707,7 +889,16 @@ def main() -> int:
     parser.add_argument("--cores", type=int, default=os.cpu_count())
     parser.add_argument("--repeat", type=int, default=5)
     parser.add_argument("--out", type=Path, default=REPO / "bench" / "out")
+    parser.add_argument(
+        "--catalog-only",
+        action="store_true",
+        help="dcmsort's copy and its 1%% rerun only, once, each with the catalogue check",
+    )
+    parser.add_argument("--check-catalog", type=Path, help=argparse.SUPPRESS)  # catalog_checked
     args = parser.parse_args()
+    if args.check_catalog:
+        print(json.dumps(check_catalog(args.check_catalog)))
+        return 0
     args.out.mkdir(parents=True, exist_ok=True)
     for shape in args.shape or ["large", "many"]:
         if shape == "tables":
@@ -715,12 +906,17 @@ def main() -> int:
             (args.out / f"{shape}.json").write_text(json.dumps(summary, indent=2))
             print_tables_table(summary)
             continue
+        if shape == "pandas":
+            summary = run_pandas_shape(args.out, args.repeat)
+            (args.out / f"{shape}.json").write_text(json.dumps(summary, indent=2))
+            print_pandas_table(summary)
+            continue
         if shape == "plan10m":
             summary = run_planning_shape(args.out)
             (args.out / f"{shape}.json").write_text(json.dumps(summary, indent=2))
             print_planning_table(summary)
             continue
-        summary = run_shape(shape, args.out, args.cores, args.repeat)
+        summary = run_shape(shape, args.out, args.cores, args.repeat, args.catalog_only)
         (args.out / f"{shape}.json").write_text(json.dumps(summary, indent=2))
         print_table(summary)
     return 0

@@ -11,11 +11,11 @@ import zipfile
 from pathlib import Path
 
 import pytest
-from hypothesis import given
+from hypothesis import given, settings
 from hypothesis import strategies as st
 from test_adversarial import kill_when, tree_files
 
-from conftest import assert_every_file_accounted_for, write_dicom
+from conftest import Sorter, assert_every_file_accounted_for, write_dicom
 from dcmsort import archives, demo, inventory, ledger
 
 
@@ -276,3 +276,35 @@ def test_check_restores_a_damaged_copy_of_a_member_from_its_archive(sorter, tmp_
     check = sorter.summary()["check"]
     assert (check["restored"], check["damaged"]) == (1, 0)
     assert_every_file_accounted_for(sorter)
+
+
+member_names = st.lists(
+    st.one_of(
+        st.text(min_size=1, max_size=30),
+        st.lists(st.sampled_from(["..", ".", "", "CON", "a", "A", "x.dcm", "\\", ":"])).map(
+            "/".join
+        ),
+    ),
+    min_size=1,
+    max_size=6,
+)
+
+
+@settings(max_examples=2, deadline=None, derandomize=True, database=None)
+@given(names=member_names)
+def test_any_member_names_reach_the_report_and_never_escape_the_output(tmp_path_factory, names):
+    root = tmp_path_factory.mktemp("names")
+    sorter = Sorter(root / "work", root / "in", root / "out")
+    sorter.workdir.mkdir()
+    data = write_dicom(root / "IM.dcm", name="ANY", pid="5")
+    sorter.input_dir.mkdir()
+    with tarfile.open(sorter.input_dir / "names.tar", "w", format=tarfile.GNU_FORMAT) as tar:
+        for index, name in enumerate(names):
+            if name.strip("/"):  # a folder entry otherwise
+                # Each another instance: none is a duplicate of another.
+                _add_member(tar, name, data.replace(b"IM.dcm", b"I%d.dcm" % index) + bytes(index))
+    sorter.run()
+    outcomes = assert_every_file_accounted_for(sorter)
+    assert all(archives.is_member(r) for r in outcomes.column("relpath"))
+    outside = {p.name for p in root.iterdir()}
+    assert outside == {"work", "in", "out", "IM.dcm"}, outside

@@ -22,7 +22,9 @@ import io
 import json
 import os
 import shutil
+import tarfile
 import tempfile
+import zipfile
 from collections import Counter
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -46,7 +48,7 @@ from hypothesis.stateful import (
 )
 
 from conftest import outcomes
-from dcmsort import check, headers, ledger, partition, plan, report, routes, transfer
+from dcmsort import archives, check, headers, ledger, partition, plan, report, routes, transfer
 from dcmsort.demo import Series, make_instance, uid
 from dcmsort.fileops import TEMP_SUFFIX, temp_name_for, temp_path_for
 from dcmsort.naming import FILE_FIELDS, Naming, fold
@@ -246,6 +248,40 @@ class World:
     def delete(self, relpath: str) -> None:
         (self.input / relpath).unlink()
         del self.inputs[relpath], self.mtimes[relpath]
+
+    def pack(self, relpaths: list[str], archive: str, tar: bool) -> None:
+        """The user packs some input files into one archive (members named by their
+        relpaths) in the input and deletes them (an export that arrives packed)."""
+        buffer = io.BytesIO()
+        if tar:
+            with tarfile.open(fileobj=buffer, mode="w") as packed:
+                for relpath in relpaths:
+                    info = tarfile.TarInfo(relpath)
+                    info.size = len(self.inputs[relpath])
+                    packed.addfile(info, io.BytesIO(self.inputs[relpath]))
+        else:
+            with zipfile.ZipFile(buffer, "w") as packed:
+                for relpath in relpaths:
+                    packed.writestr(relpath, self.inputs[relpath])
+        for relpath in relpaths:
+            self.delete(relpath)
+        self.write(archive, buffer.getvalue())
+
+    def contents(self) -> dict[str, bytes]:
+        """What the input holds by relpath: each file's content, an archive's members'
+        (``archive//member``) instead of its own (one level: an archive in an archive is a
+        member like any other)."""
+        found = {}
+        for relpath, data in self.inputs.items():
+            kind = archives.kind(data[:512])
+            if kind is None:
+                found[relpath] = data
+                continue
+            for member in archives.members(io.BytesIO(data), kind):
+                if member.open is not None:
+                    with member.open() as stream:
+                        found[archives.relpath_of(relpath, member.key)] = stream.read()
+        return found
 
     def truncate_copy(self, pick: int) -> None:
         """Someone truncates a sorted copy in the output to half its size."""
@@ -472,7 +508,7 @@ class World:
         if temp and sorts:
             destination = self.output / sorts[0]["destination"]
             destination.parent.mkdir(parents=True, exist_ok=True)
-            data = (self.input / sorts[0]["relpath"]).read_bytes()
+            data = self.contents()[sorts[0]["relpath"]]
             token = transfer.temp_token(table)  # the killed transfer's temporary name
             temp = destination.with_name(temp_name_for(destination.name, token))
             temp.write_bytes(data[: len(data) // 2])
@@ -493,7 +529,9 @@ class World:
             row = sorts[pick % len(sorts)]
             destination = self.output / row["destination"]
             if not destination.exists():
-                data = self.inputs[row["relpath"]] if same_bytes else b"someone else's %d" % pick
+                data = (
+                    self.contents()[row["relpath"]] if same_bytes else b"someone else's %d" % pick
+                )
                 destination.parent.mkdir(parents=True, exist_ok=True)
                 destination.write_bytes(data)
                 self.foreign[row["destination"]] = data
@@ -590,8 +628,9 @@ class World:
         reported = {r["destination"] for r in csv_rows(self.state / "removed_sources.csv")}
         result = outcomes(self.input, self.output, self.state)
         by_path = result.by_relpath()  # asserts that no file has two outcomes
-        for relpath, data in self.inputs.items():
-            if relpath in changed:
+        contents = self.contents()
+        for relpath, data in contents.items():
+            if relpath in changed or archives.split(relpath)[0] in changed:
                 continue  # changed while the run went on: the next run sorts it
             row = by_path.get(relpath)
             assert row is not None, f"lost: {relpath} is neither sorted nor skipped"
@@ -664,10 +703,10 @@ class World:
         )
         if not changed:
             actions = Counter(result.column("action"))
-            assert summary["input_files"] == len(self.inputs)
+            assert summary["input_files"] == len(contents)
             assert summary["duplicates"] == actions["duplicate"]
             assert summary["skipped"] == actions["skip"]
-            current = {digest(data) for data in self.inputs.values()}
+            current = {digest(data) for data in contents.values()}
             # Dangling links are listed in removed_sources.csv too, and counted apart.
             gone = {p for p, data in ours.items() if digest(data) not in current} - dangling
             kept = reported - dangling
@@ -772,6 +811,13 @@ class Sorting(RuleBasedStateMachine):
     def delete(self, pick: int) -> None:
         self.world.delete(self._pick(pick))
 
+    @has_inputs
+    @rule(picks=st.lists(picks, min_size=1, max_size=3), relpath=paths, tar=st.booleans())
+    def pack_into_an_archive(self, picks: list[int], relpath: str, tar: bool) -> None:
+        archive = relpath + (".tar" if tar else ".zip")
+        if self._free(archive):
+            self.world.pack(sorted({self._pick(p) for p in picks}), archive, tar)
+
     @rule(pick=picks, link=st.booleans())
     def put_someone_elses_file_at_a_temporary_name(self, pick: int, link: bool) -> None:
         self.world.put_foreign_file_at_temp_name(pick, link)
@@ -834,6 +880,10 @@ class SortingLinks(Sorting):
         pass
 
     def replace_keeping_size_and_mtime(self, pick: int, spec: Spec, in_place: bool) -> None:
+        pass
+
+    # Not here: members of archives are copied, not linked (tests/test_archives.py).
+    def pack_into_an_archive(self, picks: list[int], relpath: str, tar: bool) -> None:
         pass
 
     @Sorting.has_inputs

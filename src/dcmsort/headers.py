@@ -383,9 +383,7 @@ def read_header(path: str, keywords: list[str]) -> dict[str, str | None]:
     them), or any file carrying a SOP, series or study UID. Never raises for a bad file:
     the reason goes into the result instead.
     """
-    return _scanned_header(path, keywords) or _header_by_pydicom(
-        lambda tags: _read(path, tags), lambda: _has_preamble(path), keywords
-    )
+    return _scanned_header(path, keywords) or _header_by_pydicom(path, keywords)
 
 
 def member_header(data: bytes, size: int, keywords: list[str]) -> dict[str, str | None]:
@@ -396,14 +394,18 @@ def member_header(data: bytes, size: int, keywords: list[str]) -> dict[str, str 
         found = _scanned(io.BytesIO(data).read, wanted, keywords)
         if found is not None:
             return found
-    return _header_by_pydicom(
+    return _pydicom_header(
         lambda tags: _read_from(io.BytesIO(data), size, tags),
         lambda: data[128:132] == b"DICM",
         keywords,
     )
 
 
-def _header_by_pydicom(
+def _header_by_pydicom(path: str, keywords: list[str]) -> dict[str, str | None]:
+    return _pydicom_header(lambda tags: _read(path, tags), lambda: _has_preamble(path), keywords)
+
+
+def _pydicom_header(
     read: Callable[[list[str]], tuple], preamble_of: Callable[[], bool], keywords: list[str]
 ) -> dict[str, str | None]:
     """read_header by pydicom; read: _read of the file for these keywords; preamble_of:

@@ -14,6 +14,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 from test_adversarial import kill_when, tree_files
+from test_cli import dcmsort
 
 from conftest import Sorter, assert_every_file_accounted_for, write_dicom
 from dcmsort import archives, demo, inventory, ledger
@@ -308,3 +309,23 @@ def test_any_member_names_reach_the_report_and_never_escape_the_output(tmp_path_
     assert all(archives.is_member(r) for r in outcomes.column("relpath"))
     outside = {p.name for p in root.iterdir()}
     assert outside == {"work", "in", "out", "IM.dcm"}, outside
+
+
+def test_dcmsort_where_answers_for_a_member_and_points_from_the_archive_to_its_members(
+    sorter, tmp_path
+):
+    sorter.input_dir.mkdir(parents=True, exist_ok=True)
+    with zipfile.ZipFile(sorter.input_dir / "p.zip", "w") as zf:
+        zf.writestr("IM1.dcm", write_dicom(tmp_path / "IM1.dcm", name="DOE^JOHN", pid="1"))
+        zf.writestr("notes.txt", b"not DICOM")
+    sorter.run()
+    archive = sorter.input_dir / "p.zip"
+    result = dcmsort(
+        "where", sorter.output_dir, f"{archive}//IM1.dcm", f"{archive}//notes.txt", cwd=tmp_path
+    )
+    out = result.stdout
+    assert f"{archive}//IM1.dcm: placed at {sorter.output_dir}/DOE^JOHN_1/T1_1/IM1.dcm" in out
+    assert f"{archive}//notes.txt: skipped: not DICOM" in out
+    assert result.returncode != 0  # one of them is not in the output
+    out = dcmsort("where", sorter.output_dir, archive, cwd=tmp_path).stdout
+    assert "an archive: 2 of its members are known here" in out, out

@@ -32,7 +32,7 @@ from pathlib import Path
 from typing import NoReturn
 
 import dcmsort
-from dcmsort import inventory, routes, runner, settings, status
+from dcmsort import archives, inventory, routes, runner, settings, status
 
 SCHEMA = runner.REPO / "workflow" / "schemas" / "config.schema.yaml"
 CONFIG = runner.REPO / "config" / "config.yaml"
@@ -333,6 +333,13 @@ def relpath_candidates(path: str) -> list[str]:
     return sorted(found, key=lambda c: -c.count("/"))
 
 
+def _members_known(candidates: list[str], placements: dict, skipped: dict) -> int:
+    """How many members the ledger and skipped.csv know of an archive at one of these
+    relpaths."""
+    prefixes = tuple(archives.relpath_of(c, "") for c in candidates)
+    return sum(1 for relpath in [*placements, *skipped] if relpath.startswith(prefixes))
+
+
 def _skipped(state: Path) -> dict[str, dict]:
     """skipped.csv's rows by relpath, each text cell as the value it stands for (a cell a
     spreadsheet would run, '=dir/x', is written "'=dir/x")."""
@@ -411,15 +418,32 @@ def _where_one(
     """The answer for one file, and whether its current version is in the output."""
     from dcmsort import ledger
 
+    # A member of an archive, ARCHIVE//MEMBER: its version is its archive's, but the size.
+    path, _, member = name.partition(archives.SEPARATOR)
     try:
-        info = os.stat(name)
+        info = os.stat(path)
         version = (info.st_size, info.st_mtime_ns, info.st_ctime_ns, info.st_ino)
     except OSError:
         info, version = None, None
-    known = [c for c in relpath_candidates(name) if c in placements or c in skipped]
+    candidates = [archives.relpath_of(c, member) if member else c for c in relpath_candidates(path)]
+    known = [c for c in candidates if c in placements or c in skipped]
     relpath = known[0] if known else None
     rows = placements.get(relpath, [])
-    current = [r for r in rows if (r["size"], r["mtime_ns"], r["ctime_ns"], r["ino"]) == version]
+    compared = 1 if member else 0  # a member's size is not its archive's
+    current = [
+        r
+        for r in rows
+        if version
+        and (r["size"], r["mtime_ns"], r["ctime_ns"], r["ino"])[compared:] == version[compared:]
+    ]
+    if not member and not current and info is not None and stat.S_ISREG(info.st_mode):
+        members = _members_known(candidates, placements, skipped)
+        if members:
+            return (
+                f"an archive: {members} of its members are known here; ask for one as "
+                f"{name}{archives.SEPARATOR}MEMBER (the paths in plan.csv and skipped.csv)",
+                False,
+            )
     if current:
         row = current[-1]  # the newest commit
         at = output / row["destination"]
@@ -430,6 +454,7 @@ def _where_one(
     if relpath in skipped:
         if (
             info is not None
+            and not member  # (the size of a member's archive is not its own)
             and stat.S_ISREG(info.st_mode)
             and str(info.st_size) != (skipped[relpath]["size"])
         ):

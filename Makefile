@@ -36,7 +36,7 @@ demo: $(INSTALLED)
 	@echo "A file:       $(BIN)/dcmsort where demo/Classified demo/Unclassified/loose.dcm"
 
 test: $(INSTALLED)
-	$(BIN)/python -m pytest
+	$(BIN)/python -m pytest --durations=20
 
 # Needs a running SLURM (tests/slurm/cluster.sh start, as root); .ci/run does that.
 test-slurm: install-slurm

@@ -6,6 +6,7 @@ import gzip
 import io
 import os
 import shutil
+import struct
 import tarfile
 import zipfile
 from pathlib import Path
@@ -17,7 +18,7 @@ from test_adversarial import kill_when, tree_files
 from test_cli import dcmsort
 
 from conftest import Sorter, assert_every_file_accounted_for, write_dicom
-from dcmsort import archives, demo, inventory, ledger
+from dcmsort import archives, demo, headers, inventory, ledger
 
 
 def _pack_tar(archive: Path, folder: Path, mode: str = "w:gz") -> None:
@@ -276,6 +277,12 @@ def test_check_restores_a_damaged_copy_of_a_member_from_its_archive(sorter, tmp_
     assert copy.read_bytes() == original
     check = sorter.summary()["check"]
     assert (check["restored"], check["damaged"]) == (1, 0)
+    # Same size, one byte changed: only a checksum sees it, against the member's digest.
+    damaged = bytearray(original)
+    damaged[-1] ^= 0xFF
+    copy.write_bytes(bytes(damaged))
+    sorter.run(keys={"check": "checksum"})
+    assert copy.read_bytes() == original
     assert_every_file_accounted_for(sorter)
 
 
@@ -329,3 +336,118 @@ def test_dcmsort_where_answers_for_a_member_and_points_from_the_archive_to_its_m
     assert result.returncode != 0  # one of them is not in the output
     out = dcmsort("where", sorter.output_dir, archive, cwd=tmp_path).stdout
     assert "an archive: 2 of its members are known here" in out, out
+
+
+def _zip_patched(path: Path, members: dict[str, bytes], patch) -> None:
+    """A zip of members whose bytes patch(bytearray) then changes (a writer's odd output)."""
+    with zipfile.ZipFile(path, "w") as zf:
+        for name, data in members.items():
+            zf.writestr(name, data)
+    raw = bytearray(path.read_bytes())
+    patch(raw)
+    path.write_bytes(bytes(raw))
+
+
+def _headers_of(raw: bytearray, name: bytes):
+    """(offset, field offsets) of the local and central headers of member name."""
+    for signature, fields in ((b"PK\x03\x04", (8, 26, 30)), (b"PK\x01\x02", (10, 28, 46))):
+        at = 0
+        while (at := raw.find(signature, at)) >= 0:
+            length = struct.unpack_from("<H", raw, at + fields[1])[0]
+            if raw[at + fields[2] : at + fields[2] + length] == name:
+                yield signature, at
+            at += 4
+
+
+def test_archives_python_cannot_read_all_of_are_reported_and_never_stop_the_run(sorter, tmp_path):
+    """Found by breaking it: odd writers' archives once failed every run, hung, or lost a
+    member silently."""
+    dicom = {
+        i: write_dicom(tmp_path / f"{i}.dcm", name="ODD", pid="4", instance=i) for i in range(9)
+    }
+    src = sorter.input_dir
+    src.mkdir(parents=True, exist_ok=True)
+    write_dicom(src / "plain" / "IM1.dcm", name="PLAIN", pid="8")
+
+    def deflate64(raw):  # method 9 (Windows Explorer's, for big files)
+        for signature, at in _headers_of(raw, b"b.dcm"):
+            struct.pack_into("<H", raw, at + (8 if signature == b"PK\x03\x04" else 10), 9)
+
+    _zip_patched(src / "deflate64.zip", {"a.dcm": dicom[0], "b.dcm": dicom[1]}, deflate64)
+
+    def new_version(raw):  # "version needed to extract" 6.4
+        raw[raw.find(b"PK\x01\x02") + 6] = 64
+
+    _zip_patched(src / "version.zip", {"a.dcm": dicom[2]}, new_version)
+
+    def size_lie(raw):  # the header claims 1,000 bytes more than the member holds
+        for signature, at in _headers_of(raw, b"a.dcm"):
+            field = 22 if signature == b"PK\x03\x04" else 24
+            struct.pack_into("<I", raw, at + field, len(dicom[3]) + 1000)
+
+    _zip_patched(src / "lie.zip", {"a.dcm": dicom[3], "b.dcm": dicom[4]}, size_lie)
+    with zipfile.ZipFile(src / "dir-entry.zip", "w") as zf:  # a name ending in "/", with bytes
+        entry = zipfile.ZipInfo("hidden.dcm/")
+        entry.external_attr = 0o100644 << 16
+        zf.writestr(entry, dicom[5])
+    with tarfile.open(src / "odd.tar", "w", format=tarfile.GNU_FORMAT) as tar:
+        _add_member(tar, "unknown-type.dcm", dicom[6], type=b"Z")  # tar reads it as a file
+    huge = io.BytesIO()  # a member that claims 2**62 bytes, then the archive ends
+    _add_member(tarfile.open(fileobj=huge, mode="w"), "a.dcm", dicom[7])  # noqa: SIM115
+    info = tarfile.TarInfo("claims-2-to-the-62.bin")
+    info.size = 2**62
+    (src / "huge.tar").write_bytes(
+        huge.getvalue() + info.tobuf(tarfile.GNU_FORMAT, "utf-8", "surrogateescape") + bytes(1024)
+    )
+    whole = io.BytesIO()
+    with tarfile.open(fileobj=whole, mode="w:gz") as tar:
+        _add_member(tar, "a.dcm", dicom[8])
+    (src / "cut.tar.gz").write_bytes(whole.getvalue()[:60])
+    nested = io.BytesIO()
+    with zipfile.ZipFile(nested, "w") as zf:
+        zf.writestr("a.dcm", dicom[0])
+    with zipfile.ZipFile(src / "outer.zip", "w") as zf:
+        zf.writestr("inner.zip", nested.getvalue())
+
+    sorter.run()  # exits 0: nothing here fails a run
+    outcomes = assert_every_file_accounted_for(sorter)
+    reasons = _skip_reasons(sorter)
+    assert reasons["deflate64.zip//b.dcm"].startswith(archives.UNSUPPORTED), reasons
+    assert reasons["version.zip"].startswith("archive in a form Python cannot read"), reasons
+    assert reasons["lie.zip//a.dcm"].startswith("damaged archive member"), reasons
+    assert any(
+        relpath.startswith("huge.tar") and reason.startswith("damaged archive")
+        for relpath, reason in reasons.items()
+    ), reasons
+    assert reasons["cut.tar.gz"] == archives.NOT_A_TAR
+    assert reasons["outer.zip//inner.zip"] == archives.NESTED
+    sorted_now = {r["relpath"] for r in outcomes if r["action"] != "skip"}
+    assert {
+        "plain/IM1.dcm",
+        "deflate64.zip//a.dcm",
+        "lie.zip//b.dcm",
+        "dir-entry.zip//hidden.dcm",
+        "odd.tar//unknown-type.dcm",
+        "huge.tar//a.dcm",
+    } <= sorted_now, sorted_now
+    # A touched archive is read again; one with an unsupported member still sorts the rest.
+    os.utime(src / "deflate64.zip")
+    sorter.run()
+    assert_every_file_accounted_for(sorter)
+
+
+def test_a_member_header_longer_than_what_is_read_is_skipped_not_sorted_wrong(sorter, tmp_path):
+    import pydicom
+
+    plain = tmp_path / "big.dcm"
+    write_dicom(plain, name="DOE^JOHN", pid="6")
+    dataset = pydicom.dcmread(plain)
+    dataset.add_new(0x00090010, "LO", "ACME")
+    dataset.add_new(0x00091001, "OB", bytes(9 * 2**20))  # before PatientName
+    dataset.save_as(plain)
+    sorter.input_dir.mkdir(parents=True, exist_ok=True)
+    with zipfile.ZipFile(sorter.input_dir / "big.zip", "w") as zf:
+        zf.write(plain, "big.dcm")
+    sorter.run()
+    assert _skip_reasons(sorter)["big.zip//big.dcm"] == headers.MEMBER_HEADER_TOO_LONG
+    assert not list(sorter.output_dir.glob("UNKNOWN*"))

@@ -51,12 +51,20 @@ _COMPRESSED_MAGIC = (b"\x1f\x8b", b"BZh", b"\xfd7zXZ\x00")  # gzip, bzip2, xz
 _TAR_MAGIC = b"ustar"  # at offset 257 of a POSIX or GNU tar header
 # What reading a damaged archive raises, besides OSError (bzip2's errors are OSErrors) and
 # EOFError.
-_DAMAGED = (zipfile.BadZipFile, tarfile.TarError, zlib.error, lzma.LZMAError, ValueError)
+_DAMAGED = (
+    zipfile.BadZipFile,
+    tarfile.TarError,
+    zlib.error,
+    lzma.LZMAError,
+    ValueError,  # and UnicodeDecodeError: a zip's names that are not the UTF-8 they claim
+    NotImplementedError,  # a zip version or compression method Python lacks
+)
 
 NOT_A_TAR = (
-    "compressed, but no tar archive inside (a single compressed file is not read: unpack it "
-    "and sort the result)"
+    "compressed, but no tar archive could be read from it (a single compressed file, which "
+    "is not read, or a damaged one): unpack it and sort the result"
 )
+NESTED = "archive inside an archive (not opened: unpack the outer one and sort the result)"
 ENCRYPTED = "encrypted member of a zip archive (dcmsort reads no passwords): unpack it yourself"
 LINK = "link inside an archive (never followed; its target, if in the archive, is sorted)"
 SPECIAL = "not a regular file (device, socket or pipe entry inside an archive)"
@@ -119,7 +127,48 @@ def archive_reason(error: BaseException) -> str:
     """The skip reason of an archive that could not be read (on)."""
     if isinstance(error, ArchiveError):
         return str(error)
+    if isinstance(error, NotImplementedError):
+        return f"archive in a form Python cannot read ({error}): unpack it with another tool"
+    if isinstance(error, UnicodeDecodeError):
+        return (
+            "zip archive whose member names are not the UTF-8 it says they are: Python "
+            "cannot list it; unpack it with another tool"
+        )
     return f"damaged archive: {damage(error)}; what it holds after this point is not sorted"
+
+
+class _Exact:
+    """A member's bytes, exactly its size of them. Reading on where the archive ends early
+    (truncated, or a header claiming more than it holds) raises EOFError instead of
+    ending quietly: a tar reader would otherwise skip the claimed size block by block past
+    the end, for as long as the claim says (2**62 bytes: forever). Closing it closes
+    nothing: what is left is drained by the tar member iteration."""
+
+    def __init__(self, inner: BinaryIO, size: int):
+        self.inner, self.left = inner, size
+
+    def read(self, count: int = -1) -> bytes:
+        count = self.left if count is None or count < 0 else min(count, self.left)
+        if count == 0:
+            return b""
+        data = self.inner.read(count)
+        if not data:
+            raise EOFError("the archive ends inside this member")
+        self.left -= len(data)
+        return data
+
+    def drain(self) -> None:
+        while self.read(COPY_BYTES):
+            pass
+
+    def close(self) -> None:
+        pass
+
+    def __enter__(self) -> _Exact:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        pass
 
 
 def member_reason(error: BaseException) -> str:
@@ -140,7 +189,7 @@ def members(handle: BinaryIO, archive_kind: str) -> Iterator[Member]:
 def _zip_members(handle: BinaryIO, seen: dict[str, int]) -> Iterator[Member]:
     archive = zipfile.ZipFile(handle)
     for info in archive.infolist():
-        if info.is_dir():
+        if info.is_dir() and info.file_size == 0:  # a name ending in "/" may hold bytes
             continue
         key = member_key(info.filename, seen)
         mode = info.external_attr >> 16 if info.create_system == 3 else 0  # made on Unix
@@ -151,7 +200,9 @@ def _zip_members(handle: BinaryIO, seen: dict[str, int]) -> Iterator[Member]:
         elif info.flag_bits & 0x1:
             yield Member(key, info.file_size, ENCRYPTED, None)
         else:
-            yield Member(key, info.file_size, None, lambda info=info: archive.open(info))
+            yield Member(
+                key, info.file_size, None, lambda i=info: _Exact(archive.open(i), i.file_size)
+            )
 
 
 def _tar_members(handle: BinaryIO, seen: dict[str, int]) -> Iterator[Member]:
@@ -166,11 +217,13 @@ def _tar_members(handle: BinaryIO, seen: dict[str, int]) -> Iterator[Member]:
             continue
         key = member_key(info.name, seen)
         if info.issym() or info.islnk():
-            yield Member(key, 0, LINK, None)
-        elif not info.isreg():
-            yield Member(key, 0, SPECIAL, None)
+            yield Member(key, info.size, LINK, None)
+        elif info.isreg() or info.type not in tarfile.SUPPORTED_TYPES:  # as tar reads those
+            stream = _Exact(archive.extractfile(info), info.size)
+            yield Member(key, info.size, None, lambda stream=stream: stream)
+            stream.drain()  # what its reader left (see _Exact)
         else:
-            yield Member(key, info.size, None, lambda info=info: archive.extractfile(info))
+            yield Member(key, info.size, SPECIAL, None)
 
 
 def open_input(path: str) -> tuple[BinaryIO, os.stat_result]:
@@ -216,9 +269,12 @@ def digests(path: str) -> dict[str, str]:
             if member.open is None:
                 continue
             digest = hashlib.new(DIGEST)
-            with member.open() as stream:
-                while chunk := stream.read(COPY_BYTES):
-                    digest.update(chunk)
+            try:
+                with member.open() as stream:
+                    while chunk := stream.read(COPY_BYTES):
+                        digest.update(chunk)
+            except NotImplementedError:  # its compression: extract skipped it
+                continue
             found[member.key] = digest.hexdigest()[:32]
     return found
 

@@ -190,6 +190,10 @@ _FIRST_GROUPS = frozenset(
     for order in ("little", "big")
 )
 NOT_DICOM = "not DICOM (no DICM preamble and no DICOM identifiers)"
+MEMBER_HEADER_TOO_LONG = (
+    "a DICOM header longer than the first 8 MiB of an archive member, which is all that is "
+    "read of one: unpack the archive and sort the file"
+)
 
 
 def _could_be_dicom(head: bytes, preamble: bool) -> bool:
@@ -260,10 +264,15 @@ def _read(path: str, keywords: list[str]) -> tuple[pydicom.Dataset | None, bool,
         return _read_from(handle, info.st_size, keywords)
 
 
+class HeaderTooLong(Exception):
+    """The header goes on past the bytes of an archive member that were read."""
+
+
 def _read_from(
-    handle: BinaryIO, size: int, keywords: list[str]
+    handle: BinaryIO, size: int, keywords: list[str], whole_file: bool = True
 ) -> tuple[pydicom.Dataset | None, bool, int]:
-    """_read of a file already open at its start (seekable), size bytes long."""
+    """_read of a file already open at its start (seekable), size bytes long; whole_file:
+    the handle holds all of them (else only its first bytes: an archive member's)."""
     if size == 0:
         return None, False, 0
     data = handle.read(CHUNK_BYTES)
@@ -273,6 +282,8 @@ def _read_from(
     if preamble:
         dataset = _parse(data, keywords, False, len(data) >= size)
         if dataset is None:  # a long header: parse it from the file
+            if not whole_file:
+                raise HeaderTooLong(MEMBER_HEADER_TOO_LONG)
             handle.seek(0)
             dataset = _pydicom().dcmread(handle, stop_before_pixels=True, specific_tags=keywords)
         return dataset, True, size
@@ -395,7 +406,7 @@ def member_header(data: bytes, size: int, keywords: list[str]) -> dict[str, str 
         if found is not None:
             return found
     return _pydicom_header(
-        lambda tags: _read_from(io.BytesIO(data), size, tags),
+        lambda tags: _read_from(io.BytesIO(data), size, tags, len(data) >= size),
         lambda: data[128:132] == b"DICM",
         keywords,
     )
@@ -430,6 +441,8 @@ def _pydicom_header(
                 # Part 10 repeats the instance UID in the file meta; anonymisers keep it.
                 result["SOPInstanceUID"] = _value(meta, *_META_TAG["MediaStorageSOPInstanceUID"])
                 instance_from_meta = True
+    except HeaderTooLong as error:
+        return {**result, "skip_reason": str(error)}
     except NotARegularFile:  # replaced since the walk: by a FIFO, a link to a device
         return {**result, "skip_reason": SKIP_REASONS[inventory.SPECIAL]}
     except PermissionError:
@@ -630,6 +643,8 @@ def _member_header(member: archives.Member, keywords: list[str]) -> dict[str, st
                 header = member_header(data, member.size, keywords)
             while stream.read(archives.COPY_BYTES):
                 pass
+        if header["skip_reason"] == NOT_DICOM and archives.kind(data[:512]):
+            return {"skip_reason": archives.NESTED}
     except NotImplementedError as error:  # a zip compression method Python lacks
         return {"skip_reason": f"{archives.UNSUPPORTED}: {error}"}
     except archives.READ_ERRORS as error:

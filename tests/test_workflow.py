@@ -1,5 +1,6 @@
 """End to end: the real snakemake on real DICOM files (generated, and pydicom's own)."""
 
+import importlib.util
 import os
 import re
 import shutil
@@ -316,3 +317,36 @@ def test_snakemakes_own_report_includes_the_dcmsort_report(sorter, tmp_path):
     with zipfile.ZipFile(bundle) as archive:
         embedded = [n for n in archive.namelist() if n.endswith("/report.html") and "/data/" in n]
         assert embedded and b"dcmsort report" in archive.read(embedded[0])
+
+
+# Written at the exit of each Python process of a run: whether Snakemake's main process
+# (the one that imported snakemake) imported pandas.
+PANDAS_WATCH = """
+import atexit, os, sys
+def _note():
+    if "snakemake" in sys.modules:
+        with open(os.environ["DCMSORT_PANDAS_LOG"], "a") as log:
+            log.write(f"{'pandas' in sys.modules}\\n")
+atexit.register(_note)
+"""
+
+
+@pytest.mark.skipif(importlib.util.find_spec("pandas") is None, reason="pandas is not installed")
+def test_a_run_does_not_spend_its_start_importing_pandas(sorter, tmp_path, monkeypatch):
+    """pandas is installed (for dcmsort.tables), and Snakemake's job metadata imports it
+    whenever it can (~0.4 CPU-s a run); no rule of dcmsort's needs it."""
+    watch = tmp_path / "watch"
+    watch.mkdir()
+    (watch / "sitecustomize.py").write_text(PANDAS_WATCH)
+    log = tmp_path / "pandas.log"
+    monkeypatch.setenv(
+        "PYTHONPATH", os.pathsep.join(filter(None, [str(watch), os.environ.get("PYTHONPATH")]))
+    )
+    monkeypatch.setenv("DCMSORT_PANDAS_LOG", str(log))
+    demo.generate(sorter.input_dir, patients=2, series=1, instances=2)
+    sorter.run()
+    again = sorter.run()
+    assert log.read_text().split() == ["False", "False"]
+    # The job metadata is the same as pandas' serialiser would have written: nothing reruns.
+    assert "Nothing to be done" in again.output
+    assert_every_file_accounted_for(sorter)

@@ -41,6 +41,29 @@ except ImportError:
     )
 
 
+def record_params_without_pandas():
+    """Snakemake records each job's params (.snakemake/metadata) with a serialiser that
+    imports pandas whenever it is importable, to hash DataFrame params: ~0.4 CPU-s of
+    every run's main process, full or no-op (the project installs pandas for
+    dcmsort.tables). No param of dcmsort's rules is a pandas object, and for any other
+    value both serialisers write repr(value): the metadata is the same, and no job reruns
+    for it. Not as a module: the outer workflow's params may be DataFrames. A Snakemake
+    without this serialiser (or with it elsewhere) runs as before."""
+    import snakemake.persistence
+
+    # The class that holds it: PersistenceBase in Snakemake 9.27, Persistence earlier.
+    for name in ("PersistenceBase", "Persistence"):
+        base = getattr(snakemake.persistence, name, None)
+        if isinstance(
+            vars(base or object).get("_serialize_param"), property
+        ) and hasattr(base, "_serialize_param_builtin"):
+            base._serialize_param = property(lambda self: self._serialize_param_builtin)
+
+
+if not AS_MODULE:
+    record_params_without_pandas()
+
+
 def fail(message):
     """Stop with one line on stderr, never a traceback; a refused run leaves no log."""
     settings.discard_logs(workflow.logger_manager.get_logfile())

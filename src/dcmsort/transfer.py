@@ -351,13 +351,7 @@ def _copy(
                     )
                 if verify == "checksum":
                     digest = _digest_fd(fd_in)
-                    if _digest_fd(fd_out) != digest:
-                        raise TransferError(
-                            "the copy differs from its source (checksum); nothing was "
-                            "placed: check the disk"
-                        )
-                os.fchmod(fd_out, permissions.copy_mode(after.st_mode, permissions.current_umask()))
-                os.utime(fd_out, ns=(after.st_atime_ns, after.st_mtime_ns))
+                _finish_copy(fd_out, after, digest if verify == "checksum" else None, "its source")
             finally:
                 os.close(fd_out)  # raises a write error a network file system reports late
             placed = _link_into_place(folder_fd, tmp, name, source, digest)
@@ -368,6 +362,18 @@ def _copy(
     finally:
         os.close(fd_in)
     return (COPIED if placed else PRESENT), digest
+
+
+def _finish_copy(fd_out: int, after: os.stat_result, checksum: str | None, of: str) -> None:
+    """Give a temporary copy its mode and times from its source's status (after, taken
+    once its bytes were read), once its own digest is checksum (when given: verify
+    checksum) of what was read from the source (``of``, named in the error)."""
+    if checksum is not None and _digest_fd(fd_out) != checksum:
+        raise TransferError(
+            f"the copy differs from {of} (checksum); nothing was placed: check the disk"
+        )
+    os.fchmod(fd_out, permissions.copy_mode(after.st_mode, permissions.current_umask()))
+    os.utime(fd_out, ns=(after.st_atime_ns, after.st_mtime_ns))
 
 
 def _create_temp(folder_fd: int, name: str, token: str) -> tuple[str, int]:
@@ -421,13 +427,7 @@ def _copy_member(
                     "nothing was placed"
                 )
             hexdigest = digest.hexdigest()[:32] if digest is not None else row.digest
-            if digest is not None and _digest_fd(fd_out) != hexdigest:
-                raise TransferError(
-                    "the copy differs from the member (checksum); nothing was placed: "
-                    "check the disk"
-                )
-            os.fchmod(fd_out, permissions.copy_mode(after.st_mode, permissions.current_umask()))
-            os.utime(fd_out, ns=(after.st_atime_ns, after.st_mtime_ns))
+            _finish_copy(fd_out, after, hexdigest if digest is not None else None, "the member")
         finally:
             os.close(fd_out)
         placed = _link_into_place(folder_fd, tmp, name, None, hexdigest)

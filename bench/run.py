@@ -9,6 +9,7 @@
     python bench/run.py --shape tables       # dcmsort.tables at 1,000,000 placements; pandas' cost
     python bench/run.py --shape pandas       # a full run and a no-op rerun, pandas installed/hidden
     python bench/run.py --shape many --catalog-only   # sort once and check the catalogue only
+    python bench/run.py --shape archives     # large, packed in 40 .zip and 40 .tar.gz files
     python bench/run.py --repeat 3           # fewer repetitions (5 by default)
 
 For each shape it generates data with the project's generator and measures wall time, CPU
@@ -40,6 +41,7 @@ import argparse
 import json
 import os
 import re
+import shlex
 import shutil
 import statistics
 import subprocess
@@ -63,10 +65,12 @@ SHAPES = {
     "plan10m": (100_000, 100, 0),  # manifests only: run_planning_shape
     "tables": (10000, 100, 8),  # the huge data, hard-linked once: run_tables_shape
     "pandas": (100, 100, 64),  # 10,000 files: run_pandas_shape
+    "archives": (40, 240, 256),  # the large data, one archive per patient: run_archives_shape
 }
 CACHED = {
     "huge",
     "tables",
+    "archives",
 }  # generated once into bench/out/cache and kept: generating takes minutes
 FLOORS = {"large", "many"}
 COLD = "(cold)"  # label suffix of a contender run with the page cache dropped
@@ -526,6 +530,178 @@ def run_pandas_shape(out: Path, repeat: int) -> dict:
     }
 
 
+# Issue 19: how the archives of run_archives_shape are written, and how a user would
+# otherwise unpack them (one archive after the other, as a shell loop does).
+ARCHIVE_KINDS = {
+    "zip": (".zip", ["unzip", "-q", "-o", "{archive}", "-d", "{into}"]),
+    "tar.gz": (".tar.gz", ["tar", "-xzf", "{archive}", "-C", "{into}"]),
+}
+
+
+def pack(source: Path, into: Path, suffix: str) -> None:
+    """One archive per top-level folder of source (members named from source: the
+    folder's name first, as a user's export holds them): a deflated zip, or a tar.gz."""
+    import tarfile
+    import zipfile
+
+    into.mkdir(parents=True)
+    for folder in sorted(p for p in source.iterdir() if p.is_dir()):
+        archive = into / f"{folder.name}{suffix}"
+        files = sorted(p for p in folder.rglob("*") if p.is_file())
+        if suffix == ".zip":
+            with zipfile.ZipFile(archive, "w", zipfile.ZIP_DEFLATED) as packed:
+                for path in files:
+                    packed.write(path, path.relative_to(source).as_posix())
+        else:
+            with tarfile.open(archive, "w:gz") as packed:
+                for path in files:
+                    packed.add(path, path.relative_to(source).as_posix())
+
+
+def unpack_command(kind: str, archives_dir: Path, into: Path) -> list[str]:
+    """A shell loop unpacking every archive of archives_dir into into, one after the other."""
+    suffix, template = ARCHIVE_KINDS[kind]
+    tool = template[0]
+    if shutil.which(tool) is None and kind == "zip":  # the standard library's, then
+        template = [sys.executable, "-m", "zipfile", "-e", "{archive}", "{into}"]
+    values = {"{archive}": '"$a"', "{into}": shlex.quote(str(into))}
+    line = " ".join(values.get(arg) or shlex.quote(arg) for arg in template)
+    return [
+        "sh",
+        "-c",
+        f"mkdir -p {shlex.quote(str(into))} && for a in {shlex.quote(str(archives_dir))}/*"
+        f"{suffix}; do {line} || exit 1; done",
+    ]
+
+
+def sorted_tree(root: Path) -> dict[str, str]:
+    """Relative path -> content digest of every file dcmsort sorted into root (its state
+    folder and reports left out)."""
+    import hashlib
+
+    return {
+        path.relative_to(root).as_posix(): hashlib.sha256(path.read_bytes()).hexdigest()
+        for path in root.rglob("*")
+        if path.is_file() and not path.relative_to(root).parts[0].startswith(".")
+    }
+
+
+def run_archives_shape(out: Path, cores: int, repeat: int) -> dict:
+    """Issue 19: the large shape sorted from its folders, from 40 deflated zips and from
+    40 tar.gz files (one per patient folder, all in one input folder), and the floor a user
+    would otherwise pay: unpacking the same archives into a folder, then a dcmsort run on
+    it. Warm page cache. Before the timed runs, the tree sorted from each archive set is
+    checked against the one sorted from the folders (same paths, same bytes)."""
+    folders, per_folder, rows = SHAPES["archives"]
+    base = out / "archives"
+    shutil.rmtree(base, ignore_errors=True)
+    base.mkdir(parents=True)
+    # Generated and packed once into bench/out/cache and kept: that takes minutes.
+    cache, complete = out / "cache" / "archives", out / "cache" / "archives.complete"
+    source = cache / "Unclassified"
+    sets = {"folders": source, **{kind: cache / kind for kind in ARCHIVE_KINDS}}
+    started = time.perf_counter()
+    if complete.exists():
+        print(f"[archives] cached data in {cache}", flush=True)
+    else:
+        shutil.rmtree(cache, ignore_errors=True)
+        print(f"[archives] generating {folders} folders x {per_folder} files ...", flush=True)
+        demo.generate(
+            source,
+            patients=folders,
+            series=4,
+            instances=max(1, per_folder // 4),
+            rows=rows,
+            junk=False,
+        )
+        for kind, (suffix, _) in ARCHIVE_KINDS.items():
+            print(f"[archives] packing {folders} {suffix} files ...", flush=True)
+            pack(source, sets[kind], suffix)
+        complete.touch()
+    files, size = tree_size(source)
+    packed = {kind: tree_size(folder)[1] for kind, folder in sets.items()}
+    elapsed = time.perf_counter() - started
+    print(f"[archives] {files:,} files, {size / 1e6:,.0f} MB ({elapsed:.0f} s)")
+    for folder in sets.values():  # warm the page cache for every contender alike
+        for path in folder.rglob("*"):
+            if path.is_file():
+                path.read_bytes()
+
+    def fresh(*paths: Path) -> None:
+        for path in paths:
+            shutil.rmtree(path, ignore_errors=True)
+        paths[-1].mkdir()
+
+    def sort(kind: str, target: Path, work: Path) -> list[str]:
+        fresh(target, work)
+        return dcmsort(work, sets[kind], target, cores)
+
+    # Correctness, once: the tree from each archive set is the tree from the folders.
+    checks = {}
+    for kind in sets:
+        target, work = base / f"check-{kind}", base / f"work-check-{kind}"
+        subprocess.run(sort(kind, target, work), check=True, capture_output=True)
+        checks[kind] = sorted_tree(target)
+    for kind in ARCHIVE_KINDS:
+        same = checks[kind] == checks["folders"]
+        missing = len(checks["folders"].keys() - checks[kind].keys())
+        extra = len(checks[kind].keys() - checks["folders"].keys())
+        print(
+            f"[archives] tree from {kind}: {len(checks[kind]):,} files, "
+            f"{'the same as' if same else 'DIFFERENT from'} the tree from the folders "
+            f"({len(checks['folders']):,} files; {missing} missing, {extra} extra)",
+            flush=True,
+        )
+        checks[kind] = same
+    checks["folders"] = len(checks["folders"])
+    for kind in sets:
+        shutil.rmtree(base / f"check-{kind}")
+        shutil.rmtree(base / f"work-check-{kind}")
+
+    samples: dict[str, list[dict]] = {}
+    target, work, unpacked = base / "sorted", base / "work", base / "unpacked"
+    logs = target / ".dcmsort" / "logs"
+    for _ in range(repeat):
+        for kind in sets:
+            label = "dcmsort copy, folders" if kind == "folders" else f"dcmsort copy, {kind}"
+            print(f"[archives] {label} ...", flush=True)
+            samples.setdefault(label, []).append(measure(sort(kind, target, work), logs))
+        for kind in ARCHIVE_KINDS:
+            label = f"unpack {kind} ({ARCHIVE_KINDS[kind][1][0]}), one after the other"
+            print(f"[archives] {label} ...", flush=True)
+            shutil.rmtree(unpacked, ignore_errors=True)
+            samples.setdefault(label, []).append(
+                measure(unpack_command(kind, sets[kind], unpacked))
+            )
+            label = f"unpack {kind} + dcmsort copy"
+            print(f"[archives] {label} ...", flush=True)
+            shutil.rmtree(unpacked, ignore_errors=True)
+            fresh(target, work)
+            command = unpack_command(kind, sets[kind], unpacked)
+            command[-1] += " && " + shlex.join(dcmsort(work, unpacked, target, cores))
+            samples.setdefault(label, []).append(measure(command, logs))
+    shutil.rmtree(base)
+    return {
+        "shape": "archives",
+        "files": files,
+        "bytes": size,
+        "archive_bytes": packed,
+        "folders": folders,
+        "cores": cores,
+        "repeat": repeat,
+        "same_tree": checks,
+        "unzip": shutil.which("unzip") is not None,
+        "results": {
+            label: {
+                key: summarise([s[key] for s in runs])
+                for key in ("wall_s", "cpu_s", "peak_rss_mb", "largest_job_rss_mb")
+                if key in runs[0]
+            }
+            for label, runs in samples.items()
+        },
+    }
+
+
 def print_pandas_table(summary: dict) -> None:
     print(
         f"\n**pandas**: {summary['files']:,} files, {summary['bytes'] / 1e6:,.0f} MB, 2 cores, a "
@@ -539,6 +715,48 @@ def print_pandas_table(summary: dict) -> None:
             f"| {label} | {_cell(value['cpu_s'])} | {_cell(value['wall_s'])} | "
             f"{value['peak_rss_mb']['median']:.0f} |"
         )
+
+
+def print_archives_table(summary: dict) -> None:
+    sizes = summary["archive_bytes"]
+    print(
+        f"\n**archives**: {summary['files']:,} files, {summary['bytes'] / 1e6:,.0f} MB in "
+        f"{summary['folders']} patient folders; as {summary['folders']} deflated zips "
+        f"({sizes['zip'] / 1e6:,.0f} MB) and {summary['folders']} tar.gz files "
+        f"({sizes['tar.gz'] / 1e6:,.0f} MB), all in one input folder; {summary['cores']} cores, "
+        f"warm page cache, median (min-max) of {summary['repeat']} runs"
+        + ("" if summary["unzip"] else "; no unzip here: python -m zipfile -e instead")
+        + "\n"
+    )
+    for kind in ARCHIVE_KINDS:
+        same = summary["same_tree"][kind]
+        print(
+            f"tree sorted from the {kind} files = tree from the folders: {'yes' if same else 'NO'}"
+        )
+    print("\n| what | wall s | CPU s | peak RSS MB | largest job MB |")
+    print("|---|---:|---:|---:|---:|")
+    results = summary["results"]
+    for label, value in results.items():
+        job = value.get("largest_job_rss_mb")
+        job_cell = "" if job is None else f"{job['max']:.0f}"
+        print(
+            f"| {label} | {_cell(value['wall_s'])} | {_cell(value['cpu_s'])} | "
+            f"{value['peak_rss_mb']['median']:.0f} | {job_cell} |"
+        )
+    print("\n| target (ratio of medians) | wall | CPU | limit | met (CPU) |")
+    print("|---|---:|---:|---:|:-:|")
+    plain = results["dcmsort copy, folders"]
+    for kind in ARCHIVE_KINDS:
+        ours = results[f"dcmsort copy, {kind}"]
+        floor = results[f"unpack {kind} + dcmsort copy"]
+        for label, limit, other in (
+            (f"{kind} / folders", 1.2, plain),
+            (f"{kind} / (unpack {kind} + sort)", 1.0, floor),
+        ):
+            wall = ours["wall_s"]["median"] / other["wall_s"]["median"]
+            cpu = ours["cpu_s"]["median"] / other["cpu_s"]["median"]
+            met = "yes" if cpu <= limit else "no"
+            print(f"| {label} | {wall:.2f} | {cpu:.2f} | {limit:.2f} | {met} |")
 
 
 def print_tables_table(summary: dict) -> None:
@@ -910,6 +1128,11 @@ def main() -> int:
             summary = run_pandas_shape(args.out, args.repeat)
             (args.out / f"{shape}.json").write_text(json.dumps(summary, indent=2))
             print_pandas_table(summary)
+            continue
+        if shape == "archives":
+            summary = run_archives_shape(args.out, args.cores, args.repeat)
+            (args.out / f"{shape}.json").write_text(json.dumps(summary, indent=2))
+            print_archives_table(summary)
             continue
         if shape == "plan10m":
             summary = run_planning_shape(args.out)

@@ -101,6 +101,43 @@ def test_a_noop_rerun_opens_no_archive_and_a_changed_one_is_read_again(sorter, t
     assert summary["files_new"] == before, summary  # the first files are not copied again
 
 
+def test_archives_of_one_folder_read_by_several_workers_give_the_same_manifest(
+    tmp_path, monkeypatch
+):
+    # Every file a piece of its own (archives of 4 MB and more are, in real use), so the
+    # folder's manifest is made of pieces read in other processes and written here.
+    monkeypatch.setattr(headers, "PIECE_BYTES", 1)
+    plain = tmp_path / "plain"
+    demo.generate(plain, patients=4, series=2, instances=2)
+    source = tmp_path / "in"
+    source.mkdir()
+    folders = sorted(p for p in plain.iterdir() if p.is_dir())
+    _pack_zip(source / "export_1.zip", folders[0])
+    _pack_tar(source / "p2.tar.gz", folders[1])
+    _pack_zip(source / "export_3.zip", folders[2])
+    shutil.copy(next(p for p in folders[3].rglob("*") if p.is_file()), source / "loose.dcm")
+    (source / "truncated.tar.gz").write_bytes((source / "p2.tar.gz").read_bytes()[:300])
+
+    def manifest(workers: int, name: str) -> list[dict]:
+        out = tmp_path / name / "batch-0-0.parquet"
+        stats = headers.extract_batch(source, 0, 1, [], tmp_path / name / "folders", out, workers)
+        assert stats["headers_read"] == 5
+        rows = headers.read_parquet(out).to_pylist()
+        return sorted(rows, key=lambda r: r["relpath"])
+
+    alone, spread = manifest(1, "one"), manifest(2, "two")
+    assert spread == alone
+    members = sum(1 for folder in folders[:3] for p in folder.rglob("*") if p.is_file())
+    assert len(spread) == members + 2  # and the loose file, and the damaged archive's row
+    assert sum(r["dicom"] for r in spread) == sum(r["dicom"] for r in alone) > 0
+    # A rerun reads nothing again; a replaced archive alone is read again.
+    out = tmp_path / "two" / "batch-0-0.parquet"
+    folders_dir = tmp_path / "two" / "folders"
+    assert headers.extract_batch(source, 0, 1, [], folders_dir, out, 2)["headers_read"] == 0
+    _pack_zip(source / "export_3.zip", folders[3])
+    assert headers.extract_batch(source, 0, 1, [], folders_dir, out, 2)["headers_read"] == 1
+
+
 def test_hostile_member_names_never_steer_a_path_and_every_member_is_accounted_for(
     sorter, tmp_path
 ):

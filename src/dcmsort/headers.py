@@ -568,22 +568,46 @@ class _FolderReader:
     """Reads one changed folder's new headers and writes its manifest: a task for a worker.
     A whole folder per task, so each manifest is written where its rows are made (the
     parent only gathers tables); headers are cheap enough (the scanner) that a big folder
-    read by one worker still keeps pace."""
+    read by one worker still keeps pace. Not so an archive, whose members are read in full
+    (``_member_header``): a folder that holds big files is read as pieces (``_pieces``),
+    each returning its headers, and its manifest is written by the parent."""
 
     input_dir: Path
     keywords: tuple[str, ...]
     schema: pa.Schema
     manifests: Path
 
-    def __call__(self, task: tuple[str, list, str, dict]) -> tuple[str, pa.Table, int]:
+    def __call__(self, task: tuple) -> tuple[str, pa.Table | None, dict, int]:
+        """(folder, its table, {}, files read) of a whole folder's task (folder, entries,
+        fingerprint, reusable); (folder, None, headers by relpath, files read) of a piece's
+        task (folder, relpaths)."""
+        keywords = list(self.keywords)
+        if len(task) == 2:
+            folder, paths = task
+            headers = {r: _file_or_archive(self.input_dir, r, keywords) for r in paths}
+            return folder, None, headers, len(paths)
         folder, entries, fingerprint, reusable = task
         paths = _to_read(entries, reusable)
-        keywords = list(self.keywords)
         headers = {r: _file_or_archive(self.input_dir, r, keywords) for r in paths}
         table = _write_folder_manifest(
             folder, entries, fingerprint, reusable, headers, self.schema, self.manifests
         )
-        return folder, table, len(paths)
+        return folder, table, {}, len(paths)
+
+
+# A file to read at least this big is read as a task of its own: it is an archive, likely,
+# read to its end, and the archives of one folder (a folder of exports) would otherwise
+# all be read by one worker (measured: 40 zips of 30 MB in one folder, issue 19).
+PIECE_BYTES = 4 * 1024 * 1024
+
+
+def _pieces(entries: list[inventory.Entry], reusable: dict) -> list[list[str]]:
+    """The files of a folder to read, as tasks: each of PIECE_BYTES or more alone (first:
+    the long tasks), the others together."""
+    sizes = {e.relpath: e.size for e in entries}
+    paths = _to_read(entries, reusable)
+    small = [r for r in paths if sizes[r] < PIECE_BYTES]
+    return [[r] for r in paths if sizes[r] >= PIECE_BYTES] + ([small] if small else [])
 
 
 def _file_or_archive(input_dir: Path, relpath: str, keywords: list[str]) -> dict | list:
@@ -827,11 +851,29 @@ def extract_batch(
     stage = "extract" if batches == 1 else f"extract batch {batch}"  # jobs side by side
     progress = Progress(stage, to_read, log)
     reader = _FolderReader(input_dir, tuple(keywords), schema, manifests)
+    pieces: dict[str, list] = {}  # folder read in pieces -> [pieces left, headers so far]
+    tasks: list[tuple] = []
+    for folder, (entries, fingerprint, reusable) in changed.items():
+        folder_pieces = _pieces(entries, reusable) if workers > 1 else []
+        if len(folder_pieces) > 1:
+            pieces[folder] = [len(folder_pieces), {}]
+            tasks[:0] = [(folder, piece) for piece in folder_pieces]  # the long ones first
+        else:
+            tasks.append((folder, entries, fingerprint, reusable))
     with _folder_reader(reader, workers) as read_folders:
-        tasks = [(folder, *changed[folder]) for folder in changed]
-        for folder, table, read in read_folders(tasks):
-            current[folder] = table
+        for folder, table, headers, read in read_folders(tasks):
             progress.advance(read)
+            if table is None:
+                waiting = pieces[folder]
+                waiting[0] -= 1
+                waiting[1].update(headers)
+                if waiting[0]:
+                    continue
+                entries, fingerprint, reusable = changed[folder]
+                table = _write_folder_manifest(
+                    folder, entries, fingerprint, reusable, waiting[1], schema, manifests
+                )
+            current[folder] = table
     progress.finish()
     unchanged = [f for f in folders if f not in current]
     tables = [current[f].replace_schema_metadata(None) for f in folders if f in current]

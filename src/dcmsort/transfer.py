@@ -637,6 +637,15 @@ def _link(
     return LINKED, digest, None
 
 
+def _is_link(folder_fd: int, row: Row) -> bool:
+    """Is the row's destination a symbolic link (not following it)?"""
+    name = row.destination.rpartition("/")[2]
+    try:
+        return stat.S_ISLNK(os.stat(name, dir_fd=folder_fd, follow_symlinks=False).st_mode)
+    except OSError:
+        return False
+
+
 def _link_target(folder_fd: int, name: str) -> str | None:
     """Where the symbolic link name points, or None (not a link, or nothing there)."""
     try:
@@ -826,6 +835,11 @@ def _place_folder(
                 status, digest, ctime_ns = put(folder_fd, row, input_dir, mode, verify, token)
                 # A relinked destination stays a link, whatever this run's mode.
                 how = "symlink" if row.action == "relink" else None
+                if status == PRESENT and mode == "symlink" and not _is_link(folder_fd, row):
+                    # A file with the content was there already (someone else's, or a
+                    # copy of an earlier run): it is the placement, as a file. Recorded as
+                    # a link, a check would take it for damage and set it aside.
+                    how = "copy"
                 outcomes.append(Outcome(row, status, digest, mode=how, ctime_ns=ctime_ns))
             except SourceChanged as error:
                 outcomes.append(Outcome(row, CHANGED, detail=str(error)))

@@ -5,6 +5,7 @@ from __future__ import annotations
 import gzip
 import io
 import os
+import random
 import shutil
 import struct
 import tarfile
@@ -18,7 +19,7 @@ from test_adversarial import kill_when, tree_files
 from test_cli import dcmsort
 
 from conftest import Sorter, assert_every_file_accounted_for, write_dicom
-from dcmsort import archives, demo, headers, inventory, ledger
+from dcmsort import archives, demo, headers, inventory, ledger, transfer
 
 
 def _pack_tar(archive: Path, folder: Path, mode: str = "w:gz") -> None:
@@ -371,6 +372,8 @@ def test_dcmsort_where_answers_for_a_member_and_points_from_the_archive_to_its_m
     assert f"{archive}//IM1.dcm: placed at {sorter.output_dir}/DOE^JOHN_1/T1_1/IM1.dcm" in out
     assert f"{archive}//notes.txt: skipped: not DICOM" in out
     assert result.returncode != 0  # one of them is not in the output
+    typed = dcmsort("where", sorter.output_dir, f"{archive}//./IM1.dcm", cwd=tmp_path).stdout
+    assert "placed at" in typed, typed
     out = dcmsort("where", sorter.output_dir, archive, cwd=tmp_path).stdout
     assert "an archive: 2 of its members are known here" in out, out
 
@@ -488,3 +491,70 @@ def test_a_member_header_longer_than_what_is_read_is_skipped_not_sorted_wrong(so
     sorter.run()
     assert _skip_reasons(sorter)["big.zip//big.dcm"] == headers.MEMBER_HEADER_TOO_LONG
     assert not list(sorter.output_dir.glob("UNKNOWN*"))
+
+
+def test_an_archive_rewritten_while_its_members_are_copied_is_changed_not_damaged(
+    tmp_path, monkeypatch
+):
+    """The transfer reads an archive that someone rewrites meanwhile: what it could not
+    copy is "changed during the run" (sorted by the next run), not damage that fails it."""
+    rng = random.Random(0)
+    data = [rng.randbytes(2 * 2**20) for _ in range(2)]  # incompressible: read as it goes
+    input_dir, output_dir = tmp_path / "in", tmp_path / "out"
+    input_dir.mkdir()
+    archive = input_dir / "a.tar.gz"
+    with tarfile.open(archive, "w:gz") as tar:
+        for i, content in enumerate(data):
+            _add_member(tar, f"m{i}.dcm", content)
+    info = os.stat(archive)
+    rows = [
+        transfer.Row(
+            f"a.tar.gz//m{i}.dcm",
+            len(content),
+            info.st_mtime_ns,
+            "sort",
+            f"P/S/m{i}.dcm",
+            None,
+            ctime_ns=info.st_ctime_ns,
+            ino=info.st_ino,
+        )
+        for i, content in enumerate(data)
+    ]
+    listed = archives.members
+
+    def rewritten_after_the_first(handle, kind):
+        for number, member in enumerate(listed(handle, kind)):
+            yield member
+            if number == 0:  # someone writes into the rest of it, in place
+                with open(archive, "r+b") as f:
+                    f.seek(info.st_size * 3 // 4)
+                    f.write(bytes(4096))
+
+    monkeypatch.setattr(archives, "members", rewritten_after_the_first)
+    tree = transfer.OutputTree(output_dir)
+    outcomes = transfer._place_archive(tree, "a.tar.gz", rows, input_dir, "size", "token")
+    tree.close()
+    assert [o.status for o in outcomes] == [transfer.COPIED, transfer.CHANGED], [
+        (o.status, o.detail) for o in outcomes
+    ]
+    assert (output_dir / "P/S/m0.dcm").read_bytes() == data[0]
+    assert not (output_dir / "P/S/m1.dcm").exists()
+
+
+def test_a_link_whose_content_is_left_only_in_an_archive_is_not_restored_as_a_copy(
+    sorter, tmp_path
+):
+    """Symlink mode: the loose files are linked, the same files in a zip are duplicates;
+    then the loose files go. A check cannot restore a link from an archive: a copy in its
+    place was taken for damage by every later check, set aside and restored again."""
+    sorter.input_dir.mkdir(parents=True, exist_ok=True)
+    data = write_dicom(sorter.input_dir / "loose" / "IM1.dcm", name="DOE^JOHN", pid="1")
+    with zipfile.ZipFile(sorter.input_dir / "zz.zip", "w") as zf:
+        zf.writestr("IM1.dcm", data)
+    sorter.run(transfer_mode="symlink")
+    shutil.rmtree(sorter.input_dir / "loose")
+    for _ in range(2):
+        sorter.run(transfer_mode="symlink", keys={"check": "true"})
+        assert sorter.summary()["check"]["restored"] == 0
+    assert not [p for p in tree_files(sorter.output_dir) if "dcmsort-damaged" in p]
+    assert sorter.summary()["dangling_links"] == 1

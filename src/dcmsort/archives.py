@@ -108,6 +108,14 @@ def member_key(name: str, seen: dict[str, int]) -> str:
     return path if count == 1 else f"{count}{SEPARATOR}{path}"
 
 
+def typed_key(text: str) -> str:
+    """A member key as a user may type it (``./a//b``, ``2//a/b``): member_key's form."""
+    occurrence, separator, rest = text.partition(SEPARATOR)
+    if separator and occurrence.isdigit():
+        return f"{occurrence}{SEPARATOR}{member_key(rest, {})}"
+    return member_key(text, {})
+
+
 @dataclass(frozen=True, slots=True)
 class Member:
     key: str

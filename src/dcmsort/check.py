@@ -258,15 +258,20 @@ def live_source(
     input_dir: Path,
     digest: str | None,
     compute: bool = False,
+    link: bool = False,
 ) -> tuple[Row | None, str]:
     """An input that still holds the content (size bytes, digest when known), as a row for
     ``transfer.put`` naming its version now; else None and why. Without a known digest,
-    only a version the ledger recorded counts (``compute``: digest it all the same)."""
+    only a version the ledger recorded counts (``compute``: digest it all the same).
+    ``link``: for a symbolic link, which cannot point into an archive: members do not
+    count (a copy in its place would be taken for damage by the next check)."""
     gone = True
     member_digests = archives.MemberDigests(input_dir)
     for source in sources:
         # An archive member: its archive's status, and its own digest (size in it).
         archive, member = archives.split(source.relpath)
+        if member and link:
+            continue
         path = inventory.source_path(input_dir, archive)
         try:
             info = os.stat(path)
@@ -286,6 +291,8 @@ def live_source(
             continue
         if digest is None or actual == digest:
             return Row(source.relpath, size, info.st_mtime_ns, "sort", "", actual), ""
+    if gone and link and any(archives.is_member(s.relpath) for s in sources):
+        return None, "its content is only in an archive, where no symbolic link can point"
     if gone:
         return None, "its input is gone: nothing to restore it from"
     return None, "its input changed since it was sorted: nothing to restore it from"
@@ -374,12 +381,15 @@ def resolve(
     """Restore a finding if an input holds its content: its result row (None: whole)."""
     placement, problem = finding.placement, finding.problem
     if problem is None:  # checksum without a recorded digest: compare with its input's
-        source, why = live_source(sources, placement.size, input_dir, None, compute=True)
+        link = placement.mode == "symlink"
+        source, why = live_source(sources, placement.size, input_dir, None, True, link)
         if source is None or source.digest == finding.digest:
             return None  # whole; or, with no input of its version left, checked by size
         problem = "content differs from its input"
     else:
-        source, why = live_source(sources, placement.size, input_dir, placement.digest)
+        source, why = live_source(
+            sources, placement.size, input_dir, placement.digest, link=placement.mode == "symlink"
+        )
     row = {
         "destination": placement.destination,
         "mode": placement.mode,

@@ -420,6 +420,7 @@ def _where_one(
 
     # A member of an archive, ARCHIVE//MEMBER: its version is its archive's, but the size.
     path, _, member = name.partition(archives.SEPARATOR)
+    member = member and archives.typed_key(member)
     try:
         info = os.stat(path)
         version = (info.st_size, info.st_mtime_ns, info.st_ctime_ns, info.st_ino)

@@ -418,6 +418,7 @@ def _copy_member(
             except archives.READ_ERRORS as error:
                 if isinstance(error, OSError) and error.errno is not None:
                     raise  # the system's (a full disk), not the archive's
+                _check_version(os.fstat(archive_fd), row)  # rewritten meanwhile: changed
                 raise TransferError(archives.member_reason(error)) from error
             after = os.fstat(archive_fd)
             _check_version(after, row)  # the archive changed since its member was read
@@ -473,7 +474,20 @@ def _place_archive(
         stack.callback(lambda: [os.close(fd) for fd in folders.values()])
         try:
             _check_version(info, rows[0])
-            for member in members:
+            for key, row in list(by_key.items()):
+                # Its content known to be in place already: no need to read the archive.
+                if row.action != "present" or not row.digest:
+                    continue
+                folder, _, name = row.destination.rpartition("/")
+                try:
+                    if folder not in folders:
+                        folders[folder] = tree.open_folder(folder)
+                except (TransferError, OSError):
+                    continue  # said when its member comes
+                if _digest_at(folders[folder], name) == row.digest:
+                    outcomes.append(Outcome(row, PRESENT, row.digest, mode="copy"))
+                    del by_key[key]
+            for member in members if by_key else ():
                 row = by_key.pop(member.key, None)
                 if row is None or member.open is None:
                     continue
@@ -496,9 +510,14 @@ def _place_archive(
             outcomes += [Outcome(r, CHANGED, detail=str(error)) for r in by_key.values()]
             by_key = {}
         except archives.READ_ERRORS as error:
-            reason = TransferError(archives.archive_reason(error))
-            outcomes += _unplaced(list(by_key.values()), reason)
+            left = list(by_key.values())
             by_key = {}
+            try:  # rewritten while it was read: changed, not damaged
+                _check_version(os.fstat(handle.fileno()), rows[0])
+            except SourceChanged as changed:
+                outcomes += [Outcome(r, CHANGED, detail=str(changed)) for r in left]
+            else:
+                outcomes += _unplaced(left, TransferError(archives.archive_reason(error)))
     outcomes += [Outcome(r, CHANGED, detail=_MEMBER_GONE) for r in by_key.values()]
     return outcomes
 

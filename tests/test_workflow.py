@@ -348,7 +348,10 @@ def test_a_run_does_not_spend_its_start_importing_pandas(sorter, tmp_path, monke
     demo.generate(sorter.input_dir, patients=2, series=1, instances=2)
     sorter.run()
     again = sorter.run()
-    assert log.read_text().split() == ["False", "False"]
+    # The SLURM executor plugin, once installed (make install-slurm), is imported by
+    # Snakemake at every start to list its options, and it imports pandas itself.
+    if importlib.util.find_spec("snakemake_executor_plugin_slurm") is None:
+        assert log.read_text().split() == ["False", "False"]
     # The job metadata is the same as pandas' serialiser would have written: nothing reruns.
     assert "Nothing to be done" in again.output
     assert_every_file_accounted_for(sorter)

@@ -6,7 +6,7 @@ and tarfile: the extract job reads each member's first bytes for its header, the
 streams each planned member's bytes into its destination's temporary file. Nothing is
 written anywhere but the output tree, and memory stays bounded by HEAD_BYTES and one copy
 buffer per worker, whatever the archive's size. Archives inside archives are not opened:
-such a member is a file like any other (and not DICOM).
+such a member is skipped as one (NESTED).
 
 A member is named wherever a relpath goes (manifests, plans, the ledger, the report) as
 ``<archive relpath>//<member path>``. No path of a file on disk holds "//", so the first

@@ -606,14 +606,7 @@ def run_archives_shape(out: Path, cores: int, repeat: int) -> dict:
     else:
         shutil.rmtree(cache, ignore_errors=True)
         print(f"[archives] generating {folders} folders x {per_folder} files ...", flush=True)
-        demo.generate(
-            source,
-            patients=folders,
-            series=4,
-            instances=max(1, per_folder // 4),
-            rows=rows,
-            junk=False,
-        )
+        generate_real(source, folders, per_folder, rows)
         for kind, (suffix, _) in ARCHIVE_KINDS.items():
             print(f"[archives] packing {folders} {suffix} files ...", flush=True)
             pack(source, sets[kind], suffix)
@@ -702,19 +695,25 @@ def run_archives_shape(out: Path, cores: int, repeat: int) -> dict:
     }
 
 
+def generate_real(source: Path, folders: int, per_folder: int, rows: int) -> None:
+    """A shape's data from the project's generator (real DICOM of 4 series per folder)."""
+    demo.generate(
+        source,
+        patients=folders,
+        series=4,
+        instances=max(1, per_folder // 4),
+        rows=rows,
+        junk=False,
+    )
+
+
 def print_pandas_table(summary: dict) -> None:
     print(
         f"\n**pandas**: {summary['files']:,} files, {summary['bytes'] / 1e6:,.0f} MB, 2 cores, a "
         f"full copy run and its no-op rerun with pandas installed and hidden, alternating; "
         f"median (min-max) of {summary['repeat']} runs, warm cache\n"
     )
-    print("| what | CPU s (user+sys) | wall s | peak RSS MB |")
-    print("|---|---:|---:|---:|")
-    for label, value in summary["results"].items():
-        print(
-            f"| {label} | {_cell(value['cpu_s'])} | {_cell(value['wall_s'])} | "
-            f"{value['peak_rss_mb']['median']:.0f} |"
-        )
+    _print_results(summary["results"], cpu_first=True)
 
 
 def print_archives_table(summary: dict) -> None:
@@ -764,11 +763,19 @@ def print_tables_table(summary: dict) -> None:
         f"\n**tables**: `dcmsort.tables` on 1,000,000 placements, and Snakemake's main process "
         f"with pandas installed and hidden; median (min-max) of {summary['repeat']} runs\n"
     )
-    print("| what | wall s | CPU s | peak RSS MB |")
+    _print_results(summary["results"])
+
+
+def _print_results(results: dict, cpu_first: bool = False) -> None:
+    """A table of measured commands: wall and CPU seconds (CPU first where the machine's
+    load makes wall the noisier figure) and peak RSS."""
+    names = ("cpu_s", "wall_s") if cpu_first else ("wall_s", "cpu_s")
+    heads = {"cpu_s": "CPU s (user+sys)" if cpu_first else "CPU s", "wall_s": "wall s"}
+    print(f"| what | {heads[names[0]]} | {heads[names[1]]} | peak RSS MB |")
     print("|---|---:|---:|---:|")
-    for label, value in summary["results"].items():
+    for label, value in results.items():
         print(
-            f"| {label} | {_cell(value['wall_s'])} | {_cell(value['cpu_s'])} | "
+            f"| {label} | {_cell(value[names[0]])} | {_cell(value[names[1]])} | "
             f"{value['peak_rss_mb']['median']:.0f} |"
         )
 
@@ -816,14 +823,7 @@ def run_shape(name: str, out: Path, cores: int, repeat: int, catalog_only: bool 
             generate_fast(source, folders, per_folder, rows)
             complete.touch()
         else:
-            demo.generate(
-                source,
-                patients=folders,
-                series=4,
-                instances=max(1, per_folder // 4),
-                rows=rows,
-                junk=False,
-            )
+            generate_real(source, folders, per_folder, rows)
     generate_fast(extra, added, per_folder, rows, first=folders + 1)
     files, size = tree_size(source)
     print(f"[{name}] {files:,} files, {size / 1e6:,.0f} MB ({time.perf_counter() - started:.0f} s)")

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import re
+import threading
 from pathlib import Path
 
 import pyarrow as pa
@@ -10,7 +11,7 @@ import pytest
 from test_settings import DEFAULTS
 
 from conftest import assert_every_file_accounted_for, write_dicom
-from dcmsort import demo, ledger, naming, partition, settings
+from dcmsort import demo, fileops, ledger, naming, partition, settings
 from dcmsort.fileops import with_schema
 from dcmsort.naming import Naming
 from dcmsort.routes import Part, parse_part
@@ -180,3 +181,28 @@ def test_patients_whose_names_differ_only_in_case_meet_in_one_partition(sorter, 
     one = type(sorter)(sorter.workdir, sorter.input_dir, tmp_path / "one")
     one.run(partitions=1)
     assert sorted_tree(one.output_dir) == sorted_tree(sorter.output_dir)
+
+
+def test_plan_jobs_side_by_side_write_the_layout_record_at_once_without_failing(tmp_path):
+    # Found in CI: two partitions' plan jobs wrote layout.json through one temporary name,
+    # and the slower one's rename found it gone (the run failed; a rerun went through).
+    layout = tmp_path / "layout.json"
+    both_written = threading.Barrier(2)
+    errors = []
+
+    def write(writer: str) -> None:
+        try:
+            with fileops.atomic_path(layout, writer=writer) as tmp:
+                tmp.write_text("{}")
+                both_written.wait(timeout=10)
+        except Exception as error:
+            errors.append((writer, error))
+
+    threads = [threading.Thread(target=write, args=(w,)) for w in ("p0of2", "p1of2")]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    assert errors == []
+    assert layout.read_text() == "{}"
+    assert [p.name for p in tmp_path.iterdir()] == ["layout.json"]

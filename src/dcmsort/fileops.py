@@ -50,15 +50,17 @@ def temp_path_for(path: Path) -> Path:
 
 
 @contextmanager
-def atomic_path(path: str | Path, make_parent: bool = True) -> Iterator[Path]:
+def atomic_path(path: str | Path, make_parent: bool = True, writer: str = "") -> Iterator[Path]:
     """Yield a temporary path to write; on success it is renamed to path, on failure
-    removed. ``make_parent=False`` when the caller already made the folder. The file's
-    mode comes from the umask, which the run narrows to output_dir (permissions); missing
-    folders get their parent's mode (permissions.make_folders)."""
+    removed. ``make_parent=False`` when the caller already made the folder. ``writer``:
+    names the temporary file when jobs side by side may write path at once (each its own,
+    or one job's rename finds the other's temporary file gone). The file's mode comes from
+    the umask, which the run narrows to output_dir (permissions); missing folders get their
+    parent's mode (permissions.make_folders)."""
     path = Path(path)
     if make_parent:
         permissions.make_folders(path.parent)
-    tmp = temp_path_for(path)
+    tmp = path.with_name(temp_name_for(path.name, writer))
     try:
         yield tmp
         os.replace(tmp, path)

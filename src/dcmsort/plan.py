@@ -1012,7 +1012,8 @@ def main(argv: list[str] | None = None) -> int:
         Elsewhere(args.state_dir, settings) if part and part.count > 1 else None,
     )
     plan = with_temp_token(plan)  # written before any temporary file with it exists
-    with atomic_path(layout_file) as tmp:
+    # Written by every partition's plan job, side by side on the first run.
+    with atomic_path(layout_file, writer=part.name if part else "") as tmp:
         record = layout_record(settings, args.output_dir, args.state_dir)
         tmp.write_text(json.dumps(record, indent=2))
     # Earlier plans of this partition are done with (their transfers committed or their

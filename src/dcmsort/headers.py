@@ -531,7 +531,7 @@ def _reusable(rows: list[dict]) -> dict[tuple, dict | list[dict]]:
 
 
 def _members_key(entry: inventory.Entry) -> tuple[str, int, int, int]:
-    """Where _reusable keeps the member rows of the archive entry is (if it is one)."""
+    """Where _reusable keeps the member rows of the archive that entry is (if it is one)."""
     return (entry.relpath, entry.mtime_ns, entry.ctime_ns, entry.ino)
 
 

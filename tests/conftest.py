@@ -143,8 +143,11 @@ class Sorter:
         return json.loads((self.state / "summary.json").read_text())
 
     def run_until_planned(self, **config: object) -> Run:
-        """A run stopped once every partition is planned, before any transfer (the plan
-        jobs are known once the partition job ran: `--until plan` cannot name them)."""
+        """A run stopped once every partition is planned, before any transfer. With one
+        partition (auto: the inputs here are small) the plan job is known from the start;
+        with more, once the partition job ran: `--until plan` cannot name them."""
+        if config.get("partitions", "auto") in ("auto", 1):
+            return self.run("--until", "plan", **config)
         self.run("--until", "partition", **config)
         return self.run(*map(str, self.plan_files()), **config)
 

@@ -133,9 +133,13 @@ def test_a_second_run_on_the_same_output_is_refused(sorted_once):
 
 
 @pytest.mark.parametrize(
-    ("stage", "partitions"), [("extract", 1), ("transfer", 1), ("transfer", 4)]
+    ("stage", "partitions", "rerun_partitions"),
+    # (4, 1): the rerun has no partition job; its plan job settles the killed transfers.
+    [("extract", 1, 1), ("transfer", 1, 1), ("transfer", 4, 4), ("transfer", 4, 1)],
 )
-def test_a_run_killed_with_sigkill_is_completed_by_a_plain_rerun(sorter, stage, partitions):
+def test_a_run_killed_with_sigkill_is_completed_by_a_plain_rerun(
+    sorter, stage, partitions, rerun_partitions
+):
     demo.generate(sorter.input_dir, patients=24, series=3, instances=30, rows=128, junk=False)
     before = tree_snapshot(sorter.input_dir)
     process = subprocess.Popen(
@@ -157,7 +161,7 @@ def test_a_run_killed_with_sigkill_is_completed_by_a_plain_rerun(sorter, stage, 
     assert process.poll() is None, "the run ended before it could be killed"
     os.killpg(process.pid, signal.SIGKILL)
     process.wait()
-    sorter.run(partitions=partitions)
+    sorter.run(partitions=rerun_partitions)
     assert tree_snapshot(sorter.input_dir) == before
     assert_every_file_accounted_for(sorter)
     stray = [p for p in sorter.output_dir.rglob(f"*{TEMP_SUFFIX}")]

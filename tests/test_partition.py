@@ -11,7 +11,7 @@ import pytest
 from test_settings import DEFAULTS
 
 from conftest import assert_every_file_accounted_for, write_dicom
-from dcmsort import demo, fileops, ledger, naming, partition, settings
+from dcmsort import demo, fileops, ledger, naming, partition, routes, settings
 from dcmsort.fileops import with_schema
 from dcmsort.naming import Naming
 from dcmsort.routes import Part, parse_part
@@ -62,10 +62,10 @@ def test_names_a_case_insensitive_file_system_merges_have_one_key():
 
 
 def test_auto_keeps_one_partition_for_a_workstation_sized_input():
-    assert partition.auto_partitions(0) == 1
-    assert partition.auto_partitions(250_000) == 1
-    assert partition.auto_partitions(250_001) == 2
-    assert partition.auto_partitions(10_000_000) == 64
+    assert routes.auto_partitions(0) == 1
+    assert routes.auto_partitions(250_000) == 1
+    assert routes.auto_partitions(250_001) == 2
+    assert routes.auto_partitions(10_000_000) == 64
 
 
 def test_parts_are_named_and_parsed_one_way():
@@ -159,14 +159,16 @@ def test_changing_the_partition_count_copies_nothing_again(sorter):
     demo.generate(sorter.input_dir, patients=5, series=2, instances=2, junk=False)
     sorter.run(partitions=1)
     before = sorted_tree(sorter.output_dir)
-    for count in (4, 2):
+    for count in (4, 2, 1):
         demo.generate(sorter.input_dir, patients=1, series=1, instances=1, first_patient=60 + count)
-        sorter.run(partitions=count)
+        result = sorter.run(partitions=count)
         summary = sorter.summary()
         assert summary["files_new"] == 1, "only the new file is copied"
+        # One partition: the plan job partitions the manifests itself, no partition job.
+        assert ("checkpoint partition" in result.output) == (count > 1), result.output
     after = sorted_tree(sorter.output_dir)
     assert {k: after[k] for k in before} == before
-    assert len(after) == len(before) + 2
+    assert len(after) == len(before) + 3
     assert_every_file_accounted_for(sorter)
 
 

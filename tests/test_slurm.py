@@ -43,7 +43,7 @@ def test_a_partitioned_cluster_run_gives_the_same_tree_as_a_local_run(tmp_path):
     for sorter in (local, cluster):
         sorter.workdir.mkdir()
     local.run(batches=3, partitions=1)
-    result = cluster.run(
+    cluster_options = (
         "--workflow-profile",
         str(REPO / "workflow" / "profiles" / "slurm"),
         "--slurm-status-command",
@@ -55,10 +55,8 @@ def test_a_partitioned_cluster_run_gives_the_same_tree_as_a_local_run(tmp_path):
         "5",
         "--max-threads",
         "1",  # each node of the test cluster has one CPU; a job asking more is refused
-        batches=3,
-        partitions=3,
-        timeout=420,
     )
+    result = cluster.run(*cluster_options, batches=3, partitions=3, timeout=420)
     # "... SLURM jobid 12 (log: .../slurm_logs/rule_plan/part_p0of3.../12.log)"
     rule_of = dict(
         re.findall(r"SLURM jobid (\d+) \(log: [^)]*slurm_logs/rule_(\w+)/", result.output)
@@ -92,3 +90,12 @@ def test_a_partitioned_cluster_run_gives_the_same_tree_as_a_local_run(tmp_path):
         }
 
     assert sorted_tree(cluster) == sorted_tree(local)
+
+    # New files, one partition: no partition job; the plan job, started by SLURM, finds its
+    # shape from its partition's name and reads the manifests itself.
+    demo.generate(source, patients=1, series=1, instances=2, first_patient=70)
+    again = cluster.run(*cluster_options, batches=3, partitions=1, timeout=300)
+    rules_run = set(re.findall(r"SLURM jobid \d+ \(log: [^)]*slurm_logs/rule_(\w+)/", again.output))
+    assert rules_run == {"extract", "plan", "transfer"}, again.output[-3000:]
+    assert cluster.summary()["files_new"] == 2
+    assert_every_file_accounted_for(cluster)

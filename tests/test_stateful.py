@@ -48,7 +48,18 @@ from hypothesis.stateful import (
 )
 
 from conftest import outcomes
-from dcmsort import archives, check, headers, ledger, partition, plan, report, routes, transfer
+from dcmsort import (
+    archives,
+    check,
+    headers,
+    inventory,
+    ledger,
+    partition,
+    plan,
+    report,
+    routes,
+    transfer,
+)
 from dcmsort.demo import Series, make_instance, uid
 from dcmsort.fileops import TEMP_SUFFIX, temp_name_for, temp_path_for
 from dcmsort.naming import FILE_FIELDS, Naming, fold
@@ -64,7 +75,8 @@ FOLDERS = ["p1", "p2", "p1/sub", ""]  # "" is a file lying directly in input_dir
 NAMES = ["IM1.dcm", "IM2.dcm", "IM1", "copy_of_IM1.dcm"]
 # With 4 partitions the patients' folders fall into different ones (partition.key).
 PARTITIONS = 4
-# The partition stage runs before every plan here: its routes file needs no real digest.
+# With more partitions the partition stage runs before every plan here: its routes file
+# needs no real digest.
 ROUTES = routes.ROUTES.format(inputs="0" * 16)
 
 
@@ -324,8 +336,30 @@ class World:
 
     def plan(self) -> None:
         """Extract, partition, and plan each partition whose plan (named by the
-        fingerprint of its files) is missing: what the rules do."""
+        fingerprint of its files) is missing: what the rules do. With one partition the
+        plan job partitions the manifest itself, its files named by what it read (the
+        manifest's name, from the walk's fingerprint), and there is no partition job."""
         self.extract()
+        if self.partitions == 1:
+            walks = inventory.walk_folders(self.input, inventory.list_folders(self.input))
+            key = routes.digest([inventory.batch_fingerprint(walks)])
+            plan_file = self.state / "plan" / f"p0of1-{key}.parquet"
+            if not plan_file.exists():
+                assert (
+                    plan.main(
+                        [
+                            *("--manifests", str(self.manifest)),
+                            *("--routes", str(self.state / routes.ROUTES.format(inputs=key))),
+                            *("--partition", "p0of1", "--mode", self.mode),
+                            *("--input-dir", str(self.input), "--output-dir", str(self.output)),
+                            *("--state-dir", str(self.state)),
+                            *("--naming", json.dumps(asdict(NAMING))),
+                            *("--plan", str(plan_file)),
+                        ]
+                    )
+                    == 0
+                )
+            return
         assert (
             partition.main(
                 [
@@ -488,10 +522,15 @@ class World:
         rows = self.pending()
         keep = {r["relpath"] for r in rows[:committed]}
         reached = {r["relpath"] for r in rows[: committed + copied]}
+        token_of = {}  # relpath -> the token of its partition's plan (temporary names)
         for (part, _), plan_file in zip(self.jobs(), self.plan_files(), strict=True):
             table = pq.read_table(plan_file)
+            token_of |= dict.fromkeys(table["relpath"].to_pylist(), transfer.temp_token(table))
             mask = pa.array([r in reached for r in table["relpath"].to_pylist()], pa.bool_())
-            # Each partition's job: killed if it reached a row it could not commit.
+            # Each partition's job: killed if it reached a row it could not commit. Killed,
+            # it never reaches its last step, which removes the pending plan.
+            pending = transfer.pending_file(self.state, part)
+            kept = pending.read_bytes() if pending.exists() else None
             with killed_at_commit(keep):
                 # The rows the killed transfer got to, through the real transfer.
                 transfer.transfer_plan(
@@ -504,12 +543,15 @@ class World:
                     1,
                     part,
                 )
+            if kept is not None:
+                pending.write_bytes(kept)
         sorts = [r for r in rows if r["action"] == plan.SORT and r["relpath"] not in reached]
         if temp and sorts:
             destination = self.output / sorts[0]["destination"]
             destination.parent.mkdir(parents=True, exist_ok=True)
             data = self.contents()[sorts[0]["relpath"]]
-            token = transfer.temp_token(table)  # the killed transfer's temporary name
+            # The temporary name the killed transfer of its partition gave it.
+            token = token_of[sorts[0]["relpath"]]
             temp = destination.with_name(temp_name_for(destination.name, token))
             temp.write_bytes(data[: len(data) // 2])
             self.temps.add(str(temp.relative_to(self.output)))
@@ -971,6 +1013,19 @@ def test_a_rerun_of_a_killed_transfer_commits_a_duplicate_of_a_file_it_placed(tm
     world.add("p1/IM2.dcm", A)
     world.run_killed_in_transfer(committed=0, copied=1, temp=False)  # IM1.dcm in place
     world.run()
+
+
+def test_transfers_killed_in_partitions_are_settled_by_a_run_with_one(tmp_path):
+    # With one partition there is no partition job: the plan job settles what the killed
+    # transfers of the other partition count left (their temporary files, their copies).
+    world = World(tmp_path, partitions=PARTITIONS)
+    for number, (patient, path) in enumerate([(0, "p1/IM1.dcm"), (1, "p2/IM1"), (2, "IM2.dcm")]):
+        world.add(path, Spec(patient=patient, series=0, instance=number))
+    world.run_killed_in_transfer(committed=0, copied=1, temp=True)
+    assert world.temps
+    world.partitions = 1
+    world.run()
+    assert not world.temps & set(world.tree())
 
 
 @pytest.mark.parametrize("link", [False, True])

@@ -204,7 +204,7 @@ def test_a_template_typed_without_quotes_is_taken_as_text(sorter):
     demo.generate(sorter.input_dir, patients=1, series=1, instances=1)
     # The shell passes `folder_template={PatientID}`, which Snakemake reads as YAML.
     result = sorter.run("-n", folder_template="{PatientID}")
-    assert "extract" in result.stdout and "partition" in result.stdout
+    assert "extract" in result.stdout and "plan" in result.stdout
 
 
 def test_a_run_started_inside_the_input_is_refused_and_leaves_it_untouched(sorter):
@@ -298,17 +298,41 @@ def test_four_batches_sort_every_file_and_a_rerun_with_nothing_new_says_so(sorte
     ]
 
 
+def jobs_listed(dry_run_output: str) -> dict[str, int]:
+    """The job counts of a dry run's table ("extract  1")."""
+    table = dry_run_output.partition("Job stats:")[2].partition("total")[0]
+    return {name: int(count) for name, count in re.findall(r"^(\w+)\s+(\d+)$", table, re.M)}
+
+
 def test_a_dry_run_lists_the_jobs_and_writes_nothing(sorter):
     demo.generate(sorter.input_dir, patients=3, series=1, instances=1)
+    # One partition (auto, a small input): every job is known before any ran, and no
+    # partition job runs (the plan job partitions the manifests itself).
     result = sorter.run("-n")
-    # The plan and transfer jobs of each partition are known once the partition job ran.
-    assert "extract" in result.stdout and "partition" in result.stdout
+    assert jobs_listed(result.stdout) == {
+        "all": 1,
+        "extract": 1,
+        "plan": 1,
+        "report": 1,
+        "transfer": 1,
+    }, result.stdout
+    assert "checkpoint" not in result.stdout
+    # More partitions: their plan and transfer jobs are known once the partition job ran.
+    result = sorter.run("-n", partitions=2)
+    assert jobs_listed(result.stdout) == {"all": 1, "extract": 1, "partition": 1}, result.stdout
     assert "checkpoint jobs" in result.stdout
     assert not sorter.output_dir.exists()
     sorter.run()
+    assert "Nothing to be done" in sorter.run("-n").output
     demo.generate(sorter.input_dir, patients=1, series=1, instances=1, first_patient=9)
-    result = sorter.run("-n")  # new files: extract and partition again, then what follows
-    assert "extract" in result.stdout and "partition" in result.stdout
+    result = sorter.run("-n")  # new files: extract and plan again, then what follows
+    assert jobs_listed(result.stdout) == {
+        "all": 1,
+        "extract": 1,
+        "plan": 1,
+        "report": 1,
+        "transfer": 1,
+    }, result.stdout
 
 
 def test_snakemakes_own_report_includes_the_dcmsort_report(sorter, tmp_path):

@@ -53,26 +53,13 @@ from dcmsort.filters import NO_FILTERS, Filters
 from dcmsort.naming import Naming
 from dcmsort.plan import PLAN_TAGS, fold
 from dcmsort.progress import peak_rss_mb
-from dcmsort.routes import Part, parse_part
+from dcmsort.routes import Part, auto_partitions, parse_part
 from dcmsort.transfer import pending_file, settle
 
 log = logging.getLogger("dcmsort.partition")
 
 PARTS = "parts"
-# auto: one partition per this many files (a power of two, at most MAX_AUTO). Measured at
-# 10,000,000 files (bench plan10m): a plan job peaks at ~1.3 KB per file plus ~60 MB, so a
-# partition of 250,000 files stays under 0.5 GB.
-FILES_PER_PARTITION = 250_000
-MAX_AUTO = 64
 _FINGERPRINT_ROWS = 100_000  # rows rendered as text at a time for the fingerprint
-
-
-def auto_partitions(files: int) -> int:
-    """A power of two near files / FILES_PER_PARTITION (1 for a workstation-sized input)."""
-    count = 1
-    while count * FILES_PER_PARTITION < files and count < MAX_AUTO:
-        count *= 2
-    return count
 
 
 def key(top_folder: str) -> int:
@@ -225,6 +212,39 @@ def settle_other_partitionings(
     return settled
 
 
+def partition(
+    manifests: list[Path],
+    state_dir: Path,
+    input_dir: Path,
+    output_dir: Path,
+    settings: Naming,
+    partitions: int | None,
+    filters: Filters,
+    mode: str,
+) -> dict:
+    """The stage's work, routes aside: each partition's rows written, what killed transfers
+    of another partition count placed committed, manifests of another batch count removed.
+    Run by the partition job, or by the plan job itself when a run has one partition (no
+    partition job then: ``workflow/rules/common.smk``, ``partition_count``)."""
+    if manifests:  # a batch count no longer used leaves manifests nobody reads
+        for stale in set(manifests[0].parent.glob("batch-*.parquet")) - set(manifests):
+            stale.unlink()
+    routes = route(manifests, state_dir, settings, partitions, filters)
+    settled = settle_other_partitionings(
+        state_dir, input_dir, output_dir, mode, routes["partitions"]
+    )
+    if settled:
+        log.info("committed %d files a killed transfer had placed", settled)
+    return routes
+
+
+def write_routes(routes: dict, routes_file: Path) -> None:
+    """The routes for later runs' readers (``routes.current``); earlier ones removed."""
+    with atomic_path(routes_file) as tmp:
+        tmp.write_text(json.dumps(routes, indent=1))
+    remove_other_versions(routes_file, "partitions")
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m dcmsort.partition", description=__doc__)
     parser.add_argument("--manifests", type=Path, nargs="*", default=[])
@@ -240,22 +260,17 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s", stream=sys.stderr)
     started = time.perf_counter()
-    settings = Naming(**json.loads(args.naming))
-    partitions = None if args.partitions == "auto" else int(args.partitions)
-    if args.manifests:  # a batch count no longer used leaves manifests nobody reads
-        for stale in set(args.manifests[0].parent.glob("batch-*.parquet")) - set(args.manifests):
-            stale.unlink()
-    filters = Filters.from_json(args.filters)
-    routes = route(args.manifests, args.state_dir, settings, partitions, filters)
-    settled = settle_other_partitionings(
-        args.state_dir, args.input_dir, args.output_dir, args.mode, routes["partitions"]
+    routes = partition(
+        args.manifests,
+        args.state_dir,
+        args.input_dir,
+        args.output_dir,
+        Naming(**json.loads(args.naming)),
+        None if args.partitions == "auto" else int(args.partitions),
+        Filters.from_json(args.filters),
+        args.mode,
     )
-    if settled:
-        log.info("committed %d files a killed transfer had placed", settled)
-    with atomic_path(args.routes) as tmp:
-        tmp.write_text(json.dumps(routes, indent=1))
-    # Earlier routes and logs: the target names this run's (routes.current finds it).
-    remove_other_versions(args.routes, "partitions")
+    write_routes(routes, args.routes)
     if args.log:
         remove_other_versions(args.log, "partition")
     log.info(

@@ -47,7 +47,7 @@ import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
-from dcmsort import archives, inventory, ledger, naming
+from dcmsort import archives, inventory, ledger, naming, routes
 from dcmsort.fileops import atomic_path, file_digest, read_parquet, remove_other_versions
 from dcmsort.filters import NO_FILTERS, Filters
 from dcmsort.naming import Naming, fold
@@ -967,11 +967,39 @@ def main(argv: list[str] | None = None) -> int:
     )
     parser.add_argument("--filters", default="{}", help="include and exclude rules as JSON")
     parser.add_argument("--excluded", type=Path, help="the new files the filters leave out")
+    parser.add_argument(
+        "--routes",
+        type=Path,
+        help="with one partition: --manifests are the batch manifests, and this job does the "
+        "partition stage's work first, writing its routes here (the run has no partition job)",
+    )
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s", stream=sys.stderr)
     started = time.perf_counter()
     settings = Naming(**json.loads(args.naming))
     part = parse_part(args.partition) if args.partition else None
+    filters = Filters.from_json(args.filters)
+    if args.routes is not None and (part is None or part.count != 1):
+        parser.error("--routes: only a plan of partition p0of1 partitions the manifests itself")
+    if args.routes is not None:
+        # Here, not at the top: the partition stage imports this module's PLAN_TAGS.
+        from dcmsort import partition
+
+        rows = partition.partition(
+            args.manifests,
+            args.state_dir,
+            args.input_dir,
+            args.output_dir,
+            settings,
+            1,
+            filters,
+            args.mode,
+        )
+        args.manifests = [
+            args.state_dir / partition.PARTS / f"{part.name}-{rows['fingerprints'][0]}.parquet"
+        ]
+        # This job's files are named by what it read (the routes' key), not by its rows.
+        partition.write_routes(routes.one_partition(args.routes), args.routes)
     layout_file = args.state_dir / "layout.json"
     try:
         check_layout(layout_file, settings, args.output_dir)
@@ -984,7 +1012,6 @@ def main(argv: list[str] | None = None) -> int:
     settled = settle(pending, args.input_dir, args.output_dir, args.state_dir, args.mode, part)
     if settled:
         log.info("committed %d files a killed transfer had placed", settled)
-    filters = Filters.from_json(args.filters)
     files = read_manifests(args.manifests, settings, filters)
     committed = ledger.read(args.state_dir, part=part)
     hashed = []

@@ -30,7 +30,7 @@ if REPO is not None:
 AS_MODULE = not workflow.modifier.is_main_snakefile()
 
 try:
-    from dcmsort import inventory, permissions, routes, settings
+    from dcmsort import inventory, naming, permissions, routes, settings
     from dcmsort import progress, status
 except ImportError:
     sys.exit(
@@ -149,11 +149,16 @@ for _folder in FOLDERS:
 WALKS_TO_WRITE = {}
 
 
+# The number of files each batch's walk found (archives count as one file each).
+FILES_OF_BATCH = {}
+
+
 @cache
 def batch_fingerprint(batch):
     """Names and versions of a batch's files (stat only): part of the name of the batch's
     manifest, so a change makes the extract job run again."""
     walks = inventory.walk_folders(SETTINGS.input_dir, FOLDERS_OF_BATCH[int(batch)])
+    FILES_OF_BATCH[int(batch)] = sum(map(len, walks.values()))
     fingerprint = inventory.batch_fingerprint(walks, SETTINGS.filters.keywords)
     manifest = f"{STATE}/manifests/batch-{batch}-{fingerprint}.parquet"
     if not os.path.exists(manifest):
@@ -198,16 +203,66 @@ def routes_key():
     manifests, named by their fingerprints; this run's check; the settings it applies,
     the filters among them, so that a change of filters plans every partition again).
     Snakemake takes an existing checkpoint output as current, so any change must be a
-    missing file for the partition job to run again before the plans."""
+    missing file for the partition job to run again before the plans. With one partition
+    it names the plan job's files in the same way (partition_jobs)."""
     inputs = [*batch_manifests(), *check_results(), str(SETTINGS.partitions)]
     rules = [SETTINGS.filters_json] if SETTINGS.filters else []
     return routes.digest([*inputs, SETTINGS.naming_json, *rules])
 
 
+@cache
+def partition_count():
+    """How many partitions this run has: `partitions`, or with auto one per 250,000 files
+    the walk found (an archive counts as one file), or 1 for a top-level folder not made of
+    header values. Decided here, once, so that every job knows it from its partition's
+    name: with 1 the plan job partitions the manifests itself (no partition job and no
+    checkpoint: a job start less in every run, ~0.3 CPU-s, and a dry run shows every
+    job); with more, the partition job (a checkpoint) writes each partition's rows."""
+    if SETTINGS.partitions is not None:
+        return SETTINGS.partitions
+    if not naming.top_level_from_headers(SETTINGS.naming):
+        return 1
+    batch_manifests()  # walks every batch
+    return routes.auto_partitions(sum(FILES_OF_BATCH.values()))
+
+
 def partition_jobs():
-    """``p<k>of<n>-<fingerprint>`` of every partition: known once the partition job ran."""
+    """``p<k>of<n>-<fingerprint>`` of every partition: known once the partition job ran,
+    or with one partition from what the plan job reads (routes_key)."""
+    if partition_count() == 1:
+        return [f"{routes.Part(0, 1).name}-{routes_key()}"]
     done = checkpoints.partition.get(inputs=routes_key()).output.routes
     return [job for _, job in routes.jobs(done)]
+
+
+def plans_partitions_itself(wildcards):
+    """Does this plan job partition the manifests itself (the run has one partition)? Told
+    by its partition's name, so that a cluster job knows it without walking the input.
+    """
+    return routes.parse_part(wildcards.part).count == 1
+
+
+def plan_rows(wildcards):
+    """What a plan job reads: its partition's rows, written by the partition job; with one
+    partition, the batch manifests (by name, as the partition job reads them)."""
+    if plans_partitions_itself(wildcards):
+        return manifests_by_name()
+    return f"{STATE}/parts/{wildcards.part}-{wildcards.fingerprint}.parquet"
+
+
+def plan_check(wildcards):
+    """With one partition, the plan job comes after this run's check, as the partition job
+    does otherwise."""
+    return check_results() if plans_partitions_itself(wildcards) else []
+
+
+def plan_routes(wildcards):
+    """The plan job's --routes option with one partition: where it writes the routes."""
+    if not plans_partitions_itself(wildcards):
+        return ""
+    return "--routes " + shlex.quote(
+        f"{STATE}/{routes.ROUTES.format(inputs=wildcards.fingerprint)}"
+    )
 
 
 def transfer_results(wildcards=None):

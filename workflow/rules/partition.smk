@@ -28,7 +28,8 @@ checkpoint partition:
         # The state folder, from an output (not a fixed prefix: snakemake --lint).
         state_dir=lambda wildcards, output: os.path.dirname(output.routes),
         mode=SETTINGS.transfer_mode,
-        partitions=SETTINGS.partitions or "auto",
+        # Decided by the Snakefile (common.smk, partition_count): never 1 here.
+        partitions=lambda wildcards: partition_count(),
     shell:
         "{params.dcmsort} partition --manifests {input.manifests:q}"
         " --input-dir {params.input_dir:q} --output-dir {params.output_dir:q}"

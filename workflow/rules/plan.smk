@@ -4,7 +4,10 @@
 
 rule plan:
     input:
-        rows=f"{STATE}/parts/{{part}}-{{fingerprint}}.parquet",
+        # The partition job's rows of this partition, or with one partition the batch
+        # manifests themselves (no partition job: common.smk, one_partition).
+        rows=plan_rows,
+        check=plan_check,
     output:
         plan=f"{STATE}/plan/{{part}}-{{fingerprint}}.parquet",
         # Named by the target: a ledger removed by hand takes it along, and the next run
@@ -31,8 +34,10 @@ rule plan:
             os.path.dirname(output.plan)
         ),
         mode=SETTINGS.transfer_mode,
+        routes=plan_routes,
     shell:
         "{params.dcmsort} plan --manifests {input.rows:q} --partition {wildcards.part}"
+        " {params.routes}"
         " --input-dir {params.input_dir:q} --output-dir {params.output_dir:q}"
         " --state-dir {params.state_dir:q} --naming {params.naming:q}"
         " --plan {output.plan:q} --mode {params.mode} --log {log:q}"

@@ -24,7 +24,9 @@ what any Snakemake run costs). Each is repeated
 shared machine vary several-fold. Each command starts after a ``sync`` (nothing of an
 earlier one still to be written back). On the shapes compared with ``cp -r`` and dcm2niix
 those three also run cold on ``large``: with the page cache dropped before each command (as root;
-otherwise the table says it could not be dropped), as a user meets data on disk.
+otherwise the table says it could not be dropped), as a user meets data on disk; and so do the
+floors of the pipeline's shape (the header read and the bare Snakemake no-op), whose sum with
+``cp -r`` is the least any Snakemake run that reads every header can take.
 
 After dcmsort's copy run and its rerun with 1 % new folders, the series catalogue is checked
 against the ledger and the output tree (``check_catalog``): "catalogue checked: N series, M

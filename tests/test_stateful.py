@@ -220,6 +220,7 @@ class World:
             spec = next(s for s in same_size if len(dicom_bytes(s)) == len(old))
             new, sop = dicom_bytes(spec), spec.sop
             self.spec_of[digest(new)] = spec
+            self.patient_of[digest(new)] = PATIENTS[spec.patient][1]
         if new == old:
             return
         path = self.input / relpath

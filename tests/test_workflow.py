@@ -304,18 +304,16 @@ def jobs_listed(dry_run_output: str) -> dict[str, int]:
     return {name: int(count) for name, count in re.findall(r"^(\w+)\s+(\d+)$", table, re.M)}
 
 
+# A run of one partition with new files: one job of each stage, no partition job.
+EVERY_STAGE = {"all": 1, "extract": 1, "plan": 1, "report": 1, "transfer": 1}
+
+
 def test_a_dry_run_lists_the_jobs_and_writes_nothing(sorter):
     demo.generate(sorter.input_dir, patients=3, series=1, instances=1)
     # One partition (auto, a small input): every job is known before any ran, and no
     # partition job runs (the plan job partitions the manifests itself).
     result = sorter.run("-n")
-    assert jobs_listed(result.stdout) == {
-        "all": 1,
-        "extract": 1,
-        "plan": 1,
-        "report": 1,
-        "transfer": 1,
-    }, result.stdout
+    assert jobs_listed(result.stdout) == EVERY_STAGE, result.stdout
     assert "checkpoint" not in result.stdout
     # More partitions: their plan and transfer jobs are known once the partition job ran.
     result = sorter.run("-n", partitions=2)
@@ -326,13 +324,7 @@ def test_a_dry_run_lists_the_jobs_and_writes_nothing(sorter):
     assert "Nothing to be done" in sorter.run("-n").output
     demo.generate(sorter.input_dir, patients=1, series=1, instances=1, first_patient=9)
     result = sorter.run("-n")  # new files: extract and plan again, then what follows
-    assert jobs_listed(result.stdout) == {
-        "all": 1,
-        "extract": 1,
-        "plan": 1,
-        "report": 1,
-        "transfer": 1,
-    }, result.stdout
+    assert jobs_listed(result.stdout) == EVERY_STAGE, result.stdout
 
 
 def test_snakemakes_own_report_includes_the_dcmsort_report(sorter, tmp_path):

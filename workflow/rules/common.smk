@@ -260,9 +260,8 @@ def plan_routes(wildcards):
     """The plan job's --routes option with one partition: where it writes the routes."""
     if not plans_partitions_itself(wildcards):
         return ""
-    return "--routes " + shlex.quote(
-        f"{STATE}/{routes.ROUTES.format(inputs=wildcards.fingerprint)}"
-    )
+    routes_file = f"{STATE}/{routes.ROUTES.format(inputs=wildcards.fingerprint)}"
+    return f"--routes {shlex.quote(routes_file)}"
 
 
 def transfer_results(wildcards=None):

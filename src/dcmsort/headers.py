@@ -523,16 +523,22 @@ def _reusable(rows: list[dict]) -> dict[tuple, dict | list[dict]]:
     for r in rows:
         relpath = r["relpath"]
         if archives.is_member(relpath):
-            key = (archives.split(relpath)[0], r["mtime_ns"], r["ctime_ns"], r["ino"])
+            key = _members_key(archives.split(relpath)[0], r["mtime_ns"], r["ctime_ns"], r["ino"])
             reusable.setdefault(key, []).append(r)
         else:
             reusable[(relpath, r["size"], r["mtime_ns"], r["ctime_ns"], r["ino"])] = r
     return reusable
 
 
-def _members_key(entry: inventory.Entry) -> tuple[str, int, int, int]:
-    """Where _reusable keeps the member rows of the archive that entry is (if it is one)."""
-    return (entry.relpath, entry.mtime_ns, entry.ctime_ns, entry.ino)
+def _members_key(archive: str, mtime_ns: int, ctime_ns: int, ino: int) -> tuple[str, int, int, int]:
+    """Where _reusable keeps the member rows of an archive: its relpath and version without
+    its size (each member's row holds the member's own size)."""
+    return (archive, mtime_ns, ctime_ns, ino)
+
+
+def _members_key_of(entry: inventory.Entry) -> tuple[str, int, int, int]:
+    """_members_key of the file an entry is (if it is an archive)."""
+    return _members_key(entry.relpath, entry.mtime_ns, entry.ctime_ns, entry.ino)
 
 
 FINGERPRINTS = "folder_fingerprints"  # batch manifest metadata: folder -> fingerprint
@@ -719,7 +725,7 @@ def _to_read(entries: list[inventory.Entry], reusable: dict) -> list[str]:
         for e in entries
         if e.kind == inventory.FILE
         and e.version not in reusable
-        and _members_key(e) not in reusable
+        and _members_key_of(e) not in reusable
     ]
 
 
@@ -772,7 +778,7 @@ def _write_folder_manifest(
         if entry.relpath in headers:
             found = headers[entry.relpath]
         elif entry.kind == inventory.FILE:
-            rows += reusable.get(_members_key(entry), [])  # an archive's members
+            rows += reusable.get(_members_key_of(entry), [])  # an archive's members
             if entry.version in reusable:
                 rows.append(reusable[entry.version])
             continue

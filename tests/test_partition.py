@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import re
 import threading
 from pathlib import Path
@@ -170,6 +171,23 @@ def test_changing_the_partition_count_copies_nothing_again(sorter):
     assert {k: after[k] for k in before} == before
     assert len(after) == len(before) + 3
     assert_every_file_accounted_for(sorter)
+
+
+def test_a_run_stopped_at_another_partition_count_leaves_skipped_csv_whole(sorter):
+    # One partition's routes are written by its plan job: a run stopped after the
+    # partition job of another count replaced them, and the next run with one partition,
+    # nothing new to plan, rewrote the report from that count's (unrun) plans: the files
+    # the filters leave out vanished from skipped.csv and `dcmsort config` named 4.
+    demo.generate(sorter.input_dir, patients=3, series=2, instances=1, junk=False)
+    leave_out = {"exclude": "{SeriesNumber: ['2']}"}
+    sorter.run(**leave_out)
+    excluded = sorter.summary()["skipped"]
+    assert excluded == 3
+    sorter.run("--until", "partition", partitions=4, **leave_out)
+    sorter.run(**leave_out)
+    assert sorter.summary()["skipped"] == excluded
+    assert_every_file_accounted_for(sorter)
+    assert json.loads(routes.current(sorter.state).read_text())["partitions"] == 1
 
 
 def test_patients_whose_names_differ_only_in_case_meet_in_one_partition(sorter, tmp_path):

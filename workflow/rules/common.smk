@@ -395,6 +395,14 @@ def rewrite_report():
     otherwise never replace it."""
     from dcmsort.report import main as write_report
 
+    if partition_count() == 1:
+        # One partition's routes are written by its plan job, which has nothing to do
+        # now: a run stopped after another count's partition job replaced them, and the
+        # report (and dcmsort config, where, tables) would read that count's unrun plans.
+        from dcmsort.partition import write_routes
+
+        done = f"{STATE}/{routes.ROUTES.format(inputs=routes_key())}"
+        write_routes(routes.one_partition(done), Path(done))
     try:
         jobs = [job for _, job in routes.jobs(routes.current(STATE))]
     except (OSError, ValueError):

@@ -53,6 +53,16 @@ def test_a_truncated_copy_is_restored_by_a_run_with_check_and_the_report_lists_i
     assert_every_file_accounted_for(sorter)
 
 
+def test_the_plain_run_after_a_check_opens_no_input_and_the_next_has_nothing_to_do(sorted_once):
+    sorter = sorted_once
+    sorter.run(keys={"check": "true"})
+    plain = sorter.run(count_opens=True)  # this run's check result is gone from its inputs
+    assert plain.opened == []
+    assert sorter.summary()["files_new"] == 0
+    assert "Nothing to be done" in sorter.run().output
+    assert_every_file_accounted_for(sorter)
+
+
 def test_a_deleted_copy_is_restored_by_a_run_with_check(sorted_once):
     sorter = sorted_once
     (sorter.output_dir / COPY).unlink()

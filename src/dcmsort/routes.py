@@ -68,6 +68,17 @@ def one_partition(routes_file: str | Path) -> dict:
     return {"partitions": 1, "fingerprints": [key]}
 
 
+def rows_missing(state_dir: str | Path, key: str) -> bool:
+    """Do the routes named by key exist while a partition's rows they list (``parts/``,
+    which the partition job writes beside them) do not?"""
+    routes_file = Path(state_dir) / ROUTES.format(inputs=key)
+    try:
+        listed = jobs(routes_file)
+    except (OSError, ValueError, KeyError):
+        return False
+    return not all((Path(state_dir) / "parts" / f"{job}.parquet").exists() for _, job in listed)
+
+
 def current(state_dir: str | Path) -> Path:
     """The routes file the last partition job wrote (it removes earlier ones)."""
     found = sorted(Path(state_dir).glob(ROUTES.format(inputs="*")), key=lambda p: p.stat().st_mtime)

@@ -1016,6 +1016,31 @@ def test_a_rerun_of_a_killed_transfer_commits_a_duplicate_of_a_file_it_placed(tm
     world.run()
 
 
+def test_a_copy_is_not_judged_by_an_input_rewritten_in_place_since(tmp_path):
+    # Found by a deep run: an input rewritten in place (same size, old mtime set back: a
+    # new ctime) made a checksum check without a recorded digest call the copy of the
+    # old bytes damaged, and put the new bytes in its place.
+    world = World(tmp_path)
+    world.add("p1/IM1.dcm", A)
+    world.run()
+    world.replace_keeping_mtime("p1/IM1.dcm", Spec(patient=0, series=0, instance=0, rows=6), True)
+    world.run_with_check("checksum")
+
+
+def test_a_truncated_copy_is_not_restored_from_an_input_rewritten_in_place_and_sorted_since(
+    tmp_path,
+):
+    # Found by a deep run: the input of a truncated copy, rewritten in place with its old
+    # mtime set back and sorted since as a new version, was taken to hold the old bytes.
+    world = World(tmp_path)
+    world.add("p1/IM1.dcm", A)
+    world.run()
+    world.replace_keeping_mtime("p1/IM1.dcm", Spec(patient=0, series=0, instance=0, rows=6), True)
+    world.run()
+    world.truncate_copy(0)
+    world.run_with_check("size")
+
+
 def test_transfers_killed_in_partitions_are_settled_by_a_run_with_one(tmp_path):
     # With one partition there is no partition job: the plan job settles what the killed
     # transfers of the other partition count left (their temporary files, their copies).

@@ -88,22 +88,32 @@ _NO_RENAME_NOREPLACE = {errno.ENOSYS, errno.EINVAL, errno.EOPNOTSUPP}
 @dataclass(frozen=True, slots=True)
 class Source:
     """An input file that a ledger row of a destination names, with the versions (mtime,
-    ctime, inode) its rows recorded: each held the destination's content."""
+    ctime, inode) its rows recorded: each held the destination's content; and the versions
+    of it the ledger recorded at other destinations only (``elsewhere``)."""
 
     relpath: str
     versions: frozenset[tuple[int, int | None, int | None]]
+    elsewhere: frozenset[tuple[int, int | None, int | None]] = frozenset()
 
-    def holds(self, info: os.stat_result) -> bool:
+    def holds(self, info: os.stat_result, exact: bool = False) -> bool:
         """Is the file now one of the versions recorded, as far as a stat can tell without
         a digest? The size (compared by the caller), the mtime and, where the ledger has it
         (not in rows of v0.3), the inode: a replacement renamed over the input with its old
-        mtime set back is another file. Not the ctime: a chmod, a `mv` out and back, or
-        removing a hard link from the output change it and nothing else. An input rewritten
-        in place with its old mtime set back passes; with a recorded digest (verify:
-        checksum, or any file once compared) the digest decides instead."""
+        mtime set back is another file. Not the ctime, to restore from: a chmod, a `mv` out
+        and back, or removing a hard link from the output change it and nothing else;
+        unless the ledger recorded the file as it is now at another destination (rewritten
+        in place with its old mtime set back, and sorted since: other bytes). ``exact``
+        (to judge a copy by its input's digest): the ctime too, as every run tells a new
+        version. With a recorded digest (verify: checksum, or any file once compared) the
+        digest decides instead."""
+        now = (info.st_mtime_ns, info.st_ctime_ns, info.st_ino)
+        if now in self.elsewhere and now not in self.versions:
+            return False
         return any(
-            mtime == info.st_mtime_ns and ino in (None, info.st_ino)
-            for mtime, _ctime, ino in self.versions
+            mtime == info.st_mtime_ns
+            and ino in (None, info.st_ino)
+            and (not exact or ctime in (None, info.st_ctime_ns))
+            for mtime, ctime, ino in self.versions
         )
 
 
@@ -166,8 +176,17 @@ def sources_by_destination(committed: pa.Table, destinations: set[str]) -> dict[
     columns = (rows[c].to_pylist() for c in names)
     for destination, relpath, *version in reversed(list(zip(*columns, strict=True))):
         versions.setdefault(destination, {}).setdefault(relpath, set()).add(tuple(version))
+    # Every version of these inputs, wherever the ledger placed it (Source.elsewhere).
+    relpaths = {relpath for by_relpath in versions.values() for relpath in by_relpath}
+    rows = committed.filter(pc.is_in(committed["relpath"], value_set=pa.array(sorted(relpaths))))
+    everywhere: dict[str, set[tuple]] = {}
+    for relpath, *version in zip(*(rows[c].to_pylist() for c in names[1:]), strict=True):
+        everywhere.setdefault(relpath, set()).add(tuple(version))
     return {
-        destination: [Source(relpath, frozenset(v)) for relpath, v in by_relpath.items()]
+        destination: [
+            Source(relpath, frozenset(v), frozenset(everywhere[relpath] - v))
+            for relpath, v in by_relpath.items()
+        ]
         for destination, by_relpath in versions.items()
     }
 
@@ -259,12 +278,14 @@ def live_source(
     digest: str | None,
     compute: bool = False,
     link: bool = False,
+    hard_link: bool = False,
 ) -> tuple[Row | None, str]:
     """An input that still holds the content (size bytes, digest when known), as a row for
     ``transfer.put`` naming its version now; else None and why. Without a known digest,
     only a version the ledger recorded counts (``compute``: digest it all the same).
     ``link``: for a symbolic link, which cannot point into an archive: members do not
-    count (a copy in its place would be taken for damage by the next check)."""
+    count (a copy in its place would be taken for damage by the next check).
+    ``hard_link``: for a hard link, whose removal changed its input's ctime."""
     gone = True
     member_digests = archives.MemberDigests(input_dir)
     for source in sources:
@@ -280,7 +301,8 @@ def live_source(
         gone = False
         if not stat.S_ISREG(info.st_mode) or (info.st_size != size and not member):
             continue
-        if digest is None and not source.holds(info):
+        # To judge a copy by its input's digest (compute), only the very version counts.
+        if digest is None and not source.holds(info, exact=compute and not hard_link):
             continue
         try:
             if member:
@@ -380,15 +402,15 @@ def resolve(
 ) -> dict | None:
     """Restore a finding if an input holds its content: its result row (None: whole)."""
     placement, problem = finding.placement, finding.problem
+    link, hard_link = placement.mode == "symlink", placement.mode == "hardlink"
     if problem is None:  # checksum without a recorded digest: compare with its input's
-        link = placement.mode == "symlink"
-        source, why = live_source(sources, placement.size, input_dir, None, True, link)
+        source, why = live_source(sources, placement.size, input_dir, None, True, link, hard_link)
         if source is None or source.digest == finding.digest:
             return None  # whole; or, with no input of its version left, checked by size
         problem = "content differs from its input"
     else:
         source, why = live_source(
-            sources, placement.size, input_dir, placement.digest, link=placement.mode == "symlink"
+            sources, placement.size, input_dir, placement.digest, link=link, hard_link=hard_link
         )
     row = {
         "destination": placement.destination,

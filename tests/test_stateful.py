@@ -1016,6 +1016,40 @@ def test_a_rerun_of_a_killed_transfer_commits_a_duplicate_of_a_file_it_placed(tm
     world.run()
 
 
+@pytest.mark.xfail(
+    strict=True,
+    reason="symlink mode: a link whose input was deleted and whose path now holds another "
+    "file reaches that file; the check calls it damaged (its size), the model a link whose "
+    "input is gone (not damage). Which is right is not settled: see the closing note",
+)
+def test_a_link_whose_input_path_holds_another_file_now_is_not_damage(tmp_path):
+    # Found by a deep run of the symlink machine.
+    world = World(tmp_path, mode="symlink")
+    world.add("p1/IM1.dcm", A)
+    world.run()
+    world.run_with_change_during_transfer(0, "delete")
+    world.write("p1/IM1.dcm", b"not DICOM: p1/IM1.dcm")
+    world.run_with_check("size")
+
+
+@pytest.mark.xfail(
+    strict=True,
+    reason="symlink mode: the relink to a renamed input fails when that input changes during "
+    "the run, and the link stays pointed at its old path, which another file holds now, "
+    "though an unchanged duplicate (p1/sub/IM2.dcm) holds the content: not re-pointed there",
+)
+def test_a_link_is_pointed_at_an_unchanged_twin_when_its_relink_fails(tmp_path):
+    # Found by a deep run of the symlink machine.
+    world = World(tmp_path, mode="symlink")
+    for relpath in ("p1/IM1.dcm", "p1/sub/IM2.dcm", "copy_of_IM1.dcm"):
+        world.add(relpath, A)
+    world.run()
+    world.run_with_change_during_transfer(0, "delete")  # copy_of_IM1.dcm
+    world.rename("p1/IM1.dcm", "copy_of_IM1.dcm")
+    world.write("p1/IM1.dcm", b"not DICOM: p1/IM1.dcm")
+    world.run_with_change_during_transfer(0, "touch")  # copy_of_IM1.dcm
+
+
 def test_a_copy_is_not_judged_by_an_input_rewritten_in_place_since(tmp_path):
     # Found by a deep run: an input rewritten in place (same size, old mtime set back: a
     # new ctime) made a checksum check without a recorded digest call the copy of the

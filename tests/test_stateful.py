@@ -1065,6 +1065,23 @@ def test_a_link_whose_input_path_holds_another_file_now_is_reported_by_a_check(t
 
 @pytest.mark.xfail(
     strict=True,
+    reason="symlink mode: an input renamed while another file (same SOP, other bytes) takes "
+    "its path, then a run with check: the transfer finds a different file at a destination "
+    "the plan chose and the run fails (a rerun chooses another name); found by a deep run, "
+    "not fixed",
+)
+def test_a_renamed_input_whose_path_another_file_takes_is_sorted_by_one_run(tmp_path):
+    world = World(tmp_path, mode="symlink")
+    world.add("p1/IM1.dcm", A)
+    world.add("p1/sub/IM1.dcm", A)
+    world.run()
+    world.rename("p1/IM1.dcm", "p1/IM2.dcm")
+    world.add("p1/IM1.dcm", Spec(patient=0, series=0, instance=0, rows=6))
+    world.run_with_check("size")
+
+
+@pytest.mark.xfail(
+    strict=True,
     reason="symlink mode: the relink to a renamed input fails when that input changes during "
     "the run, and the link stays pointed at its old path, which another file holds now, "
     "though an unchanged duplicate (p1/sub/IM2.dcm) holds the content: not re-pointed there",

@@ -381,7 +381,7 @@ class World:
             assert (
                 plan.main(
                     [
-                        *("--manifests", str(self.state / partition.PARTS / f"{job}.parquet")),
+                        *("--manifests", str(self.state / routes.PARTS / f"{job}.parquet")),
                         *("--partition", part.name, "--mode", self.mode),
                         *("--input-dir", str(self.input), "--output-dir", str(self.output)),
                         *("--state-dir", str(self.state)),

@@ -53,12 +53,11 @@ from dcmsort.filters import NO_FILTERS, Filters
 from dcmsort.naming import Naming
 from dcmsort.plan import PLAN_TAGS, fold
 from dcmsort.progress import peak_rss_mb
-from dcmsort.routes import Part, auto_partitions, parse_part
+from dcmsort.routes import PARTS, Part, auto_partitions, parse_part
 from dcmsort.transfer import pending_file, settle
 
 log = logging.getLogger("dcmsort.partition")
 
-PARTS = "parts"
 _FINGERPRINT_ROWS = 100_000  # rows rendered as text at a time for the fingerprint
 
 

@@ -979,9 +979,9 @@ def main(argv: list[str] | None = None) -> int:
     settings = Naming(**json.loads(args.naming))
     part = parse_part(args.partition) if args.partition else None
     filters = Filters.from_json(args.filters)
-    if args.routes is not None and (part is None or part.count != 1):
-        parser.error("--routes: only a plan of partition p0of1 partitions the manifests itself")
     if args.routes is not None:
+        if part is None or part.count != 1:
+            parser.error("--routes: only a plan of partition p0of1 partitions the manifests itself")
         # Here, not at the top: the partition stage imports this module's PLAN_TAGS.
         from dcmsort import partition
 
@@ -996,7 +996,7 @@ def main(argv: list[str] | None = None) -> int:
             args.mode,
         )
         args.manifests = [
-            args.state_dir / partition.PARTS / f"{part.name}-{rows['fingerprints'][0]}.parquet"
+            args.state_dir / routes.PARTS / f"{part.name}-{rows['fingerprints'][0]}.parquet"
         ]
         # This job's files are named by what it read (the routes' key), not by its rows.
         partition.write_routes(routes.one_partition(args.routes), args.routes)

@@ -18,6 +18,7 @@ from pathlib import Path
 from typing import NamedTuple
 
 ROUTES = "partitions-{inputs}.json"
+PARTS = "parts"  # each partition's rows, beside the routes: parts/<job>.parquet
 _PART = re.compile(r"^p(\d+)of(\d+)$")
 # auto: one partition per this many files (a power of two, at most MAX_AUTO). Measured at
 # 10,000,000 files (bench plan10m): a plan job peaks at ~1.3 KB per file plus ~60 MB, so a
@@ -71,12 +72,16 @@ def one_partition(routes_file: str | Path) -> dict:
 def rows_missing(state_dir: str | Path, key: str) -> bool:
     """Do the routes named by key exist while a partition's rows they list (``parts/``,
     which the partition job writes beside them) do not?"""
-    routes_file = Path(state_dir) / ROUTES.format(inputs=key)
     try:
-        listed = jobs(routes_file)
+        listed = jobs(routes_file(state_dir, key))
     except (OSError, ValueError, KeyError):
         return False
-    return not all((Path(state_dir) / "parts" / f"{job}.parquet").exists() for _, job in listed)
+    return not all((Path(state_dir) / PARTS / f"{job}.parquet").exists() for _, job in listed)
+
+
+def routes_file(state_dir: str | Path, key: str) -> Path:
+    """The routes named by key (a digest of what their writer read)."""
+    return Path(state_dir) / ROUTES.format(inputs=key)
 
 
 def current(state_dir: str | Path) -> Path:

@@ -254,7 +254,7 @@ def plan_rows(wildcards):
     partition, the batch manifests (by name, as the partition job reads them)."""
     if plans_partitions_itself(wildcards):
         return manifests_by_name()
-    return f"{STATE}/parts/{wildcards.part}-{wildcards.fingerprint}.parquet"
+    return f"{STATE}/{routes.PARTS}/{wildcards.part}-{wildcards.fingerprint}.parquet"
 
 
 def plan_check(wildcards):
@@ -267,8 +267,8 @@ def plan_routes(wildcards):
     """The plan job's --routes option with one partition: where it writes the routes."""
     if not plans_partitions_itself(wildcards):
         return ""
-    routes_file = f"{STATE}/{routes.ROUTES.format(inputs=wildcards.fingerprint)}"
-    return f"--routes {shlex.quote(routes_file)}"
+    routes_file = routes.routes_file(STATE, wildcards.fingerprint)
+    return f"--routes {shlex.quote(str(routes_file))}"
 
 
 def transfer_results(wildcards=None):
@@ -408,8 +408,8 @@ def rewrite_report():
         # report (and dcmsort config, where, tables) would read that count's unrun plans.
         from dcmsort.partition import write_routes
 
-        done = f"{STATE}/{routes.ROUTES.format(inputs=routes_key())}"
-        write_routes(routes.one_partition(done), Path(done))
+        done = routes.routes_file(STATE, routes_key())
+        write_routes(routes.one_partition(done), done)
     try:
         jobs = [job for _, job in routes.jobs(routes.current(STATE))]
     except (OSError, ValueError):

@@ -5,7 +5,7 @@
 rule plan:
     input:
         # The partition job's rows of this partition, or with one partition the batch
-        # manifests themselves (no partition job: common.smk, one_partition).
+        # manifests themselves (no partition job: common.smk, partition_count).
         rows=plan_rows,
         check=plan_check,
     output:
